@@ -1,0 +1,187 @@
+"""Start, find and stop the Ray cluster rayloop runs on.
+
+``rayloop up`` starts a local head (``ray start --head --block`` in its own
+process group, so it outlives the CLI) and records its PID and address in
+``$RAYLOOP_HOME/cluster.json``; ``rayloop down`` stops exactly that process
+group. When ``RAY_ADDRESS`` (or ``ray.address`` in settings) is set, rayloop
+attaches to that cluster instead and never stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rayloop.config import Settings
+from rayloop.errors import ClusterError
+
+STATE_FILE = "cluster.json"
+
+
+@dataclass
+class ClusterState:
+    pid: int
+    address: str
+    dashboard_url: str
+    temp_dir: str
+    started_at: float
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def _state_path(settings: Settings) -> Path:
+    return settings.home_path / STATE_FILE
+
+
+def read_state(settings: Settings) -> ClusterState | None:
+    p = _state_path(settings)
+    if not p.is_file():
+        return None
+    try:
+        return ClusterState(**json.loads(p.read_text()))
+    except (ValueError, TypeError):
+        return None
+
+
+def _ray_bin() -> str:
+    cand = Path(sys.executable).with_name("ray")
+    return str(cand) if cand.exists() else "ray"
+
+
+def _gcs_port(settings: Settings) -> int:
+    return int(os.environ.get("RAYLOOP_GCS_PORT", "6379"))
+
+
+def _wait_for_gcs(address: str, log: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            raise ClusterError(f"`ray start` exited with code {proc.returncode} before the head came up:\n{tail}")
+        try:
+            with socket.create_connection((host, int(port)), timeout=0.5):
+                pass
+            # The GCS port opens before the dashboard and raylet are ready; wait for the line ray prints last.
+            if log.exists() and "Ray runtime started" in log.read_text():
+                return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise ClusterError(f"Ray head did not come up within {timeout:.0f}s; see {log}")
+
+
+def up(settings: Settings, timeout: float = 90.0) -> ClusterState:
+    """Start a local Ray head that outlives this process, or return the running one."""
+    if settings.ray.address:
+        raise ClusterError(
+            f"ray.address is set to {settings.ray.address!r}: rayloop attaches to that cluster and does not start one",
+            hint="Unset RAY_ADDRESS (or ray.address in rayloop.yaml) to start a local cluster.",
+        )
+    state = read_state(settings)
+    if state and state.alive():
+        return state
+    home = settings.home_path
+    home.mkdir(parents=True, exist_ok=True)
+    port = _gcs_port(settings)
+    temp_dir = str(home / "ray")
+    log = home / "ray-head.log"
+    cmd = [
+        _ray_bin(),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        f"--num-cpus={settings.ray.num_cpus}",
+        f"--num-gpus={settings.ray.num_gpus}",
+        f"--object-store-memory={settings.ray.object_store_memory_mb * 1024 * 1024}",
+        "--include-dashboard=true",
+        f"--dashboard-host={settings.ray.dashboard_host}",
+        f"--dashboard-port={settings.ray.dashboard_port}",
+        "--disable-usage-stats",
+    ]
+    env = dict(os.environ)
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    address = f"127.0.0.1:{port}"
+    try:
+        _wait_for_gcs(address, log, proc, timeout)
+    except ClusterError:
+        _kill_group(proc.pid)
+        raise
+    state = ClusterState(
+        pid=proc.pid,
+        address=address,
+        dashboard_url=f"http://{settings.ray.dashboard_host}:{settings.ray.dashboard_port}",
+        temp_dir=temp_dir,
+        started_at=time.time(),
+    )
+    _state_path(settings).write_text(json.dumps(asdict(state), indent=1))
+    return state
+
+
+def _kill_group(pid: int, timeout: float = 30.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def down(settings: Settings) -> bool:
+    """Stop the head that ``up`` started. Returns False when there was none."""
+    state = read_state(settings)
+    if state is None:
+        return False
+    _kill_group(state.pid)
+    _state_path(settings).unlink(missing_ok=True)
+    return True
+
+
+def address_for(settings: Settings) -> str:
+    """The address to attach to: settings/RAY_ADDRESS, else the head ``up`` started."""
+    if settings.ray.address:
+        return settings.ray.address
+    state = read_state(settings)
+    if state and state.alive():
+        return state.address
+    raise ClusterError("no Ray cluster is running for this RAYLOOP_HOME")
+
+
+def connect(settings: Settings, **init_kwargs: Any) -> Any:
+    """``ray.init`` against the cluster rayloop runs on (never starts one)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    address = address_for(settings)
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    init_kwargs.setdefault("log_to_driver", False)
+    return ray.init(address=address, **init_kwargs)

@@ -1,0 +1,324 @@
+"""Typed settings: one object flows from the CLI to Serve configs and Train jobs.
+
+Settings come, lowest priority first, from the defaults here, a YAML file
+(``rayloop.yaml`` in the working directory, or ``--config``/``RAYLOOP_CONFIG``),
+then environment variables:
+
+- ``RAYLOOP_HOME``: root of the embedded default (``./.rayloop``); storage and the
+  SQLite registry live under it unless set explicitly.
+- ``RAYLOOP_STORAGE``: storage root, a local path or a ``pyarrow.fs`` URI
+  (``s3://bucket/prefix``, ``gs://...``).
+- ``RAYLOOP_REGISTRY_URL``: ``sqlite:///path.db`` or ``postgresql://...``.
+- ``RAY_ADDRESS``: attach to this cluster instead of the local one.
+
+Example::
+
+    >>> from rayloop.config import Settings
+    >>> s = Settings.model_validate({"ray": {"num_cpus": 2}})
+    >>> s.ray.num_cpus
+    2
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rayloop.errors import ConfigError
+
+_STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Strategy(str, enum.Enum):
+    ROLLING = "rolling"
+    BLUE_GREEN = "blue-green"
+    CANARY = "canary"
+    SHADOW = "shadow"
+
+
+class UnratedPolicy(str, enum.Enum):
+    KEEP = "keep"
+    DROP = "drop"
+
+
+def validate_storage_uri(value: str) -> str:
+    """Accept a local path or a URI with a scheme pyarrow.fs understands."""
+    if not value or not value.strip():
+        raise ValueError("storage root is empty; give a local path or a URI such as s3://bucket/prefix")
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", value)
+    if m and m.group(1).lower() not in _STORAGE_SCHEMES:
+        raise ValueError(
+            f"storage URI scheme {m.group(1)!r} in {value!r} is not supported; "
+            f"use a local path or one of {', '.join(s + '://' for s in _STORAGE_SCHEMES)}"
+        )
+    if m and len(value) == len(m.group(0)):
+        raise ValueError(f"storage URI {value!r} names no bucket or path")
+    return value
+
+
+class StorageSettings(_Model):
+    root: str | None = Field(
+        default=None,
+        description="Where artifacts, interactions and snapshots live: a local path or a pyarrow.fs URI "
+        "(s3://bucket/prefix). Default: $RAYLOOP_HOME/storage.",
+    )
+    s3_endpoint: str | None = Field(
+        default=None, description="S3-compatible endpoint override, e.g. http://127.0.0.1:9000 (MinIO, moto)."
+    )
+
+    @field_validator("root")
+    @classmethod
+    def _check_root(cls, v: str | None) -> str | None:
+        return None if v is None else validate_storage_uri(v)
+
+
+class RegistrySettings(_Model):
+    url: str | None = Field(
+        default=None,
+        description="SQL database of the model registry: sqlite:///path.db or postgresql://user@host/db. "
+        "Default: sqlite under $RAYLOOP_HOME.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _check_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not (v.startswith("sqlite:///") or v.startswith(("postgresql://", "postgres://"))):
+            raise ValueError(
+                f"registry url {v!r} is not supported; use sqlite:///path/to/registry.db or postgresql://user@host/db"
+            )
+        return v
+
+
+class RaySettings(_Model):
+    address: str | None = Field(
+        default=None, description="Ray cluster address (ray://host:10001 or host:6379). Default: $RAY_ADDRESS, else local."
+    )
+    num_cpus: int = Field(default=2, ge=1, description="CPUs the local head advertises (explicit: never autodetect).")
+    num_gpus: int = Field(default=0, ge=0, description="GPUs the local head advertises.")
+    dashboard_host: str = Field(default="127.0.0.1", description="Dashboard bind address.")
+    dashboard_port: int = Field(default=8265, ge=1, le=65535, description="Dashboard port.")
+    object_store_memory_mb: int = Field(default=1024, ge=128, description="Object store size of the local head.")
+
+
+class EngineSettings(_Model):
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Weights dtype.")
+    max_model_len: int = Field(default=256, ge=16, description="Context window the engine accepts.")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="Shards per engine (one GPU or CPU socket-part each).")
+    kv_cache_gib: float = Field(default=0.5, gt=0, description="KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE on CPU).")
+    max_num_seqs: int = Field(default=64, ge=1, description="Largest batch the engine schedules.")
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1, description="GPU only: fraction of memory vLLM may use.")
+    enforce_eager: bool = Field(default=True, description="Skip graph capture (fast start; required on CPU).")
+
+
+class ServingSettings(_Model):
+    app_name: str = Field(default="rayloop", description="Serve application name.")
+    route_prefix: str = Field(default="/", description="HTTP route prefix of the application.")
+    http_host: str = Field(default="127.0.0.1", description="Serve HTTP proxy host.")
+    http_port: int = Field(default=8000, ge=1, le=65535, description="Serve HTTP proxy port.")
+    model: str = Field(default="demo", description="Registry model name served by default.")
+    replicas: int = Field(default=1, ge=1, description="Replicas per version slot.")
+    replica_num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per replica (fractional on small machines).")
+    max_ongoing_requests: int = Field(default=64, ge=1, description="Requests a replica accepts at once.")
+    max_queued_requests: int = Field(default=256, ge=1, description="Requests waiting beyond that before 503.")
+    api_keys_env: str = Field(default="RAYLOOP_API_KEYS", description="Env var with comma-separated bearer tokens.")
+    api_keys_file: str | None = Field(default=None, description="File with one bearer token per line.")
+    capture: bool = Field(default=True, description="Record every interaction to the interaction store.")
+    capture_batch_rows: int = Field(default=256, ge=1, description="Rows per Parquet file written by the capture writer.")
+    capture_flush_s: float = Field(default=2.0, gt=0, description="Flush the capture buffer at least this often.")
+    capture_max_buffer: int = Field(default=10_000, ge=1, description="Rows buffered before new ones are dropped.")
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+
+
+class DataSettings(_Model):
+    unrated: UnratedPolicy = Field(default=UnratedPolicy.DROP, description="What to do with rows nobody rated.")
+    min_positive_rating: int = Field(default=1, description="Ratings >= this keep the completion; below drop the row.")
+    replay_ratio: float = Field(
+        default=1.0, ge=0, description="Rows of the parent's training data mixed in per new row (forgetting guard)."
+    )
+    eval_fraction: float = Field(default=0.1, ge=0, lt=1, description="Share of rows held out, by hash of request id.")
+    max_tokens: int = Field(default=256, ge=8, description="Drop rows longer than this after tokenization.")
+    block_size: int = Field(default=64, ge=8, description="Packed training block length in tokens.")
+
+
+class TrainingSettings(_Model):
+    num_workers: int = Field(default=2, ge=1, description="Ray Train workers.")
+    worker_num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per worker.")
+    use_gpu: bool = Field(default=False, description="Train on GPUs (NCCL) instead of CPU (gloo).")
+    zero_stage: int = Field(default=2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    bf16: bool = Field(default=True, description="bf16 mixed precision.")
+    micro_batch_size: int = Field(default=16, ge=1, description="Blocks per worker per step.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro steps per optimizer step.")
+    learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate.")
+    warmup_steps: int = Field(default=10, ge=0, description="Linear warmup steps.")
+    epochs: int = Field(default=20, ge=1, description="Passes over the snapshot.")
+    checkpoint_every: int = Field(default=50, ge=1, description="Checkpoint every N optimizer steps.")
+    max_failures: int = Field(default=2, ge=0, description="Worker-group restarts before the run fails.")
+    seed: int = Field(default=0, description="Random seed.")
+
+
+class GateSettings(_Model):
+    min_improvement: float = Field(default=0.2, description="Candidate must beat production by this on the eval split.")
+    max_regression: float = Field(
+        default=0.05, ge=0, description="Largest accuracy drop tolerated on the regression set (known facts)."
+    )
+    require_golden: bool = Field(default=True, description="All golden prompts must pass.")
+
+
+class RolloutSettings(_Model):
+    strategy: Strategy = Field(default=Strategy.CANARY, description="Default update strategy.")
+    canary_steps: list[int] = Field(default=[5, 25, 50, 100], description="Canary traffic percentages, ascending.")
+    interval_s: float = Field(default=30.0, gt=0, description="Time at each canary step before judging it.")
+    hold_s: float = Field(default=60.0, ge=0, description="Blue-green: keep blue warm this long after the switch.")
+    shadow_fraction: float = Field(default=1.0, gt=0, le=1, description="Shadow: share of requests mirrored.")
+    shadow_duration_s: float = Field(default=60.0, gt=0, description="Shadow: how long to mirror.")
+    max_error_rate_delta: float = Field(default=0.02, ge=0, description="Canary error rate may exceed stable's by this.")
+    max_p95_latency_ratio: float = Field(default=1.5, gt=0, description="Canary p95 latency may be this times stable's.")
+    min_feedback_delta: float = Field(default=-0.1, description="Canary mean rating minus stable's must be at least this.")
+    min_requests_per_step: int = Field(default=20, ge=1, description="Judge a step only after this many canary requests.")
+
+    @field_validator("canary_steps")
+    @classmethod
+    def _check_steps(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("canary_steps is empty; give percentages such as [5, 25, 50, 100]")
+        if any(s <= 0 or s > 100 for s in v):
+            raise ValueError(f"canary_steps {v} must be percentages in 1..100")
+        if v != sorted(set(v)):
+            raise ValueError(f"canary_steps {v} must be strictly increasing")
+        if v[-1] != 100:
+            raise ValueError(f"canary_steps {v} must end at 100 (full rollout)")
+        return v
+
+
+class Settings(_Model):
+    """All rayloop settings. Build with :func:`load_settings`."""
+
+    home: str = Field(default=".rayloop", description="Root of the embedded default ($RAYLOOP_HOME).")
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
+    serving: ServingSettings = Field(default_factory=ServingSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        home = Path(self.home).expanduser()
+        if self.storage.root is None:
+            self.storage.root = str((home / "storage").absolute())
+        if self.registry.url is None:
+            self.registry.url = f"sqlite:///{(home / 'registry.db').absolute()}"
+        return self
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).expanduser().absolute()
+
+    @property
+    def storage_root(self) -> str:
+        assert self.storage.root is not None  # filled by the validator
+        return self.storage.root
+
+    @property
+    def registry_url(self) -> str:
+        assert self.registry.url is not None  # filled by the validator
+        return self.registry.url
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parts.append(f"unknown key {loc!r}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg} (got {e.get('input')!r})")
+    return f"invalid settings in {source}: " + "; ".join(parts)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if env.get("RAYLOOP_HOME"):
+        out["home"] = env["RAYLOOP_HOME"]
+    if env.get("RAYLOOP_STORAGE"):
+        out.setdefault("storage", {})["root"] = env["RAYLOOP_STORAGE"]
+    if env.get("RAYLOOP_S3_ENDPOINT"):
+        out.setdefault("storage", {})["s3_endpoint"] = env["RAYLOOP_S3_ENDPOINT"]
+    if env.get("RAYLOOP_REGISTRY_URL"):
+        out.setdefault("registry", {})["url"] = env["RAYLOOP_REGISTRY_URL"]
+    if env.get("RAY_ADDRESS"):
+        out.setdefault("ray", {})["address"] = env["RAY_ADDRESS"]
+    return out
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"settings file {str(p)!r} does not exist", hint="Pass an existing file to --config.")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"settings file {str(p)!r} is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"settings file {str(p)!r} must hold a mapping at the top level, not {type(data).__name__}")
+    return data
+
+
+def settings_from_dict(data: dict[str, Any], source: str = "settings") -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_settings(
+    path: str | Path | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Resolve settings from defaults, a YAML file, env vars and explicit overrides."""
+    env = dict(os.environ) if env is None else env
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is None:
+        path = env.get("RAYLOOP_CONFIG") or ("rayloop.yaml" if Path("rayloop.yaml").is_file() else None)
+    if path is not None:
+        data = load_yaml(path)
+        source = str(path)
+    data = _deep_merge(data, _env_overrides(env))
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return settings_from_dict(data, source)

@@ -1,0 +1,55 @@
+"""``rayloop init``: build the demo world and base model under RAYLOOP_HOME."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rayloop.config import Settings
+from rayloop.demo.model import ModelSpec, build_base_model
+from rayloop.demo.world import World
+
+
+def base_model_dir(settings: Settings) -> Path:
+    return settings.home_path / "base-model"
+
+
+def init_base_model(
+    settings: Settings,
+    out: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    force: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Build (or reuse) the base model; returns its build info with ``model_dir``."""
+    out_dir = Path(out) if out else base_model_dir(settings)
+    info_file = out_dir / "rayloop_build.json"
+    spec = ModelSpec(seed=seed)
+    if steps is not None:
+        spec.steps = steps
+    world = World.build(seed=seed)
+    if info_file.is_file() and not force:
+        info = json.loads(info_file.read_text())
+        if info.get("world_fingerprint") == world.fingerprint() and info.get("spec") == spec.__dict__:
+            info["model_dir"] = str(out_dir)
+            info["reused"] = True
+            return info
+
+    if show_progress:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(
+            TextColumn("pre-training base model"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+            TimeElapsedColumn(),
+        ) as bar:
+            task = bar.add_task("pretrain", total=spec.steps, loss=float("nan"))
+            info = build_base_model(
+                out_dir, world, spec, progress=lambda s, n, loss: bar.update(task, completed=s, loss=loss)
+            )
+    else:
+        info = build_base_model(out_dir, world, spec)
+    info["model_dir"] = str(out_dir)
+    info["reused"] = False
+    return info
