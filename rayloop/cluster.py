@@ -62,10 +62,6 @@ def _ray_bin() -> str:
     return str(cand) if cand.exists() else "ray"
 
 
-def _gcs_port(settings: Settings) -> int:
-    return int(os.environ.get("RAYLOOP_GCS_PORT", "6379"))
-
-
 def _wait_for_gcs(address: str, log: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:
     import socket
 
@@ -99,8 +95,8 @@ def up(settings: Settings, timeout: float = 90.0) -> ClusterState:
         return state
     home = settings.home_path
     home.mkdir(parents=True, exist_ok=True)
-    port = _gcs_port(settings)
-    temp_dir = str(home / "ray")
+    port = settings.ray.port
+    temp_dir = "/tmp/ray"  # ray start default; session logs live there
     log = home / "ray-head.log"
     cmd = [
         _ray_bin(),
@@ -138,10 +134,11 @@ def up(settings: Settings, timeout: float = 90.0) -> ClusterState:
 
 
 def _kill_group(pid: int, timeout: float = 30.0) -> None:
+    """Stop ``ray start --block`` (it tears down its own children), then its whole group."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
-        return
+        pass
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

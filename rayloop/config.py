@@ -105,6 +105,7 @@ class RaySettings(_Model):
     address: str | None = Field(
         default=None, description="Ray cluster address (ray://host:10001 or host:6379). Default: $RAY_ADDRESS, else local."
     )
+    port: int = Field(default=6379, ge=1, le=65535, description="GCS port of the local head `rayloop up` starts.")
     num_cpus: int = Field(default=2, ge=1, description="CPUs the local head advertises (explicit: never autodetect).")
     num_gpus: int = Field(default=0, ge=0, description="GPUs the local head advertises.")
     dashboard_host: str = Field(default="127.0.0.1", description="Dashboard bind address.")
