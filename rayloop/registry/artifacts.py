@@ -1,0 +1,275 @@
+"""Artifacts of a version: checking a model directory, hashing while copying, verifying.
+
+Every byte is hashed exactly once per copy, in the same pass that copies it:
+the sha256 of one chunk runs while a helper thread writes the previous one
+(both release the GIL), and several files move at once. Downloads are
+verified against the manifest in the database before they become visible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import struct
+import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from rayloop.errors import IntegrityError, NotFoundError, UnsafeArtifactError
+from rayloop.registry.models import FileEntry
+from rayloop.storage import Storage
+
+CHUNK = 8 << 20
+MANIFEST_FILE = "manifest.json"
+"""Written next to the files in storage: the version is self-describing."""
+MARKER_FILE = ".rayloop-verified.json"
+"""Written into a fetched directory once every hash matched."""
+
+# Formats that unpickle on load (arbitrary code execution): refused.
+UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+_MAX_SAFETENSORS_HEADER = 100 << 20
+
+
+def version_prefix(name: str, version: int) -> str:
+    return f"models/{name}/{version}"
+
+
+def fingerprint(manifest: dict[str, FileEntry]) -> str:
+    """sha256 of the manifest's canonical JSON: identical files give an identical fingerprint."""
+    canon = json.dumps({k: [v["sha256"], int(v["size"])] for k, v in sorted(manifest.items())}, separators=(",", ":"))
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+# -- checking a model directory ----------------------------------------------
+def _check_safetensors(path: Path, rel: str) -> None:
+    """Parse the header: a .safetensors file must be one (8-byte length + JSON)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if n <= 1 or n > _MAX_SAFETENSORS_HEADER or 8 + n > size:
+            raise UnsafeArtifactError(
+                f"{rel} is not a valid safetensors file (bad header length)", hint="Re-save it with safetensors."
+            )
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise UnsafeArtifactError(f"{rel} is not a valid safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise UnsafeArtifactError(f"{rel} is not a valid safetensors file (header is not a mapping)")
+
+
+def scan_model_dir(model_dir: str | Path) -> list[tuple[str, Path]]:
+    """List ``(relative posix path, absolute path)`` of the files to register, after checking them.
+
+    Hidden files and directories (``.git``, ``.cache``) are skipped. Refuses
+    pickle weights, and requires ``config.json`` and at least one valid
+    ``*.safetensors``.
+    """
+    root = Path(model_dir).expanduser()
+    if not root.is_dir():
+        raise NotFoundError(
+            f"model directory {str(root)!r} does not exist or is not a directory", hint="Pass an HF model directory."
+        )
+    files: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                continue
+            p = Path(dirpath) / fn
+            rel = p.relative_to(root).as_posix()
+            if p.suffix.lower() in UNSAFE_SUFFIXES:
+                raise UnsafeArtifactError(
+                    f"{rel} in {str(root)!r} is a pickle-based weights file ({p.suffix}); "
+                    "only safetensors weights are accepted"
+                )
+            if not p.is_file():
+                continue
+            files.append((rel, p.resolve()))
+    rels = {r for r, _ in files}
+    if MANIFEST_FILE in rels:
+        raise UnsafeArtifactError(
+            f"{str(root)!r} contains a top-level {MANIFEST_FILE}, which the registry writes itself",
+            hint=f"Rename or remove {MANIFEST_FILE} from the model directory.",
+        )
+    if "config.json" not in rels:
+        raise UnsafeArtifactError(
+            f"{str(root)!r} has no config.json; it is not a Hugging Face model directory",
+            hint="Save the model with `model.save_pretrained(dir)`.",
+        )
+    weights = [(r, p) for r, p in files if r.endswith(".safetensors")]
+    if not weights:
+        raise UnsafeArtifactError(f"{str(root)!r} holds no *.safetensors weights")
+    for rel, p in weights:
+        _check_safetensors(p, rel)
+    return files
+
+
+# -- hashing while copying ---------------------------------------------------
+def _pipe(read: Callable[[int], Any], write: Callable[[Any], Any], writer: ThreadPoolExecutor) -> FileEntry:
+    """Copy ``read`` -> ``write`` chunk by chunk; hash chunk k while chunk k is written."""
+    h = hashlib.sha256()
+    size = 0
+    pending: Future[Any] | None = None
+    while True:
+        buf = read(CHUNK)
+        if not len(buf):
+            break
+        if pending is not None:
+            pending.result()
+        pending = writer.submit(write, buf)
+        h.update(buf)
+        size += len(buf)
+    if pending is not None:
+        pending.result()
+    return {"sha256": h.hexdigest(), "size": size}
+
+
+def _hash_stream(read: Callable[[int], Any]) -> FileEntry:
+    h = hashlib.sha256()
+    size = 0
+    while True:
+        buf = read(CHUNK)
+        if not len(buf):
+            break
+        h.update(buf)
+        size += len(buf)
+    return {"sha256": h.hexdigest(), "size": size}
+
+
+def _parallel(jobs: Iterable[Any], fn: Callable[[Any, ThreadPoolExecutor], Any], workers: int) -> list[Any]:
+    jobs = list(jobs)
+    n = max(1, min(workers, len(jobs)))
+    with (
+        ThreadPoolExecutor(n, thread_name_prefix="rl-io") as pool,
+        ThreadPoolExecutor(n, thread_name_prefix="rl-w") as wr,
+    ):
+        return list(pool.map(lambda j: fn(j, wr), jobs))
+
+
+def upload_files(
+    storage: Storage, files: list[tuple[str, Path]], prefix: str, *, workers: int = 4
+) -> dict[str, FileEntry]:
+    """Copy local files under ``prefix`` and return their manifest (hashed in the same pass)."""
+    for d in sorted({posixpath.dirname(f"{prefix}/{rel}") for rel, _ in files}):
+        storage.makedirs(d)
+
+    def one(job: tuple[str, Path], wr: ThreadPoolExecutor) -> tuple[str, FileEntry]:
+        rel, src = job
+        with open(src, "rb", buffering=0) as fin, storage.fs.open_output_stream(storage.path(f"{prefix}/{rel}")) as out:
+            return rel, _pipe(fin.read, out.write, wr)
+
+    return dict(_parallel(files, one, workers))
+
+
+def _mismatch(ref: str, rel: str, want: FileEntry, got: FileEntry, where: str) -> IntegrityError:
+    if got["size"] != want["size"]:
+        what = "truncated" if got["size"] < want["size"] else "longer than recorded"
+        msg = f"{ref}: {where} file {rel!r} is {what}: {got['size']} bytes, manifest says {want['size']}"
+    else:
+        msg = (
+            f"{ref}: {where} file {rel!r} was modified: "
+            f"sha256 {got['sha256'][:16]}..., manifest says {want['sha256'][:16]}..."
+        )
+    return IntegrityError(msg, path=rel)
+
+
+def download_verified(
+    storage: Storage, prefix: str, manifest: dict[str, FileEntry], target: Path, *, ref: str, workers: int = 4
+) -> None:
+    """Materialise a version into ``target`` atomically; every file is checked against ``manifest``.
+
+    Files land in a sibling temporary directory which is renamed into place
+    only when all hashes match, so a reader never sees a partial directory.
+    If another process won the race to ``target``, its copy is kept.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+
+        def one(rel: str, wr: ThreadPoolExecutor) -> None:
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                src = storage.fs.open_input_stream(storage.path(f"{prefix}/{rel}"))
+            except FileNotFoundError:
+                raise IntegrityError(
+                    f"{ref}: stored file {rel!r} is missing from {storage.uri_of(prefix)}", path=rel
+                ) from None
+            with src, open(dst, "wb", buffering=0) as out:
+                got = _pipe(src.read_buffer, out.write, wr)
+            if got != manifest[rel]:
+                raise _mismatch(ref, rel, manifest[rel], got, "stored")
+
+        _parallel(sorted(manifest), one, workers)
+        write_marker(tmp, manifest)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / MARKER_FILE).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def verify_stored(storage: Storage, prefix: str, manifest: dict[str, FileEntry], *, ref: str, workers: int = 4) -> None:
+    """Re-hash every stored file; refuse missing, truncated, modified or unexpected files."""
+    present = {posixpath.relpath(k, prefix) for k in storage.list(prefix)}
+    extra = sorted(present - set(manifest) - {MANIFEST_FILE})
+    if extra:
+        raise IntegrityError(f"{ref}: unexpected file {extra[0]!r} in {storage.uri_of(prefix)}", path=extra[0])
+    for rel in sorted(manifest):
+        if rel not in present:
+            raise IntegrityError(f"{ref}: stored file {rel!r} is missing from {storage.uri_of(prefix)}", path=rel)
+
+    def one(rel: str, _wr: ThreadPoolExecutor) -> None:
+        with storage.fs.open_input_stream(storage.path(f"{prefix}/{rel}")) as src:
+            got = _hash_stream(src.read_buffer)
+        if got != manifest[rel]:
+            raise _mismatch(ref, rel, manifest[rel], got, "stored")
+
+    _parallel(sorted(manifest), one, workers)
+
+
+# -- the verified-marker of a local copy ---------------------------------------
+def write_marker(directory: Path, manifest: dict[str, FileEntry]) -> None:
+    """Record size and mtime of each verified file, so a later check is a stat, not a re-hash."""
+    stats = {}
+    for rel in manifest:
+        st = (directory / rel).stat()
+        stats[rel] = [st.st_size, st.st_mtime_ns]
+    (directory / MARKER_FILE).write_text(json.dumps({"fingerprint": fingerprint(manifest), "files": stats}))
+
+
+def local_copy_ok(directory: Path, manifest: dict[str, FileEntry], *, rehash: bool = False) -> bool:
+    """True if ``directory`` holds exactly the manifest's files, unchanged since they were verified."""
+    try:
+        marker = json.loads((directory / MARKER_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if marker.get("fingerprint") != fingerprint(manifest):
+        return False
+    present = {
+        Path(dp, f).relative_to(directory).as_posix()
+        for dp, _, fs in os.walk(directory)
+        for f in fs
+        if not (dp == str(directory) and f == MARKER_FILE)
+    }
+    if present != set(manifest):
+        return False
+    for rel, want in manifest.items():
+        st = (directory / rel).stat()
+        if [st.st_size, st.st_mtime_ns] != marker["files"].get(rel) or st.st_size != want["size"]:
+            return False
+        if rehash:
+            with open(directory / rel, "rb") as f:
+                if _hash_stream(f.read) != want:
+                    return False
+    return True
