@@ -163,6 +163,10 @@ class _LazyCommand(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         return self._load().get_command(ctx, cmd_name)
 
+    def format_help_text(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # `rayloop NAME --help` shows the real group's docstring (e.g. its --json keys).
+        self._load().format_help_text(ctx, formatter)
+
 
 def register_lazy(name: str, module: str, attr: str, help: str) -> None:
     cli.add_command(_LazyCommand(name, module, attr, help))

@@ -381,8 +381,8 @@ class Registry(RolloutBook):
         expect: int | None = None,
         actor: str = "user",
         reason: str = "",
-    ) -> None:
-        """Point ``alias`` at ``version``, atomically, with compare-and-set.
+    ) -> int | None:
+        """Point ``alias`` at ``version``, atomically, with compare-and-set; return where it pointed before.
 
         ``expect=None``: move regardless of where it points. ``expect=N``: only
         if it points at N now. ``expect=ABSENT`` (0): only if it is unset. A
@@ -398,7 +398,7 @@ class Registry(RolloutBook):
             current = None if row is None else int(row["version"])
             self._check_expect(name, alias, current, expect)
             if current == version:
-                return
+                return current
             if current is None:
                 tx.execute(
                     "INSERT INTO rl_aliases (name, alias, version, updated_at) VALUES (?, ?, ?, ?)",
@@ -410,11 +410,12 @@ class Registry(RolloutBook):
                     (version, time.time(), name, alias),
                 )
             self._log_move(tx, name, alias, current, version, actor, reason)
+        return current
 
     def delete_alias(
         self, name: str, alias: str, *, expect: int | None = None, actor: str = "user", reason: str = ""
-    ) -> None:
-        """Remove an alias (compare-and-set like :meth:`set_alias`); the removal is logged."""
+    ) -> int:
+        """Remove an alias (compare-and-set like :meth:`set_alias`); the removal is logged. Return its old version."""
         validate_name(name)
         validate_alias(alias)
         with self.db.transaction(write=True) as tx:
@@ -426,6 +427,7 @@ class Registry(RolloutBook):
             self._check_expect(name, alias, current, expect)
             tx.execute("DELETE FROM rl_aliases WHERE name = ? AND alias = ?", (name, alias))
             self._log_move(tx, name, alias, current, None, actor, reason)
+        return current
 
     def alias_history(self, name: str, alias: str | None = None) -> list[dict[str, Any]]:
         """Audit log, oldest first: ``{time, name, alias, from, to, actor, reason}`` (time in ISO 8601 UTC)."""
