@@ -9,7 +9,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 
-def make_model_dir(path: Path, *, seed: int = 0, n: int = 64, shards: int = 1, extra: dict[str, bytes] | None = None) -> Path:
+def make_model_dir(
+    path: Path, *, seed: int = 0, n: int = 64, shards: int = 1, extra: dict[str, bytes] | None = None
+) -> Path:
     """Write config.json, tokenizer files and ``shards`` small safetensors files; return ``path``."""
     path.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)

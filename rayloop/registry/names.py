@@ -36,7 +36,7 @@ def _check(kind: str, value: object) -> str:
         raise InvalidNameError(f"{kind} is empty")
     if len(value) > MAX_NAME_LEN:
         raise InvalidNameError(f"{kind} {value!r} is {len(value)} characters long; the limit is {MAX_NAME_LEN}")
-    if not _NAME_RE.match(value) or ".." in value:
+    if not _NAME_RE.fullmatch(value) or ".." in value:
         raise InvalidNameError(
             f"{kind} {value!r} is not allowed (path separators, '..', spaces and odd characters are refused)"
         )
@@ -52,7 +52,7 @@ def validate_alias(alias: object) -> str:
     """Return ``alias`` if it can be set; version-like names and ``latest`` are reserved."""
     _check("alias", alias)
     assert isinstance(alias, str)
-    if _VERSION_RE.match(alias):
+    if _VERSION_RE.fullmatch(alias):
         raise InvalidNameError(
             f"alias {alias!r} looks like a version number, so `name@{alias}` would be ambiguous",
             hint="Use a word such as production, candidate, canary or shadow.",
@@ -105,7 +105,7 @@ def parse_ref(ref: str | Ref) -> Ref:
         raise InvalidNameError(
             f"model reference {ref!r} ends with '@'", hint="Write name@3 (a version) or name@production (an alias)."
         )
-    m = _VERSION_RE.match(tail)
+    m = _VERSION_RE.fullmatch(tail)
     if m:
         return Ref(name, validate_version(int(m.group(1))), None)
     if tail == LATEST:
