@@ -1,0 +1,62 @@
+"""`rayloop up` starts a head that outlives the CLI; `rayloop down` stops exactly it."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_down_round_trip(tmp_path: Path) -> None:
+    gcs, dash = _free_port(), _free_port()
+    (tmp_path / "rayloop.yaml").write_text(f"ray:\n  port: {gcs}\n  dashboard_port: {dash}\n  num_cpus: 1\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYLOOP_CONFIG")}
+    env["RAYLOOP_HOME"] = str(tmp_path / "home")
+    cmd = [sys.executable, "-m", "rayloop.cli"]
+
+    up = subprocess.run([*cmd, "up"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert up.returncode == 0, up.stderr
+    state = json.loads((tmp_path / "home" / "cluster.json").read_text())
+    try:
+        assert state["address"] == f"127.0.0.1:{gcs}"
+        # The CLI has exited; the head is still there and its dashboard answers.
+        assert _group_alive(state["pid"])
+        r = httpx.get(f"http://127.0.0.1:{dash}/api/version", timeout=10)
+        assert r.status_code == 200 and r.json()["ray_version"]
+        # A second `up` reports the running head instead of starting another.
+        again = subprocess.run([*cmd, "up"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0 and f"pid {state['pid']}" in again.stdout
+        # Other commands attach to it.
+        probe = (
+            "import ray, json; from rayloop.config import load_settings; from rayloop.cluster import connect; "
+            "connect(load_settings()); print(json.dumps(ray.cluster_resources()))"
+        )
+        res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        assert json.loads(res.stdout.strip().splitlines()[-1])["CPU"] == 1.0
+    finally:
+        down = subprocess.run([*cmd, "down"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    deadline = time.monotonic() + 30
+    while _group_alive(state["pid"]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _group_alive(state["pid"]), "processes of the head are still running after `rayloop down`"
+    assert not (tmp_path / "home" / "cluster.json").exists()

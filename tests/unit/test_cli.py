@@ -1,0 +1,56 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from rayloop.cli import cli
+
+
+def test_help_does_not_import_heavy_libraries() -> None:
+    code = (
+        "import sys; from rayloop.cli import cli; "
+        "import click.testing as t; r = t.CliRunner().invoke(cli, ['--help']); assert r.exit_code == 0, r.output; "
+        "heavy = [m for m in ('ray', 'torch', 'vllm', 'deepspeed', 'transformers', 'pyarrow') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_config_show_json(rayloop_home: Path) -> None:
+    r = CliRunner().invoke(cli, ["config", "show"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["home"] == str(rayloop_home)
+    assert data["registry"]["url"].startswith("sqlite:///")
+
+
+def test_user_error_is_one_line_with_hint(rayloop_home: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("ray:\n  num_cpu: 2\n")
+    env = {**os.environ, "RAYLOOP_HOME": str(rayloop_home)}
+    env.pop("RAYLOOP_DEBUG", None)
+    r = subprocess.run(
+        [sys.executable, "-m", "rayloop.cli", "--config", str(bad), "config", "show"], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr.startswith("ConfigError: invalid settings in")
+    assert "unknown key 'ray.num_cpu'" in r.stderr
+    assert "hint:" in r.stderr
+    assert "Traceback" not in r.stderr
+
+    env["RAYLOOP_DEBUG"] = "1"
+    r = subprocess.run(
+        [sys.executable, "-m", "rayloop.cli", "--config", str(bad), "config", "show"], capture_output=True, text=True, env=env
+    )
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_down_without_up_is_harmless(rayloop_home: Path) -> None:
+    r = CliRunner().invoke(cli, ["down"])
+    assert r.exit_code == 0
+    assert "No Ray head" in r.output
