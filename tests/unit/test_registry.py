@@ -107,18 +107,18 @@ def test_pickle_weights_are_refused(reg: Registry, tmp_path: Path, bad: str) -> 
 def test_refusals_for_incomplete_dirs(reg: Registry, tmp_path: Path) -> None:
     no_weights = make_model_dir(tmp_path / "a")
     (no_weights / "model.safetensors").unlink()
-    with pytest.raises(UnsafeArtifactError, match="no \\*.safetensors"):
+    with pytest.raises(UnsafeArtifactError, match=r"no \*\.safetensors"):
         reg.register("demo", no_weights)
     no_config = make_model_dir(tmp_path / "b")
     (no_config / "config.json").unlink()
-    with pytest.raises(UnsafeArtifactError, match="config.json"):
+    with pytest.raises(UnsafeArtifactError, match=r"config\.json"):
         reg.register("demo", no_config)
     garbage = make_model_dir(tmp_path / "c")
     (garbage / "model.safetensors").write_bytes(b"not a safetensors file at all")
     with pytest.raises(UnsafeArtifactError, match="not a valid safetensors"):
         reg.register("demo", garbage)
     own_manifest = make_model_dir(tmp_path / "d", extra={"manifest.json": b"{}"})
-    with pytest.raises(UnsafeArtifactError, match="manifest.json"):
+    with pytest.raises(UnsafeArtifactError, match=r"manifest\.json"):
         reg.register("demo", own_manifest)
     with pytest.raises(NotFoundError, match="does not exist"):
         reg.register("demo", tmp_path / "nope")
@@ -175,10 +175,10 @@ def test_tampered_stored_file_is_refused_by_fetch_and_verify(reg: Registry, mode
     data = bytearray(p.read_bytes())
     data[-1] ^= 0xFF
     p.write_bytes(bytes(data))
-    with pytest.raises(IntegrityError, match="model.safetensors.*modified") as ei:
+    with pytest.raises(IntegrityError, match=r"model\.safetensors.*modified") as ei:
         reg.verify("demo@1")
     assert ei.value.path == "model.safetensors"
-    with pytest.raises(IntegrityError, match="model.safetensors") as ei:
+    with pytest.raises(IntegrityError, match=r"model\.safetensors") as ei:
         reg.fetch("demo@1")
     assert ei.value.path == "model.safetensors"
     # nothing half-written became visible in the cache
@@ -189,21 +189,21 @@ def test_truncated_and_missing_files_are_named(reg: Registry, model: Path) -> No
     mv = reg.register("demo", model)
     p = _stored(reg, mv, "sub/notes.txt")
     p.write_bytes(b"he")
-    with pytest.raises(IntegrityError, match="'sub/notes.txt' is truncated: 2 bytes, manifest says 5"):
+    with pytest.raises(IntegrityError, match=r"'sub/notes\.txt' is truncated: 2 bytes, manifest says 5"):
         reg.fetch("demo@1")
     with pytest.raises(IntegrityError, match="truncated"):
         reg.verify("demo@1")
     p.unlink()
-    with pytest.raises(IntegrityError, match="'sub/notes.txt' is missing"):
+    with pytest.raises(IntegrityError, match=r"'sub/notes\.txt' is missing"):
         reg.fetch("demo@1")
-    with pytest.raises(IntegrityError, match="'sub/notes.txt' is missing"):
+    with pytest.raises(IntegrityError, match=r"'sub/notes\.txt' is missing"):
         reg.verify("demo@1")
 
 
 def test_unexpected_stored_file_fails_verify(reg: Registry, model: Path) -> None:
     mv = reg.register("demo", model)
     _stored(reg, mv, "pytorch_model.bin").write_bytes(b"evil")
-    with pytest.raises(IntegrityError, match="unexpected file 'pytorch_model.bin'"):
+    with pytest.raises(IntegrityError, match="unexpected file 'pytorch_model\.bin'"):
         reg.verify("demo@1")
 
 
