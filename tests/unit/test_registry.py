@@ -203,7 +203,7 @@ def test_truncated_and_missing_files_are_named(reg: Registry, model: Path) -> No
 def test_unexpected_stored_file_fails_verify(reg: Registry, model: Path) -> None:
     mv = reg.register("demo", model)
     _stored(reg, mv, "pytorch_model.bin").write_bytes(b"evil")
-    with pytest.raises(IntegrityError, match="unexpected file 'pytorch_model\.bin'"):
+    with pytest.raises(IntegrityError, match=r"unexpected file 'pytorch_model\.bin'"):
         reg.verify("demo@1")
 
 
