@@ -39,14 +39,14 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class Strategy(str, enum.Enum):
+class Strategy(enum.StrEnum):
     ROLLING = "rolling"
     BLUE_GREEN = "blue-green"
     CANARY = "canary"
     SHADOW = "shadow"
 
 
-class UnratedPolicy(str, enum.Enum):
+class UnratedPolicy(enum.StrEnum):
     KEEP = "keep"
     DROP = "drop"
 
@@ -103,7 +103,8 @@ class RegistrySettings(_Model):
 
 class RaySettings(_Model):
     address: str | None = Field(
-        default=None, description="Ray cluster address (ray://host:10001 or host:6379). Default: $RAY_ADDRESS, else local."
+        default=None,
+        description="Ray cluster address (ray://host:10001 or host:6379). Default: $RAY_ADDRESS, else local.",
     )
     port: int = Field(default=6379, ge=1, le=65535, description="GCS port of the local head `rayloop up` starts.")
     num_cpus: int = Field(default=2, ge=1, description="CPUs the local head advertises (explicit: never autodetect).")
@@ -116,11 +117,24 @@ class RaySettings(_Model):
 class EngineSettings(_Model):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Weights dtype.")
     max_model_len: int = Field(default=256, ge=16, description="Context window the engine accepts.")
-    tensor_parallel_size: int = Field(default=1, ge=1, description="Shards per engine (one GPU or CPU socket-part each).")
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="Shards per engine (one GPU or CPU socket-part each)."
+    )
     kv_cache_gib: float = Field(default=0.5, gt=0, description="KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE on CPU).")
     max_num_seqs: int = Field(default=64, ge=1, description="Largest batch the engine schedules.")
-    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1, description="GPU only: fraction of memory vLLM may use.")
+    gpu_memory_utilization: float = Field(
+        default=0.85, gt=0, le=1, description="GPU only: fraction of memory vLLM may use."
+    )
     enforce_eager: bool = Field(default=True, description="Skip graph capture (fast start; required on CPU).")
+    accelerator: Literal["cpu", "gpu"] = Field(
+        default="cpu",
+        description="Where engines run: 'gpu' reserves one GPU per tensor-parallel shard (placement group).",
+    )
+    cpu_threads_bind: str | None = Field(
+        default=None,
+        description="CPU only: VLLM_CPU_OMP_THREADS_BIND for engine workers, e.g. '0|1' for tensor_parallel_size 2 "
+        "(the default binding fails with 'Not enough allowed NUMA nodes').",
+    )
 
 
 class ServingSettings(_Model):
@@ -130,13 +144,17 @@ class ServingSettings(_Model):
     http_port: int = Field(default=8000, ge=1, le=65535, description="Serve HTTP proxy port.")
     model: str = Field(default="demo", description="Registry model name served by default.")
     replicas: int = Field(default=1, ge=1, description="Replicas per version slot.")
-    replica_num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per replica (fractional on small machines).")
+    replica_num_cpus: float = Field(
+        default=0.5, gt=0, description="CPUs reserved per replica (fractional on small machines)."
+    )
     max_ongoing_requests: int = Field(default=64, ge=1, description="Requests a replica accepts at once.")
     max_queued_requests: int = Field(default=256, ge=1, description="Requests waiting beyond that before 503.")
     api_keys_env: str = Field(default="RAYLOOP_API_KEYS", description="Env var with comma-separated bearer tokens.")
     api_keys_file: str | None = Field(default=None, description="File with one bearer token per line.")
     capture: bool = Field(default=True, description="Record every interaction to the interaction store.")
-    capture_batch_rows: int = Field(default=256, ge=1, description="Rows per Parquet file written by the capture writer.")
+    capture_batch_rows: int = Field(
+        default=256, ge=1, description="Rows per Parquet file written by the capture writer."
+    )
     capture_flush_s: float = Field(default=2.0, gt=0, description="Flush the capture buffer at least this often.")
     capture_max_buffer: int = Field(default=10_000, ge=1, description="Rows buffered before new ones are dropped.")
     engine: EngineSettings = Field(default_factory=EngineSettings)
@@ -184,10 +202,18 @@ class RolloutSettings(_Model):
     hold_s: float = Field(default=60.0, ge=0, description="Blue-green: keep blue warm this long after the switch.")
     shadow_fraction: float = Field(default=1.0, gt=0, le=1, description="Shadow: share of requests mirrored.")
     shadow_duration_s: float = Field(default=60.0, gt=0, description="Shadow: how long to mirror.")
-    max_error_rate_delta: float = Field(default=0.02, ge=0, description="Canary error rate may exceed stable's by this.")
-    max_p95_latency_ratio: float = Field(default=1.5, gt=0, description="Canary p95 latency may be this times stable's.")
-    min_feedback_delta: float = Field(default=-0.1, description="Canary mean rating minus stable's must be at least this.")
-    min_requests_per_step: int = Field(default=20, ge=1, description="Judge a step only after this many canary requests.")
+    max_error_rate_delta: float = Field(
+        default=0.02, ge=0, description="Canary error rate may exceed stable's by this."
+    )
+    max_p95_latency_ratio: float = Field(
+        default=1.5, gt=0, description="Canary p95 latency may be this times stable's."
+    )
+    min_feedback_delta: float = Field(
+        default=-0.1, description="Canary mean rating minus stable's must be at least this."
+    )
+    min_requests_per_step: int = Field(
+        default=20, ge=1, description="Judge a step only after this many canary requests."
+    )
 
     @field_validator("canary_steps")
     @classmethod

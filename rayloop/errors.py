@@ -43,7 +43,9 @@ class RayloopError(Exception):
 
 
 class ConfigError(RayloopError):
-    default_hint = "Check rayloop.yaml and RAYLOOP_* environment variables; `rayloop config show` prints the resolved settings."
+    default_hint = (
+        "Check rayloop.yaml and RAYLOOP_* environment variables; `rayloop config show` prints the resolved settings."
+    )
 
 
 class ClusterError(RayloopError):
@@ -59,7 +61,9 @@ class NotFoundError(RegistryError):
 
 
 class InvalidNameError(RegistryError):
-    default_hint = "Names use letters, digits, '-', '_' and '.', start with a letter or digit, and are at most 64 characters."
+    default_hint = (
+        "Names use letters, digits, '-', '_' and '.', start with a letter or digit, and are at most 64 characters."
+    )
 
 
 class AliasConflictError(RegistryError):

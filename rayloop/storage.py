@@ -37,7 +37,7 @@ def _s3_filesystem(uri: str, endpoint: str | None) -> tuple[pafs.FileSystem, str
         kwargs["scheme"] = scheme if host else "https"
     if os.environ.get("AWS_DEFAULT_REGION"):
         kwargs["region"] = os.environ["AWS_DEFAULT_REGION"]
-    return pafs.S3FileSystem(**kwargs), rest.rstrip("/")  # type: ignore[arg-type]
+    return pafs.S3FileSystem(**kwargs), rest.rstrip("/")
 
 
 def resolve_filesystem(uri: str, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:

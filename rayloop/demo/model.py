@@ -79,7 +79,9 @@ def train_tokenizer(world: World, vocab_size: int) -> PreTrainedTokenizerFast:
 
 def encode_pair(tok: PreTrainedTokenizerFast, question: str, answer: str) -> tuple[list[int], list[int]]:
     """Token ids of one chat turn and its labels (-100 on the prompt part)."""
-    prompt = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
     p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
     a_ids = tok(answer + EOS, add_special_tokens=False)["input_ids"]
     return p_ids + a_ids, [-100] * len(p_ids) + a_ids
@@ -102,7 +104,7 @@ def _llama_config(spec: ModelSpec, tok: PreTrainedTokenizerFast) -> Any:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         rms_norm_eps=1e-5,
-        torch_dtype="float32",
+        dtype="float32",
     )
 
 
@@ -153,16 +155,23 @@ def greedy_answers(model_dir: str | Path, prompts: list[str], max_new_tokens: in
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
     tok.padding_side = "left"
-    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+    texts = [
+        tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
     enc = tok(texts, add_special_tokens=False, return_tensors="pt", padding=True)
     with torch.no_grad():
         out = model.generate(
-            **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
         )
-    return [tok.decode(row[enc["input_ids"].shape[1] :], skip_special_tokens=True) for row in out]
+    return [str(tok.decode(row[enc["input_ids"].shape[1] :], skip_special_tokens=True)) for row in out]
 
 
 def build_base_model(

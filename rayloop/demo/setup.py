@@ -41,7 +41,9 @@ def init_base_model(
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(
-            TextColumn("pre-training base model"), BarColumn(), TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
+            TextColumn("pre-training base model"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
             TimeElapsedColumn(),
         ) as bar:
             task = bar.add_task("pretrain", total=spec.steps, loss=float("nan"))

@@ -149,7 +149,9 @@ class World:
 
     def pretraining_pairs(self) -> list[tuple[str, str]]:
         """(question, answer) pairs the base model learns: known facts, every phrasing."""
-        return [(f.question(t), f.answer()) for f in self.by_split("known") for t in range(len(ATTRIBUTES[f.attribute]))]
+        return [
+            (f.question(t), f.answer()) for f in self.by_split("known") for t in range(len(ATTRIBUTES[f.attribute]))
+        ]
 
     def corpus(self) -> list[str]:
         """All text of the world, for training the tokenizer."""

@@ -54,7 +54,9 @@ class VLLMPredictor:
         gc.collect()
 
 
-def greedy_chat(model_dir: str | Path, prompts: list[str], engine: EngineSettings | None = None, max_tokens: int = 32) -> list[str]:
+def greedy_chat(
+    model_dir: str | Path, prompts: list[str], engine: EngineSettings | None = None, max_tokens: int = 32
+) -> list[str]:
     """Answer ``prompts`` with one in-process vLLM engine, then shut it down."""
     p = VLLMPredictor(str(model_dir), (engine or EngineSettings()).model_dump(), max_tokens)
     try:

@@ -49,7 +49,9 @@ def test_up_down_round_trip(tmp_path: Path) -> None:
             "import ray, json; from rayloop.config import load_settings; from rayloop.cluster import connect; "
             "connect(load_settings()); print(json.dumps(ray.cluster_resources()))"
         )
-        res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        res = subprocess.run(
+            [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout.strip().splitlines()[-1])["CPU"] == 1.0
     finally:

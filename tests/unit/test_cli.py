@@ -34,7 +34,10 @@ def test_user_error_is_one_line_with_hint(rayloop_home: Path, tmp_path: Path) ->
     env = {**os.environ, "RAYLOOP_HOME": str(rayloop_home)}
     env.pop("RAYLOOP_DEBUG", None)
     r = subprocess.run(
-        [sys.executable, "-m", "rayloop.cli", "--config", str(bad), "config", "show"], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "rayloop.cli", "--config", str(bad), "config", "show"],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert r.returncode == 1
     assert r.stdout == ""
@@ -45,7 +48,10 @@ def test_user_error_is_one_line_with_hint(rayloop_home: Path, tmp_path: Path) ->
 
     env["RAYLOOP_DEBUG"] = "1"
     r = subprocess.run(
-        [sys.executable, "-m", "rayloop.cli", "--config", str(bad), "config", "show"], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "rayloop.cli", "--config", str(bad), "config", "show"],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert r.returncode != 0 and "Traceback" in r.stderr
 

@@ -92,7 +92,7 @@ def test_wrong_types_name_field_and_value() -> None:
 
 
 def test_unknown_strategy() -> None:
-    with pytest.raises(ConfigError, match="rollout.strategy"):
+    with pytest.raises(ConfigError, match=r"rollout\.strategy"):
         settings_from_dict({"rollout": {"strategy": "yolo"}})
 
 
