@@ -56,7 +56,9 @@ def _console() -> Any:
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Settings file (default: ./rayloop.yaml).")
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), help="Settings file (default: ./rayloop.yaml)."
+)
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:
     """rayloop: keep a served LLM improving from its own traffic, on Ray."""
@@ -102,7 +104,9 @@ def down(ctx: click.Context) -> None:
 
 # --- demo model ----------------------------------------------------------
 @cli.command()
-@click.option("--out", type=click.Path(file_okay=False), help="Directory for the base model (default: $RAYLOOP_HOME/base-model).")
+@click.option(
+    "--out", type=click.Path(file_okay=False), help="Directory for the base model (default: $RAYLOOP_HOME/base-model)."
+)
 @click.option("--steps", type=click.IntRange(1), default=None, help="Pre-training steps (default from the model spec).")
 @click.option("--seed", type=int, default=0, show_default=True, help="World and model seed.")
 @click.option("--force", is_flag=True, help="Rebuild even if the directory holds a model.")
@@ -137,7 +141,8 @@ def _lazy_group(module: str, attr: str) -> Callable[[], click.Command]:
     def load() -> click.Command:
         import importlib
 
-        return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+        command: click.Command = getattr(importlib.import_module(module), attr)
+        return command
 
     return load
 
