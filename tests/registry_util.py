@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import save_file
@@ -25,3 +26,47 @@ def make_model_dir(
         (path / rel).parent.mkdir(parents=True, exist_ok=True)
         (path / rel).write_bytes(data)
     return path
+
+
+# -- workers for multi-process tests (top level so spawn can import them) --------
+def register_worker(
+    storage: str, db: str, cache: str, endpoint: str | None, workdir: str, seed: int, barrier: Any, queue: Any
+) -> None:
+    """Register one distinct model as ``demo`` once every worker is ready."""
+    from rayloop.registry import Registry
+
+    try:
+        model = make_model_dir(Path(workdir) / f"m{seed}", seed=seed)
+        reg = Registry(storage, db, cache_dir=cache, s3_endpoint=endpoint)
+        barrier.wait(60)
+        mv = reg.register("demo", model, metadata={"seed": seed}, actor=f"w{seed}")
+        queue.put(("ok", seed, mv.version, mv.fingerprint))
+    except BaseException as e:
+        queue.put(("error", seed, repr(e), None))
+
+
+def race_worker(
+    storage: str, db: str, cache: str, endpoint: str | None, version: int, barrier: Any, queue: Any
+) -> None:
+    """Race two things against the other workers: an alias CAS from 1, then taking the rollout lock."""
+    from rayloop.errors import AliasConflictError, RolloutInProgressError
+    from rayloop.registry import Registry
+
+    try:
+        reg = Registry(storage, db, cache_dir=cache, s3_endpoint=endpoint)
+        barrier.wait(60)
+        try:
+            reg.set_alias("demo", "production", version, expect=1, actor=f"w{version}", reason="race")
+            queue.put(("alias", version, "won"))
+        except AliasConflictError:
+            queue.put(("alias", version, "lost"))
+        barrier.wait(60)
+        try:
+            reg.begin_rollout(
+                "demo", from_version=1, to_version=version, strategy="canary", plan={}, owner=f"w{version}"
+            )
+            queue.put(("rollout", version, "won"))
+        except RolloutInProgressError:
+            queue.put(("rollout", version, "lost"))
+    except BaseException as e:
+        queue.put(("error", version, repr(e)))
