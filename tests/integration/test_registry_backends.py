@@ -116,7 +116,7 @@ def test_round_trip(backend: Backend, tmp_path: Path) -> None:
     stored = "models/demo/2/model-00002-of-00002.safetensors"
     original = reg.storage.read_bytes(stored)
     reg.storage.write_bytes(stored, original[:-4] + b"XXXX")
-    with pytest.raises(IntegrityError, match="model-00002-of-00002.safetensors") as ei:
+    with pytest.raises(IntegrityError, match=r"model-00002-of-00002\.safetensors") as ei:
         reg.verify("demo@2")
     assert ei.value.path == "model-00002-of-00002.safetensors"
     reg.storage.write_bytes(stored, original[:10])
