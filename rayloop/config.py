@@ -193,6 +193,15 @@ class GateSettings(_Model):
         default=0.05, ge=0, description="Largest accuracy drop tolerated on the regression set (known facts)."
     )
     require_golden: bool = Field(default=True, description="All golden prompts must pass.")
+    improve_on: list[str] = Field(
+        default=["eval_split", "new_facts"],
+        description="Evaluation sets whose mean accuracy must improve by min_improvement (those present are used).",
+    )
+    protect: list[str] = Field(
+        default=["known_facts", "regression"], description="Evaluation sets that must not regress beyond max_regression."
+    )
+    max_tokens: int = Field(default=32, ge=1, description="Tokens generated per evaluation prompt (greedy).")
+    eval_num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved by each Ray Data inference actor.")
 
 
 class RolloutSettings(_Model):

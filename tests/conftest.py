@@ -83,7 +83,9 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 
     if ray.is_initialized():
         ray.shutdown()
+    # address="local": always a fresh cluster, never one a `ray start` left on this machine.
     ctx = ray.init(
+        address="local",
         num_cpus=int(os.environ.get("RAYLOOP_TEST_NUM_CPUS", "4")),
         object_store_memory=512 * 1024 * 1024,
         include_dashboard=False,

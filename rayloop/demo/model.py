@@ -142,7 +142,7 @@ def pretrain(
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         if progress is not None:
             progress(step + 1, spec.steps, losses[-1])
     model.eval()
@@ -212,3 +212,36 @@ def build_base_model(
     }
     (out / "rayloop_build.json").write_text(json.dumps(info, indent=1))
     return info
+
+
+def finetune(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    pairs: list[tuple[str, str]],
+    steps: int = 150,
+    learning_rate: float = 1e-3,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> list[float]:
+    """Plain single-process fine-tune of a model dir on (question, answer) pairs.
+
+    The reference the distributed retraining is compared with (benchmarks) and a
+    quick way to make a candidate of known quality in tests.
+    """
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    spec = ModelSpec(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed)
+    losses = pretrain(model, tok, pairs, spec)
+    out = Path(out_dir)
+    model.save_pretrained(str(out), safe_serialization=True)
+    tok.save_pretrained(str(out))
+    world = Path(base_dir) / "world.json"
+    if world.is_file():
+        shutil.copy(world, out / "world.json")
+    return losses

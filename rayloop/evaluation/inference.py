@@ -42,8 +42,41 @@ class VLLMPredictor:
         outs = self.llm.chat(convs, self.params, use_tqdm=False)  # type: ignore[arg-type]
         return [o.outputs[0].text for o in outs]
 
+    def target_nll(self, prompts: list[str], targets: list[str]) -> list[float]:
+        """Mean negative log-likelihood per token of each target answer after its prompt."""
+        from vllm import SamplingParams
+
+        tok = self.llm.get_tokenizer()
+        seqs, starts = [], []
+        for p, t in zip(prompts, targets, strict=True):
+            chat = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            p_ids = tok(chat, add_special_tokens=False)["input_ids"]
+            t_ids = tok(t + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
+            seqs.append({"prompt_token_ids": p_ids + t_ids})
+            starts.append(len(p_ids))
+        outs = self.llm.generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)  # type: ignore[arg-type]
+        nll = []
+        for o, seq, start in zip(outs, seqs, starts, strict=True):
+            ids = seq["prompt_token_ids"]
+            lps = o.prompt_logprobs or []
+            vals = [lps[i][ids[i]].logprob for i in range(start, len(ids)) if lps[i] is not None]
+            nll.append(-sum(vals) / max(1, len(vals)))
+        return nll
+
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        batch["output"] = self.answer([str(p) for p in batch["prompt"]])
+        import time
+
+        prompts = [str(p) for p in batch["prompt"]]
+        t0 = time.perf_counter()
+        batch["output"] = self.answer(prompts)
+        batch["batch_seconds"] = [time.perf_counter() - t0] * len(prompts)
+        targets = [str(t) if t else "" for t in batch.get("target", [""] * len(prompts))]
+        has = [i for i, t in enumerate(targets) if t]
+        nll = [float("nan")] * len(prompts)
+        if has:
+            for i, v in zip(has, self.target_nll([prompts[i] for i in has], [targets[i] for i in has]), strict=True):
+                nll[i] = v
+        batch["nll"] = nll
         return batch
 
     def close(self) -> None:
