@@ -234,7 +234,7 @@ def finetune(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
-    tok = AutoTokenizer.from_pretrained(str(base_dir))
+    tok: Any = AutoTokenizer.from_pretrained(str(base_dir))
     model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     spec = ModelSpec(steps=steps, learning_rate=learning_rate, batch_size=batch_size, seed=seed)
     losses = pretrain(model, tok, pairs, spec)

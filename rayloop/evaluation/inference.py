@@ -46,7 +46,7 @@ class VLLMPredictor:
         """Mean negative log-likelihood per token of each target answer after its prompt."""
         from vllm import SamplingParams
 
-        tok = self.llm.get_tokenizer()
+        tok: Any = self.llm.get_tokenizer()
         seqs, starts = [], []
         for p, t in zip(prompts, targets, strict=True):
             chat = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
@@ -58,7 +58,7 @@ class VLLMPredictor:
         nll = []
         for o, seq, start in zip(outs, seqs, starts, strict=True):
             ids = seq["prompt_token_ids"]
-            lps = o.prompt_logprobs or []
+            lps: list[Any] = list(o.prompt_logprobs or [])
             vals = [lps[i][ids[i]].logprob for i in range(start, len(ids)) if lps[i] is not None]
             nll.append(-sum(vals) / max(1, len(vals)))
         return nll
