@@ -137,6 +137,94 @@ def demo(ctx: click.Context, poison: bool, as_json: bool) -> None:
         _print_json(summary)
 
 
+# --- evaluation and pipeline -----------------------------------------------
+@cli.command("eval")
+@click.argument("ref")
+@click.option("--against", default=None, help="Model to compare with (default: NAME@production).")
+@click.option("--no-record", is_flag=True, help="Do not store the report and decision on the candidate.")
+@click.option("--local", is_flag=True, help="Run the engines in this process instead of Ray Data actors.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+@click.pass_context
+def eval_cmd(ctx: click.Context, ref: str, against: str | None, no_record: bool, local: bool, as_json: bool) -> None:
+    """Evaluate REF against production and apply the validation gate.
+
+    JSON keys: candidate, production (each: model, sets{NAME: n, correct,
+    accuracy, loss, perplexity, failures}, items, seconds), gate (decision,
+    reasons, checks, policy), evaluated_at.
+    """
+    from rayloop import cluster
+    from rayloop.evaluation.gate import run_gate
+
+    s = _settings(ctx)
+    if not local:
+        cluster.connect(s)
+    report = run_gate(s, ref, against=against, record=not no_record, use_ray=not local)
+    if as_json:
+        _print_json(report)
+        return
+    from rich.table import Table
+
+    t = Table("set", report["candidate"]["model"], report["production"]["model"])
+    for name, r in report["candidate"]["sets"].items():
+        p = report["production"]["sets"].get(name, {})
+        t.add_row(name, f"{r['accuracy']:.2f}", f"{p.get('accuracy', float('nan')):.2f}")
+    _console().print(t)
+    gate = report["gate"]
+    click.echo(f"gate: {gate['decision']}: {'; '.join(gate['reasons'])}")
+    if gate["decision"] != "accepted":
+        ctx.exit(2)
+
+
+@cli.group(cls=_Group)
+def pipeline() -> None:
+    """collect -> preprocess -> retrain -> register -> evaluate -> deploy."""
+
+
+def _stage_printer() -> Callable[[str, str, dict[str, Any]], None]:
+    def show(stage: str, status: str, info: dict[str, Any]) -> None:
+        extra = (
+            info.get("error")
+            or info.get("reason")
+            or info.get("snapshot_id")
+            or info.get("ref")
+            or info.get("decision")
+            or ""
+        )
+        click.echo(f"[{stage}] {status} {extra}".rstrip())
+
+    return show
+
+
+@pipeline.command("run")
+@click.option("--config", "run_config", type=click.Path(dir_okay=False), help="Settings file for this run.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
+@click.pass_context
+def pipeline_run(ctx: click.Context, run_config: str | None, as_json: bool) -> None:
+    """Run (or resume) the pipeline once."""
+    from rayloop import cluster
+    from rayloop.config import load_settings
+    from rayloop.pipeline import run_pipeline
+
+    s = load_settings(run_config) if run_config else _settings(ctx)
+    cluster.connect(s)
+    record = run_pipeline(s, on_stage=None if as_json else _stage_printer())
+    if as_json:
+        _print_json(record)
+
+
+@pipeline.command("watch")
+@click.option("--max-runs", type=click.IntRange(1), default=None, help="Stop after this many runs.")
+@click.pass_context
+def pipeline_watch(ctx: click.Context, max_runs: int | None) -> None:
+    """Run the pipeline whenever enough new feedback has arrived (pipeline.min_feedback)."""
+    from rayloop import cluster
+    from rayloop.pipeline import watch
+
+    s = _settings(ctx)
+    cluster.connect(s)
+    watch(s, on_stage=_stage_printer(), max_runs=max_runs, log=click.echo)
+
+
 def _lazy_group(module: str, attr: str) -> Callable[[], click.Command]:
     def load() -> click.Command:
         import importlib

@@ -238,6 +238,15 @@ class RolloutSettings(_Model):
         return v
 
 
+class PipelineSettings(_Model):
+    model: str = Field(default="demo", description="Registry model the pipeline improves.")
+    base: str | None = Field(default=None, description="Version to retrain from (default: MODEL@production).")
+    min_feedback: int = Field(default=20, ge=1, description="Feedback rows needed before a run starts.")
+    deploy: bool = Field(default=True, description="Roll an accepted candidate out; False stops after the gate.")
+    strategy: Strategy | None = Field(default=None, description="Rollout strategy (default: rollout.strategy).")
+    watch_interval_s: float = Field(default=60.0, gt=0, description="`pipeline watch`: seconds between checks.")
+
+
 class Settings(_Model):
     """All rayloop settings. Build with :func:`load_settings`."""
 
@@ -250,6 +259,7 @@ class Settings(_Model):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     gate: GateSettings = Field(default_factory=GateSettings)
     rollout: RolloutSettings = Field(default_factory=RolloutSettings)
+    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:

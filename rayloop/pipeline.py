@@ -1,0 +1,282 @@
+"""One pipeline from collected interactions to a deployed version.
+
+    collect -> preprocess -> retrain -> register -> evaluate -> deploy
+
+Each run is identified by a hash of its inputs (model, base version, the files
+in the interaction store, and the data/training/gate settings). Every stage
+writes its output to ``pipelines/<model>/runs/<run_id>.json`` in storage as it
+finishes, so re-running after a failure skips the stages already done for the
+same inputs and resumes where it stopped. A candidate the gate rejects is
+never deployed; production stays where it is.
+
+    from rayloop.pipeline import run_pipeline
+    record = run_pipeline(settings)          # or: rayloop pipeline run
+    record["stages"]["evaluate"]["output"]["decision"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rayloop.config import Settings
+from rayloop.data.schema import FEEDBACK_DIR, INTERACTIONS_DIR
+from rayloop.errors import DataError, RayloopError
+from rayloop.storage import Storage
+
+STAGES = ("collect", "preprocess", "retrain", "register", "evaluate", "deploy")
+StageCallback = Callable[[str, str, dict[str, Any]], None]
+
+
+def _storage(settings: Settings) -> Storage:
+    return Storage(settings.storage_root, s3_endpoint=settings.storage.s3_endpoint)
+
+
+def _listing(st: Storage, prefix: str) -> list[tuple[str, int]]:
+    return sorted((k, st.size(k)) for k in st.list(prefix) if k.endswith(".parquet"))
+
+
+def count_feedback(st: Storage, model: str | None = None) -> int:
+    """Feedback rows in the store (for ``model`` when given)."""
+    import pyarrow.dataset as pads
+
+    files = [st.path(k) for k, _ in _listing(st, FEEDBACK_DIR)]
+    if not files:
+        return 0
+    ds = pads.dataset(files, filesystem=st.fs, format="parquet")
+    if model is None:
+        return int(ds.count_rows())
+    return int(ds.count_rows(filter=pads.field("model_name") == model))
+
+
+def _run_key(settings: Settings, model: str, base_fingerprint: str, inputs: str) -> str:
+    relevant = {
+        "model": model,
+        "base": base_fingerprint,
+        "inputs": inputs,
+        "data": settings.data.model_dump(mode="json"),
+        "training": settings.training.model_dump(mode="json"),
+        "gate": settings.gate.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class PipelineRun:
+    """The persisted record of one run; stages are saved as they finish."""
+
+    def __init__(self, st: Storage, model: str, run_id: str, record: dict[str, Any]) -> None:
+        self.st, self.model, self.run_id, self.record = st, model, run_id, record
+
+    @staticmethod
+    def key(model: str, run_id: str) -> str:
+        return f"pipelines/{model}/runs/{run_id}.json"
+
+    @classmethod
+    def open(cls, st: Storage, model: str, run_id: str, base: dict[str, Any]) -> PipelineRun:
+        key = cls.key(model, run_id)
+        if st.exists(key):
+            record = json.loads(st.read_bytes(key))
+        else:
+            record = {"run_id": run_id, "model": model, "created_at": time.time(), "stages": {}, **base}
+        return cls(st, model, run_id, record)
+
+    def done(self, stage: str) -> dict[str, Any] | None:
+        rec = self.record["stages"].get(stage)
+        return rec["output"] if rec and rec["status"] in ("done", "skipped") else None
+
+    def save_stage(
+        self, stage: str, status: str, output: dict[str, Any], started: float, error: str | None = None
+    ) -> None:
+        self.record["stages"][stage] = {
+            "status": status,
+            "output": output,
+            "started_at": started,
+            "finished_at": time.time(),
+            "seconds": round(time.time() - started, 2),
+            "error": error,
+        }
+        self.save()
+
+    def save(self) -> None:
+        self.record["updated_at"] = time.time()
+        self.st.write_bytes(self.key(self.model, self.run_id), json.dumps(self.record, indent=1, default=str).encode())
+
+
+def _eval_split_items(settings: Settings, snapshot_id: str) -> list[Any]:
+    from rayloop.data.snapshot import eval_questions
+    from rayloop.evaluation.evalset import EvalItem
+
+    return [EvalItem("eval_split", q, a, "exact", a) for q, a in eval_questions(settings, snapshot_id)]
+
+
+def run_pipeline(
+    settings: Settings,
+    *,
+    on_stage: StageCallback | None = None,
+    deploy_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the pipeline for ``settings.pipeline.model``; returns the run record."""
+    from rayloop.registry import Registry
+
+    cfg = settings.pipeline
+    emit = on_stage or (lambda stage, status, info: None)
+    st = _storage(settings)
+    reg = Registry.from_settings(settings)
+    base = reg.resolve(cfg.base or f"{cfg.model}@production")
+
+    # collect: what is in the store decides the run id.
+    t0 = time.time()
+    emit("collect", "running", {})
+    listing = _listing(st, INTERACTIONS_DIR) + _listing(st, FEEDBACK_DIR)
+    inputs = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    n_feedback = count_feedback(st, cfg.model)
+    if n_feedback < cfg.min_feedback:
+        raise DataError(
+            f"only {n_feedback} feedback rows for model {cfg.model!r} in {st.uri_of(FEEDBACK_DIR)}; "
+            f"the pipeline needs at least {cfg.min_feedback} (pipeline.min_feedback)",
+            hint="Collect more feedback through POST /v1/feedback, or lower pipeline.min_feedback.",
+        )
+    run_id = _run_key(settings, cfg.model, base.fingerprint, inputs)
+    run = PipelineRun.open(st, cfg.model, run_id, {"base": base.ref, "base_version": base.version})
+    collect_out = {"files": len(listing), "feedback_rows": n_feedback, "inputs_hash": inputs}
+    if run.done("collect") is None:
+        run.save_stage("collect", "done", collect_out, t0)
+    emit("collect", "done", collect_out)
+
+    def stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        prior = run.done(name)
+        if prior is not None:
+            emit(name, "reused", prior)
+            return prior
+        started = time.time()
+        emit(name, "running", {})
+        try:
+            out = fn()
+        except RayloopError as e:
+            run.save_stage(name, "failed", {}, started, error=f"{type(e).__name__}: {e.message}")
+            emit(name, "failed", {"error": e.message})
+            raise
+        except Exception as e:
+            run.save_stage(name, "failed", {}, started, error=f"{type(e).__name__}: {e}")
+            emit(name, "failed", {"error": str(e)})
+            raise
+        status = out.pop("_status", "done")
+        run.save_stage(name, status, out, started)
+        emit(name, status, out)
+        return out
+
+    base_dir = reg.fetch(base.ref)
+
+    def do_preprocess() -> dict[str, Any]:
+        from rayloop.data.preprocess import preprocess
+        from rayloop.data.replay import ReplaySource
+
+        replay = ReplaySource.from_model_dir(base_dir)
+        snap_id = base.lineage.get("snapshot_id") if isinstance(base.lineage, dict) else None
+        if snap_id:
+            replay = ReplaySource.from_snapshot(str(snap_id))
+        info = preprocess(settings, model_dir=base_dir, model_name=cfg.model, replay=replay)
+        return {"snapshot_id": info.snapshot_id, "uri": info.uri, "counts": info.counts}
+
+    snap = stage("preprocess", do_preprocess)
+    work = settings.home_path / "work" / run_id
+
+    def do_retrain() -> dict[str, Any]:
+        from rayloop.training.retrain import retrain
+
+        res = retrain(settings, snapshot_id=snap["snapshot_id"], base_dir=base_dir, output_dir=work / "candidate")
+        return {
+            "model_dir": str(res.model_dir),
+            "train_loss": res.train_loss,
+            "eval_loss": res.eval_loss,
+            "steps": res.steps,
+            "checkpoint_uri": res.checkpoint_uri,
+            "config": res.config,
+        }
+
+    trained = stage("retrain", do_retrain)
+    if run.done("register") is None and not Path(trained["model_dir"]).is_dir():
+        # The trained files were local to a machine that is gone: train again.
+        run.record["stages"].pop("retrain", None)
+        trained = stage("retrain", do_retrain)
+
+    def do_register() -> dict[str, Any]:
+        from rayloop.training.register import register_candidate
+        from rayloop.training.retrain import RetrainResult
+
+        res = RetrainResult(
+            model_dir=Path(trained["model_dir"]),
+            train_loss=trained["train_loss"],
+            eval_loss=trained["eval_loss"],
+            steps=trained["steps"],
+            checkpoint_uri=trained["checkpoint_uri"],
+            config=trained["config"],
+        )
+        mv = register_candidate(
+            settings, res, name=cfg.model, parent_version=base.version, snapshot_id=snap["snapshot_id"]
+        )
+        return {"version": mv.version, "ref": f"{mv.name}@{mv.version}", "fingerprint": mv.fingerprint}
+
+    cand = stage("register", do_register)
+
+    def do_evaluate() -> dict[str, Any]:
+        from rayloop.evaluation.gate import run_gate
+
+        extra = {"eval_split": _eval_split_items(settings, snap["snapshot_id"])}
+        if not extra["eval_split"]:
+            extra = {}
+        report = run_gate(settings, cand["ref"], against=base.ref, extra_sets=extra)
+        return {
+            "decision": report["gate"]["decision"],
+            "reasons": report["gate"]["reasons"],
+            "candidate": {k: v["accuracy"] for k, v in report["candidate"]["sets"].items()},
+            "production": {k: v["accuracy"] for k, v in report["production"]["sets"].items()},
+        }
+
+    verdict = stage("evaluate", do_evaluate)
+
+    def do_deploy() -> dict[str, Any]:
+        if verdict["decision"] != "accepted":
+            return {"_status": "skipped", "reason": "gate rejected the candidate: " + "; ".join(verdict["reasons"])}
+        if not cfg.deploy:
+            return {"_status": "skipped", "reason": "pipeline.deploy is false"}
+        from rayloop.rollout.controller import deploy
+
+        strategy = cfg.strategy or settings.rollout.strategy
+        result = deploy(settings, cand["ref"], strategy, **(deploy_kwargs or {}))
+        return {"strategy": str(strategy), "status": result.get("status"), "rollout": result}
+
+    stage("deploy", do_deploy)
+    run.record["finished_at"] = time.time()
+    run.save()
+    return run.record
+
+
+def watch(
+    settings: Settings,
+    *,
+    on_stage: StageCallback | None = None,
+    max_runs: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    log: Callable[[str], None] = print,
+) -> int:
+    """Run the pipeline whenever ``min_feedback`` new feedback rows have arrived since the last run."""
+    st = _storage(settings)
+    runs = 0
+    seen = None
+    while max_runs is None or runs < max_runs:
+        n = count_feedback(st, settings.pipeline.model)
+        fresh = n - (seen or 0)
+        if fresh >= settings.pipeline.min_feedback:
+            log(f"pipeline: {fresh} new feedback rows; starting a run")
+            run_pipeline(settings, on_stage=on_stage)
+            runs += 1
+            seen = n
+        else:
+            log(f"pipeline: {fresh} new feedback rows (< {settings.pipeline.min_feedback}); waiting")
+        sleep(settings.pipeline.watch_interval_s)
+    return runs
