@@ -106,11 +106,74 @@ class PipelineRun:
         self.st.write_bytes(self.key(self.model, self.run_id), json.dumps(self.record, indent=1, default=str).encode())
 
 
-def _eval_split_items(settings: Settings, snapshot_id: str) -> list[Any]:
-    from rayloop.data.snapshot import eval_questions
-    from rayloop.evaluation.evalset import EvalItem
+class Steps:
+    """What each stage does; the real implementation. Tests pass another one to ``run_pipeline``."""
 
-    return [EvalItem("eval_split", q, a, "exact", a) for q, a in eval_questions(settings, snapshot_id)]
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def preprocess(self, base_dir: Path, base: Any) -> dict[str, Any]:
+        from rayloop.data.preprocess import preprocess
+        from rayloop.data.replay import ReplaySource
+
+        replay = ReplaySource.from_model_dir(base_dir)
+        snap_id = (base.lineage or {}).get("snapshot_id") if isinstance(base.lineage, dict) else None
+        if snap_id:
+            replay = ReplaySource.from_snapshot(str(snap_id))
+        info = preprocess(self.settings, model_dir=base_dir, model_name=self.settings.pipeline.model, replay=replay)
+        return {"snapshot_id": info.snapshot_id, "uri": info.uri, "counts": info.counts}
+
+    def retrain(self, snapshot_id: str, base_dir: Path, output_dir: Path) -> dict[str, Any]:
+        from rayloop.training.retrain import retrain
+
+        res = retrain(self.settings, snapshot_id=snapshot_id, base_dir=base_dir, output_dir=output_dir)
+        return {
+            "model_dir": str(res.model_dir),
+            "train_loss": res.train_loss,
+            "eval_loss": res.eval_loss,
+            "steps": res.steps,
+            "checkpoint_uri": res.checkpoint_uri,
+            "config": res.config,
+        }
+
+    def register(self, trained: dict[str, Any], base: Any, snapshot_id: str) -> dict[str, Any]:
+        from rayloop.training.register import register_candidate
+        from rayloop.training.retrain import RetrainResult
+
+        res = RetrainResult(
+            model_dir=Path(trained["model_dir"]),
+            train_loss=trained["train_loss"],
+            eval_loss=trained["eval_loss"],
+            steps=trained["steps"],
+            checkpoint_uri=trained["checkpoint_uri"],
+            config=trained["config"],
+        )
+        mv = register_candidate(
+            self.settings, res, name=self.settings.pipeline.model, parent_version=base.version, snapshot_id=snapshot_id
+        )
+        return {"version": mv.version, "ref": f"{mv.name}@{mv.version}", "fingerprint": mv.fingerprint}
+
+    def evaluate(self, candidate_ref: str, base_ref: str, snapshot_id: str) -> dict[str, Any]:
+        from rayloop.data.snapshot import eval_questions
+        from rayloop.evaluation.evalset import EvalItem
+        from rayloop.evaluation.gate import run_gate
+
+        items = [EvalItem("eval_split", q, a, "exact", a) for q, a in eval_questions(self.settings, snapshot_id)]
+        report = run_gate(
+            self.settings, candidate_ref, against=base_ref, extra_sets={"eval_split": items} if items else {}
+        )
+        return {
+            "decision": report["gate"]["decision"],
+            "reasons": report["gate"]["reasons"],
+            "candidate": {k: v["accuracy"] for k, v in report["candidate"]["sets"].items()},
+            "production": {k: v["accuracy"] for k, v in report["production"]["sets"].items()},
+        }
+
+    def deploy(self, candidate_ref: str, strategy: Any, deploy_kwargs: dict[str, Any]) -> dict[str, Any]:
+        from rayloop.rollout.controller import deploy
+
+        result = deploy(self.settings, candidate_ref, strategy, **deploy_kwargs)
+        return {"strategy": str(strategy), "status": result.get("status"), "rollout": result}
 
 
 def run_pipeline(
@@ -118,11 +181,13 @@ def run_pipeline(
     *,
     on_stage: StageCallback | None = None,
     deploy_kwargs: dict[str, Any] | None = None,
+    steps: Steps | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the pipeline for ``settings.pipeline.model``; returns the run record."""
     from rayloop.registry import Registry
 
     cfg = settings.pipeline
+    do = steps or Steps(settings)
     emit = on_stage or (lambda stage, status, info: None)
     st = _storage(settings)
     reg = Registry.from_settings(settings)
@@ -170,87 +235,24 @@ def run_pipeline(
         return out
 
     base_dir = reg.fetch(base.ref)
-
-    def do_preprocess() -> dict[str, Any]:
-        from rayloop.data.preprocess import preprocess
-        from rayloop.data.replay import ReplaySource
-
-        replay = ReplaySource.from_model_dir(base_dir)
-        snap_id = base.lineage.get("snapshot_id") if isinstance(base.lineage, dict) else None
-        if snap_id:
-            replay = ReplaySource.from_snapshot(str(snap_id))
-        info = preprocess(settings, model_dir=base_dir, model_name=cfg.model, replay=replay)
-        return {"snapshot_id": info.snapshot_id, "uri": info.uri, "counts": info.counts}
-
-    snap = stage("preprocess", do_preprocess)
+    snap = stage("preprocess", lambda: do.preprocess(base_dir, base))
     work = settings.home_path / "work" / run_id
-
-    def do_retrain() -> dict[str, Any]:
-        from rayloop.training.retrain import retrain
-
-        res = retrain(settings, snapshot_id=snap["snapshot_id"], base_dir=base_dir, output_dir=work / "candidate")
-        return {
-            "model_dir": str(res.model_dir),
-            "train_loss": res.train_loss,
-            "eval_loss": res.eval_loss,
-            "steps": res.steps,
-            "checkpoint_uri": res.checkpoint_uri,
-            "config": res.config,
-        }
-
-    trained = stage("retrain", do_retrain)
+    trained = stage("retrain", lambda: do.retrain(snap["snapshot_id"], base_dir, work / "candidate"))
     if run.done("register") is None and not Path(trained["model_dir"]).is_dir():
         # The trained files were local to a machine that is gone: train again.
         run.record["stages"].pop("retrain", None)
-        trained = stage("retrain", do_retrain)
+        trained = stage("retrain", lambda: do.retrain(snap["snapshot_id"], base_dir, work / "candidate"))
+    cand = stage("register", lambda: do.register(trained, base, snap["snapshot_id"]))
+    verdict = stage("evaluate", lambda: do.evaluate(cand["ref"], base.ref, snap["snapshot_id"]))
 
-    def do_register() -> dict[str, Any]:
-        from rayloop.training.register import register_candidate
-        from rayloop.training.retrain import RetrainResult
-
-        res = RetrainResult(
-            model_dir=Path(trained["model_dir"]),
-            train_loss=trained["train_loss"],
-            eval_loss=trained["eval_loss"],
-            steps=trained["steps"],
-            checkpoint_uri=trained["checkpoint_uri"],
-            config=trained["config"],
-        )
-        mv = register_candidate(
-            settings, res, name=cfg.model, parent_version=base.version, snapshot_id=snap["snapshot_id"]
-        )
-        return {"version": mv.version, "ref": f"{mv.name}@{mv.version}", "fingerprint": mv.fingerprint}
-
-    cand = stage("register", do_register)
-
-    def do_evaluate() -> dict[str, Any]:
-        from rayloop.evaluation.gate import run_gate
-
-        extra = {"eval_split": _eval_split_items(settings, snap["snapshot_id"])}
-        if not extra["eval_split"]:
-            extra = {}
-        report = run_gate(settings, cand["ref"], against=base.ref, extra_sets=extra)
-        return {
-            "decision": report["gate"]["decision"],
-            "reasons": report["gate"]["reasons"],
-            "candidate": {k: v["accuracy"] for k, v in report["candidate"]["sets"].items()},
-            "production": {k: v["accuracy"] for k, v in report["production"]["sets"].items()},
-        }
-
-    verdict = stage("evaluate", do_evaluate)
-
-    def do_deploy() -> dict[str, Any]:
+    def deploy_stage() -> dict[str, Any]:
         if verdict["decision"] != "accepted":
             return {"_status": "skipped", "reason": "gate rejected the candidate: " + "; ".join(verdict["reasons"])}
         if not cfg.deploy:
             return {"_status": "skipped", "reason": "pipeline.deploy is false"}
-        from rayloop.rollout.controller import deploy
+        return do.deploy(cand["ref"], cfg.strategy or settings.rollout.strategy, deploy_kwargs or {})
 
-        strategy = cfg.strategy or settings.rollout.strategy
-        result = deploy(settings, cand["ref"], strategy, **(deploy_kwargs or {}))
-        return {"strategy": str(strategy), "status": result.get("status"), "rollout": result}
-
-    stage("deploy", do_deploy)
+    stage("deploy", deploy_stage)
     run.record["finished_at"] = time.time()
     run.save()
     return run.record

@@ -1,0 +1,142 @@
+"""The pipeline's stage bookkeeping: resume after failure, skip deploy on rejection.
+
+The stages' real work (Ray Data, DeepSpeed, vLLM) is replaced by a recording
+``Steps`` passed to ``run_pipeline``; the registry, storage and run records are real.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from rayloop.config import Settings
+from rayloop.data.schema import FEEDBACK_SCHEMA, feedback_partition
+from rayloop.errors import DataError
+from rayloop.pipeline import PipelineRun, Steps, count_feedback, run_pipeline
+from rayloop.registry import Registry
+from rayloop.storage import Storage
+from tests.registry_util import make_model_dir
+
+
+class RecordingSteps(Steps):
+    def __init__(self, settings: Settings, *, fail_retrain: int = 0, decision: str = "accepted") -> None:
+        super().__init__(settings)
+        self.calls: list[str] = []
+        self.fail_retrain = fail_retrain
+        self.decision = decision
+
+    def preprocess(self, base_dir: Path, base: Any) -> dict[str, Any]:
+        self.calls.append("preprocess")
+        assert (base_dir / "config.json").is_file()
+        return {"snapshot_id": "snap1", "uri": "mem://", "counts": {"train": 10}}
+
+    def retrain(self, snapshot_id: str, base_dir: Path, output_dir: Path) -> dict[str, Any]:
+        self.calls.append("retrain")
+        if self.fail_retrain:
+            self.fail_retrain -= 1
+            raise RuntimeError("worker died")
+        make_model_dir(output_dir, seed=1)
+        return {
+            "model_dir": str(output_dir),
+            "train_loss": 0.1,
+            "eval_loss": 0.2,
+            "steps": 5,
+            "checkpoint_uri": "",
+            "config": {},
+        }
+
+    def register(self, trained: dict[str, Any], base: Any, snapshot_id: str) -> dict[str, Any]:
+        self.calls.append("register")
+        mv = Registry.from_settings(self.settings).register("demo", trained["model_dir"], parent=base.version)
+        return {"version": mv.version, "ref": mv.ref, "fingerprint": mv.fingerprint}
+
+    def evaluate(self, candidate_ref: str, base_ref: str, snapshot_id: str) -> dict[str, Any]:
+        self.calls.append("evaluate")
+        return {"decision": self.decision, "reasons": ["test"], "candidate": {}, "production": {}}
+
+    def deploy(self, candidate_ref: str, strategy: Any, deploy_kwargs: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append("deploy")
+        return {"strategy": str(strategy), "status": "succeeded", "rollout": {}}
+
+
+def _feedback(settings: Settings, n: int, model: str = "demo") -> None:
+    st = Storage(settings.storage_root)
+    now = dt.datetime.now(dt.UTC)
+    rows = [
+        {
+            "request_id": f"r{i}",
+            "timestamp": now,
+            "rating": -1,
+            "correction": "x",
+            "user_id": "u",
+            "model_name": model,
+            "model_version": 1,
+        }
+        for i in range(n)
+    ]
+    table = pa.Table.from_pylist(rows, schema=FEEDBACK_SCHEMA)
+    key = f"{feedback_partition(now.date().isoformat())}/part-{model}-{n}.parquet"
+    st.makedirs(key.rsplit("/", 1)[0])
+    pq.write_table(table, st.path(key), filesystem=st.fs)
+
+
+@pytest.fixture
+def base(settings: Settings, tmp_path: Path) -> Registry:
+    reg = Registry.from_settings(settings)
+    mv = reg.register("demo", make_model_dir(tmp_path / "base"))
+    reg.set_alias("demo", "production", mv.version)
+    return reg
+
+
+def test_too_little_feedback_is_a_clear_error(settings: Settings, base: Registry) -> None:
+    _feedback(settings, 3)
+    with pytest.raises(DataError, match=r"only 3 feedback rows for model 'demo'.*at least 20"):
+        run_pipeline(settings, steps=RecordingSteps(settings))
+
+
+def test_resume_skips_finished_stages(settings: Settings, base: Registry) -> None:
+    _feedback(settings, 25)
+    _feedback(settings, 7, model="other")
+    assert count_feedback(Storage(settings.storage_root), "demo") == 25
+    steps = RecordingSteps(settings, fail_retrain=1)
+    with pytest.raises(RuntimeError, match="worker died"):
+        run_pipeline(settings, steps=steps)
+    assert steps.calls == ["preprocess", "retrain"]
+
+    seen: list[tuple[str, str]] = []
+    record = run_pipeline(settings, steps=steps, on_stage=lambda s, status, _: seen.append((s, status)))
+    assert steps.calls == ["preprocess", "retrain", "retrain", "register", "evaluate", "deploy"]
+    assert ("preprocess", "reused") in seen
+    assert {k: v["status"] for k, v in record["stages"].items()} == dict.fromkeys(
+        ("collect", "preprocess", "retrain", "register", "evaluate", "deploy"), "done"
+    )
+    assert record["stages"]["register"]["output"]["ref"] == "demo@2"
+    stored = PipelineRun.open(Storage(settings.storage_root), "demo", record["run_id"], {}).record
+    assert stored["stages"]["deploy"]["status"] == "done"
+
+    # Same inputs again: nothing is redone, no second candidate is registered.
+    again = RecordingSteps(settings)
+    run_pipeline(settings, steps=again)
+    assert again.calls == []
+    assert [v.version for v in base.list_versions("demo")] == [1, 2]
+
+    # New feedback makes a new run.
+    _feedback(settings, 30)
+    fresh = RecordingSteps(settings)
+    assert run_pipeline(settings, steps=fresh)["run_id"] != record["run_id"]
+    assert fresh.calls[0] == "preprocess"
+
+
+def test_rejected_candidate_is_never_deployed(settings: Settings, base: Registry) -> None:
+    _feedback(settings, 25)
+    steps = RecordingSteps(settings, decision="rejected")
+    record = run_pipeline(settings, steps=steps)
+    assert "deploy" not in steps.calls
+    assert record["stages"]["deploy"]["status"] == "skipped"
+    assert "gate rejected" in record["stages"]["deploy"]["output"]["reason"]
+    assert base.get_alias("demo", "production") == 1
