@@ -1,0 +1,151 @@
+"""Canary analysis: compare the canary slot with stable over a window, against thresholds.
+
+Three checks, each with its thresholds in :class:`~rayloop.config.RolloutSettings`:
+
+- **errors**: canary error rate minus stable's must not exceed ``max_error_rate_delta``;
+- **latency**: canary p95 must not exceed ``max_p95_latency_ratio`` x stable's
+  *and* stable's plus ``latency_slack_ms`` (tiny CPU latencies jitter by tens of ms);
+- **feedback**: canary mean rating minus stable's must be at least ``min_feedback_delta``.
+
+A check with too few samples is skipped (and says so). The verdict is
+``fail`` as soon as one check fails on enough data (the controller rolls back at
+once, even mid-step), ``pass`` when the canary has enough requests and nothing
+failed, else ``inconclusive``.
+
+    >>> from rayloop.config import RolloutSettings
+    >>> ok = SlotWindow(requests=100, latencies_ms=[10.0] * 100, ratings=[1] * 20)
+    >>> judge(ok, ok, RolloutSettings()).decision
+    'pass'
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from rayloop.config import RolloutSettings
+
+Decision = Literal["pass", "fail", "inconclusive"]
+PASS: Decision = "pass"
+FAIL: Decision = "fail"
+INCONCLUSIVE: Decision = "inconclusive"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..100); None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(s)))
+    return s[rank - 1]
+
+
+class SlotWindow(BaseModel):
+    """What one slot did over a window (built by the stats actor from router observations)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: int = Field(default=0, ge=0, description="Answered requests.")
+    errors: int = Field(default=0, ge=0, description="Requests that ended in an error.")
+    latencies_ms: list[float] = Field(default_factory=list, description="Latency samples (ok requests).")
+    ratings: list[int] = Field(default_factory=list, description="Feedback ratings joined by request id.")
+    versions: list[int] = Field(default_factory=list, description="Versions that answered.")
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def p95_ms(self) -> float | None:
+        return percentile(self.latencies_ms, 95)
+
+    @property
+    def mean_rating(self) -> float | None:
+        return sum(self.ratings) / len(self.ratings) if self.ratings else None
+
+    def merged(self, other: SlotWindow) -> SlotWindow:
+        return SlotWindow(
+            requests=self.requests + other.requests,
+            errors=self.errors + other.errors,
+            latencies_ms=self.latencies_ms + other.latencies_ms,
+            ratings=self.ratings + other.ratings,
+            versions=sorted(set(self.versions) | set(other.versions)),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly numbers for events and status (no raw samples)."""
+        p95 = self.p95_ms
+        mean = self.mean_rating
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": round(self.error_rate, 4),
+            "p50_ms": None if not self.latencies_ms else round(percentile(self.latencies_ms, 50) or 0.0, 2),
+            "p95_ms": None if p95 is None else round(p95, 2),
+            "ratings": len(self.ratings),
+            "mean_rating": None if mean is None else round(mean, 4),
+            "versions": self.versions,
+        }
+
+
+class Verdict(BaseModel):
+    """Outcome of one judgement."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    decision: Decision = Field(description="pass, fail or inconclusive.")
+    reasons: list[str] = Field(default_factory=list, description="Why: failed checks first, then skipped ones.")
+    canary: dict[str, Any] = Field(default_factory=dict, description="Canary numbers.")
+    stable: dict[str, Any] = Field(default_factory=dict, description="Stable (baseline) numbers.")
+
+
+def judge(canary: SlotWindow, stable: SlotWindow, t: RolloutSettings) -> Verdict:
+    """Compare ``canary`` with ``stable`` (the baseline) under the thresholds in ``t``."""
+    failed: list[str] = []
+    notes: list[str] = []
+    enough = canary.requests >= t.min_requests_per_step
+
+    if enough and stable.requests >= t.min_requests_per_step:
+        delta = canary.error_rate - stable.error_rate
+        if delta > t.max_error_rate_delta:
+            failed.append(
+                f"error rate {canary.error_rate:.1%} on canary vs {stable.error_rate:.1%} on stable "
+                f"(+{delta:.1%} > +{t.max_error_rate_delta:.1%} allowed)"
+            )
+    elif enough and canary.error_rate > t.max_error_rate_delta:
+        # No baseline to compare with: stable is taken as error free.
+        failed.append(
+            f"error rate {canary.error_rate:.1%} on canary with no stable baseline "
+            f"(> {t.max_error_rate_delta:.1%} allowed)"
+        )
+    elif not enough:
+        notes.append(f"errors: {canary.requests} canary requests < {t.min_requests_per_step} needed")
+
+    cp, sp = canary.p95_ms, stable.p95_ms
+    if enough and cp is not None and sp is not None and len(stable.latencies_ms) >= t.min_requests_per_step:
+        limit = max(sp * t.max_p95_latency_ratio, sp + t.latency_slack_ms)
+        if cp > limit:
+            failed.append(
+                f"p95 latency {cp:.0f} ms on canary vs {sp:.0f} ms on stable "
+                f"(> {limit:.0f} ms = max({t.max_p95_latency_ratio}x, +{t.latency_slack_ms:.0f} ms))"
+            )
+    else:
+        notes.append("latency: not enough samples")
+
+    cm, sm = canary.mean_rating, stable.mean_rating
+    if cm is not None and sm is not None and min(len(canary.ratings), len(stable.ratings)) >= t.min_ratings_per_step:
+        fd = cm - sm
+        if fd < t.min_feedback_delta:
+            failed.append(
+                f"mean rating {cm:+.2f} on canary vs {sm:+.2f} on stable ({fd:+.2f} < {t.min_feedback_delta:+.2f} allowed)"
+            )
+    else:
+        notes.append(
+            f"feedback: {len(canary.ratings)} canary / {len(stable.ratings)} stable ratings "
+            f"(< {t.min_ratings_per_step} needed)"
+        )
+
+    decision = FAIL if failed else (PASS if enough else INCONCLUSIVE)
+    return Verdict(decision=decision, reasons=failed + notes, canary=canary.summary(), stable=stable.summary())
