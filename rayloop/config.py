@@ -223,6 +223,21 @@ class RolloutSettings(_Model):
     min_requests_per_step: int = Field(
         default=20, ge=1, description="Judge a step only after this many canary requests."
     )
+    min_ratings_per_step: int = Field(
+        default=10, ge=1, description="Compare feedback only with this many ratings on each side."
+    )
+    latency_slack_ms: float = Field(
+        default=50.0, ge=0, description="Canary p95 may also exceed stable's by this many ms (jitter floor)."
+    )
+    max_step_wait_factor: float = Field(
+        default=3.0, ge=1, description="A step short of data waits up to this many intervals, then moves on."
+    )
+    shadow_max_in_flight: int = Field(
+        default=8, ge=1, description="Shadow copies in flight per router replica; more are skipped, never queued."
+    )
+    ready_timeout_s: float = Field(
+        default=600.0, gt=0, description="How long a slot may take to load a version before the rollout fails."
+    )
 
     @field_validator("canary_steps")
     @classmethod
