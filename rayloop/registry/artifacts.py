@@ -112,34 +112,48 @@ def scan_model_dir(model_dir: str | Path) -> list[tuple[str, Path]]:
 
 
 # -- hashing while copying ---------------------------------------------------
-def _pipe(read: Callable[[int], Any], write: Callable[[Any], Any], writer: ThreadPoolExecutor) -> FileEntry:
-    """Copy ``read`` -> ``write`` chunk by chunk; hash chunk k while chunk k is written."""
+def _pipe(src: Any, write: Callable[[Any], Any], writer: ThreadPoolExecutor, *, reuse_buffers: bool) -> FileEntry:
+    """Copy ``src`` -> ``write`` chunk by chunk; hash chunk k while chunk k is being written.
+
+    ``reuse_buffers`` reads into two alternating preallocated buffers (no
+    allocation or page faults per chunk). Only for writers that are done with
+    the data when ``write`` returns: a pyarrow S3 stream may keep a reference
+    to the buffer for a background upload, so those get a fresh chunk each time.
+    """
     h = hashlib.sha256()
     size = 0
     pending: Future[Any] | None = None
+    ring = (bytearray(CHUNK), bytearray(CHUNK)) if reuse_buffers else None
+    k = 0
     while True:
-        buf = read(CHUNK)
-        if not len(buf):
+        if ring is not None:
+            buf = ring[k & 1]  # its previous write finished before chunk k-1 was submitted
+            n = src.readinto(buf)
+            view: Any = memoryview(buf)[:n]
+        else:
+            view = src.read(CHUNK)
+            n = len(view)
+        if not n:
             break
         if pending is not None:
             pending.result()
-        pending = writer.submit(write, buf)
-        h.update(buf)
-        size += len(buf)
+        pending = writer.submit(write, view)
+        h.update(view)
+        size += n
+        k += 1
     if pending is not None:
         pending.result()
     return {"sha256": h.hexdigest(), "size": size}
 
 
-def _hash_stream(read: Callable[[int], Any]) -> FileEntry:
+def _hash_stream(src: Any) -> FileEntry:
     h = hashlib.sha256()
     size = 0
-    while True:
-        buf = read(CHUNK)
-        if not len(buf):
-            break
-        h.update(buf)
-        size += len(buf)
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    while n := src.readinto(buf):
+        h.update(view[:n])
+        size += n
     return {"sha256": h.hexdigest(), "size": size}
 
 
@@ -163,7 +177,7 @@ def upload_files(
     def one(job: tuple[str, Path], wr: ThreadPoolExecutor) -> tuple[str, FileEntry]:
         rel, src = job
         with open(src, "rb", buffering=0) as fin, storage.fs.open_output_stream(storage.path(f"{prefix}/{rel}")) as out:
-            return rel, _pipe(fin.read, out.write, wr)
+            return rel, _pipe(fin, out.write, wr, reuse_buffers=storage.is_local)
 
     return dict(_parallel(files, one, workers))
 
@@ -204,7 +218,7 @@ def download_verified(
                     f"{ref}: stored file {rel!r} is missing from {storage.uri_of(prefix)}", path=rel
                 ) from None
             with src, open(dst, "wb", buffering=0) as out:
-                got = _pipe(src.read_buffer, out.write, wr)
+                got = _pipe(src, out.write, wr, reuse_buffers=True)
             if got != manifest[rel]:
                 raise _mismatch(ref, rel, manifest[rel], got, "stored")
 
@@ -231,7 +245,7 @@ def verify_stored(storage: Storage, prefix: str, manifest: dict[str, FileEntry],
 
     def one(rel: str, _wr: ThreadPoolExecutor) -> None:
         with storage.fs.open_input_stream(storage.path(f"{prefix}/{rel}")) as src:
-            got = _hash_stream(src.read_buffer)
+            got = _hash_stream(src)
         if got != manifest[rel]:
             raise _mismatch(ref, rel, manifest[rel], got, "stored")
 
@@ -269,7 +283,7 @@ def local_copy_ok(directory: Path, manifest: dict[str, FileEntry], *, rehash: bo
         if [st.st_size, st.st_mtime_ns] != marker["files"].get(rel) or st.st_size != want["size"]:
             return False
         if rehash:
-            with open(directory / rel, "rb") as f:
-                if _hash_stream(f.read) != want:
+            with open(directory / rel, "rb", buffering=0) as f:
+                if _hash_stream(f) != want:
                     return False
     return True

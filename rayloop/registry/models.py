@@ -81,4 +81,5 @@ def ts(value: float | None) -> datetime | None:
 def iso(value: float | None) -> str | None:
     """UNIX seconds -> ISO 8601 UTC string (what dict-shaped results carry)."""
     d = ts(value)
-    return None if d is None else d.isoformat()
+    # same shape as pydantic's datetime JSON ("...Z"), so every --json output agrees
+    return None if d is None else d.isoformat().replace("+00:00", "Z")

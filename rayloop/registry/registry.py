@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from rayloop.errors import AliasConflictError, InUseError, NotFoundError, RegistryError
+from rayloop.errors import AliasConflictError, IntegrityError, InUseError, NotFoundError, RegistryError
 from rayloop.registry import artifacts
 from rayloop.registry.models import Lineage, ModelVersion, iso, ts
 from rayloop.registry.names import LATEST, Ref, parse_ref, validate_alias, validate_key, validate_name, validate_version
@@ -316,6 +316,8 @@ class Registry(RolloutBook):
         """
         mv = self.resolve(ref)
         target = Path(dest).expanduser().absolute() if dest is not None else self.cache_dir / "models" / mv.fingerprint
+        if target.exists() and not target.is_dir():
+            raise RegistryError(f"destination {str(target)!r} is a file", hint="Pass a directory path as dest.")
         if target.exists():
             if artifacts.local_copy_ok(target, mv.manifest, rehash=rehash):
                 return target
@@ -335,6 +337,22 @@ class Registry(RolloutBook):
         """Re-hash the stored files of a version; raise :class:`IntegrityError` naming the first bad file."""
         mv = self.resolve(ref)
         prefix = artifacts.version_prefix(mv.name, mv.version)
+        key = f"{prefix}/{artifacts.MANIFEST_FILE}"
+        try:
+            stored = json.loads(self.storage.read_bytes(key))
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"{mv.ref}: {artifacts.MANIFEST_FILE} is missing", path=artifacts.MANIFEST_FILE
+            ) from None
+        except ValueError:
+            raise IntegrityError(
+                f"{mv.ref}: {artifacts.MANIFEST_FILE} is not JSON", path=artifacts.MANIFEST_FILE
+            ) from None
+        if stored.get("files") != mv.manifest or stored.get("fingerprint") != mv.fingerprint:
+            raise IntegrityError(
+                f"{mv.ref}: {artifacts.MANIFEST_FILE} in storage disagrees with the registry database",
+                path=artifacts.MANIFEST_FILE,
+            )
         artifacts.verify_stored(self.storage, prefix, mv.manifest, ref=mv.ref, workers=self.io_workers)
 
     # -- aliases -------------------------------------------------------------

@@ -409,3 +409,24 @@ def test_from_settings_and_pickle(settings: Settings, model: Path) -> None:
     copy = pickle.loads(pickle.dumps(reg))
     assert copy.resolve("demo@1").fingerprint == reg.resolve("demo@1").fingerprint
     assert copy.storage.uri == settings.storage_root
+
+
+def test_verify_checks_stored_manifest(reg: Registry, model: Path) -> None:
+    mv = reg.register("demo", model)
+    p = _stored(reg, mv, "manifest.json")
+    doc = json.loads(p.read_text())
+    doc["files"]["config.json"]["size"] += 1
+    p.write_text(json.dumps(doc))
+    with pytest.raises(IntegrityError, match=r"manifest\.json in storage disagrees") as ei:
+        reg.verify("demo@1")
+    assert ei.value.path == "manifest.json"
+    p.unlink()
+    with pytest.raises(IntegrityError, match=r"manifest\.json is missing"):
+        reg.verify("demo@1")
+
+
+def test_times_share_one_format(reg: Registry, model: Path) -> None:
+    mv = reg.register("demo", model)
+    reg.set_alias("demo", "production", 1)
+    assert mv.to_json()["created_at"].endswith("Z")
+    assert reg.alias_history("demo")[0]["time"].endswith("Z")
