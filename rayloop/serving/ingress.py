@@ -1,0 +1,374 @@
+"""``OpenAIIngress``: the HTTP face of a served model (FastAPI on Serve).
+
+It holds a :class:`~ray.serve.handle.DeploymentHandle` per *slot* (today one,
+``"stable"``) and forwards OpenAI requests to the slot :meth:`pick_slot`
+chooses; a router adds weighted, sticky and shadow slots by overriding that
+and :meth:`after_response`. The ingress stays light (no vLLM import): bodies
+are forwarded as dicts and validated by vLLM in the engine replica.
+
+Every response carries ``x-rayloop-request-id`` and, once an engine answered,
+``x-rayloop-model-version``; ``model`` in the body is ``NAME@vN``. Requests
+may name the model as ``NAME`` or ``NAME@...`` (any suffix: the slot's current
+version answers and says which it was). Every answered request becomes an
+interaction row; ``POST /v1/feedback`` adds a feedback row (404 for request
+ids that were never captured).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ray import serve
+
+from rayloop.config import Settings
+from rayloop.data.capture import CaptureClient, utcnow
+from rayloop.serving.auth import KeyChecker, load_key_hashes
+from rayloop.serving.protocol import (
+    REQUEST_ID_HEADER,
+    SESSION_HEADER,
+    USER_HEADER,
+    VERSION_HEADER,
+    ReplyHead,
+    ReplyTail,
+    openai_error,
+    served_model_id,
+)
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(title="rayloop", docs_url=None, redoc_url=None)
+
+RETRY_AFTER_S = 1
+_NOT_SAMPLING = {"messages", "prompt", "model", "stream", "user", "request_id"}
+
+
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback`` body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=200, description="x-rayloop-request-id (or the response's id).")
+    rating: int | None = Field(default=None, ge=-1, le=1, description="-1 bad, 0 neutral, +1 good.")
+    correction: str | None = Field(default=None, max_length=100_000, description="What the answer should have been.")
+    user_id: str | None = Field(default=None, max_length=200, description="Who gave the feedback.")
+
+    @model_validator(mode="after")
+    def _something(self) -> FeedbackRequest:
+        if self.rating is None and self.correction is None:
+            raise ValueError("give a rating (-1, 0, 1) and/or a correction")
+        return self
+
+
+def _error(
+    status: int, message: str, err_type: str, rid: str, param: str | None = None, **headers: str
+) -> JSONResponse:
+    return JSONResponse(
+        openai_error(status, message, err_type, param), status_code=status, headers={REQUEST_ID_HEADER: rid, **headers}
+    )
+
+
+def _strip_request_id(rid: str) -> str:
+    for prefix in ("chatcmpl-", "cmpl-"):
+        if rid.startswith(prefix):
+            return rid[len(prefix) :]
+    return rid
+
+
+class _RequestCtx:
+    """One request in flight through the ingress."""
+
+    def __init__(
+        self,
+        ing: OpenAIIngress,
+        endpoint: str,
+        slot: str,
+        rid: str,
+        body: dict[str, Any],
+        request: Request,
+        started: float,
+        head: ReplyHead,
+    ) -> None:
+        self.ing, self.endpoint, self.slot, self.rid, self.body = ing, endpoint, slot, rid, body
+        self.request, self.started, self.head = request, started, head
+        self.timestamp = utcnow()
+        self.tags = {"model": head.model, "version": str(head.version), "slot": slot}
+        self._done = False
+        ing.metrics.inc_in_flight(self.tags, 1)
+
+    def finish(self, status: int, tail: ReplyTail) -> None:
+        if self._done:
+            return
+        self._done = True
+        self.ing.metrics.inc_in_flight(self.tags, -1)
+        self.ing.record(self, status, tail, (time.monotonic() - self.started) * 1000.0)
+
+    async def relay(self, gen: Any) -> AsyncIterator[str]:
+        tail: ReplyTail | None = None
+        try:
+            async for item in gen:
+                if isinstance(item, ReplyTail):
+                    tail = item
+                else:
+                    yield item
+        except Exception as e:
+            logger.warning("stream of request %s broke: %s", self.rid, e)
+            tail = ReplyTail(error=f"{type(e).__name__}: {e}")
+            msg = json.dumps(openai_error(500, f"stream interrupted on request {self.rid}", "InternalServerError"))
+            yield f"data: {msg}\n\n"
+        finally:
+            if tail is None:
+                tail = ReplyTail(error="client disconnected")
+            self.finish(200, tail)
+
+
+@serve.ingress(app)
+class OpenAIIngress:
+    """OpenAI-compatible ingress over engine slots.
+
+    Args:
+        slots: slot name -> handle of an :class:`~rayloop.serving.server.LLMServer` deployment.
+        settings: ``Settings`` as a dict.
+        model: the model name clients use.
+        api_key_hashes: sha256 hashes of accepted bearer keys (besides those in env/file).
+    """
+
+    def __init__(
+        self, slots: dict[str, Any], settings: dict[str, Any], model: str, api_key_hashes: list[str] | None = None
+    ) -> None:
+        self.settings = Settings.model_validate(settings)
+        self.slots = dict(slots)
+        self.model = model
+        self.keys = KeyChecker(load_key_hashes(self.settings.serving) | set(api_key_hashes or []))
+        from rayloop.serving.metrics import ServingMetrics
+
+        self.metrics = ServingMetrics()
+        self.capture: CaptureClient | None = None
+        if self.settings.serving.capture:
+            self.capture = CaptureClient.for_settings(
+                self.settings, on_drop=lambda table, n: self.metrics.dropped.inc(n, tags={"table": table})
+            )
+
+    # -- hooks for a router ------------------------------------------------
+    def pick_slot(self, endpoint: str, body: dict[str, Any], request: Request) -> str:
+        """Which slot answers. One slot today; a router overrides this."""
+        return "stable"
+
+    def after_response(self, slot: str, row: dict[str, Any]) -> None:
+        """Called with every interaction row (a router mirrors to shadow slots here)."""
+
+    # -- routes ------------------------------------------------------------
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._openai("chat", request)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._openai("completion", request)
+
+    @app.get("/v1/models")
+    async def list_models(self, request: Request) -> Response:
+        rid = uuid.uuid4().hex
+        if not self.keys.allows(request.headers.get("authorization")):
+            return _error(401, "missing or invalid API key", "AuthenticationError", rid)
+        try:
+            listing = await self.slots["stable"].models.remote()
+        except Exception as e:
+            return self._serve_error(e, rid)
+        return JSONResponse(listing, headers={REQUEST_ID_HEADER: rid})
+
+    @app.post("/v1/feedback")
+    async def feedback(self, request: Request) -> Response:
+        rid = uuid.uuid4().hex
+        if not self.keys.allows(request.headers.get("authorization")):
+            return _error(401, "missing or invalid API key", "AuthenticationError", rid)
+        body = await self._json(request, rid)
+        if isinstance(body, Response):
+            return body
+        try:
+            fb = FeedbackRequest.model_validate(body)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"]) or None
+            return _error(400, f"invalid feedback: {loc or '(body)'}: {err['msg']}", "BadRequestError", rid, loc)
+        if self.capture is None:
+            return _error(409, "interaction capture is disabled, so feedback cannot be joined", "ConflictError", rid)
+        target = _strip_request_id(fb.request_id)
+        try:
+            found = await self.capture.lookup(target)
+        except Exception as e:
+            logger.warning("feedback lookup failed: %s", e)
+            return _error(
+                503,
+                "the interaction store is unavailable; retry",
+                "ServiceUnavailableError",
+                rid,
+                **{"Retry-After": "5"},
+            )
+        if found is None:
+            return _error(404, f"no interaction with request_id {fb.request_id!r}", "NotFoundError", rid, "request_id")
+        row = {
+            "request_id": target,
+            "timestamp": utcnow(),
+            "rating": fb.rating,
+            "correction": fb.correction,
+            "user_id": fb.user_id or request.headers.get(USER_HEADER),
+            "model_name": found["model_name"],
+            "model_version": found["model_version"],
+        }
+        self.capture.record("feedback", row)
+        if fb.rating is not None:
+            self.metrics.feedback.inc(
+                1, tags={"model": found["model_name"], "version": str(found["model_version"]), "rating": str(fb.rating)}
+            )
+        return JSONResponse(
+            {"object": "feedback", "request_id": target, "status": "recorded"},
+            headers={REQUEST_ID_HEADER: rid, VERSION_HEADER: str(found["model_version"])},
+        )
+
+    @app.get("/healthz")
+    async def healthz(self) -> Response:
+        out: dict[str, Any] = {}
+        for name, handle in self.slots.items():
+            try:
+                out[name] = await handle.info.remote()
+            except Exception as e:
+                return JSONResponse({"status": "unhealthy", "slot": name, "error": type(e).__name__}, status_code=503)
+        return JSONResponse({"status": "ok", "slots": out})
+
+    @app.post("/rayloop/flush")
+    async def flush(self, request: Request) -> Response:
+        """Write buffered capture rows now (tests and operators; same auth as the API)."""
+        rid = uuid.uuid4().hex
+        if not self.keys.allows(request.headers.get("authorization")):
+            return _error(401, "missing or invalid API key", "AuthenticationError", rid)
+        if self.capture is not None:
+            await self.capture.flush()
+        return JSONResponse({"status": "flushed"})
+
+    # -- the OpenAI path ----------------------------------------------------
+    async def _json(self, request: Request, rid: str) -> dict[str, Any] | Response:
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            return _error(400, f"request body is not valid JSON: {e}", "BadRequestError", rid)
+        if not isinstance(body, dict):
+            return _error(400, f"request body must be a JSON object, not {type(body).__name__}", "BadRequestError", rid)
+        return body
+
+    async def _openai(self, endpoint: str, request: Request) -> Response:
+        started = time.monotonic()
+        rid = uuid.uuid4().hex
+        if not self.keys.allows(request.headers.get("authorization")):
+            return _error(401, "missing or invalid API key", "AuthenticationError", rid)
+        body = await self._json(request, rid)
+        if isinstance(body, Response):
+            return body
+        model = body.get("model")
+        if model is not None:
+            if not isinstance(model, str):
+                return _error(
+                    400, f"model must be a string, not {type(model).__name__}", "BadRequestError", rid, "model"
+                )
+            if model != self.model and not model.startswith(self.model + "@"):
+                return _error(
+                    404,
+                    f"The model `{model}` does not exist; this endpoint serves {self.model!r}",
+                    "NotFoundError",
+                    rid,
+                    "model",
+                )
+            body["model"] = self.model
+        slot = self.pick_slot(endpoint, body, request)
+        handle = self.slots[slot].options(stream=True)
+        gen = (handle.chat if endpoint == "chat" else handle.completion).remote(body, rid)
+        try:
+            head = await gen.__anext__()
+        except Exception as e:
+            return self._serve_error(e, rid)
+        assert isinstance(head, ReplyHead)
+        ctx = _RequestCtx(self, endpoint, slot, rid, body, request, started, head)
+        headers = {REQUEST_ID_HEADER: rid}
+        if head.version:
+            headers[VERSION_HEADER] = str(head.version)
+            headers["x-rayloop-model"] = served_model_id(head.model, head.version)
+        if not head.streaming:
+            ctx.finish(head.status, head.tail or ReplyTail())
+            return JSONResponse(head.body, status_code=head.status, headers=headers)
+        return StreamingResponse(ctx.relay(gen), media_type="text/event-stream", headers=headers)
+
+    def _serve_error(self, e: Exception, rid: str) -> Response:
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        if isinstance(e, BackPressureError):
+            return _error(
+                503,
+                "the model is overloaded; retry later",
+                "ServiceUnavailableError",
+                rid,
+                **{"Retry-After": str(RETRY_AFTER_S)},
+            )
+        if isinstance(e, DeploymentUnavailableError):
+            return _error(
+                503,
+                "no engine replica is available; retry later",
+                "ServiceUnavailableError",
+                rid,
+                **{"Retry-After": "5"},
+            )
+        logger.exception("request %s failed in the engine replica", rid)
+        return _error(500, f"internal error on request {rid} ({type(e).__name__})", "InternalServerError", rid)
+
+    def record(self, ctx: _RequestCtx, status: int, tail: ReplyTail, latency_ms: float) -> None:
+        head = ctx.head
+        tags = {"model": head.model or self.model, "version": str(head.version), "slot": ctx.slot}
+        self.metrics.observe_request(tags, ctx.endpoint, status, latency_ms, tail.ttft_ms, tail.completion_tokens)
+        if not head.version:
+            return
+        body = ctx.body
+        prompt = body.get("prompt")
+        row = {
+            "request_id": ctx.rid,
+            "timestamp": ctx.timestamp,
+            "session_id": ctx.request.headers.get(SESSION_HEADER),
+            "user_id": ctx.request.headers.get(USER_HEADER)
+            or (body.get("user") if isinstance(body.get("user"), str) else None),
+            "model_name": head.model,
+            "model_version": head.version,
+            "slot": ctx.slot,
+            "endpoint": ctx.endpoint,
+            "messages": json.dumps(body.get("messages"), ensure_ascii=False, default=str)
+            if ctx.endpoint == "chat"
+            else None,
+            "prompt": None
+            if ctx.endpoint == "chat"
+            else (prompt if isinstance(prompt, str) else json.dumps(prompt, default=str)),
+            "completion": tail.text if status == 200 else None,
+            "sampling_params": json.dumps({k: v for k, v in body.items() if k not in _NOT_SAMPLING}, default=str),
+            "prompt_tokens": tail.prompt_tokens,
+            "completion_tokens": tail.completion_tokens,
+            "latency_ms": latency_ms,
+            "ttft_ms": tail.ttft_ms,
+            "status": "ok" if status == 200 and tail.error is None else "error",
+            "error": tail.error,
+            "finish_reason": tail.finish_reason,
+        }
+        if self.capture is not None:
+            self.capture.record("interactions", row)
+        try:
+            self.after_response(ctx.slot, row)
+        except Exception:
+            logger.exception("after_response hook failed")
+
+    async def __del__(self) -> None:
+        # Graceful shutdown: rows still queued here reach Parquet.
+        if self.capture is not None:
+            await self.capture.close()

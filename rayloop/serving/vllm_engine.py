@@ -1,0 +1,260 @@
+"""vLLM behind the :class:`~rayloop.serving.engine.Engine` interface.
+
+The engine is vLLM's ``AsyncLLM`` with vLLM's own OpenAI serving classes on
+top (built by ``init_app_state``, exactly as ``vllm serve`` builds them), so
+request validation, chat templates, sampling defaults and SSE chunks are
+vLLM's. rayloop only wraps the engine client to observe each request (first
+token time, token counts, text) for capture and metrics.
+
+In-place weight swaps follow the sequence measured safe on vLLM 0.32 (see the
+serving issue): pause (waiting for in-flight requests), ``reload_weights``,
+re-dispatch the packed CPU GEMM weights (tied embeddings keep a stale packed
+``lm_head`` otherwise), reset the prefix cache, resume.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from rayloop.config import EngineSettings
+from rayloop.errors import EngineError
+from rayloop.serving.engine import EngineReply, Greedy, RequestStats
+
+logger = logging.getLogger(__name__)
+
+# The request being answered in this task: the observing wrapper records into
+# it. A contextvar (not a dict keyed by vLLM's request id) because vLLM derives
+# sub-request ids (``chatcmpl-<id>_<i>``) that we would have to re-parse.
+_CURRENT: contextvars.ContextVar[RequestStats | None] = contextvars.ContextVar("rayloop_request_stats", default=None)
+
+WORKER_EXTENSION = "rayloop.serving.worker_ext.RayloopWorkerExtension"
+
+
+class _ObservedEngineClient:
+    """Forwards everything to ``AsyncLLM``; taps ``generate`` outputs into the current :class:`RequestStats`."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+        return self._observe(self._inner.generate(*args, **kwargs), _CURRENT.get())
+
+    @staticmethod
+    async def _observe(gen: AsyncIterator[Any], stats: RequestStats | None) -> AsyncIterator[Any]:
+        async for out in gen:
+            if stats is not None:
+                if out.prompt_token_ids is not None and stats.prompt_tokens is None:
+                    stats.prompt_tokens = len(out.prompt_token_ids)
+                if out.outputs:
+                    first = out.outputs[0]
+                    if first.token_ids and stats.first_token_at is None:
+                        stats.first_token_at = time.monotonic()
+                    # Streaming requests use DELTA outputs, full ones FINAL_ONLY: add either way.
+                    stats.completion_tokens += sum(len(o.token_ids) for o in out.outputs)
+                    stats.text += first.text
+                    if first.finish_reason is not None:
+                        stats.finish_reason = first.finish_reason
+            yield out
+
+
+def _engine_argv(model_dir: str, settings: EngineSettings, served_names: list[str]) -> list[str]:
+    argv = [
+        "--model",
+        model_dir,
+        "--served-model-name",
+        *served_names,
+        "--dtype",
+        settings.dtype,
+        "--max-model-len",
+        str(settings.max_model_len),
+        "--tensor-parallel-size",
+        str(settings.tensor_parallel_size),
+        "--max-num-seqs",
+        str(settings.max_num_seqs),
+        "--worker-extension-cls",
+        WORKER_EXTENSION,
+        "--disable-log-stats",
+        "--seed",
+        "0",
+    ]
+    if settings.enforce_eager:
+        argv.append("--enforce-eager")
+    if settings.accelerator == "gpu":
+        argv += ["--gpu-memory-utilization", str(settings.gpu_memory_utilization)]
+        if settings.tensor_parallel_size > 1:
+            # Inside a Serve replica the shards go to Ray actors in the replica's placement group.
+            argv += ["--distributed-executor-backend", "ray"]
+    return argv
+
+
+def _error_body(
+    status: int, message: str, err_type: str = "BadRequestError", param: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
+
+
+def _validation_error(exc: Exception) -> dict[str, Any]:
+    """An OpenAI-style 400 naming the offending field (vLLM's own formatting of the loc)."""
+    from vllm.entrypoints.serve.exception_handling.handlers.validation import clean_loc_for_param
+
+    errors = exc.errors()  # type: ignore[attr-defined]
+    parts = []
+    for e in errors[:5]:
+        loc = clean_loc_for_param(tuple(e.get("loc", ())))
+        value = e.get("input")
+        shown = value if isinstance(value, int | float | bool) or value is None else str(value)[:80]
+        parts.append(f"{loc or '(body)'}: {e.get('msg')} (got {shown!r})")
+    param = clean_loc_for_param(tuple(errors[0].get("loc", ()))) if errors else None
+    return _error_body(400, "invalid request: " + "; ".join(parts), param=param)
+
+
+class VLLMEngine:
+    """vLLM ``AsyncLLM`` + vLLM's OpenAI serving classes."""
+
+    def __init__(self) -> None:
+        self._llm: Any = None
+        self._state: Any = None
+        self._model_dir: str | None = None
+
+    async def start(self, model_dir: str, settings: EngineSettings, served_names: list[str]) -> None:
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if settings.accelerator == "cpu":
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(settings.kv_cache_gib))))
+            if settings.cpu_threads_bind:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(_engine_argv(model_dir, settings, served_names))
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        try:
+            self._llm = AsyncLLM.from_vllm_config(
+                vllm_config=vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=True
+            )
+        except Exception as e:
+            raise EngineError(f"vLLM failed to start on {model_dir!r}: {e}") from e
+        client = _ObservedEngineClient(self._llm)
+        state = State()
+        await init_app_state(client, state, args, supported_tasks=await self._llm.get_supported_tasks())  # type: ignore[arg-type]
+        self._state = state
+        self._model_dir = model_dir
+
+    # -- OpenAI ------------------------------------------------------------
+    async def chat(self, body: dict[str, Any], request_id: str) -> EngineReply:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+
+        return await self._serve(
+            ChatCompletionRequest, self._state.openai_serving_chat.create_chat_completion, body, request_id
+        )
+
+    async def completion(self, body: dict[str, Any], request_id: str) -> EngineReply:
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+        return await self._serve(
+            CompletionRequest, self._state.openai_serving_completion.create_completion, body, request_id
+        )
+
+    async def _serve(self, model: Any, create: Any, body: dict[str, Any], request_id: str) -> EngineReply:
+        from pydantic import ValidationError
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        stats = RequestStats()
+        try:
+            request = model.model_validate(body)
+        except ValidationError as e:
+            return EngineReply(status=400, body=_validation_error(e), stats=stats)
+        request.request_id = request_id
+        token = _CURRENT.set(stats)
+        try:
+            result = await create(request, None)
+        except Exception as e:  # vLLM raises for some bad inputs instead of returning an ErrorResponse
+            from vllm.entrypoints.serve import create_error_response
+
+            err = create_error_response(e)
+            return EngineReply(status=err.error.code, body=err.model_dump(), stats=stats)
+        finally:
+            _CURRENT.reset(token)
+        if isinstance(result, ErrorResponse):
+            return EngineReply(status=result.error.code, body=result.model_dump(), stats=stats)
+        if hasattr(result, "model_dump"):
+            return EngineReply(status=200, body=result.model_dump(mode="json", exclude_none=True), stats=stats)
+        return EngineReply(status=200, stream=self._stream(result, stats), stats=stats)
+
+    @staticmethod
+    async def _stream(gen: AsyncIterator[str], stats: RequestStats) -> AsyncIterator[str]:
+        token = _CURRENT.set(stats)
+        try:
+            async for chunk in gen:
+                yield chunk
+        finally:
+            _CURRENT.reset(token)
+
+    async def models(self) -> dict[str, Any]:
+        listing = await self._state.openai_serving_models.show_available_models()
+        return dict(listing.model_dump(mode="json"))
+
+    def set_served_names(self, names: list[str]) -> None:
+        from vllm.entrypoints.openai.models.protocol import BaseModelPath
+
+        paths = self._state.openai_serving_models.base_model_paths
+        # Mutate the list in place: the serving classes and the model registry share it.
+        paths[:] = [BaseModelPath(name=n, model_path=self._model_dir or "") for n in names]
+
+    # -- low level ---------------------------------------------------------
+    async def generate(self, prompt: str | list[int], max_tokens: int, request_id: str) -> AsyncIterator[Greedy]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, output_kind=RequestOutputKind.CUMULATIVE)
+        if isinstance(prompt, str):
+            ids = self._llm.get_tokenizer().encode(prompt)
+        else:
+            ids = list(prompt)
+        async for out in self._llm.generate(TokensPrompt(prompt_token_ids=ids), params, request_id):
+            o = out.outputs[0]
+            yield Greedy(text=o.text, token_ids=tuple(o.token_ids))
+
+    async def reload_weights(self, model_dir: str) -> None:
+        llm = self._llm
+        t0 = time.monotonic()
+        # "wait" lets in-flight requests finish on the old weights; new ones queue until resume.
+        await llm.pause_generation(mode="wait", clear_cache=True)
+        try:
+            await llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir, "is_checkpoint_format": True})
+            await llm.collective_rpc("rayloop_redispatch_cpu_gemm")
+            # Without this, KV blocks computed with the old weights are reused for matching prefixes.
+            await llm.reset_prefix_cache()
+        finally:
+            await llm.resume_generation()
+        self._model_dir = model_dir
+        logger.info("reloaded weights from %s in %.1f ms", model_dir, (time.monotonic() - t0) * 1000)
+
+    async def check_health(self) -> None:
+        if self._llm is None:
+            raise EngineError("engine not started")
+        await self._llm.check_health()
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+            self._state = None
+
+
+def dumps_body(body: dict[str, Any]) -> str:
+    return json.dumps(body, separators=(",", ":"))
