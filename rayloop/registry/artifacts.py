@@ -167,6 +167,16 @@ def _parallel(jobs: Iterable[Any], fn: Callable[[Any, ThreadPoolExecutor], Any],
         return list(pool.map(lambda j: fn(j, wr), jobs))
 
 
+def hash_files(files: list[tuple[str, Path]], *, workers: int = 4) -> dict[str, FileEntry]:
+    """Manifest of local files without copying them."""
+
+    def one(job: tuple[str, Path], _wr: ThreadPoolExecutor) -> tuple[str, FileEntry]:
+        with open(job[1], "rb", buffering=0) as f:
+            return job[0], _hash_stream(f)
+
+    return dict(_parallel(files, one, workers))
+
+
 def upload_files(
     storage: Storage, files: list[tuple[str, Path]], prefix: str, *, workers: int = 4
 ) -> dict[str, FileEntry]:
