@@ -1,0 +1,129 @@
+"""Chat formatting, tokenization and packing with the parent model's tokenizer.
+
+A training example is the conversation so far (``messages``) followed by the
+answer to learn. The prompt is rendered with the model's own chat template
+(``apply_chat_template(..., add_generation_prompt=True)``), the answer is
+followed by the EOS token, and labels are ``-100`` on the prompt so the loss
+only covers assistant tokens (as :func:`rayloop.demo.model.encode_pair`).
+
+Packing concatenates whole examples into blocks of ``block_size`` tokens; an
+example never straddles two blocks unless it is longer than a block on its
+own. ``position_ids`` restart at 0 for each example, so a question at the end
+of a block is seen at the same positions as at inference time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+IGNORE = -100
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    from rayloop.errors import DataError
+
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise DataError(
+            f"model directory {str(d)!r} does not exist",
+            hint="Pass the parent model's directory (built by `rayloop init` or fetched from the registry).",
+        )
+    tok = AutoTokenizer.from_pretrained(str(d))
+    if not getattr(tok, "chat_template", None):
+        raise DataError(
+            f"the tokenizer in {str(d)!r} has no chat template",
+            hint="Save the tokenizer with a chat_template (tokenizer_config.json or chat_template.jinja).",
+        )
+    if tok.eos_token_id is None:
+        raise DataError(f"the tokenizer in {str(d)!r} has no EOS token", hint="Set eos_token on the tokenizer.")
+    return tok
+
+
+def tokenizer_fingerprint(model_dir: str | Path) -> str:
+    """sha256 over the tokenizer and chat-template files: same files, same ids."""
+    h = hashlib.sha256()
+    d = Path(model_dir)
+    for name in TOKENIZER_FILES:
+        p = d / name
+        if p.is_file():
+            h.update(name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def encode_example(tok: Any, messages: list[dict[str, str]], response: str) -> tuple[list[int], list[int]]:
+    """Token ids and labels (-100 on the prompt) for one conversation and its answer."""
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    p_ids = list(tok(prompt, add_special_tokens=False)["input_ids"])
+    a_ids = list(tok(response + tok.eos_token, add_special_tokens=False)["input_ids"])
+    return p_ids + a_ids, [IGNORE] * len(p_ids) + a_ids
+
+
+def messages_of(messages_json: str | None, prompt: str | None) -> list[dict[str, str]]:
+    """The conversation of a stored interaction: chat ``messages`` or a completion ``prompt``."""
+    if messages_json:
+        msgs = json.loads(messages_json)
+        if isinstance(msgs, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            return [{"role": str(m["role"]), "content": str(m["content"])} for m in msgs]
+        return []
+    if prompt:
+        return [{"role": "user", "content": prompt}]
+    return []
+
+
+def last_user_message(messages: list[dict[str, str]]) -> str:
+    for m in reversed(messages):
+        if m["role"] == "user":
+            return m["content"]
+    return ""
+
+
+def pack(
+    examples: Iterable[tuple[list[int], list[int]]], block_size: int, pad_id: int
+) -> list[dict[str, list[int]]]:
+    """Greedy packing of (ids, labels) into fixed-length blocks.
+
+    Returns dicts with ``input_ids``, ``labels``, ``attention_mask`` and
+    ``position_ids``, each ``block_size`` long; padding has label -100 and
+    attention mask 0.
+    """
+    blocks: list[dict[str, list[int]]] = []
+    cur: dict[str, list[int]] = {"input_ids": [], "labels": [], "position_ids": []}
+
+    def close() -> None:
+        n = len(cur["input_ids"])
+        if n == 0:
+            return
+        pad = block_size - n
+        blocks.append(
+            {
+                "input_ids": cur["input_ids"] + [pad_id] * pad,
+                "labels": cur["labels"] + [IGNORE] * pad,
+                "attention_mask": [1] * n + [0] * pad,
+                "position_ids": cur["position_ids"] + list(range(n, n + pad)),
+            }
+        )
+        for v in cur.values():
+            v.clear()
+
+    for ids, labels in examples:
+        if len(ids) <= block_size and len(cur["input_ids"]) + len(ids) > block_size:
+            close()
+        pos = 0
+        while pos < len(ids):
+            room = block_size - len(cur["input_ids"])
+            take = min(room, len(ids) - pos)
+            cur["input_ids"].extend(ids[pos : pos + take])
+            cur["labels"].extend(labels[pos : pos + take])
+            cur["position_ids"].extend(range(pos, pos + take))
+            pos += take
+            if len(cur["input_ids"]) == block_size:
+                close()
+    close()
+    return blocks

@@ -1,0 +1,381 @@
+"""Interactions + feedback -> a content-addressed training snapshot, with Ray Data.
+
+Steps (each streams; memory does not grow with the number of rows)::
+
+    read interactions, feedback (Parquet; corrupt files skipped and named)
+    -> union + group by request id (one shuffle joins them, folds repeated feedback)
+    -> policy (corrections replace, positive keeps, negative drops, unrated per setting)
+    -> PII scrub (counted) -> split by prompt hash          => staging/labeled
+    -> dedupe (normalised prompt+response hash) -> chat template + tokenize
+       -> mark over-long rows                                => staging/tokenized
+    -> + replay sample of the parent's training data (train side only)
+    -> train/pairs, eval/pairs -> pack into blocks -> train/blocks, eval/blocks
+    -> snapshot id = hash(content, tokenizer, block size); manifest.json
+
+Row counts at every step are read back from the staged Parquet, so they are
+exact. Example::
+
+    from rayloop.config import load_settings
+    from rayloop.data.preprocess import preprocess
+    from rayloop.data.replay import ReplaySource
+    info = preprocess(load_settings(), model_dir=Path(".rayloop/base-model"),
+                      replay=ReplaySource.from_model_dir(".rayloop/base-model"))
+    print(info.snapshot_id, info.counts)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import posixpath
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rayloop.config import Settings
+from rayloop.data import transforms as T
+from rayloop.data.format import load_tokenizer, tokenizer_fingerprint
+from rayloop.data.pii import PII_KINDS
+from rayloop.data.policy import KEPT_LABELS, LABELS
+from rayloop.data.replay import ReplaySource, rank_key, sample_pairs
+from rayloop.data.schema import FEEDBACK_DIR, INTERACTIONS_DIR, SNAPSHOTS_DIR
+from rayloop.data.snapshot import (
+    MANIFEST,
+    PAIR_COLUMNS,
+    SPLITS,
+    combine_row_hashes,
+    content_id,
+    parquet_files,
+    read_manifest,
+    snapshot_key,
+    storage_of,
+)
+from rayloop.data.sources import scan
+from rayloop.errors import DataError, EmptyDatasetError
+from rayloop.storage import Storage
+
+FORMAT_VERSION = 1
+ROWS_PER_PACK_BUCKET = 8192  # bounds the rows one packing task holds
+
+
+@dataclass
+class SnapshotInfo:
+    """What :func:`preprocess` wrote."""
+
+    snapshot_id: str
+    uri: str
+    counts: dict[str, int] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+    reused: bool = False
+
+
+def _scan_columns(st: Storage, key: str, columns: list[str]) -> Any:
+    """Stream the named columns of a staged Parquet directory, batch by batch."""
+    import pyarrow.dataset as pads
+
+    files = parquet_files(st, key)
+    if not files:
+        return
+    ds = pads.dataset(files, format="parquet", filesystem=st.fs)
+    yield from ds.to_batches(columns=columns, batch_size=65536)
+
+
+def _value_counts(st: Storage, key: str, column: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for b in _scan_columns(st, key, [column]):
+        for v in b.column(0).value_counts().to_pylist():
+            out[str(v["values"])] = out.get(str(v["values"]), 0) + int(v["counts"])
+    return out
+
+
+def _num_rows(st: Storage, key: str) -> int:
+    import pyarrow.parquet as pq
+
+    n = 0
+    for path in parquet_files(st, key):
+        with st.fs.open_input_file(path) as f:
+            n += pq.ParquetFile(f).metadata.num_rows
+    return n
+
+
+def _move_dir(st: Storage, src: str, dst: str) -> None:
+    if st.is_local:
+        st.makedirs(posixpath.dirname(dst))
+        st.fs.move(st.path(src), st.path(dst))
+        return
+    import pyarrow.fs as pafs
+
+    # Object stores have no directory rename: copy, then delete the staging copy.
+    pafs.copy_files(st.path(src), st.path(dst), source_filesystem=st.fs, destination_filesystem=st.fs)
+    st.delete(src)
+
+
+def _read(st: Storage, key: str, **kw: Any) -> Any:
+    import ray.data
+
+    kw.setdefault("partitioning", None)
+    if kw["partitioning"] == "hive":
+        from ray.data.datasource.partitioning import Partitioning, PartitionStyle
+
+        kw["partitioning"] = Partitioning(PartitionStyle.HIVE, base_dir=st.path(key), filesystem=st.fs)
+    return ray.data.read_parquet(parquet_files(st, key), filesystem=st.fs, **kw)
+
+
+def preprocess(
+    settings: Settings,
+    *,
+    model_dir: Path,
+    model_name: str | None = None,
+    since: datetime | None = None,
+    replay: ReplaySource | None = None,
+) -> SnapshotInfo:
+    """Build a training snapshot from the interaction store; returns its id, counts and manifest.
+
+    ``model_dir`` supplies the tokenizer and chat template (the parent model).
+    ``replay`` mixes ``settings.data.replay_ratio`` parent rows per new train row.
+    Raises :class:`EmptyDatasetError` (and writes nothing) when no interaction is
+    read or the policy selects none.
+    """
+    import ray.data
+
+    from rayloop.raysession import data_context, ensure_ray
+
+    t0 = time.monotonic()
+    ds_cfg = settings.data
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    st = storage_of(settings)
+    tok = load_tokenizer(model_dir)
+    tok_fp = tokenizer_fingerprint(model_dir)
+    if replay is not None and replay.kind == "snapshot":
+        assert replay.snapshot_id is not None
+        read_manifest(settings, replay.snapshot_id)  # fail early with NotFoundError
+
+    inter_scan = scan(st, INTERACTIONS_DIR, ("request_id", "status", "completion"), since=since, model_name=model_name)
+    fb_scan = scan(st, FEEDBACK_DIR, ("request_id", "rating", "correction"), since=since)
+    if not inter_scan.files:
+        where = st.uri_of(INTERACTIONS_DIR)
+        extra = f" ({len(inter_scan.corrupt)} corrupt files skipped)" if inter_scan.corrupt else ""
+        raise EmptyDatasetError(
+            f"no interactions to read under {where}"
+            + (f" for model {model_name!r}" if model_name else "")
+            + (f" since {since.isoformat()}" if since else "")
+            + extra
+        )
+
+    started_ray = ensure_ray(settings)
+    data_context()
+    staging = posixpath.join(SNAPSHOTS_DIR, "_staging", uuid.uuid4().hex[:12])
+    try:
+        counts: dict[str, int] = {
+            "interaction_files": len(inter_scan.files),
+            "feedback_files": len(fb_scan.files),
+            "corrupt_files_skipped": len(inter_scan.corrupt) + len(fb_scan.corrupt),
+            "interaction_rows_read": inter_scan.rows,
+            "feedback_rows_read": fb_scan.rows,
+        }
+        # 1. join + policy + scrub + split -------------------------------------
+        inter = ray.data.read_parquet(inter_scan.files, filesystem=st.fs, partitioning=None)
+        joined = inter.map_batches(_fn(T.interactions_to_common), batch_format="pyarrow")
+        if fb_scan.files:
+            fb = ray.data.read_parquet(fb_scan.files, filesystem=st.fs, partitioning=None)
+            joined = joined.union(fb.map_batches(_fn(T.feedback_to_common), batch_format="pyarrow"))
+        labeled = joined.groupby("request_id", num_partitions=_partitions(inter_scan.rows + fb_scan.rows)).map_groups(
+            _fn(T.resolve_request), fn_args=(ds_cfg, since), batch_format="pyarrow"
+        )
+        labeled.write_parquet(st.path(f"{staging}/labeled"), filesystem=st.fs)
+
+        by_label = _value_counts(st, f"{staging}/labeled", "label")
+        for lab in (*LABELS, "orphan_feedback", "before_since"):
+            counts[f"label_{lab}"] = by_label.get(lab, 0)
+        counts["requests"] = sum(v for k, v in by_label.items() if k != "orphan_feedback")
+        counts["selected"] = sum(by_label.get(lab, 0) for lab in KEPT_LABELS)
+        pii = dict.fromkeys(PII_KINDS, 0)
+        pii_rows = 0
+        for b in _scan_columns(st, f"{staging}/labeled", [f"pii_{k}" for k in PII_KINDS]):
+            row_any = None
+            for i, k in enumerate(PII_KINDS):
+                col = b.column(i).to_pylist()
+                pii[k] += sum(col)
+                row_any = col if row_any is None else [a + c for a, c in zip(row_any, col, strict=True)]
+            pii_rows += sum(1 for v in row_any or [] if v)
+        if counts["selected"] == 0:
+            raise EmptyDatasetError(
+                f"the selection policy kept none of {counts['requests']} interactions "
+                f"(labels: {dict(sorted(by_label.items()))})",
+                hint="Collect feedback first, or set data.unrated=keep to train on unrated rows.",
+            )
+
+        # 2. dedupe + tokenize --------------------------------------------------
+        kept = _read(st, f"{staging}/labeled").filter(
+            lambda r: r["label"] in KEPT_LABELS
+        )
+        deduped = kept.groupby("dedupe_key", num_partitions=_partitions(counts["selected"])).map_groups(
+            _fn(T.first_of_duplicates), batch_format="pyarrow"
+        )
+        tokenized = deduped.map_batches(
+            _fn(T.tokenize_rows), fn_args=(tok, ds_cfg.max_tokens, "interaction"), batch_format="pyarrow"
+        )
+        tokenized.write_parquet(st.path(f"{staging}/tokenized"), filesystem=st.fs)
+        counts["after_dedupe"] = _num_rows(st, f"{staging}/tokenized")
+        counts["duplicates_removed"] = counts["selected"] - counts["after_dedupe"]
+        too_long = _value_counts(st, f"{staging}/tokenized", "too_long")
+        counts["too_long_dropped"] = too_long.get("True", 0)
+        sides: dict[str, int] = {"train": 0, "eval": 0}
+        for b in _scan_columns(st, f"{staging}/tokenized", ["split", "too_long"]):
+            for s, tl in zip(b.column(0).to_pylist(), b.column(1).to_pylist(), strict=True):
+                if not tl:
+                    sides[s] += 1
+        counts["train_new_rows"] = sides["train"]
+        counts["eval_rows"] = sides["eval"]
+        if sides["train"] + sides["eval"] == 0:
+            raise EmptyDatasetError(
+                f"every selected row is longer than data.max_tokens={ds_cfg.max_tokens} tokens",
+                hint="Raise data.max_tokens.",
+            )
+
+        # 3. pairs (+ replay on the train side), one write partitioned by split --
+        pairs = _read(st, f"{staging}/tokenized").filter(lambda r: not r["too_long"])
+        replay_ds, replay_info = _replay(settings, st, replay, sides["train"], tok)
+        if replay_ds is not None:
+            pairs = pairs.union(replay_ds)
+        pairs.select_columns(["split", *PAIR_COLUMNS, "input_ids", "labels"]).write_parquet(
+            st.path(f"{staging}/pairs"), filesystem=st.fs, partition_cols=["split"]
+        )
+        by_side = _value_counts(st, f"{staging}/pairs", "source")
+        counts["replay_rows"] = replay_info["used"] = by_side.get("replay", 0)
+        for split in SPLITS:
+            counts[f"{split}_pairs"] = _num_rows(st, f"{staging}/pairs/split={split}")
+
+        # 4. pack into blocks, per (split, content-hash bucket) -------------------
+        n_buckets = max(1, math.ceil(max(counts["train_pairs"], counts["eval_pairs"]) / ROWS_PER_PACK_BUCKET))
+        blocks = (
+            _read(st, f"{staging}/pairs", columns=["split", "row_hash", "input_ids", "labels"], partitioning="hive")
+            .map_batches(_fn(T.add_bucket), fn_args=(n_buckets,), batch_format="pyarrow")
+            .groupby(["split", "bucket"], num_partitions=min(2 * n_buckets, 16))
+            .map_groups(_fn(T.pack_group), fn_args=(ds_cfg.block_size, tok.pad_token_id), batch_format="pyarrow")
+        )
+        blocks.write_parquet(st.path(f"{staging}/blocks"), filesystem=st.fs, partition_cols=["split"])
+        for split in SPLITS:
+            counts[f"{split}_blocks"] = _num_rows(st, f"{staging}/blocks/split={split}")
+            counts[f"{split}_tokens"] = sum(
+                sum(m) for b in _scan_columns(st, f"{staging}/blocks/split={split}", ["attention_mask"])
+                for m in b.column(0).to_pylist()
+            )
+            for kind in ("pairs", "blocks"):
+                if st.exists(f"{staging}/{kind}/split={split}"):
+                    _move_dir(st, f"{staging}/{kind}/split={split}", f"{staging}/out/{split}/{kind}")
+
+        # 5. content id --------------------------------------------------------
+        hashes: list[int] = []
+        for split in SPLITS:
+            total = combine_row_hashes(
+                h for b in _scan_columns(st, f"{staging}/out/{split}/pairs", ["row_hash"]) for h in b.column(0).to_pylist()
+            )
+            hashes.append(total)
+        snapshot_id = content_id(
+            {
+                "format": FORMAT_VERSION,
+                "pairs": [f"{h:032x}" for h in hashes],
+                "n": [counts["train_pairs"], counts["eval_pairs"]],
+                "tokenizer": tok_fp,
+                "block_size": ds_cfg.block_size,
+            }
+        )
+        final = snapshot_key(snapshot_id)
+        manifest: dict[str, Any] = {
+            "snapshot_id": snapshot_id,
+            "format_version": FORMAT_VERSION,
+            "created_at": datetime.now(UTC).isoformat(),
+            "model_name": model_name,
+            "since": since.isoformat() if since else None,
+            "sources": {"interactions": inter_scan.describe(), "feedback": fb_scan.describe()},
+            "skipped_corrupt_files": inter_scan.corrupt + fb_scan.corrupt,
+            "counts": counts,
+            "pii_removed": {**pii, "rows": pii_rows},
+            "replay": replay_info,
+            "tokenizer": {
+                "fingerprint": tok_fp,
+                "source": str(model_dir),
+                "eos_token": tok.eos_token,
+                "pad_token_id": tok.pad_token_id,
+                "chat_template_sha": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16],
+            },
+            "settings": ds_cfg.model_dump(mode="json"),
+            "layout": {s: {"pairs": f"{s}/pairs", "blocks": f"{s}/blocks"} for s in SPLITS},
+            "seconds": round(time.monotonic() - t0, 2),
+        }
+        reused = st.exists(snapshot_key(snapshot_id, MANIFEST))
+        if reused:
+            manifest = read_manifest(settings, snapshot_id)
+        else:
+            if st.exists(final):  # a half-written earlier attempt: replace it
+                st.delete(final)
+            _move_dir(st, f"{staging}/out", final)
+            st.write_bytes(snapshot_key(snapshot_id, MANIFEST), json.dumps(manifest, indent=1).encode())
+        return SnapshotInfo(snapshot_id, st.uri_of(final), dict(manifest["counts"]), manifest, reused)
+    finally:
+        st.delete(staging)
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _fn(f: Any) -> Any:
+    """Ray Data's stubs do not type ``fn_args``; the functions are checked where defined."""
+    return f
+
+
+def _partitions(rows: int) -> int:
+    # Few partitions on small inputs: each one is a task with fixed overhead.
+    return max(1, min(32, rows // 20_000 + 1))
+
+
+def _replay(
+    settings: Settings, st: Storage, replay: ReplaySource | None, n_train: int, tok: Any
+) -> tuple[Any, dict[str, Any]]:
+    """A lazy dataset of ``replay_ratio * n_train`` replay rows (deterministic sample), and its description."""
+    import pyarrow as pa
+    import ray.data
+
+    ratio = settings.data.replay_ratio
+    info: dict[str, Any] = {"kind": None, "ratio": ratio, "requested": 0, "used": 0}
+    if replay is None:
+        return None, info
+    want = round(ratio * n_train)
+    info.update(replay.describe())
+    info["requested"] = want
+    if want == 0:
+        return None, info
+    if replay.kind == "pairs":
+        chosen = sample_pairs(replay.pairs, want)
+        table = pa.table(
+            {
+                "request_id": [f"replay:{rank_key(q, a)[:16]}" for q, a in chosen],
+                "question": [q for q, _ in chosen],
+                "response": [a for _, a in chosen],
+            }
+        )
+        src = ray.data.from_arrow(table).map_batches(_fn(T.replay_rows), batch_format="pyarrow")
+    else:
+        assert replay.snapshot_id is not None
+        key = snapshot_key(replay.snapshot_id, "train", "pairs")
+        available = _num_rows(st, key)
+        info["available"] = available
+        if available == 0:
+            raise DataError(f"replay snapshot {replay.snapshot_id!r} has no train pairs", hint="Pick another snapshot.")
+        frac = min(1.0, want / available)
+        src = (
+            _read(st, key, columns=["request_id", "question", "messages", "response", "row_hash"])
+            .map_batches(_fn(T.sample_by_hash), fn_args=(frac,), batch_format="pyarrow")
+            .map_batches(_fn(T.as_train_rows), batch_format="pyarrow")
+        )
+    rows = src.map_batches(
+        _fn(T.tokenize_rows), fn_args=(tok, settings.data.max_tokens, "replay"), batch_format="pyarrow"
+    ).filter(lambda r: not r["too_long"])
+    return rows, info
