@@ -75,7 +75,7 @@ class Traffic:
         self._thread: threading.Thread | None = None
 
     def one(self, req: UserRequest) -> None:
-        headers = {"x-rayloop-session": req.user}
+        headers = {"x-rayloop-session-id": req.user}
         try:
             r = self.client.post("/v1/chat/completions", json=req.body(self.model), headers=headers)
         except httpx.HTTPError as e:
