@@ -1,0 +1,800 @@
+"""The rollout controller: moves a model's traffic to a new version, and back, driven by the registry.
+
+The registry holds the desired state and the history of every rollout
+(:class:`~rayloop.registry.rollouts.RolloutBook`): the active rollout row is
+the model's lock, its ``state`` says which phase it is in (written *before*
+the controller acts on Serve), its ``history`` is the timeline (every event
+timestamped, with per-step metrics). Aliases follow the rollout:
+
+- ``canary`` points at the new version while it is being rolled out;
+- ``production`` moves to the new version when it is promoted (blue-green: at
+  the switch) and ``previous`` to the old one; a rollback moves them back.
+
+Crash safety: if the controller dies, the rollout stays active with its phase.
+:func:`reconcile` (``rayloop status --reconcile``, or running ``rayloop deploy``
+again) sees that the owner is gone and finishes it: forward if it was already
+promoting, else back to the old version. Serve and the aliases then agree, and
+``production`` (one alias, one version) is never on two versions.
+
+Python API (what ``rayloop deploy`` calls)::
+
+    >>> from rayloop.rollout.controller import deploy
+    >>> record = deploy(settings, "demo@3", "canary", steps=[10, 50, 100], interval_s=30)  # doctest: +SKIP
+    >>> record["status"], [e["event"] for e in record["history"]][:3]  # doctest: +SKIP
+    ('succeeded', ['begin', 'plan', 'slot_ready'])
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rayloop.config import Settings, Strategy
+from rayloop.errors import AliasConflictError, ConfigError, NotFoundError, RolloutError, RolloutInProgressError
+from rayloop.registry import Registry
+from rayloop.rollout.analysis import FAIL, PASS, SlotWindow, Verdict, judge
+from rayloop.rollout.backend import AppState, Backend
+from rayloop.rollout.routing import CANARY, SHADOW, SLOTS, STABLE, RouteTable
+from rayloop.serving.protocol import ModelConfig
+
+PRODUCTION = "production"
+CANARY_ALIAS = "canary"
+PREVIOUS = "previous"
+
+HEARTBEAT_S = 5.0
+OWNER_STALE_S = 60.0
+"""A rollout whose owner is on another host counts as orphaned after this long without a heartbeat."""
+
+FORWARD_PHASES = ("promoting",)
+"""Phases after which a crashed rollout is finished forward; before them it is rolled back."""
+
+EventSink = Callable[[dict[str, Any]], None]
+_KEEP: Any = object()
+
+
+class Command(enum.StrEnum):
+    PROMOTE = "promote"
+    ABORT = "abort"
+    ROLLBACK = "rollback"
+
+
+class Interrupted(Exception):
+    """A manual command arrived while a strategy ran."""
+
+    def __init__(self, command: Command, by: str) -> None:
+        super().__init__(f"{command} by {by}")
+        self.command = command
+        self.by = by
+
+
+class Breach(Exception):
+    """Canary analysis failed: roll back."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        super().__init__("; ".join(r for r in verdict.reasons[:3]))
+        self.verdict = verdict
+
+
+def owner_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(record: dict[str, Any], now: float | None = None) -> bool:
+    """Is the process that runs this rollout still there? (Same host: by pid; else by heartbeat age.)"""
+    host, _, pid = str(record.get("owner") or "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    from datetime import datetime
+
+    updated = datetime.fromisoformat(record["updated_at"]).timestamp()
+    return (now or time.time()) - updated < OWNER_STALE_S
+
+
+def parse_duration(value: str | float | int) -> float:
+    """``"30s"``, ``"2m"``, ``"500ms"``, ``"1h"`` or plain seconds -> seconds."""
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(f"duration {value!r} is negative")
+        return float(value)
+    text = value.strip().lower()
+    number, scale = text, 1.0
+    for suffix, factor in (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(suffix):
+            number, scale = text[: -len(suffix)], factor
+            break
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        raise ConfigError(
+            f"duration {value!r} is not understood", hint="Use e.g. 30s, 2m, 500ms, 1h or a number of seconds."
+        ) from None
+    if seconds < 0:
+        raise ConfigError(f"duration {value!r} is negative")
+    return seconds
+
+
+def parse_steps(value: str | list[int]) -> list[int]:
+    """``"5,25,50,100"`` -> ``[5, 25, 50, 100]`` (validated like ``rollout.canary_steps``)."""
+    from pydantic import ValidationError
+
+    from rayloop.config import RolloutSettings
+
+    if isinstance(value, str):
+        try:
+            steps = [int(p) for p in value.split(",") if p.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"steps {value!r} are not comma-separated integers", hint="Use e.g. 5,25,50,100."
+            ) from None
+    else:
+        steps = list(value)
+    try:
+        RolloutSettings(canary_steps=steps)
+    except ValidationError as e:
+        raise ConfigError(f"steps: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+    return steps
+
+
+def _strategy(value: Strategy | str) -> Strategy:
+    try:
+        return Strategy(value)
+    except ValueError:
+        raise ConfigError(
+            f"strategy {value!r} is not one of {', '.join(s.value for s in Strategy)}",
+            hint="Pass --strategy rolling|blue-green|canary|shadow.",
+        ) from None
+
+
+class Rollout:
+    """One rollout in progress: the registry record, the Serve backend and the verbs strategies use."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        reg: Registry,
+        backend: Backend,
+        rid: int,
+        *,
+        name: str,
+        from_cfg: ModelConfig | None,
+        to_cfg: ModelConfig,
+        plan: dict[str, Any],
+        app: AppState | None,
+        state: dict[str, Any] | None = None,
+        on_event: EventSink | None = None,
+        clock: Callable[[], float] = time.time,
+        sleeper: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.settings, self.reg, self.backend, self.rid = settings, reg, backend, rid
+        self.name, self.from_cfg, self.to_cfg, self.plan = name, from_cfg, to_cfg, plan
+        self.app = app
+        self.state: dict[str, Any] = dict(state or {})
+        self.on_event = on_event
+        self.now = clock
+        self._sleep = sleeper
+        self.started = float(self.state.get("started", clock()))
+        # Commands already in the history (e.g. the one a reconcile acts on) are not new.
+        self._handled = {i for i, ev in enumerate(reg.rollout(rid)["history"]) if ev.get("event") == "command"}
+        self._last_beat = clock()
+
+    # -- bookkeeping -----------------------------------------------------------
+    def emit(self, event: str, **data: Any) -> None:
+        """Append a timestamped event to the rollout's history (and tell ``on_event``)."""
+        payload = {"event": event, **data}
+        self.reg.update_rollout(self.rid, event=payload)
+        self._last_beat = self.now()
+        if self.on_event is not None:
+            try:
+                self.on_event({"time": self.now(), "rollout_id": self.rid, **payload})
+            except Exception:
+                pass  # a broken callback must not break the rollout
+
+    def save(self, **updates: Any) -> None:
+        """Merge ``updates`` into the persisted state (written before acting on it)."""
+        self.state.update(updates)
+        self.reg.update_rollout(self.rid, state=self.state, status=self.state.get("phase", "running"))
+        self._last_beat = self.now()
+
+    def beat(self) -> None:
+        if self.now() - self._last_beat >= HEARTBEAT_S:
+            self.reg.update_rollout(self.rid)
+            self._last_beat = self.now()
+
+    def check_commands(self) -> None:
+        """Raise :class:`Interrupted` if ``rayloop promote|abort|rollback`` was issued."""
+        for i, ev in enumerate(self.reg.rollout(self.rid)["history"]):
+            if ev.get("event") == "command" and i not in self._handled:
+                self._handled.add(i)
+                raise Interrupted(Command(ev["command"]), str(ev.get("by", "?")))
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep while keeping the heartbeat and listening for commands."""
+        end = self.now() + seconds
+        while True:
+            self.check_commands()
+            self.beat()
+            left = end - self.now()
+            if left <= 0:
+                return
+            self._sleep(min(left, 0.5))
+
+    # -- Serve -----------------------------------------------------------------
+    def set_app(
+        self,
+        *,
+        stable: ModelConfig | None = _KEEP,
+        canary: ModelConfig | None = _KEEP,
+        shadow: ModelConfig | None = _KEEP,
+        canary_percent: float | None = None,
+        shadow_percent: float | None = None,
+    ) -> AppState:
+        """Ask Serve for a new state (changing only what is given) and wait until it is there."""
+        cur = self.app or self.backend.read()
+        if cur is None:
+            raise RolloutError(f"Serve app {self.backend.app_name!r} does not exist")
+        slots = dict(cur.slots)
+        for slot, value in ((STABLE, stable), (CANARY, canary), (SHADOW, shadow)):
+            if value is not _KEEP:
+                slots[slot] = value
+        t = cur.table
+        table = RouteTable(
+            canary_percent=t.canary_percent if canary_percent is None else canary_percent,
+            shadow_percent=t.shadow_percent if shadow_percent is None else shadow_percent,
+            sticky=t.sticky,
+            salt=f"rollout-{self.rid}",
+            versions={s: c.version for s, c in slots.items() if c is not None},
+            rollout_id=self.rid,
+            epoch=t.epoch + 1,
+        )
+        new = AppState(model=self.name, slots=slots, table=table)
+        self.save(desired=new.summary())
+        self.backend.apply(new)
+        self.backend.wait(new, self.settings.rollout.ready_timeout_s)
+        self.app = new
+        self._mark(new)
+        return new
+
+    def _mark(self, state: AppState) -> None:
+        for slot in SLOTS:
+            cfg = state.slots.get(slot)
+            if cfg is None:
+                self.reg.unmark_deployed(self.name, slot, self.backend.app_name)
+            else:
+                self.reg.mark_deployed(self.name, cfg.version, slot, self.backend.app_name)
+
+    # -- judging ---------------------------------------------------------------
+    def watch(
+        self,
+        seconds: float,
+        *,
+        slot: str = CANARY,
+        baseline_since: float | None = None,
+        baseline: SlotWindow | None = None,
+        max_seconds: float | None = None,
+    ) -> Verdict | None:
+        """Wait ``seconds`` judging ``slot`` against stable; raise :class:`Breach` on a failed check.
+
+        Returns the last verdict (None if nothing was judged). An inconclusive
+        verdict (too little traffic) extends the wait up to ``max_seconds``.
+        """
+        t0 = self.now()
+        end, hard = t0 + seconds, t0 + max(seconds, max_seconds or seconds)
+        verdict: Verdict | None = None
+        while True:
+            self.sleep(min(0.5, max(0.05, seconds / 4)))
+            verdict = self._judge(t0, slot, baseline_since, baseline)
+            if verdict.decision == FAIL:
+                self.emit("breach", slot=slot, reasons=verdict.reasons, canary=verdict.canary, stable=verdict.stable)
+                raise Breach(verdict)
+            now = self.now()
+            if now >= end and (verdict.decision == PASS or now >= hard):
+                return verdict
+
+    def _judge(self, since: float, slot: str, baseline_since: float | None, baseline: SlotWindow | None) -> Verdict:
+        w = self.backend.window(since)
+        cand = w.get(slot, SlotWindow())
+        base = baseline
+        if base is None:
+            base = w.get(STABLE, SlotWindow()) if slot != STABLE else SlotWindow()
+            if base.requests < self.settings.rollout.min_requests_per_step and baseline_since is not None:
+                # At 100% (or right after a switch) stable has no traffic now: judge against what it did earlier.
+                base = self.backend.window(baseline_since).get(STABLE, SlotWindow())
+        return judge(cand, base, self.settings.rollout)
+
+    def shadow_report(self, since: float) -> dict[str, Any]:
+        w = self.backend.window(since)
+        report = self.backend.shadow_window(since)
+        report["primary"] = w.get(STABLE, SlotWindow()).summary()
+        return report
+
+    # -- aliases ---------------------------------------------------------------
+    def _alias(self, alias: str, version: int | None, reason: str) -> None:
+        actor = f"rollout:{self.rid}"
+        current = self.reg.get_alias(self.name, alias)
+        if current == version:
+            return
+        if version is None:
+            if current is not None:
+                self.reg.delete_alias(self.name, alias, expect=current, actor=actor, reason=reason)
+        else:
+            self.reg.set_alias(self.name, alias, version, expect=current or 0, actor=actor, reason=reason)
+
+    def move_production(self, version: int, reason: str) -> None:
+        """``production`` -> ``version`` and ``previous`` -> the old production (compare-and-set)."""
+        before = self.state.get("aliases_before", {})
+        cur = self.reg.get_alias(self.name, PRODUCTION)
+        if cur == version:
+            return
+        expected = {None, before.get(PRODUCTION), None if self.from_cfg is None else self.from_cfg.version}
+        if cur not in expected:
+            raise AliasConflictError(
+                f"alias {self.name}@production was moved to version {cur} during rollout {self.rid}; not overriding it"
+            )
+        if cur is not None:
+            self._alias(PREVIOUS, cur, reason)
+        self._alias(PRODUCTION, version, reason)
+        self.emit("alias", alias=PRODUCTION, version=version, was=cur)
+
+    def annotate(self, key: str, value: Any) -> None:
+        self.reg.annotate(f"{self.name}@{self.to_cfg.version}", key, value, actor=f"rollout:{self.rid}")
+
+    # -- endings ---------------------------------------------------------------
+    def promote(self, reason: str) -> None:
+        """Make the new version production everywhere: aliases, stable slot, traffic; release the others."""
+        self.save(phase="promoting", reason=reason)
+        self.emit("promote", reason=reason)
+        self.move_production(self.to_cfg.version, reason)
+        cur = self.app or self.backend.read()
+        if cur is None:  # crashed before the first deploy reached Serve
+            from rayloop.rollout.backend import idle_state
+
+            first = idle_state(self.name, self.to_cfg, RouteTable(epoch=1))
+            self.backend.apply(first)
+            self.backend.wait(first, self.settings.rollout.ready_timeout_s)
+            self.app = cur = first
+        if cur.slots.get(CANARY) == self.to_cfg and cur.table.canary_percent < 100:
+            self.set_app(canary_percent=100)  # a manual promote mid-canary: everything to the new version first
+        if cur.slots.get(STABLE) != self.to_cfg:
+            self.backend.ensure_golden(self.to_cfg)
+            # All traffic is on the canary slot (or nowhere new yet): stable swaps in place unseen.
+            self.set_app(stable=self.to_cfg)
+        self.set_app(canary_percent=0, shadow_percent=0)
+        self.set_app(canary=None, shadow=None)
+        self._alias(CANARY_ALIAS, None, reason)
+        self.save(phase="done")
+
+    def rollback(self, reason: str) -> None:
+        """All traffic to the old version at once, new version released, aliases back."""
+        self.save(phase="rolling_back", reason=reason)
+        self.emit("rollback", reason=reason)
+        old = self.from_cfg
+        cur = self.app or self.backend.read()
+        if cur is not None and old is not None:
+            if cur.slots.get(STABLE) != old:
+                self.backend.ensure_golden(old)
+            # Traffic first (one route-table change), then free the new version's engines.
+            self.set_app(stable=old, canary_percent=0, shadow_percent=0)
+            self.set_app(canary=None, shadow=None)
+        before = self.state.get("aliases_before", {})
+        if old is not None and self.reg.get_alias(self.name, PRODUCTION) == self.to_cfg.version:
+            self._alias(PRODUCTION, before.get(PRODUCTION, old.version), f"rollback: {reason}")
+            self._alias(PREVIOUS, before.get(PREVIOUS), f"rollback: {reason}")
+            self.emit("alias", alias=PRODUCTION, version=before.get(PRODUCTION, old.version), was=self.to_cfg.version)
+        if self.reg.get_alias(self.name, CANARY_ALIAS) == self.to_cfg.version:
+            self._alias(CANARY_ALIAS, None, f"rollback: {reason}")
+        self.save(phase="done")
+
+    def finish_without_promotion(self) -> None:
+        """Shadow runs end here: nothing served changes."""
+        if self.reg.get_alias(self.name, CANARY_ALIAS) == self.to_cfg.version:
+            self._alias(CANARY_ALIAS, None, "shadow run finished")
+        self.save(phase="done")
+
+
+# -- entry points ---------------------------------------------------------------
+def _default_backend(settings: Settings, *, start_local: bool = True) -> Backend:
+    """A Serve backend on the configured cluster (``start_local``: else on a private local Ray)."""
+    import ray
+
+    from rayloop.rollout.backend import ServeBackend
+
+    if not ray.is_initialized():
+        if start_local:
+            from rayloop.raysession import ensure_ray
+
+            ensure_ray(settings)
+        else:
+            from rayloop import cluster
+
+            cluster.connect(settings)  # ClusterError when there is none: status works without Serve
+    return ServeBackend(settings)
+
+
+def _plan(
+    settings: Settings,
+    strategy: Strategy,
+    steps: list[int] | None,
+    interval_s: float | None,
+    hold_s: float | None,
+    force: bool,
+) -> dict[str, Any]:
+    r = settings.rollout
+    interval = r.interval_s if interval_s is None else parse_duration(interval_s)
+    return {
+        "strategy": strategy.value,
+        "steps": parse_steps(steps) if steps is not None else list(r.canary_steps),
+        "interval_s": interval,
+        "hold_s": r.hold_s if hold_s is None else parse_duration(hold_s),
+        "duration_s": (r.shadow_duration_s if interval_s is None else interval),
+        "shadow_fraction": r.shadow_fraction,
+        "force": force,
+    }
+
+
+def _check_gate(mv: Any, force: bool) -> dict[str, Any] | None:
+    gate = mv.annotations.get("gate") if isinstance(mv.annotations, dict) else None
+    decision = gate.get("decision") if isinstance(gate, dict) else None
+    if decision == "rejected" and not force:
+        reasons = "; ".join(str(r) for r in (gate or {}).get("reasons", [])[:3]) or "no reasons recorded"
+        raise RolloutError(
+            f"{mv.name}@{mv.version} was rejected by the validation gate ({reasons}); refusing to deploy it",
+            hint="Deploy a version the gate accepted, or pass --force to deploy it anyway.",
+        )
+    return gate if isinstance(gate, dict) else None
+
+
+def deploy(
+    settings: Settings,
+    ref: str,
+    strategy: Strategy | str,
+    *,
+    steps: list[int] | None = None,
+    interval_s: float | None = None,
+    hold_s: float | None = None,
+    force: bool = False,
+    on_event: EventSink | None = None,
+    backend: Backend | None = None,
+) -> dict[str, Any]:
+    """Roll ``ref`` (``NAME@VERSION|ALIAS``) out with ``strategy``; return the final rollout record.
+
+    The record has ``status`` (``succeeded``, ``rolled_back``, ``aborted`` or
+    ``failed``), ``state`` (phase, reason, shadow report) and ``history``: the
+    timeline, each event with ``time`` and, for canary steps, the canary and
+    stable numbers. Raises :class:`RolloutInProgressError` while another rollout
+    of the model runs, :class:`RolloutError` for a version the gate rejected
+    (unless ``force``). A new app (nothing deployed yet) is simply started on
+    ``ref``.
+    """
+    kind = _strategy(strategy)
+    plan = _plan(settings, kind, steps, interval_s, hold_s, force)
+    reg = Registry.from_settings(settings)
+    mv = reg.resolve(ref)
+    gate = _check_gate(mv, force)
+    be = backend or _default_backend(settings)
+    name = mv.name
+
+    active = reg.active_rollout(name)
+    if active is not None:
+        if owner_alive(active):
+            raise RolloutInProgressError(
+                f"rollout {active['id']} of {name!r} (v{active['from_version']} -> v{active['to_version']}, "
+                f"{active['strategy']}) is running, owned by {active['owner']}"
+            )
+        reconcile(settings, name, backend=be, on_event=on_event)
+
+    current = be.read()
+    if current is not None and current.model != name:
+        raise RolloutError(
+            f"Serve app {be.app_name!r} serves model {current.model!r}, not {name!r}",
+            hint="Set serving.app_name to a separate app per model.",
+        )
+    to_cfg = ModelConfig(model=name, version=mv.version, fingerprint=mv.fingerprint)
+    from_cfg = current.slots.get(STABLE) if current is not None else None
+    aliases = reg.aliases(name)
+    rid = reg.begin_rollout(
+        name,
+        from_version=None if from_cfg is None else from_cfg.version,
+        to_version=mv.version,
+        strategy=kind.value,
+        plan=plan,
+        owner=owner_id(),
+    )
+    ro = Rollout(
+        settings, reg, be, rid, name=name, from_cfg=from_cfg, to_cfg=to_cfg, plan=plan, app=current, on_event=on_event
+    )
+    ro.save(
+        phase="planned",
+        started=ro.started,
+        from_cfg=None if from_cfg is None else from_cfg.model_dump(),
+        to_cfg=to_cfg.model_dump(),
+        aliases_before={k: aliases.get(k) for k in (PRODUCTION, PREVIOUS, CANARY_ALIAS)},
+    )
+    ro.emit("plan", plan=plan, gate=None if gate is None else gate.get("decision"), app=be.app_name)
+    return _run(ro, kind)
+
+
+def _run(ro: Rollout, kind: Strategy) -> dict[str, Any]:
+    from rayloop.rollout.strategies import strategy_for
+
+    reg = ro.reg
+    try:
+        if ro.from_cfg is None:
+            status = _first_deploy(ro)
+        elif ro.from_cfg == ro.to_cfg:
+            ro.emit("noop", reason=f"{ro.to_cfg.served_id} is already on the stable slot")
+            ro.move_production(ro.to_cfg.version, "already serving")
+            ro.save(phase="done")
+            status = "succeeded"
+        else:
+            if kind != Strategy.SHADOW:  # a shadow version never serves, so it is no canary
+                ro._alias(CANARY_ALIAS, ro.to_cfg.version, f"{kind.value} rollout {ro.rid}")
+            status = strategy_for(kind).run(ro)
+    except Interrupted as i:
+        ro.emit("command_received", command=i.command.value, by=i.by)
+        if i.command == Command.PROMOTE:
+            ro.promote(f"promoted by {i.by}")
+            status = "succeeded"
+        else:
+            ro.rollback(f"{i.command.value} by {i.by}")
+            status = "aborted" if i.command == Command.ABORT else "rolled_back"
+    except Breach as b:
+        ro.rollback("; ".join(b.verdict.reasons[:3]))
+        status = "rolled_back"
+    except BaseException as e:
+        reason = f"{type(e).__name__}: {e}"
+        try:
+            ro.rollback(f"error: {reason}")
+        except BaseException as e2:
+            ro.emit("rollback_failed", reason=f"{type(e2).__name__}: {e2}")
+            reg.end_rollout(ro.rid, "failed")
+            raise
+        reg.end_rollout(ro.rid, "failed")
+        if isinstance(e, RolloutError | KeyboardInterrupt):
+            raise
+        raise RolloutError(f"rollout {ro.rid} failed and was rolled back: {reason}") from e
+    reg.end_rollout(ro.rid, status)
+    return reg.rollout(ro.rid)
+
+
+def _first_deploy(ro: Rollout) -> str:
+    """Nothing runs yet: start the app with ``to`` on stable."""
+    from rayloop.rollout.backend import idle_state
+
+    ro.save(phase="starting")
+    ro.emit("first_deploy", version=ro.to_cfg.version)
+    state = idle_state(
+        ro.name,
+        ro.to_cfg,
+        RouteTable(salt=f"rollout-{ro.rid}", versions={STABLE: ro.to_cfg.version}, rollout_id=ro.rid, epoch=1),
+    )
+    ro.save(phase="promoting", desired=state.summary())
+    ro.backend.apply(state)
+    ro.backend.wait(state, ro.settings.rollout.ready_timeout_s)
+    ro.app = state
+    ro._mark(state)
+    ro.emit("slot_ready", slot=STABLE, version=ro.to_cfg.version)
+    ro.move_production(ro.to_cfg.version, "first deploy")
+    ro.save(phase="done")
+    return "succeeded"
+
+
+def _resume(
+    settings: Settings, reg: Registry, backend: Backend, record: dict[str, Any], on_event: EventSink | None
+) -> Rollout:
+    st = record["state"]
+    to_cfg = (
+        ModelConfig.model_validate(st["to_cfg"])
+        if st.get("to_cfg")
+        else ModelConfig(model=record["name"], version=record["to_version"])
+    )
+    from_cfg = ModelConfig.model_validate(st["from_cfg"]) if st.get("from_cfg") else None
+    return Rollout(
+        settings,
+        reg,
+        backend,
+        record["id"],
+        name=record["name"],
+        from_cfg=from_cfg,
+        to_cfg=to_cfg,
+        plan=record["plan"],
+        app=None,
+        state=st,
+        on_event=on_event,
+    )
+
+
+def reconcile(
+    settings: Settings,
+    name: str,
+    *,
+    backend: Backend | None = None,
+    intent: Command | None = None,
+    actor: str = "reconcile",
+    on_event: EventSink | None = None,
+) -> dict[str, Any]:
+    """Bring Serve and the aliases of ``name`` to a consistent state; return what was done.
+
+    An active rollout whose controller is gone is finished: forward if it was
+    promoting (or ``intent`` is promote), else rolled back. Without an active
+    rollout, Serve is brought back to ``production`` on the stable slot with
+    nothing else routed (drift after a crash between the registry and Serve).
+    A rollout whose controller is alive is left alone (use :func:`send_command`).
+    """
+    reg = Registry.from_settings(settings)
+    be = backend or _default_backend(settings)
+    active = reg.active_rollout(name)
+    if active is not None:
+        if intent is None and owner_alive(active):
+            return {"action": "none", "reason": f"rollout {active['id']} is running (owner {active['owner']})"}
+        ro = _resume(settings, reg, be, active, on_event)
+        phase = active["state"].get("phase", "planned")
+        forward = intent == Command.PROMOTE or (intent is None and phase in FORWARD_PHASES)
+        why = (
+            f"{intent.value} by {actor}"
+            if intent is not None
+            else f"controller {active['owner']} is gone (phase {phase})"
+        )
+        ro.emit("reconcile", forward=forward, reason=why)
+        if forward:
+            ro.promote(why)
+            status = "succeeded"
+        else:
+            ro.rollback(why)
+            status = "aborted" if intent == Command.ABORT else "rolled_back"
+        reg.end_rollout(active["id"], status)
+        return {"action": "rolled_forward" if forward else "rolled_back", "rollout": reg.rollout(active["id"])}
+
+    current = be.read()
+    prod = reg.get_alias(name, PRODUCTION)
+    if current is None or prod is None or current.model != name:
+        return {"action": "none", "reason": "nothing deployed" if current is None else "no production alias"}
+    stable = current.slots.get(STABLE)
+    drift = (
+        stable is None
+        or stable.version != prod
+        or current.table.canary_percent != 0
+        or current.table.shadow_percent != 0
+        or any(current.slots.get(s) is not None for s in (CANARY, SHADOW))
+    )
+    if not drift:
+        return {"action": "none", "reason": "Serve matches the registry"}
+    mv = reg.resolve(f"{name}@{prod}")
+    want = ModelConfig(model=name, version=prod, fingerprint=mv.fingerprint)
+    rid = reg.begin_rollout(
+        name,
+        from_version=None if stable is None else stable.version,
+        to_version=prod,
+        strategy="reconcile",
+        plan={},
+        owner=owner_id(),
+    )
+    ro = Rollout(
+        settings, reg, be, rid, name=name, from_cfg=stable, to_cfg=want, plan={}, app=current, on_event=on_event
+    )
+    ro.save(phase="promoting", to_cfg=want.model_dump(), from_cfg=None if stable is None else stable.model_dump())
+    ro.emit("reconcile", reason="Serve differs from the registry", app=current.summary(), production=prod)
+    try:
+        ro.promote("reconcile Serve with production")
+    except BaseException:
+        reg.end_rollout(rid, "failed")
+        raise
+    reg.end_rollout(rid, "succeeded")
+    return {"action": "repaired", "rollout": reg.rollout(rid)}
+
+
+def send_command(
+    settings: Settings,
+    name: str,
+    command: Command | str,
+    *,
+    by: str = "cli",
+    wait_s: float = 600.0,
+    backend: Backend | None = None,
+) -> dict[str, Any]:
+    """``promote``/``abort``/``rollback`` the active rollout of ``name``.
+
+    A live controller gets the command through the rollout's history and acts
+    on it within a second; this waits (up to ``wait_s``) for the rollout to end.
+    If the controller is gone, the command is carried out here. ``rollback``
+    with no active rollout rolls production back to ``previous`` (in place).
+    """
+    cmd = Command(command)
+    reg = Registry.from_settings(settings)
+    active = reg.active_rollout(name)
+    if active is None:
+        if cmd != Command.ROLLBACK:
+            raise NotFoundError(f"no rollout of {name!r} is running", hint=f"See `rayloop status {name}`.")
+        prev = reg.get_alias(name, PREVIOUS)
+        if prev is None:
+            raise NotFoundError(
+                f"{name!r} has no 'previous' version to roll back to",
+                hint=f"Deploy an older version explicitly: `rayloop deploy {name}@VERSION`.",
+            )
+        return deploy(settings, f"{name}@{prev}", Strategy.ROLLING, interval_s=1.0, backend=backend)
+    if not owner_alive(active):
+        out = reconcile(settings, name, backend=backend, intent=cmd, actor=by)
+        rollout: dict[str, Any] = out["rollout"]
+        return rollout
+    reg.update_rollout(active["id"], event={"event": "command", "command": cmd.value, "by": by})
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        rec = reg.rollout(active["id"])
+        if not rec["active"]:
+            return rec
+        time.sleep(0.5)
+    raise RolloutError(
+        f"rollout {active['id']} did not end within {wait_s:.0f}s of the {cmd.value} command",
+        hint=f"Its controller ({active['owner']}) may be stuck; `rayloop status --reconcile` takes over once it is gone.",
+    )
+
+
+def status(
+    settings: Settings, name: str | None = None, *, backend: Backend | None = None, window_s: float = 60.0
+) -> dict[str, Any]:
+    """Versions, aliases, slots, weights, the active rollout and live per-slot metrics."""
+    reg = Registry.from_settings(settings)
+    names = [name] if name else reg.list_models()
+    be = backend
+    app: AppState | None = None
+    app_error: str | None = None
+    live: dict[str, Any] = {}
+    try:
+        be = be or _default_backend(settings, start_local=False)
+        app = be.read()
+        if app is not None:
+            now = time.time()
+            live = {k: v.summary() for k, v in be.window(now - window_s).items()}
+            if app.slots.get(SHADOW) is not None:
+                live["shadow_pairs"] = be.shadow_window(now - window_s)
+    except Exception as e:  # status must work without a cluster
+        app_error = f"{type(e).__name__}: {e}"
+    models: dict[str, Any] = {}
+    for n in names:
+        active = reg.active_rollout(n)
+        past = reg.rollouts(n)
+        last = next((r for r in past if not r["active"]), None)
+        models[n] = {
+            "aliases": reg.aliases(n),
+            "deployments": reg.deployments(n),
+            "active_rollout": None if active is None else _summary(active, alive=owner_alive(active)),
+            "last_rollout": None if last is None else _summary(last),
+        }
+    return {
+        "app": None if be is None else be.app_name,
+        "serve": None if app is None else app.summary(),
+        "serve_error": app_error,
+        "live_window_s": window_s,
+        "live": live,
+        "models": models,
+    }
+
+
+def _summary(r: dict[str, Any], alive: bool | None = None) -> dict[str, Any]:
+    st = r["state"]
+    out = {
+        "id": r["id"],
+        "strategy": r["strategy"],
+        "from_version": r["from_version"],
+        "to_version": r["to_version"],
+        "status": r["status"],
+        "phase": st.get("phase"),
+        "step": st.get("step"),
+        "percent": st.get("percent"),
+        "reason": st.get("reason"),
+        "started_at": r["started_at"],
+        "ended_at": r["ended_at"],
+        "owner": r["owner"],
+    }
+    if alive is not None:
+        out["owner_alive"] = alive
+    return out

@@ -1,0 +1,334 @@
+"""Controller and strategies against the in-memory fake backend (real registry on SQLite)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rayloop.config import Strategy, load_settings
+from rayloop.errors import ConfigError, NotFoundError, RolloutError, RolloutInProgressError
+from rayloop.registry import Registry
+from rayloop.rollout.backend import idle_state
+from rayloop.rollout.controller import (
+    deploy,
+    owner_alive,
+    parse_duration,
+    parse_steps,
+    reconcile,
+    send_command,
+    status,
+)
+from rayloop.rollout.fake_backend import Behaviour, FakeBackend
+from rayloop.rollout.routing import CANARY, SHADOW, STABLE, RouteTable
+from rayloop.serving.protocol import ModelConfig
+from tests.registry_util import make_model_dir
+
+FAST = {"interval_s": 0.3, "hold_s": 0.3}
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, Any]:
+    settings = load_settings(
+        env={"RAYLOOP_HOME": str(tmp_path / "home")},
+        overrides={"rollout": {"min_requests_per_step": 20, "min_ratings_per_step": 10}},
+    )
+    reg = Registry.from_settings(settings)
+    v1 = reg.register("demo", make_model_dir(tmp_path / "m1", seed=1))
+    v2 = reg.register("demo", make_model_dir(tmp_path / "m2", seed=2))
+    reg.set_alias("demo", "production", 1)
+    cfg1 = ModelConfig(model="demo", version=1, fingerprint=v1.fingerprint)
+    backend = FakeBackend(state=idle_state("demo", cfg1, RouteTable(versions={STABLE: 1})))
+    return {"settings": settings, "reg": reg, "backend": backend, "v1": v1, "v2": v2}
+
+
+def _events(rec: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [e for e in rec["history"] if e["event"] == name]
+
+
+def _final_app(backend: FakeBackend) -> tuple[int | None, int | None, int | None, float]:
+    st = backend.state
+    assert st is not None
+    return st.version(STABLE), st.version(CANARY), st.version(SHADOW), st.table.canary_percent
+
+
+def test_parse_duration_and_steps() -> None:
+    assert [parse_duration(v) for v in ("30s", "2m", "500ms", "1h", "7", 3)] == [30, 120, 0.5, 3600, 7, 3]
+    with pytest.raises(ConfigError, match="'soon' is not understood"):
+        parse_duration("soon")
+    assert parse_steps("5, 25,50,100") == [5, 25, 50, 100]
+    with pytest.raises(ConfigError, match="must end at 100"):
+        parse_steps("5,25")
+    with pytest.raises(ConfigError, match="not comma-separated integers"):
+        parse_steps("5,x")
+
+
+def test_canary_succeeds_step_by_step_and_moves_aliases(env: dict[str, Any]) -> None:
+    seen: list[dict[str, Any]] = []
+    rec = deploy(
+        env["settings"], "demo@2", "canary", steps=[10, 50, 100], **FAST, backend=env["backend"], on_event=seen.append
+    )
+    assert rec["status"] == "succeeded" and rec["strategy"] == "canary"
+    steps = _events(rec, "step_passed")
+    assert [s["percent"] for s in steps] == [10, 50, 100]
+    assert all(s["decision"] == "pass" and s["canary"]["requests"] >= 20 for s in steps)
+    # Traffic went 0 -> 10 -> 50 -> 100 -> 0 on the canary slot, stable took v2 while canary held 100%.
+    applied = env["backend"].applied
+    assert [a.table.canary_percent for a in applied] == [0, 10, 50, 100, 100, 0, 0]
+    assert applied[4].version(STABLE) == 2 and applied[4].version(CANARY) == 2
+    assert _final_app(env["backend"]) == (2, None, None, 0)
+    assert env["reg"].aliases("demo") == {"production": 2, "previous": 1}
+    assert env["backend"].golden == [2]
+    assert [e["event"] for e in seen][:2] == ["plan", "slot_ready"]
+    assert all("time" in e for e in rec["history"])
+    assert env["reg"].active_rollout("demo") is None
+
+
+def test_canary_with_worse_feedback_rolls_back_automatically(env: dict[str, Any]) -> None:
+    env["backend"].behaviours = {1: Behaviour(rating=1), 2: Behaviour(rating=-1)}
+    rec = deploy(env["settings"], "demo@2", Strategy.CANARY, steps=[10, 50, 100], **FAST, backend=env["backend"])
+    assert rec["status"] == "rolled_back"
+    breach = _events(rec, "breach")[0]
+    assert "mean rating -1.00 on canary vs +1.00 on stable" in breach["reasons"][0]
+    # Too few ratings at 10% to judge feedback; the breach comes as soon as there are enough.
+    assert [s["percent"] for s in _events(rec, "step_passed")] in ([], [10])
+    assert _events(rec, "promote") == [] and "mean rating" in rec["state"]["reason"]
+    assert _final_app(env["backend"]) == (1, None, None, 0)
+    assert env["reg"].aliases("demo") == {"production": 1}
+
+
+def test_canary_erroring_rolls_back_at_the_step_it_breaches(env: dict[str, Any]) -> None:
+    env["backend"].behaviours = {2: Behaviour(error_rate=0.2)}
+    rec = deploy(env["settings"], "demo@2", "canary", steps=[10, 100], **FAST, backend=env["backend"])
+    assert rec["status"] == "rolled_back" and re.match(r"error rate (19|20).0% on canary", rec["state"]["reason"])
+    assert env["reg"].get_alias("demo", "production") == 1
+
+
+def test_slow_canary_rolls_back(env: dict[str, Any]) -> None:
+    env["backend"].behaviours = {2: Behaviour(latency_ms=500)}
+    rec = deploy(env["settings"], "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"])
+    assert rec["status"] == "rolled_back" and rec["state"]["reason"].startswith("p95 latency 500 ms")
+
+
+def test_gate_rejection_blocks_deploy_unless_forced(env: dict[str, Any]) -> None:
+    env["reg"].annotate("demo@2", "gate", {"decision": "rejected", "reasons": ["eval_split regressed"]})
+    with pytest.raises(RolloutError, match=r"demo@2 was rejected by the validation gate \(eval_split regressed\)") as e:
+        deploy(env["settings"], "demo@2", "canary", backend=env["backend"])
+    assert "--force" in e.value.hint
+    assert env["backend"].applied == [] and env["reg"].rollouts("demo") == []
+    rec = deploy(env["settings"], "demo@2", "rolling", force=True, interval_s=0.2, backend=env["backend"])
+    assert rec["status"] == "succeeded" and rec["plan"]["force"] is True
+
+
+def test_second_rollout_is_refused_while_one_runs(env: dict[str, Any]) -> None:
+    env["reg"].begin_rollout(
+        "demo", from_version=1, to_version=2, strategy="canary", plan={}, owner=f"{socket.gethostname()}:{os.getpid()}"
+    )
+    with pytest.raises(RolloutInProgressError, match="is running"):
+        deploy(env["settings"], "demo@2", "canary", backend=env["backend"])
+
+
+def test_blue_green_switches_at_once_and_holds(env: dict[str, Any]) -> None:
+    rec = deploy(env["settings"], "demo@2", "blue-green", **FAST, backend=env["backend"])
+    assert rec["status"] == "succeeded"
+    pcts = [a.table.canary_percent for a in env["backend"].applied]
+    assert pcts == [0, 100, 100, 0, 0]  # green up, one switch, stable takes v2, back to stable, release
+    assert [e["event"] for e in rec["history"] if e["event"] in ("smoke", "switch", "hold_passed", "promote")] == [
+        "smoke",
+        "switch",
+        "hold_passed",
+        "promote",
+    ]
+    assert env["reg"].aliases("demo") == {"production": 2, "previous": 1}
+
+
+def test_blue_green_breach_in_hold_switches_back_and_restores_alias(env: dict[str, Any]) -> None:
+    env["backend"].behaviours = {2: Behaviour(error_rate=0.5)}
+    rec = deploy(env["settings"], "demo@2", "blue-green", interval_s=0.3, hold_s=2, backend=env["backend"])
+    assert rec["status"] == "rolled_back"
+    assert _final_app(env["backend"]) == (1, None, None, 0)
+    assert env["reg"].aliases("demo") == {"production": 1}
+    moves = [(h["alias"], h["from"], h["to"]) for h in env["reg"].alias_history("demo") if h["alias"] != "previous"]
+    assert moves[-4:] == [("canary", None, 2), ("production", 1, 2), ("production", 2, 1), ("canary", 2, None)]
+
+
+def test_blue_green_refuses_a_green_that_fails_its_smoke_test(env: dict[str, Any]) -> None:
+    env["backend"].smoke_problems = ["slot canary: golden prompt 0 got status 500"]
+    with pytest.raises(RolloutError, match="failed its smoke test"):
+        deploy(env["settings"], "demo@2", "blue-green", **FAST, backend=env["backend"])
+    rec = env["reg"].rollouts("demo")[0]
+    assert rec["status"] == "failed" and _final_app(env["backend"]) == (1, None, None, 0)
+    assert env["reg"].aliases("demo") == {"production": 1}
+
+
+def test_rolling_swaps_stable_in_place(env: dict[str, Any]) -> None:
+    rec = deploy(env["settings"], "demo@2", "rolling", interval_s=0.2, backend=env["backend"])
+    assert rec["status"] == "succeeded"
+    assert [a.version(CANARY) for a in env["backend"].applied] == [None] * len(env["backend"].applied)
+    assert _final_app(env["backend"]) == (2, None, None, 0) and env["backend"].golden == [2]
+
+
+def test_shadow_reports_and_changes_nothing_served(env: dict[str, Any]) -> None:
+    env["backend"].behaviours = {2: Behaviour(shadow_agreement=0.75)}
+    rec = deploy(env["settings"], "demo@2", "shadow", interval_s=0.5, backend=env["backend"])
+    assert rec["status"] == "succeeded"
+    report = rec["state"]["report"]
+    assert report["pairs"] > 0 and report["exact_match_rate"] == 0.75 and report["shadow_versions"] == [2]
+    assert all(a.table.canary_percent == 0 for a in env["backend"].applied)
+    assert _final_app(env["backend"]) == (1, None, None, 0)
+    assert env["reg"].aliases("demo") == {"production": 1}
+    assert env["reg"].resolve("demo@2").annotations["shadow"]["rollout_id"] == rec["id"]
+
+
+def test_abort_command_reaches_a_running_controller(env: dict[str, Any]) -> None:
+    out: dict[str, Any] = {}
+    t = threading.Thread(
+        target=lambda: out.update(
+            deploy(env["settings"], "demo@2", "canary", steps=[10, 100], interval_s=30, backend=env["backend"])
+        )
+    )
+    t.start()
+    deadline = time.monotonic() + 10
+    while (env["reg"].active_rollout("demo") or {}).get("state", {}).get(
+        "phase"
+    ) != "step" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rec = send_command(env["settings"], "demo", "abort", by="test", wait_s=10)
+    t.join(10)
+    assert rec["status"] == "aborted" and out["status"] == "aborted"
+    assert _events(rec, "command_received")[0]["by"] == "test"
+    assert _final_app(env["backend"]) == (1, None, None, 0)
+
+
+def test_promote_command_finishes_early(env: dict[str, Any]) -> None:
+    t = threading.Thread(
+        target=lambda: deploy(
+            env["settings"], "demo@2", "canary", steps=[10, 100], interval_s=30, backend=env["backend"]
+        )
+    )
+    t.start()
+    deadline = time.monotonic() + 10
+    while (env["reg"].active_rollout("demo") or {}).get("state", {}).get(
+        "phase"
+    ) != "step" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    rec = send_command(env["settings"], "demo", "promote", by="test", wait_s=10)
+    t.join(10)
+    assert rec["status"] == "succeeded" and env["reg"].get_alias("demo", "production") == 2
+    assert _final_app(env["backend"]) == (2, None, None, 0)
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _orphan(env: dict[str, Any], phase: str) -> int:
+    """A rollout whose controller died mid-way, with Serve left as it was."""
+    reg: Registry = env["reg"]
+    cfg2 = ModelConfig(model="demo", version=2, fingerprint=env["v2"].fingerprint)
+    rid = reg.begin_rollout(
+        "demo", from_version=1, to_version=2, strategy="canary", plan={}, owner=f"{socket.gethostname()}:{_dead_pid()}"
+    )
+    cfg1 = env["backend"].state.slots[STABLE]
+    reg.update_rollout(
+        rid,
+        state={
+            "phase": phase,
+            "from_cfg": cfg1.model_dump(),
+            "to_cfg": cfg2.model_dump(),
+            "aliases_before": {"production": 1, "previous": None, "canary": None},
+        },
+    )
+    reg.set_alias("demo", "canary", 2)
+    env["backend"].apply(
+        idle_state("demo", cfg1).model_copy(
+            update={
+                "slots": {STABLE: cfg1, CANARY: cfg2, SHADOW: None},
+                "table": RouteTable(canary_percent=25, epoch=5),
+            }
+        )
+    )
+    return rid
+
+
+def test_reconcile_rolls_back_an_orphaned_canary(env: dict[str, Any]) -> None:
+    rid = _orphan(env, "step")
+    assert not owner_alive(env["reg"].rollout(rid))
+    out = reconcile(env["settings"], "demo", backend=env["backend"])
+    assert out["action"] == "rolled_back" and out["rollout"]["status"] == "rolled_back"
+    assert "is gone (phase step)" in out["rollout"]["state"]["reason"]
+    assert _final_app(env["backend"]) == (1, None, None, 0)
+    assert env["reg"].aliases("demo") == {"production": 1}
+    assert reconcile(env["settings"], "demo", backend=env["backend"])["action"] == "none"
+
+
+def test_reconcile_finishes_an_orphaned_promotion(env: dict[str, Any]) -> None:
+    _orphan(env, "promoting")
+    out = reconcile(env["settings"], "demo", backend=env["backend"])
+    assert out["action"] == "rolled_forward"
+    assert _final_app(env["backend"]) == (2, None, None, 0)
+    assert env["reg"].aliases("demo") == {"production": 2, "previous": 1}
+
+
+def test_deploy_again_after_a_crash_reconciles_first(env: dict[str, Any]) -> None:
+    old = _orphan(env, "step")
+    rec = deploy(env["settings"], "demo@2", "canary", steps=[100], interval_s=0.2, backend=env["backend"])
+    assert env["reg"].rollout(old)["status"] == "rolled_back" and rec["status"] == "succeeded"
+    assert env["reg"].get_alias("demo", "production") == 2
+
+
+def test_reconcile_repairs_serve_drift_without_a_rollout(env: dict[str, Any]) -> None:
+    cfg1 = env["backend"].state.slots[STABLE]
+    env["backend"].apply(env["backend"].state.model_copy(update={"table": RouteTable(canary_percent=30, epoch=9)}))
+    out = reconcile(env["settings"], "demo", backend=env["backend"])
+    assert out["action"] == "repaired"
+    assert env["backend"].state.table.canary_percent == 0 and env["backend"].state.slots[STABLE] == cfg1
+
+
+def test_rollback_without_active_rollout_returns_to_previous(env: dict[str, Any]) -> None:
+    deploy(env["settings"], "demo@2", "rolling", interval_s=0.2, backend=env["backend"])
+    rec = send_command(env["settings"], "demo", "rollback", backend=env["backend"])
+    assert rec["status"] == "succeeded" and rec["to_version"] == 1
+    assert env["reg"].get_alias("demo", "production") == 1 and _final_app(env["backend"]) == (1, None, None, 0)
+    with pytest.raises(NotFoundError, match="no rollout of 'demo' is running"):
+        send_command(env["settings"], "demo", "abort", backend=env["backend"])
+
+
+def test_first_deploy_starts_the_app(tmp_path: Path) -> None:
+    settings = load_settings(env={"RAYLOOP_HOME": str(tmp_path / "home")})
+    reg = Registry.from_settings(settings)
+    reg.register("demo", make_model_dir(tmp_path / "m1", seed=1))
+    backend = FakeBackend()
+    rec = deploy(settings, "demo@1", "canary", backend=backend)
+    assert rec["status"] == "succeeded" and rec["from_version"] is None
+    assert _final_app(backend) == (1, None, None, 0) and reg.get_alias("demo", "production") == 1
+    assert reg.deployments("demo")[0]["slot"] == "stable"
+
+
+def test_failed_serve_change_rolls_back_and_raises(env: dict[str, Any]) -> None:
+    env["backend"].fail_apply_when = lambda st: st.table.canary_percent == 50
+    with pytest.raises(RolloutError, match="failed and was rolled back: RuntimeError: simulated Serve failure"):
+        deploy(env["settings"], "demo@2", "canary", steps=[10, 50, 100], **FAST, backend=env["backend"])
+    assert env["reg"].rollouts("demo")[0]["status"] == "failed"
+    assert _final_app(env["backend"]) == (1, None, None, 0)
+
+
+def test_status_reports_slots_aliases_and_live_metrics(env: dict[str, Any]) -> None:
+    deploy(env["settings"], "demo@2", "canary", steps=[100], interval_s=0.2, backend=env["backend"])
+    time.sleep(0.1)  # some simulated traffic on the promoted stable slot
+    st = status(env["settings"], "demo", backend=env["backend"])
+    assert st["serve"]["slots"] == {"stable": 2, "canary": None, "shadow": None}
+    m = st["models"]["demo"]
+    assert m["aliases"] == {"production": 2, "previous": 1}
+    assert m["last_rollout"]["status"] == "succeeded" and m["active_rollout"] is None
+    assert st["live"]["stable"]["requests"] > 0
