@@ -424,8 +424,8 @@ def _plan(
     settings: Settings,
     strategy: Strategy,
     steps: list[int] | None,
-    interval_s: float | None,
-    hold_s: float | None,
+    interval_s: float | str | None,
+    hold_s: float | str | None,
     force: bool,
 ) -> dict[str, Any]:
     r = settings.rollout
@@ -453,19 +453,30 @@ def _check_gate(mv: Any, force: bool) -> dict[str, Any] | None:
     return gate if isinstance(gate, dict) else None
 
 
+def preflight(
+    settings: Settings, ref: str, force: bool, *, reg: Registry | None = None
+) -> tuple[Any, dict[str, Any] | None]:
+    """Resolve ``ref`` and apply the gate check (no cluster needed); return the version and its gate record."""
+    mv = (reg or Registry.from_settings(settings)).resolve(ref)
+    return mv, _check_gate(mv, force)
+
+
 def deploy(
     settings: Settings,
     ref: str,
     strategy: Strategy | str,
     *,
     steps: list[int] | None = None,
-    interval_s: float | None = None,
-    hold_s: float | None = None,
+    interval_s: float | str | None = None,
+    hold_s: float | str | None = None,
     force: bool = False,
     on_event: EventSink | None = None,
     backend: Backend | None = None,
 ) -> dict[str, Any]:
     """Roll ``ref`` (``NAME@VERSION|ALIAS``) out with ``strategy``; return the final rollout record.
+
+    ``interval_s``/``hold_s`` take seconds or durations such as ``"30s"``;
+    ``steps`` default to ``rollout.canary_steps``.
 
     The record has ``status`` (``succeeded``, ``rolled_back``, ``aborted`` or
     ``failed``), ``state`` (phase, reason, shadow report) and ``history``: the
@@ -478,8 +489,7 @@ def deploy(
     kind = _strategy(strategy)
     plan = _plan(settings, kind, steps, interval_s, hold_s, force)
     reg = Registry.from_settings(settings)
-    mv = reg.resolve(ref)
-    gate = _check_gate(mv, force)
+    mv, gate = preflight(settings, ref, force, reg=reg)
     be = backend or _default_backend(settings)
     name = mv.name
 
