@@ -268,6 +268,34 @@ def register_lazy(name: str, module: str, attr: str, help: str) -> None:
 register_lazy("models", "rayloop.registry.cli", "models", "Model repository: versions, aliases, lineage.")
 
 
+class _LazyLeaf(click.Command):
+    """A top-level command that lives in another module, imported when it runs (or shows --help)."""
+
+    def __init__(self, name: str, module: str, attr: str, help: str) -> None:
+        super().__init__(name=name, help=help)
+        self._loader = _lazy_group(module, attr)
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        # The real command parses its own options; Group.invoke then calls ctx.command.invoke.
+        return self._loader().make_context(info_name, args, parent=parent, **extra)
+
+
+def register_lazy_command(name: str, module: str, attr: str, help: str) -> None:
+    cli.add_command(_LazyLeaf(name, module, attr, help))
+
+
+for _name, _attr, _help in (
+    ("deploy", "deploy_cmd", "Roll a version out: rolling, blue-green, canary or shadow."),
+    ("promote", "promote_cmd", "Promote the running rollout's new version now."),
+    ("abort", "abort_cmd", "Abort the running rollout (traffic back to the old version)."),
+    ("rollback", "rollback_cmd", "Roll back the running rollout, or production to 'previous'."),
+    ("status", "status_cmd", "Versions, slots, weights, rollout step and live metrics."),
+):
+    register_lazy_command(_name, "rayloop.rollout.cli", _attr, _help)
+
+
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="rayloop", standalone_mode=True)
 
