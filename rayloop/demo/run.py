@@ -96,7 +96,7 @@ def run_demo(
 
     from rayloop.pipeline import run_pipeline
     from rayloop.registry import Registry
-    from rayloop.serving.deploy import deploy, resolve_version
+    from rayloop.rollout.controller import deploy
 
     t0 = time.monotonic()
     out = _Out(quiet)
@@ -106,9 +106,13 @@ def run_demo(
     world, v1 = _register_base(settings, out)
 
     out.step(2, f"serving {MODEL}@production and simulating users")
-    deployed = deploy(settings, resolve_version(settings, f"{MODEL}@production"))
+    t_serve = time.monotonic()
+    deployed = deploy(settings, f"{MODEL}@production", "rolling")
     url = _base_url(settings)
-    out.info(f"{url}/v1/chat/completions answers as {MODEL}@{deployed.version} ({deployed.seconds:.0f}s to deploy)")
+    out.info(
+        f"{url}/v1/chat/completions answers as {MODEL}@{deployed['to_version']} "
+        f"({time.monotonic() - t_serve:.0f}s to deploy, rollout {deployed['status']})"
+    )
     sim = UserSimulator(world, seed=7)
     traffic = Traffic(url, MODEL, sim, poison=poison)
     before = traffic.run(sim.covering_requests(repeats=repeats)).to_json()
