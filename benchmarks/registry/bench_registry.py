@@ -127,15 +127,18 @@ def run(args: argparse.Namespace, storage_uri: str | None, endpoint: str | None)
                     )
                 )
             )
-            shutil.rmtree(reg.cache_dir, ignore_errors=True)
             fetched: list[Path] = []
             times["fetch_cold"].append(timed(lambda mv=mv, out=fetched: out.append(reg.fetch(mv.ref))))
             times["fetch_cached"].append(timed(lambda mv=mv, out=fetched: out.append(reg.fetch(mv.ref))))
             assert fetched[0] == fetched[1]
-            # keep the disk footprint flat between rounds
+            # Keep the disk footprint flat between rounds, and let the deletes (the
+            # filesystem may discard freed blocks) settle before the next timed step.
             reg.storage.delete(f"baseline/{r}")
             shutil.rmtree(down)
+            shutil.rmtree(reg.cache_dir, ignore_errors=True)
             reg.delete(mv.ref)
+            os.sync()
+            time.sleep(2)
         med = {k: statistics.median(v) for k, v in times.items()}
         result = {
             "storage": "s3 (moto server)" if storage_uri else "local",
