@@ -38,7 +38,7 @@ def register_worker(
     try:
         model = make_model_dir(Path(workdir) / f"m{seed}", seed=seed)
         reg = Registry(storage, db, cache_dir=cache, s3_endpoint=endpoint)
-        barrier.wait(60)
+        barrier.wait(180)
         mv = reg.register("demo", model, metadata={"seed": seed}, actor=f"w{seed}")
         queue.put(("ok", seed, mv.version, mv.fingerprint))
     except BaseException as e:
@@ -54,13 +54,13 @@ def race_worker(
 
     try:
         reg = Registry(storage, db, cache_dir=cache, s3_endpoint=endpoint)
-        barrier.wait(60)
+        barrier.wait(180)
         try:
             reg.set_alias("demo", "production", version, expect=1, actor=f"w{version}", reason="race")
             queue.put(("alias", version, "won"))
         except AliasConflictError:
             queue.put(("alias", version, "lost"))
-        barrier.wait(60)
+        barrier.wait(180)
         try:
             reg.begin_rollout(
                 "demo", from_version=1, to_version=version, strategy="canary", plan={}, owner=f"w{version}"

@@ -151,7 +151,7 @@ def test_concurrent_registrations_get_distinct_versions(
     ]
     for p in procs:
         p.start()
-    results = [queue.get(timeout=120) for _ in procs]
+    results = [queue.get(timeout=300) for _ in procs]
     for p in procs:
         p.join(30)
     assert [r for r in results if r[0] != "ok"] == []
@@ -184,7 +184,7 @@ def test_concurrent_alias_moves_and_rollout_lock_exactly_one_wins(
     ]
     for p in procs:
         p.start()
-    results: list[Any] = [queue.get(timeout=120) for _ in range(2 * WORKERS)]
+    results: list[Any] = [queue.get(timeout=300) for _ in range(2 * WORKERS)]
     for p in procs:
         p.join(30)
     assert [r for r in results if r[0] == "error"] == []
