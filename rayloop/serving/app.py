@@ -117,8 +117,9 @@ def build_openai_app(args: ServeArgs | dict[str, Any]) -> Any:
     ingress = serve.deployment(OpenAIIngress).options(  # type: ignore[attr-defined]
         name=INGRESS_NAME,
         num_replicas=1,
-        max_ongoing_requests=s.serving.max_ongoing_requests * s.serving.replicas,
-        max_queued_requests=s.serving.max_queued_requests,
+        # The ingress only forwards: the engine deployment enforces the queue limit and answers an
+        # OpenAI-style 503 with Retry-After, which a limit here would pre-empt with Serve's own 503.
+        max_ongoing_requests=10_000,
         ray_actor_options={"num_cpus": 0.1},
     )
     return ingress.bind({STABLE_SLOT: server}, settings_dict, a.name, a.api_key_hashes)

@@ -1,5 +1,8 @@
 """A deterministic :class:`~rayloop.serving.engine.Engine` without a model, for fast unit tests.
 
+Two magic prompts: ``__raise__`` makes the engine raise (engine failure),
+``__sleep__`` takes two seconds (overload).
+
 Answers are a function of the prompt and of the weights file's content (so a
 weight swap changes them), and follow the OpenAI response shapes. Pass it to a
 replica with ``engine_cls="rayloop.serving.fake_engine:FakeEngine"``.
@@ -90,6 +93,8 @@ class FakeEngine:
         words = self._answer(prompt, max_tokens)
         if prompt == "__raise__":
             raise EngineError("fake engine failure requested")
+        if prompt == "__sleep__":  # a slow request, for overload tests
+            await asyncio.sleep(2.0)
         stats.prompt_tokens = len(prompt.split())
         stats.first_token_at = time.monotonic()
         stats.completion_tokens = len(words)

@@ -300,6 +300,8 @@ class OpenAIIngress:
         if head.version:
             headers[VERSION_HEADER] = str(head.version)
             headers["x-rayloop-model"] = served_model_id(head.model, head.version)
+        if head.status == 503:
+            headers["Retry-After"] = "5"
         if not head.streaming:
             ctx.finish(head.status, head.tail or ReplyTail())
             return JSONResponse(head.body, status_code=head.status, headers=headers)

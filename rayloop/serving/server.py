@@ -174,15 +174,21 @@ class LLMServer:
         self._report(SwapReport(cfg.model, cfg.version, "in_place", time.monotonic() - t0, golden_ok=True))
 
     async def _fresh(self, target: _Loaded, t0: float, *, mode: str, reason: str) -> None:
-        # Stop the old engine first: two engines at once would double the replica's memory.
-        if self._engine is not None:
-            old, self._engine, self._loaded = self._engine, None, None
+        old = self._engine
+        if old is not None and self._settings.serving.engine.accelerator == "gpu":
+            # Two engines do not fit on one GPU: stop the old one first (Serve sends this replica no traffic now).
+            self._engine, self._loaded = None, None
             await old.shutdown()
+            old = None
+        # On CPU the old engine keeps answering until the new one is ready (a short-lived second engine's
+        # memory), so a request that still reaches this replica during the rebuild is not failed.
         engine = self._engine_cls()
         cfg = target.cfg
         await engine.start(target.model_dir, self._settings.serving.engine, [cfg.served_id, cfg.model])
         self._engine = engine
         self._loaded = target
+        if old is not None:
+            await old.shutdown()
         ok = await self._check_or_record_golden(target)
         self._report(SwapReport(cfg.model, cfg.version, mode, time.monotonic() - t0, reason=reason, golden_ok=ok))
 

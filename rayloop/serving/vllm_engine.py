@@ -14,6 +14,7 @@ re-dispatch the packed CPU GEMM weights (tied embeddings keep a stale packed
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -140,11 +141,18 @@ class VLLMEngine:
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(_engine_argv(model_dir, settings, served_names))
         engine_args = AsyncEngineArgs.from_cli_args(args)
-        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-        try:
-            self._llm = AsyncLLM.from_vllm_config(
+
+        def build() -> Any:
+            vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+            return AsyncLLM.from_vllm_config(
                 vllm_config=vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=True
             )
+
+        try:
+            # In a thread: starting the engine blocks for tens of seconds (process spawn, handshake), and
+            # the replica's event loop must keep answering meanwhile. AsyncLLM built outside a running loop
+            # starts its output tasks lazily, on the first request.
+            self._llm = await asyncio.to_thread(build)
         except Exception as e:
             raise EngineError(f"vLLM failed to start on {model_dir!r}: {e}") from e
         client = _ObservedEngineClient(self._llm)
@@ -251,9 +259,8 @@ class VLLMEngine:
 
     async def shutdown(self) -> None:
         if self._llm is not None:
-            self._llm.shutdown()
-            self._llm = None
-            self._state = None
+            llm, self._llm, self._state = self._llm, None, None
+            await asyncio.to_thread(llm.shutdown)  # blocks while engine processes exit
 
 
 def dumps_body(body: dict[str, Any]) -> str:

@@ -1,0 +1,281 @@
+"""Fast tests of the serving pieces: no Ray cluster, no vLLM (FakeEngine passed by constructor)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rayloop.config import Settings
+from rayloop.data.capture import CaptureClient, CaptureWriter, read_feedback, read_interactions, utcnow
+from rayloop.errors import ConfigError, IntegrityError, NotFoundError, UnsafeArtifactError
+from rayloop.serving import checkpoint, golden
+from rayloop.serving.app import ServeArgs
+from rayloop.serving.auth import KeyChecker, hash_key, load_key_hashes
+from rayloop.serving.protocol import ModelConfig, ReplyHead, ReplyTail, parse_ref
+from rayloop.serving.server import LLMServer
+from rayloop.storage import Storage
+
+FAKE = "rayloop.serving.fake_engine:FakeEngine"
+
+
+def _safetensors(path: Path, tensors: dict[str, list[int]], truncate: int = 0) -> None:
+    header: dict[str, Any] = {}
+    off = 0
+    for name, shape in tensors.items():
+        n = 4
+        for d in shape:
+            n *= d
+        header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header).encode()
+    data = struct.pack("<Q", len(raw)) + raw + bytes(off)
+    path.write_bytes(data[: len(data) - truncate] if truncate else data)
+
+
+def _model_dir(root: Path, *, seed: int = 0, tie: bool = False, hidden: int = 4) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": hidden, "tie_word_embeddings": tie, "seed": seed}
+    (root / "config.json").write_text(json.dumps(cfg))
+    (root / "tokenizer.json").write_text('{"v": 1}')
+    tensors = {"embed.weight": [8, hidden]}
+    if not tie:
+        tensors["lm_head.weight"] = [8, hidden]
+    _safetensors(root / "model.safetensors", tensors)
+    # Different seeds -> different bytes (the fake engine's answers depend on them).
+    with open(root / "model.safetensors", "ab") as f:
+        f.write(bytes([seed]))
+    return root
+
+
+# -- checkpoint -----------------------------------------------------------------
+def test_check_model_dir_and_signatures(tmp_path: Path) -> None:
+    a = checkpoint.check_model_dir(_model_dir(tmp_path / "a", seed=1))
+    b = checkpoint.check_model_dir(_model_dir(tmp_path / "b", seed=2))
+    assert a.differences(b) == []  # same shapes, other weights: in-place swap allowed
+    tied = checkpoint.check_model_dir(_model_dir(tmp_path / "t", tie=True))
+    assert any("tensor set" in d for d in a.differences(tied))
+    wide = checkpoint.check_model_dir(_model_dir(tmp_path / "w", hidden=8))
+    assert any("config" in d for d in a.differences(wide))
+
+
+def test_check_model_dir_refuses_bad_checkpoints(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError):
+        checkpoint.check_model_dir(tmp_path / "missing")
+    d = _model_dir(tmp_path / "trunc")
+    _safetensors(d / "model.safetensors", {"embed.weight": [8, 4]}, truncate=10)
+    with pytest.raises(IntegrityError, match="truncated"):
+        checkpoint.check_model_dir(d)
+    p = _model_dir(tmp_path / "pickle")
+    (p / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(UnsafeArtifactError):
+        checkpoint.check_model_dir(p)
+    s = _model_dir(tmp_path / "shards")
+    (s / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00002.safetensors"}}))
+    with pytest.raises(IntegrityError, match="lacks shards"):
+        checkpoint.check_model_dir(s)
+    ok = _model_dir(tmp_path / "fp")
+    with pytest.raises(IntegrityError, match="fingerprint"):
+        checkpoint.check_model_dir(ok, expected_fingerprint="0" * 64)
+    checkpoint.check_model_dir(ok, expected_fingerprint=checkpoint.fingerprint(ok))
+
+
+def test_fingerprint_matches_the_registry_definition(tmp_path: Path) -> None:
+    from rayloop.registry.artifacts import fingerprint as registry_fingerprint
+
+    d = _model_dir(tmp_path / "m")
+    (d / ".hidden").write_text("ignored")
+    assert checkpoint.fingerprint(d) == registry_fingerprint(checkpoint.manifest(d))  # type: ignore[arg-type]
+
+
+# -- protocol, args, auth -------------------------------------------------------
+def test_model_config_and_refs() -> None:
+    assert parse_ref("demo@3") == ("demo", "3") and parse_ref("demo") == ("demo", None)
+    with pytest.raises(ConfigError):
+        parse_ref("bad name@")
+    cfg = ModelConfig(model="demo", version=2)
+    assert cfg.served_id == "demo@v2"
+    with pytest.raises(ValueError, match="fingerprint"):
+        ModelConfig(model="demo", version=1, fingerprint="abc")
+    with pytest.raises(ValueError):
+        ModelConfig(model="demo", version=0)
+
+
+def test_serve_args_validate_the_settings_model() -> None:
+    a = ServeArgs.model_validate({"model": "demo", "settings": {"serving": {"replicas": 2}}})
+    assert a.name == "demo" and a.settings.serving.replicas == 2
+    with pytest.raises(ValueError, match="replicaz"):
+        ServeArgs.model_validate({"model": "demo", "settings": {"serving": {"replicaz": 2}}})
+
+
+def test_api_keys(tmp_path: Path) -> None:
+    f = tmp_path / "keys"
+    f.write_text("# comment\nkey-b\n\n")
+    s = Settings.model_validate({"serving": {"api_keys_file": str(f)}})
+    hashes = load_key_hashes(s.serving, env={"RAYLOOP_API_KEYS": "key-a, "})
+    assert hashes == {hash_key("key-a"), hash_key("key-b")}
+    kc = KeyChecker(hashes)
+    assert kc.allows("Bearer key-a") and kc.allows("bearer key-b")
+    assert not kc.allows(None) and not kc.allows("Bearer nope") and not kc.allows("key-a")
+    assert KeyChecker(set()).allows(None)
+    with pytest.raises(ConfigError, match="api_keys_file"):
+        load_key_hashes(Settings.model_validate({"serving": {"api_keys_file": str(tmp_path / "none")}}).serving, env={})
+
+
+# -- LLMServer with the fake engine ---------------------------------------------------
+async def _drain(gen: Any) -> list[Any]:
+    return [x async for x in gen]
+
+
+def test_llm_server_versions_in_place_rebuild_and_validation(tmp_path: Path) -> None:
+    settings = Settings.model_validate({"home": str(tmp_path / "home")})
+    v1 = _model_dir(tmp_path / "v1", seed=1)
+    v2 = _model_dir(tmp_path / "v2", seed=2)
+    tied = _model_dir(tmp_path / "t", seed=3, tie=True)
+
+    async def run() -> None:
+        srv = LLMServer(settings.dump(), "stable", engine_cls=FAKE)
+        (head,) = await _drain(srv.chat({"messages": [{"role": "user", "content": "hi"}]}, "r0"))
+        assert head.status == 503  # nothing loaded yet
+
+        await srv.reconfigure({"model": "demo", "version": 1, "path": str(v1)})
+        assert srv.last_swap is not None and srv.last_swap.mode == "fresh" and srv.last_swap.golden_ok
+        items = await _drain(
+            srv.chat({"model": "demo", "messages": [{"role": "user", "content": "a b"}], "max_tokens": 5}, "r1")
+        )
+        (head,) = items
+        assert isinstance(head, ReplyHead) and head.status == 200 and head.version == 1
+        assert head.body is not None and head.body["model"] == "demo@v1"
+        assert head.tail is not None and head.tail.completion_tokens == 3 and head.tail.text.endswith("b a")
+        first_answer = head.tail.text
+
+        # No golden record for v2 yet: an in-place swap cannot be verified, so the engine is rebuilt.
+        await srv.reconfigure({"model": "demo", "version": 2, "path": str(v2)})
+        assert srv.last_swap.mode == "rebuild" and "no golden record" in srv.last_swap.reason
+
+        # Back to v1 (recorded): same shapes, golden record present -> in place, verified.
+        await srv.reconfigure({"model": "demo", "version": 1, "path": str(v1)})
+        assert srv.last_swap.mode == "in_place" and srv.last_swap.golden_ok is True
+        assert srv._engine.reloads == 1  # type: ignore[union-attr]
+        items = await _drain(
+            srv.chat({"messages": [{"role": "user", "content": "a b"}], "max_tokens": 5, "stream": True}, "r2")
+        )
+        head, *chunks, tail = items
+        assert head.streaming and head.version == 1 and isinstance(tail, ReplyTail)
+        assert "".join(chunks).rstrip().endswith("data: [DONE]") and tail.text == first_answer
+
+        # Other tensor set -> rebuild.
+        await srv.reconfigure({"model": "demo", "version": 3, "path": str(tied)})
+        assert srv.last_swap.mode == "rebuild" and "tensor set" in srv.last_swap.reason
+
+        # A bad checkpoint is refused before the engine is touched; the replica keeps serving v3.
+        with pytest.raises(IntegrityError):
+            await srv.reconfigure({"model": "demo", "version": 4, "path": str(v2), "fingerprint": "0" * 64})
+        info = await srv.info()
+        assert info["version"] == 3
+        (head,) = await _drain(srv.completion({"prompt": "x y", "max_tokens": 0}, "r3"))
+        assert head.status == 400 and head.body["error"]["param"] == "max_tokens"
+        await srv.check_health()
+
+    asyncio.run(run())
+
+
+def test_golden_mismatch_rebuilds(tmp_path: Path) -> None:
+    settings = Settings.model_validate({"home": str(tmp_path / "home")})
+    v1 = _model_dir(tmp_path / "v1", seed=1)
+    v2 = _model_dir(tmp_path / "v2", seed=2)
+    storage = Storage(settings.storage_root)
+    es = settings.serving.engine
+    # A wrong record for v2, as if the in-place engine answered differently from a fresh one.
+    fp2 = checkpoint.fingerprint(v2)
+    golden.save_golden(storage, golden.GoldenRecord(fp2, golden.engine_key(es), list(golden.PROMPTS), ["x"] * 4), es)
+
+    async def run() -> None:
+        srv = LLMServer(settings.dump(), "stable", engine_cls=FAKE)
+        await srv.reconfigure({"model": "demo", "version": 1, "path": str(v1)})
+        await srv.reconfigure({"model": "demo", "version": 2, "path": str(v2)})
+        assert srv.last_swap is not None and srv.last_swap.mode == "rebuild"
+        assert "golden prompts" in srv.last_swap.reason and srv.last_swap.golden_ok is False
+
+    asyncio.run(run())
+
+
+# -- capture ---------------------------------------------------------------------
+def _row(rid: str, version: int = 1) -> dict[str, Any]:
+    return {
+        "request_id": rid,
+        "timestamp": utcnow(),
+        "model_name": "demo",
+        "model_version": version,
+        "endpoint": "chat",
+        "status": "ok",
+        "completion": "c",
+    }
+
+
+def test_capture_writer_batches_partitions_and_bounds(tmp_path: Path) -> None:
+    async def run() -> None:
+        w = CaptureWriter(str(tmp_path), None, batch_rows=3, flush_s=60, max_buffer=5)
+        assert await w.append("interactions", [_row("a"), _row("b"), _row("c", 2)]) == 0
+        assert await w.append("interactions", [_row("d")]) == 0  # 3 rows of v1 -> one file written
+        assert len(list(Storage(str(tmp_path)).list("interactions"))) == 1
+        # 1 row (c) is buffered; the buffer holds 5, so 4 of 10 new rows fit and 6 are dropped.
+        assert await w.append("interactions", [_row(str(i)) for i in range(10)]) == 6
+        assert (await w.stats())["dropped"]["interactions"] == 6
+        await w.flush()
+        assert await w.lookup("c") == {"model_name": "demo", "model_version": 2}
+        await w.append(
+            "feedback",
+            [{"request_id": "a", "timestamp": utcnow(), "rating": 1, "model_name": "demo", "model_version": 1}],
+        )
+        await w.flush()
+        # A new writer (restart) finds old ids on disk.
+        w2 = CaptureWriter(str(tmp_path), None, batch_rows=3, flush_s=60, max_buffer=5)
+        assert await w2.lookup("a") == {"model_name": "demo", "model_version": 1}
+        assert await w2.lookup("nope") is None
+
+    asyncio.run(run())
+    tbl = read_interactions(str(tmp_path))
+    assert tbl.num_rows == 8
+    assert set(tbl.column("version").to_pylist()) == {1, 2}
+    assert read_interactions(str(tmp_path), version=2).num_rows == 1
+    assert read_feedback(str(tmp_path)).num_rows == 1
+    assert not [k for k in Storage(str(tmp_path)).list("") if "/.tmp-" in k]
+
+
+class _FakeWriterHandle:
+    """Stands in for the actor handle: ``writer.method.remote(...)`` returns an awaitable."""
+
+    def __init__(self, writer: CaptureWriter) -> None:
+        self.w = writer
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.w, name)
+
+        class _M:
+            @staticmethod
+            def remote(*a: Any) -> Any:
+                return method(*a)
+
+        return _M
+
+
+def test_capture_client_never_blocks_and_flushes_on_close(tmp_path: Path) -> None:
+    drops: list[int] = []
+
+    async def run() -> None:
+        w = CaptureWriter(str(tmp_path), None, batch_rows=100, flush_s=60, max_buffer=1000)
+        c = CaptureClient(
+            _FakeWriterHandle(w), batch_rows=100, flush_s=60, max_buffer=4, on_drop=lambda t, n: drops.append(n)
+        )
+        results = [c.record("interactions", _row(str(i))) for i in range(6)]
+        assert results == [True] * 4 + [False] * 2 and c.dropped == 2 and sum(drops) == 2
+        assert await c.lookup("3") == {"model_name": "demo", "model_version": 1}  # still queued locally
+        await c.close()
+
+    asyncio.run(run())
+    assert read_interactions(str(tmp_path)).num_rows == 4
