@@ -126,13 +126,30 @@ def init(ctx: click.Context, out: str | None, steps: int | None, seed: int, forc
 
 @cli.command()
 @click.option("--poison", is_flag=True, help="Users give wrong corrections: the gate must reject the candidate.")
+@click.option("--steps", default="25,50,100", show_default=True, help="Canary traffic percentages.")
+@click.option("--interval", type=float, default=10.0, show_default=True, help="Seconds at each canary step.")
+@click.option("--repeats", type=click.IntRange(1), default=2, show_default=True, help="Times each new-fact question is asked.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
-def demo(ctx: click.Context, poison: bool, as_json: bool) -> None:
-    """Run the whole loop on the embedded default and print a summary."""
-    from rayloop.demo import run as demo_run
+def demo(ctx: click.Context, poison: bool, steps: str, interval: float, repeats: int, as_json: bool) -> None:
+    """Run the whole loop on the embedded default and print a summary.
 
-    summary = demo_run.run_demo(_settings(ctx), poison=poison, quiet=as_json)
+    JSON keys (also in $RAYLOOP_HOME/demo-summary.json): baseline and candidate
+    {version, new_accuracy, known_accuracy, eval_split_accuracy}, gate {decision,
+    reasons}, rollout {strategy, status, steps, timeline, requests,
+    failed_requests, by_version}, traffic_before, production_version,
+    pipeline_run, endpoint, dashboard, duration_s.
+    """
+    from rayloop.demo import run as demo_run
+    from rayloop.errors import ConfigError
+
+    try:
+        canary = [int(x) for x in steps.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--steps {steps!r} is not a comma-separated list of percentages like 25,50,100") from None
+    summary = demo_run.run_demo(
+        _settings(ctx), poison=poison, quiet=as_json, repeats=repeats, canary_steps=canary, canary_interval_s=interval
+    )
     if as_json:
         _print_json(summary)
 
@@ -223,6 +240,42 @@ def pipeline_watch(ctx: click.Context, max_runs: int | None) -> None:
     s = _settings(ctx)
     cluster.connect(s)
     watch(s, on_stage=_stage_printer(), max_runs=max_runs, log=click.echo)
+
+
+# --- serving -------------------------------------------------------------
+@cli.command()
+@click.option(
+    "--model",
+    "model_ref",
+    required=True,
+    help="NAME@REF from the registry (demo@3, demo@production), or NAME with --path.",
+)
+@click.option("--path", type=click.Path(exists=True, file_okay=False), help="Serve a local HF model directory instead.")
+@click.option("--version", type=click.IntRange(1), help="Version number to report for --path (default 1).")
+@click.option("--app", "app_name", help="Serve application name (default: serving.app_name).")
+@click.option("--no-wait", is_flag=True, help="Return once the config is applied, before replicas serve it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    model_ref: str,
+    path: str | None,
+    version: int | None,
+    app_name: str | None,
+    no_wait: bool,
+    as_json: bool,
+) -> None:
+    """Serve a model version (OpenAI API); run again with another version to upgrade in place."""
+    from rayloop.serving.cli import serve_model
+
+    out = serve_model(_settings(ctx), model_ref, path=path, version=version, app_name=app_name, wait=not no_wait)
+    if as_json:
+        _print_json(out)
+    else:
+        was = f" (was v{out['upgraded_from']})" if out["upgraded_from"] else ""
+        click.echo(
+            f"{out['app']}: serving {out['model']}@v{out['version']}{was} at {out['url']} ({out['seconds']:.1f}s)"
+        )
 
 
 def _lazy_group(module: str, attr: str) -> Callable[[], click.Command]:
