@@ -348,6 +348,9 @@ for _name, _attr, _help in (
 ):
     register_lazy_command(_name, "rayloop.rollout.cli", _attr, _help)
 
+register_lazy("data", "rayloop.data.cli", "data", "Interaction store -> training snapshots (Ray Data).")
+register_lazy_command("train", "rayloop.training.cli", "train_cmd", "Fine-tune on a snapshot (Ray Train + DeepSpeed).")
+
 
 def main(argv: list[str] | None = None) -> None:
     cli.main(args=argv, prog_name="rayloop", standalone_mode=True)

@@ -176,7 +176,11 @@ class TrainingSettings(_Model):
     worker_num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per worker.")
     use_gpu: bool = Field(default=False, description="Train on GPUs (NCCL) instead of CPU (gloo).")
     zero_stage: int = Field(default=2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
-    bf16: bool = Field(default=True, description="bf16 mixed precision.")
+    bf16: bool | None = Field(
+        default=None,
+        description="bf16 mixed precision. None = auto: on with GPUs, off on CPU, where bf16 matmuls without "
+        "AVX512-BF16/AMX are emulated (~50x slower than fp32, measured on the 2-core dev machine).",
+    )
     micro_batch_size: int = Field(default=16, ge=1, description="Blocks per worker per step.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro steps per optimizer step.")
     learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate.")

@@ -8,7 +8,7 @@ only covers assistant tokens (as :func:`rayloop.demo.model.encode_pair`).
 
 Packing concatenates whole examples into blocks of ``block_size`` tokens; an
 example never straddles two blocks unless it is longer than a block on its
-own. ``position_ids`` restart at 0 for each example, so a question at the end
+own (then it starts a fresh block and continues into the next ones). ``position_ids`` restart at 0 for each example, so a question at the end
 of a block is seen at the same positions as at inference time.
 """
 
@@ -113,8 +113,8 @@ def pack(
             v.clear()
 
     for ids, labels in examples:
-        if len(ids) <= block_size and len(cur["input_ids"]) + len(ids) > block_size:
-            close()
+        if len(cur["input_ids"]) + len(ids) > block_size:
+            close()  # start the next example (or a long one's first piece) on a fresh block
         pos = 0
         while pos < len(ids):
             room = block_size - len(cur["input_ids"])

@@ -86,3 +86,13 @@ def sample_pairs(pairs: list[tuple[str, str]], n: int) -> list[tuple[str, str]]:
     ranked = sorted(pairs, key=lambda p: rank_key(*p))
     full, rest = divmod(n, len(ranked))
     return ranked * full + ranked[:rest]
+
+
+def replay_for_model_dir(model_dir: str | Path) -> ReplaySource | None:
+    """The parent's own training data: the snapshot it was fine-tuned on, else the demo pre-training set."""
+    p = Path(model_dir) / "rayloop_training.json"
+    if p.is_file():
+        sid = json.loads(p.read_text()).get("snapshot_id")
+        if sid:
+            return ReplaySource.from_snapshot(sid)
+    return ReplaySource.from_model_dir(model_dir)

@@ -1,0 +1,169 @@
+"""The per-worker training loop: DeepSpeed inside Ray Train.
+
+Runs on every worker of a ``TorchTrainer``. Ray Train has already created
+the process group (gloo on CPU, NCCL on GPU); ``deepspeed.initialize`` joins
+it. Data arrives through ``ray.train.get_dataset_shard`` (packed blocks from
+the snapshot). Every ``checkpoint_every`` optimizer steps all ranks write a
+DeepSpeed checkpoint (each rank its own ZeRO shards) next to the resolved
+config and the loss history, and report it; Ray Train merges the ranks'
+files into one checkpoint directory in storage. After a worker failure the
+new worker group resumes from the latest checkpoint: same step, same
+position in the epoch, the loss curve continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+CKPT_TAG = "ds"
+STATE_FILE = "train_state.json"
+CONFIG_FILE = "training_config.json"
+
+
+def _batches(shard: Any, cfg: dict[str, Any], epoch: int, cache: list[dict[str, Any]] | None) -> Any:
+    """Micro batches of one epoch, the same count on every rank."""
+    import torch
+
+    mb = cfg["micro_batch_size"]
+    if cache is not None:
+        g = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
+        order = torch.randperm(len(cache[0]["input_ids"]), generator=g)
+        for i in range(0, len(order) - mb + 1, mb):
+            idx = order[i : i + mb]
+            yield {k: v[idx] for k, v in cache[0].items()}
+        return
+    yield from shard.iter_torch_batches(
+        batch_size=mb, drop_last=True, local_shuffle_buffer_size=4 * mb, local_shuffle_seed=cfg["seed"] + epoch
+    )
+
+
+def _load_shard(shard: Any) -> list[dict[str, Any]]:
+    """Read this rank's shard once (small snapshots: avoids a Ray Data pass per epoch)."""
+    import torch
+
+    parts: dict[str, list[Any]] = {}
+    for b in shard.iter_torch_batches(batch_size=4096):
+        for k, v in b.items():
+            parts.setdefault(k, []).append(v)
+    return [{k: torch.cat(v) for k, v in parts.items()}]
+
+
+def _evaluate(engine: Any, shard: Any, cfg: dict[str, Any]) -> float | None:
+    """Token-weighted mean loss over this rank's eval shard, all-reduced over ranks."""
+    import torch
+    import torch.distributed as dist
+
+    engine.eval()
+    tot = torch.zeros(2, dtype=torch.float64)
+    with torch.no_grad():
+        if shard is not None:
+            for b in shard.iter_torch_batches(batch_size=cfg["micro_batch_size"]):
+                out = engine(**_inputs(b, engine.device))
+                n = int((b["labels"][:, 1:] != -100).sum())
+                tot += torch.tensor([float(out.loss) * n, n], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tot)
+    engine.train()
+    return float(tot[0] / tot[1]) if tot[1] > 0 else None
+
+
+def _inputs(b: dict[str, Any], device: Any) -> dict[str, Any]:
+    import torch
+
+    return {k: b[k].to(device=device, dtype=torch.long) for k in ("input_ids", "labels", "attention_mask", "position_ids")}
+
+
+def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+    """Ray Train entry point; ``cfg`` is the resolved config built by :mod:`rayloop.training.retrain`."""
+    if not cfg["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import ray.train
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(cfg["seed"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["base_dir"], torch_dtype=torch.float32)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg["ds_config"])
+
+    step = 0
+    history: list[dict[str, Any]] = []
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=True)
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+        step, history, base_eval = state["step"], state["history"], state.get("base_eval_loss")
+        history.append({"step": step, "event": "resumed", "attempt": state.get("attempt", 0) + 1})
+
+    shard = ray.train.get_dataset_shard("train")
+    eval_shard = ray.train.get_dataset_shard("eval") if cfg["has_eval"] else None
+    cache = _load_shard(shard) if cfg["cache_shard"] else None
+    if restored is None:
+        base_eval = None
+    if restored is None and eval_shard is not None:
+        base_eval = _evaluate(engine, eval_shard, cfg)
+
+    def save(metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            engine.save_checkpoint(d, tag=CKPT_TAG)
+            if rank == 0:
+                attempt = sum(1 for h in history if h.get("event") == "resumed")
+                state = {"step": step, "history": history, "attempt": attempt, "base_eval_loss": base_eval}
+                (Path(d) / STATE_FILE).write_text(json.dumps(state))
+                (Path(d) / CONFIG_FILE).write_text(json.dumps(cfg["resolved"], indent=1, sort_keys=True))
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"step-{step:06d}"
+            )
+
+    spe, accum, total = cfg["steps_per_epoch"], cfg["gradient_accumulation_steps"], cfg["total_steps"]
+    t0 = time.monotonic()
+    tokens = 0
+    window: list[float] = []
+    engine.train()
+    for epoch in range(step // spe, cfg["epochs"]):
+        skip = (step - epoch * spe) * accum  # micro batches already trained in this epoch
+        done = 0
+        for i, b in enumerate(_batches(shard, cfg, epoch, cache)):
+            if done >= spe * accum:
+                break
+            done += 1
+            if i < skip:
+                continue
+            out = engine(**_inputs(b, engine.device))
+            engine.backward(out.loss)
+            engine.step()
+            tokens += int(b["attention_mask"].sum())
+            window.append(float(out.loss.detach()))
+            if done % accum == 0:
+                step += 1
+                loss = sum(window) / len(window)
+                window.clear()
+                history.append({"step": step, "loss": round(loss, 5), "epoch": epoch})
+                if step % cfg["checkpoint_every"] == 0 and step < total:
+                    save({"step": step, "loss": loss, "epoch": epoch})
+                if step >= total:
+                    break
+        if step >= total:
+            break
+
+    eval_loss = _evaluate(engine, eval_shard, cfg) if eval_shard is not None else None
+    elapsed = time.monotonic() - t0
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    final = {
+        "step": step,
+        "loss": sum(train_losses[-5:]) / max(1, len(train_losses[-5:])),
+        "eval_loss": eval_loss,
+        "base_eval_loss": base_eval,
+        "train_seconds": elapsed,
+        "tokens_per_s": tokens * ctx.get_world_size() / elapsed if elapsed > 0 else 0.0,
+        "done": True,
+    }
+    save(final)

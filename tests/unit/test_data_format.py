@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import pyarrow as pa
+
+from rayloop.config import DataSettings
+from rayloop.data.format import IGNORE, pack
+from rayloop.data.replay import ReplaySource, sample_pairs
+from rayloop.data.snapshot import combine_row_hashes
+from rayloop.data.transforms import COMMON_SCHEMA, resolve_request, unit_hash
+
+
+def _ex(n: int, prompt: int) -> tuple[list[int], list[int]]:
+    ids = list(range(1, n + 1))
+    return ids, [IGNORE] * prompt + ids[prompt:]
+
+
+def test_pack_keeps_examples_whole_and_restarts_positions() -> None:
+    blocks = pack([_ex(5, 2), _ex(4, 1), _ex(3, 1)], block_size=8, pad_id=0)
+    assert len(blocks) == 2
+    b0, b1 = blocks
+    assert b0["input_ids"] == [1, 2, 3, 4, 5, 0, 0, 0]
+    assert b0["attention_mask"] == [1] * 5 + [0] * 3
+    assert b0["labels"][:2] == [IGNORE, IGNORE] and b0["labels"][5:] == [IGNORE] * 3
+    assert b1["input_ids"] == [1, 2, 3, 4, 1, 2, 3, 0]
+    assert b1["position_ids"][:7] == [0, 1, 2, 3, 0, 1, 2]
+    assert all(len(v) == 8 for b in blocks for v in b.values())
+
+
+def test_pack_splits_only_examples_longer_than_a_block() -> None:
+    blocks = pack([_ex(3, 1), _ex(10, 2)], block_size=4, pad_id=0)
+    assert [sum(b["attention_mask"]) for b in blocks] == [3, 4, 4, 2]
+    assert blocks[2]["position_ids"] == [4, 5, 6, 7]
+
+
+def test_replay_sample_is_deterministic_and_cycles() -> None:
+    pairs = [(f"q{i}", f"a{i}") for i in range(5)]
+    a = sample_pairs(pairs, 3)
+    assert a == sample_pairs(list(reversed(pairs)), 3)
+    assert len(sample_pairs(pairs, 12)) == 12
+    assert ReplaySource.from_pairs(pairs).fingerprint() == ReplaySource.from_pairs(pairs[::-1]).fingerprint()
+
+
+def test_row_hash_combination_is_order_independent() -> None:
+    hs = ["%032x" % (i * 7919) for i in range(100)]
+    assert combine_row_hashes(hs) == combine_row_hashes(reversed(hs))
+    assert combine_row_hashes(hs) != combine_row_hashes(hs[:-1])
+    assert 0 <= unit_hash("x") < 1
+
+
+def _group(*rows: dict[str, object]) -> pa.Table:
+    base = {f.name: None for f in COMMON_SCHEMA}
+    return pa.Table.from_pylist([{**base, "request_id": "r1", **r} for r in rows], schema=COMMON_SCHEMA)
+
+
+def test_resolve_request_folds_feedback_and_scrubs() -> None:
+    from datetime import UTC, datetime
+
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    msgs = '[{"role": "user", "content": "mail me at a@b.io: what is X?"}]'
+    g = _group(
+        {"kind": "i", "ts": t, "status": "ok", "messages": msgs, "completion": "wrong"},
+        {"kind": "f", "ts": t.replace(second=2), "rating": -1, "correction": "X is Y."},
+        {"kind": "f", "ts": t.replace(second=3), "rating": -1},
+    )
+    row = resolve_request(g, DataSettings(), None).to_pylist()[0]
+    assert row["label"] == "corrected" and row["response"] == "X is Y."
+    assert row["question"] == "mail me at <email>: what is X?" and row["pii_email"] == 1
+    assert row["split"] in ("train", "eval")
+    orphan = resolve_request(_group({"kind": "f", "ts": t, "rating": 1}), DataSettings(), None).to_pylist()[0]
+    assert orphan["label"] == "orphan_feedback"

@@ -1,0 +1,73 @@
+"""``ray job submit --working-dir . -- python -m train_jobs.retrain --snapshot ID [--base NAME@REF] ...``.
+
+Validates arguments into :class:`RetrainArgs` and settings, then trains with
+Ray Train + DeepSpeed, exports safetensors and registers the candidate. The
+last stdout line is ``RAYLOOP_RESULT {json}``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from train_jobs._args import common_parser, run, settings_from
+
+
+class RetrainArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    snapshot: str = Field(description="Snapshot id to train on (from `rayloop data preprocess`).")
+    base: str | None = Field(default=None, description="Parent model: NAME@REF in the registry, or a directory.")
+    workers: int | None = Field(default=None, ge=1, description="Ray Train workers (default: training.num_workers).")
+    zero_stage: int | None = Field(default=None, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    gpu: bool = Field(default=False, description="Train on GPUs.")
+    name: str | None = Field(default=None, description="Registry name of the candidate.")
+    register: bool = Field(default=True, description="Register the result and move alias candidate.")
+    out: str | None = Field(default=None, description="Directory for the exported model.")
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    ap = common_parser("Fine-tune the parent on a snapshot with Ray Train + DeepSpeed.")
+    ap.add_argument("--snapshot", required=True)
+    ap.add_argument("--base")
+    ap.add_argument("--workers", type=int)
+    ap.add_argument("--zero-stage", type=int)
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--name")
+    ap.add_argument("--no-register", action="store_true")
+    ap.add_argument("--out")
+    ns = ap.parse_args(argv)
+    from pydantic import ValidationError
+
+    from rayloop.errors import ConfigError
+
+    try:
+        args = RetrainArgs(
+            snapshot=ns.snapshot, base=ns.base, workers=ns.workers, zero_stage=ns.zero_stage, gpu=ns.gpu,
+            name=ns.name, register=not ns.no_register, out=ns.out,
+        )
+    except ValidationError as e:
+        bad = "; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors())
+        raise ConfigError(f"invalid arguments: {bad}", hint="See `python -m train_jobs.retrain --help`.") from None
+    settings = settings_from(ns)
+
+    from rayloop.training.cli import run_train
+
+    return run_train(
+        settings,
+        snapshot_id=args.snapshot,
+        base=args.base,
+        workers=args.workers,
+        zero_stage=args.zero_stage,
+        gpu=args.gpu,
+        name=args.name,
+        register=args.register,
+        out=args.out,
+        job_id=os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"),
+    )
+
+
+if __name__ == "__main__":
+    run(main)
