@@ -81,3 +81,32 @@ def test_overload_is_a_503_with_retry_after(fake_app: dict[str, Any]) -> None:
         if r.status_code == 503:
             assert r.headers["retry-after"] and r.json()["error"]["type"] == "ServiceUnavailableError"
     assert _chat(fake_app["url"], "after the storm").status_code == 200
+
+
+def test_graceful_shutdown_flushes_capture(ray_cluster: dict[str, object], tmp_path: Path) -> None:
+    """After N requests and a clean stop, N interaction rows are in Parquet (nothing was flushed before)."""
+    from ray import serve
+
+    from rayloop.data.capture import read_interactions
+
+    settings = load_settings(
+        env={"RAYLOOP_HOME": str(tmp_path / "home")},
+        overrides={
+            "serving": {
+                "app_name": "rl-serving-flush",
+                "route_prefix": "/flush",
+                "replicas": 1,
+                "replica_num_cpus": 0.1,
+                "capture_flush_s": 600,
+                "capture_batch_rows": 1000,
+            }
+        },
+    )
+    deploy(settings, model_config_for_path("demo", _tiny_model(tmp_path / "m"), 1), engine_cls=FAKE, timeout_s=120)
+    url = serve_http_url() + "/flush"
+    n = 7
+    for i in range(n):
+        assert _chat(url, f"question {i}").status_code == 200
+    assert read_interactions(settings.storage_root).num_rows == 0  # still buffered
+    serve.delete("rl-serving-flush")
+    assert read_interactions(settings.storage_root).num_rows == n

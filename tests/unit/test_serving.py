@@ -279,3 +279,14 @@ def test_capture_client_never_blocks_and_flushes_on_close(tmp_path: Path) -> Non
 
     asyncio.run(run())
     assert read_interactions(str(tmp_path)).num_rows == 4
+
+
+def test_rayloop_serve_cli_rejects_bad_arguments(rayloop_home: Path) -> None:
+    from click.testing import CliRunner
+
+    from rayloop.cli import cli
+
+    r = CliRunner().invoke(cli, ["serve", "--model", "demo", "--version", "2"])
+    assert r.exit_code == 1 and "--version only goes with --path" in r.output
+    r = CliRunner().invoke(cli, ["serve", "--model", "bad name"])
+    assert r.exit_code == 1 and "NAME@REF" in r.output

@@ -40,6 +40,8 @@ def test_rayservice_manifest_gpu_tp2() -> None:
     es = args.settings.serving.engine
     assert es.accelerator == "gpu" and es.tensor_parallel_size == 2
     workers = doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    gpus = [int(c["resources"]["limits"]["nvidia.com/gpu"]) for w in workers for c in w["template"]["spec"]["containers"]]
+    gpus = [
+        int(c["resources"]["limits"]["nvidia.com/gpu"]) for w in workers for c in w["template"]["spec"]["containers"]
+    ]
     assert max(gpus) >= es.tensor_parallel_size  # one engine's shards fit on one worker pod
     assert doc["spec"]["rayClusterConfig"]["rayVersion"] == "2.60.0"
