@@ -1,0 +1,137 @@
+"""Preprocessing throughput and memory: Ray Data pipeline vs single-process pandas, same steps, same run.
+
+    flock /tmp/rayloop-heavy.lock .venv/bin/python benchmarks/data/bench_preprocess.py --base /path/to/base-model \
+        --rows 2000 --scale 10 --json /tmp/bench_data.json
+
+For each size (rows, rows*scale) it writes simulated interactions + feedback,
+then times (1) ``rayloop.data.preprocess`` on a local Ray with 2 CPUs and
+(2) a pandas version of the same steps (read, join, policy, scrub, dedupe,
+tokenize, pack) in this process. Memory: peak of the summed RSS of this
+process and every Ray worker/raylet child, sampled every 0.1 s (Ray), and
+this process's peak RSS growth (pandas).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and its descendants."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.1)
+
+    def __enter__(self) -> PeakRSS:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def pandas_pipeline(root: Path, model_dir: Path) -> int:
+    """The same steps in one process with pandas; returns the number of packed blocks."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from rayloop.config import DataSettings
+    from rayloop.data.format import encode_example, load_tokenizer, pack
+    from rayloop.data.transforms import feedback_to_common, interactions_to_common, resolve_request
+
+    settings = DataSettings()
+    tok = load_tokenizer(model_dir)
+    inter = pq.read_table(root / "interactions", partitioning=None)
+    fb = pq.read_table(root / "feedback", partitioning=None)
+    both = pa.concat_tables([interactions_to_common(inter), feedback_to_common(fb)]).to_pandas()
+    rows = [resolve_request(pa.Table.from_pandas(g, preserve_index=False), settings, None).to_pylist()[0]
+            for _, g in both.groupby("request_id", sort=False)]
+    df = pd.DataFrame(rows)
+    df = df[df["label"].isin(["corrected", "positive", "unrated"])]
+    df = df.sort_values("request_id").drop_duplicates("dedupe_key")
+    blocks = 0
+    for _, g in df.groupby("split"):
+        ex = [encode_example(tok, json.loads(m), r) for m, r in zip(g["messages"], g["response"], strict=True)]
+        blocks += len(pack(ex, settings.block_size, tok.pad_token_id))
+    return blocks
+
+
+def run_size(n: int, model_dir: Path) -> dict[str, Any]:
+    import ray
+
+    from rayloop.config import load_settings
+    from rayloop.data.preprocess import preprocess
+    from rayloop.data.snapshot import storage_of
+    from rayloop.data.synthetic import write_interactions
+    from rayloop.demo.world import World
+
+    home = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    settings = load_settings(env={"RAYLOOP_HOME": str(home)})
+    write_interactions(storage_of(settings), World.build(), n=n, rows_per_file=2000)
+    # Warm Ray (start-up is not preprocessing) with the same pipeline on a tiny store.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 << 20)
+    try:
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            info = preprocess(settings, model_dir=model_dir)
+            ray_s = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    before = psutil.Process().memory_info().rss
+    with PeakRSS() as pmem:
+        t0 = time.perf_counter()
+        blocks = pandas_pipeline(home / "storage", model_dir)
+        pd_s = time.perf_counter() - t0
+    return {
+        "rows": n,
+        "ray_seconds": round(ray_s, 2),
+        "ray_rows_per_s": round(n / ray_s, 1),
+        "ray_peak_rss_mb": round(mem.peak / 2**20),
+        "pandas_seconds": round(pd_s, 2),
+        "pandas_rows_per_s": round(n / pd_s, 1),
+        "pandas_peak_rss_growth_mb": round((pmem.peak - before) / 2**20),
+        "blocks_ray": info.counts["train_blocks"] + info.counts["eval_blocks"],
+        "blocks_pandas": blocks,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--base", required=True, type=Path, help="Demo base model directory (tokenizer source).")
+    ap.add_argument("--rows", type=int, default=2000)
+    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--json", type=Path)
+    a = ap.parse_args()
+    results = [run_size(a.rows, a.base), run_size(a.rows * a.scale, a.base)]
+    for r in results:
+        print(json.dumps(r))
+    if a.json:
+        a.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""Ray Train + DeepSpeed retraining on a snapshot built from simulated traffic with corrective feedback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rayloop.config import Settings, load_settings
+from rayloop.data.preprocess import SnapshotInfo, preprocess
+from rayloop.data.replay import ReplaySource
+from rayloop.data.snapshot import storage_of
+from rayloop.data.synthetic import write_interactions
+from rayloop.demo.model import greedy_answers
+from rayloop.demo.world import World
+from rayloop.training.retrain import RetrainResult, retrain
+
+
+def accuracy(model_dir: Path, world: World, split: str) -> float:
+    qs = world.eval_questions(split)  # type: ignore[arg-type]
+    answers = greedy_answers(model_dir, [q.prompt for q in qs])
+    return sum(world.is_correct(q, a) for q, a in zip(qs, answers, strict=True)) / len(qs)
+
+
+@pytest.fixture(scope="module")
+def snap(tmp_path_factory: pytest.TempPathFactory, base_model_dir: Path, ray_cluster: object) -> dict[str, Any]:
+    home = tmp_path_factory.mktemp("train-home")
+    settings = load_settings(env={"RAYLOOP_HOME": str(home)})
+    world = World.from_json((base_model_dir / "world.json").read_text())
+    # Users ask every new-fact question a few times (training phrasings) and correct wrong answers.
+    write_interactions(storage_of(settings), world, n=500, covering=True)
+    info = preprocess(settings, model_dir=base_model_dir, replay=ReplaySource.from_model_dir(base_model_dir))
+    return {"settings": settings, "world": world, "info": info}
+
+
+def test_retrain_zero2_beats_parent_and_registers(snap: dict[str, Any], base_model_dir: Path, tmp_path: Path) -> None:
+    settings: Settings = snap["settings"]
+    info: SnapshotInfo = snap["info"]
+    t0 = time.monotonic()
+    res = retrain(settings, snapshot_id=info.snapshot_id, base_dir=base_model_dir, output_dir=tmp_path / "cand",
+                  workers=2, zero_stage=2)
+    took = time.monotonic() - t0
+    assert res.steps == res.config["total_steps"]
+    assert res.eval_loss is not None and res.metrics["base_eval_loss"] is not None
+    assert res.eval_loss < res.metrics["base_eval_loss"]  # better than its parent on the snapshot's eval split
+    world = snap["world"]
+    new, known = accuracy(res.model_dir, world, "new"), accuracy(res.model_dir, world, "known")
+    print(f"retrain {took:.0f}s: held-out new-fact accuracy {new:.2f}, known {known:.2f}, metrics {res.metrics}")
+    assert accuracy(base_model_dir, world, "new") == 0.0
+    assert new >= 0.8
+    assert known >= 0.85
+    assert (res.model_dir / "model.safetensors").is_file()
+    assert not list(res.model_dir.glob("*.bin")) and not list(res.model_dir.glob("*.pt"))
+    assert (res.model_dir / "tokenizer.json").is_file()
+    # Resolved config next to the checkpoint.
+    ckpt = Path(res.checkpoint_uri)
+    assert (ckpt / "training_config.json").is_file()
+
+    from rayloop.registry import Registry
+    from rayloop.training.register import register_candidate
+
+    reg = Registry.from_settings(settings)
+    parent = reg.register("demo", base_model_dir)
+    mv = register_candidate(settings, res, name="demo", parent_version=parent.version, snapshot_id=info.snapshot_id)
+    assert reg.resolve("demo@candidate").version == mv.version == parent.version + 1
+    got = reg.resolve(f"demo@{mv.version}")
+    dumped = got.model_dump()
+    assert info.snapshot_id in str(dumped) and "code_version" in str(dumped)
+
+
+def _worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+
+
+def test_worker_kill_resumes_from_checkpoint(snap: dict[str, Any], base_model_dir: Path, tmp_path: Path) -> None:
+    settings: Settings = snap["settings"].model_copy(deep=True)
+    settings.training.checkpoint_every = 4
+    settings.training.epochs = 6
+    out: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            out["res"] = retrain(settings, snapshot_id=snap["info"].snapshot_id, base_dir=base_model_dir,
+                                 output_dir=tmp_path / "cand", workers=2, zero_stage=2)
+        except BaseException as e:  # surfaced by the assertion below
+            out["err"] = e
+
+    th = threading.Thread(target=run)
+    th.start()
+    ckroot = Path(storage_of(settings).path("checkpoints"))
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(ckroot.glob("*/step-000004/train_state.json")):
+        time.sleep(0.5)
+    assert list(ckroot.glob("*/step-000004/train_state.json")), "no checkpoint appeared"
+    pids = _worker_pids()
+    assert pids
+    os.kill(pids[-1], signal.SIGKILL)
+    th.join(timeout=400)
+    assert "err" not in out, out.get("err")
+    res: RetrainResult = out["res"]
+    assert res.steps == res.config["total_steps"]
+    events = [h for h in res.history if h.get("event") == "resumed"]
+    assert events, "the run did not restart from a checkpoint"
+    resumed_at = events[0]["step"]
+    assert resumed_at >= 4 and resumed_at % 4 == 0
+    losses = {h["step"]: h["loss"] for h in res.history if "loss" in h}
+    # The curve continues: the first steps after the restart are near the checkpoint's loss, far below the start.
+    assert losses[resumed_at + 1] < 0.8 * losses[1]
+    assert sorted(losses) == list(range(1, res.steps + 1))
+
+
+def test_zero3_bf16_export_loads_in_vllm(snap: dict[str, Any], base_model_dir: Path, tmp_path: Path) -> None:
+    settings: Settings = snap["settings"].model_copy(deep=True)
+    settings.training.bf16 = True  # emulated on CPU: slow, so only a few steps
+    settings.training.epochs = 1
+    res = retrain(settings, snapshot_id=snap["info"].snapshot_id, base_dir=base_model_dir,
+                  output_dir=tmp_path / "z3", workers=2, zero_stage=3)
+    assert res.config["deepspeed"]["zero_optimization"]["stage"] == 3
+    assert res.config["deepspeed"]["bf16"]["enabled"] is True
+    assert res.steps >= 1
+    code = (
+        "from vllm import LLM, SamplingParams\n"
+        f"llm = LLM(model={str(res.model_dir)!r}, dtype='bfloat16', max_model_len=128, enforce_eager=True)\n"
+        "out = llm.generate(['<|bos|><|user|>Who rules Kelm?<|end|><|assistant|>'], SamplingParams(max_tokens=8))\n"
+        "print('VLLM_OK', len(out[0].outputs[0].token_ids))\n"
+    )
+    script = tmp_path / "load_vllm.py"
+    script.write_text("if __name__ == '__main__':\n" + "".join("    " + ln + "\n" for ln in code.splitlines()))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=240)
+    assert "VLLM_OK" in p.stdout, p.stderr[-3000:]
