@@ -181,11 +181,11 @@ class TrainingSettings(_Model):
         description="bf16 mixed precision. None = auto: on with GPUs, off on CPU, where bf16 matmuls without "
         "AVX512-BF16/AMX are emulated (~50x slower than fp32, measured on the 2-core dev machine).",
     )
-    micro_batch_size: int = Field(default=16, ge=1, description="Blocks per worker per step.")
+    micro_batch_size: int = Field(default=8, ge=1, description="Blocks per worker per step.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro steps per optimizer step.")
     learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(default=10, ge=0, description="Linear warmup steps.")
-    epochs: int = Field(default=20, ge=1, description="Passes over the snapshot.")
+    epochs: int = Field(default=30, ge=1, description="Passes over the snapshot.")
     checkpoint_every: int = Field(default=50, ge=1, description="Checkpoint every N optimizer steps.")
     max_failures: int = Field(default=2, ge=0, description="Worker-group restarts before the run fails.")
     seed: int = Field(default=0, description="Random seed.")
