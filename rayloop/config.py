@@ -169,6 +169,11 @@ class DataSettings(_Model):
     eval_fraction: float = Field(default=0.1, ge=0, lt=1, description="Share of rows held out, by hash of request id.")
     max_tokens: int = Field(default=256, ge=8, description="Drop rows longer than this after tokenization.")
     block_size: int = Field(default=64, ge=8, description="Packed training block length in tokens.")
+    pack_examples: bool = Field(
+        default=False,
+        description="Pack several examples into one block (denser, but without a varlen attention kernel they "
+        "attend to each other). Off: one example per block, padded.",
+    )
 
 
 class TrainingSettings(_Model):

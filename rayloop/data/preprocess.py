@@ -257,7 +257,7 @@ def preprocess(
             _read(st, f"{staging}/pairs", columns=["split", "row_hash", "input_ids", "labels"], partitioning="hive")
             .map_batches(_fn(T.add_bucket), fn_args=(n_buckets,), batch_format="pyarrow")
             .groupby(["split", "bucket"], num_partitions=min(2 * n_buckets, 16))
-            .map_groups(_fn(T.pack_group), fn_args=(ds_cfg.block_size, tok.pad_token_id), batch_format="pyarrow")
+            .map_groups(_fn(T.pack_group), fn_args=(ds_cfg.block_size, tok.pad_token_id, ds_cfg.pack_examples), batch_format="pyarrow")
         )
         blocks.write_parquet(st.path(f"{staging}/blocks"), filesystem=st.fs, partition_cols=["split"])
         for split in SPLITS:
@@ -284,6 +284,7 @@ def preprocess(
                 "n": [counts["train_pairs"], counts["eval_pairs"]],
                 "tokenizer": tok_fp,
                 "block_size": ds_cfg.block_size,
+                "pack_examples": ds_cfg.pack_examples,
             }
         )
         final = snapshot_key(snapshot_id)

@@ -238,13 +238,13 @@ def sample_by_hash(t: pa.Table, fraction: float) -> pa.Table:
     return t.filter(pc.cast(pa.array(keep), pa.bool_()))
 
 
-def pack_group(group: pa.Table, block_size: int, pad_id: int) -> pa.Table:
+def pack_group(group: pa.Table, block_size: int, pad_id: int, share_blocks: bool = True) -> pa.Table:
     """Pack one hash bucket of examples, ordered by content hash (deterministic)."""
     import pyarrow.compute as pc
 
     group = group.take(pc.sort_indices(group, sort_keys=[("row_hash", "ascending")]))
     examples = zip(group["input_ids"].to_pylist(), group["labels"].to_pylist(), strict=True)
-    blocks = pack(examples, block_size, pad_id)
+    blocks = pack(examples, block_size, pad_id, share_blocks=share_blocks)
     out = pa.Table.from_pylist(blocks, schema=BLOCKS_SCHEMA) if blocks else BLOCKS_SCHEMA.empty_table()
     if "split" in group.column_names and group.num_rows:
         # Keep the partition key so the write can route blocks to their split.

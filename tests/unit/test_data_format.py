@@ -68,3 +68,15 @@ def test_resolve_request_folds_feedback_and_scrubs() -> None:
     assert row["split"] in ("train", "eval")
     orphan = resolve_request(_group({"kind": "f", "ts": t, "rating": 1}), DataSettings(), None).to_pylist()[0]
     assert orphan["label"] == "orphan_feedback"
+
+
+def test_unshared_blocks_hold_one_example_each() -> None:
+    from rayloop.data.format import pack
+
+    examples = [([1, 2, 3], [-100, 2, 3]), ([4, 5], [-100, 5]), ([6, 7, 8, 9], [-100, -100, 8, 9])]
+    shared = pack(examples, 8, 0)
+    alone = pack(examples, 8, 0, share_blocks=False)
+    assert len(shared) == 2
+    assert [b["input_ids"] for b in alone] == [[1, 2, 3, 0, 0, 0, 0, 0], [4, 5, 0, 0, 0, 0, 0, 0], [6, 7, 8, 9, 0, 0, 0, 0]]
+    assert all(b["position_ids"][0] == 0 for b in alone)
+    assert [sum(b["attention_mask"]) for b in alone] == [3, 2, 4]
