@@ -179,6 +179,9 @@ class DataSettings(_Model):
 class TrainingSettings(_Model):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers.")
     worker_num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per worker.")
+    data_num_cpus: float = Field(
+        default=0.1, gt=0, description="CPUs each Ray Data read task of the training set asks for (small: Serve may hold the rest)."
+    )
     use_gpu: bool = Field(default=False, description="Train on GPUs (NCCL) instead of CPU (gloo).")
     zero_stage: int = Field(default=2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     bf16: bool | None = Field(
