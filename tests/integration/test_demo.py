@@ -1,0 +1,94 @@
+"""The whole loop, as a user runs it: `rayloop demo` and `rayloop demo --poison`.
+
+Each run gets its own RAYLOOP_HOME and ports, starts its own Ray head through
+`rayloop up`, and is stopped with `rayloop down`. The base model built once for
+the test session is copied in (the demo reuses a matching build).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rayloop.config import load_settings
+from rayloop.registry import Registry
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_demo(base_model_dir: Path, root: Path, *args: str) -> tuple[dict[str, Any], Path]:
+    home = root / "home"
+    home.mkdir(parents=True)
+    shutil.copytree(base_model_dir, home / "base-model")
+    (root / "rayloop.yaml").write_text(
+        f"ray:\n  port: {_free_port()}\n  dashboard_port: {_free_port()}\nserving:\n  http_port: {_free_port()}\n"
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAYLOOP_CONFIG", "RAYLOOP_STORAGE", "RAYLOOP_REGISTRY_URL")
+    }
+    env["RAYLOOP_HOME"] = str(home)
+    cli = [sys.executable, "-m", "rayloop.cli"]
+    try:
+        r = subprocess.run(
+            [*cli, "demo", "--json", "--repeats", "1", "--steps", "50,100", "--interval", "8", *args],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        assert r.returncode == 0, f"demo failed ({r.returncode}):\n{r.stderr[-4000:]}"
+        summary = json.loads((home / "demo-summary.json").read_text())
+        assert json.loads(r.stdout[r.stdout.index("{") :]) == summary
+        # The endpoint is left up for the user to try.
+        import httpx
+
+        ping = httpx.get(f"{summary['endpoint']}/healthz", timeout=30)
+        assert ping.status_code == 200
+    finally:
+        subprocess.run([*cli, "down"], cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    return summary, root
+
+
+@pytest.mark.slow
+def test_demo_improves_production_and_poison_is_rejected(base_model_dir: Path, tmp_path: Path) -> None:
+    # Poisoned feedback first: the gate must stop the candidate; v1 stays in production.
+    bad, _ = _run_demo(base_model_dir, tmp_path / "poison", "--poison")
+    assert bad["gate"]["decision"] == "rejected", bad["gate"]
+    assert bad["production_version"] == 1
+    assert bad["rollout"]["requests"] == 0 and bad["rollout"]["steps"] == []
+    assert bad["candidate"]["new_accuracy"] < 0.5
+
+    good, root = _run_demo(base_model_dir, tmp_path / "good")
+    base, cand = good["baseline"], good["candidate"]
+    assert base["version"] == 1 and cand["version"] == 2
+    assert base["new_accuracy"] <= 0.2, base
+    assert cand["new_accuracy"] >= 0.8, cand
+    assert cand["known_accuracy"] >= base["known_accuracy"] - 0.1, (base, cand)
+    assert good["gate"]["decision"] == "accepted"
+    ro = good["rollout"]
+    assert ro["strategy"] == "canary" and ro["status"] == "succeeded", ro
+    assert ro["requests"] > 0 and ro["failed_requests"] == 0
+    assert good["traffic_before"]["failed_requests"] == 0
+    assert good["production_version"] == 2
+
+    # Lineage: v2 came from v1 through the snapshot the pipeline built.
+    settings = load_settings(root / "rayloop.yaml", env={"RAYLOOP_HOME": str(root / "home")})
+    chain = Registry.from_settings(settings).lineage("demo@2")
+    assert [v.version for v in chain] == [2, 1]
+    assert chain[0].lineage.get("snapshot_id")
+    assert chain[0].annotations["gate"]["decision"] == "accepted"
