@@ -123,7 +123,7 @@ def test_first_deploy_serves_v1_through_the_router(env: dict[str, Any]) -> None:
 def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, Any]) -> None:
     reg: Registry = env["reg"]
     # Users dislike every v2 answer and like every v1 answer.
-    with Load(env["url"], threads=5, sticky_threads=1, rate=lambda v: -1 if v == 2 else 1) as load:
+    with Load(env["url"], threads=3, sticky_threads=1, rate=lambda v: -1 if v == 2 else 1) as load:
         time.sleep(2)
         rec = deploy(env["settings"], "demo@2", "canary", steps=[20, 50, 100], interval_s=30)
         time.sleep(3)
@@ -150,16 +150,21 @@ def test_canary_steps_shares_sticky_sessions_and_promotion(env: dict[str, Any]) 
         fresh_rps = load.rps() * 5 / 6
         interval = max(10.0, 1100 / fresh_rps)
         print(f"load: {load.rps():.1f} req/s; step interval {interval:.1f}s")
-        rec = deploy(
-            env["settings"], "demo@2", "canary", steps=[20, 50, 100], interval_s=interval, on_event=events.append
-        )
+        load.resize(2)  # light load while the canary engine starts (it shares the two cores)
+
+        def on_event(e: dict[str, Any]) -> None:
+            events.append(e)
+            if e["event"] == "step":
+                load.resize(6)
+
+        rec = deploy(env["settings"], "demo@2", "canary", steps=[25, 100], interval_s=interval, on_event=on_event)
         time.sleep(3)
     print(timeline(rec))
     assert rec["status"] == "succeeded", rec["state"]
     _no_failures(load)
     starts = [e for e in events if e["event"] == "step"]
     ends = [e for e in events if e["event"] == "step_passed"]
-    assert [e["percent"] for e in starts] == [20, 50, 100] and [e["percent"] for e in ends] == [20, 50, 100]
+    assert [e["percent"] for e in starts] == [25, 100] and [e["percent"] for e in ends] == [25, 100]
     for start, end in zip(starts, ends, strict=True):
         fresh = load.between(start["time"] + 0.5, end["time"], sticky=False)
         share = 100.0 * sum(s.version == 2 for s in fresh) / len(fresh)
@@ -186,7 +191,7 @@ def test_blue_green_switch_and_rollback(env: dict[str, Any]) -> None:
     def run() -> None:
         out["rec"] = deploy(env["settings"], "demo@3", "blue-green", hold_s=300, on_event=events.append)
 
-    with Load(env["url"], threads=4, sticky_threads=1) as load:
+    with Load(env["url"], threads=2, sticky_threads=1) as load:
         t = threading.Thread(target=run)
         t.start()
         wait_for(lambda: any(e["event"] == "switch" for e in events), 300, "the blue-green switch")
@@ -212,7 +217,7 @@ def test_blue_green_switch_and_rollback(env: dict[str, Any]) -> None:
 def test_shadow_mirrors_without_changing_answers(env: dict[str, Any]) -> None:
     import pyarrow.dataset as ds
 
-    with Load(env["url"], threads=4, sticky_threads=0) as load:
+    with Load(env["url"], threads=2, sticky_threads=0) as load:
         time.sleep(1)
         rec = deploy(env["settings"], "demo@3", "shadow", interval_s=8)
         time.sleep(1)
@@ -247,7 +252,7 @@ def test_killed_controller_is_reconciled(env: dict[str, Any]) -> None:
     proc_env = {**os.environ, "RAY_ADDRESS": str(env["gcs"]), "RAYLOOP_HOME": str(env["home"])}
     cmd = [sys.executable, "-m", "rayloop.cli", "--config", str(env["config"]), "deploy", "demo@3"]
     cmd += ["--strategy", "canary", "--steps", "10,100", "--interval", "600s"]
-    with Load(env["url"], threads=3, sticky_threads=0) as load, log.open("w") as out:
+    with Load(env["url"], threads=2, sticky_threads=0) as load, log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=proc_env)
         try:
             wait_for(
@@ -282,7 +287,7 @@ def test_killed_controller_is_reconciled(env: dict[str, Any]) -> None:
 
 
 def test_rolling_upgrade_in_place_under_load(env: dict[str, Any]) -> None:
-    with Load(env["url"], threads=4, sticky_threads=0) as load:
+    with Load(env["url"], threads=2, sticky_threads=0) as load:
         time.sleep(1)
         rec = deploy(env["settings"], "demo@3", "rolling", interval_s=3)
         time.sleep(2)
