@@ -258,10 +258,19 @@ class Rollout:
         )
         new = AppState(model=self.name, slots=slots, table=table)
         self.save(desired=new.summary())
+        t0 = self.now()
         self.backend.apply(new)
         self.backend.wait(new, self.settings.rollout.ready_timeout_s)
         self.app = new
         self._mark(new)
+        if (t.canary_percent, t.shadow_percent) != (table.canary_percent, table.shadow_percent):
+            # How long the traffic change took to reach every router replica (switch/rollback time).
+            self.emit(
+                "traffic",
+                canary_percent=table.canary_percent,
+                shadow_percent=table.shadow_percent,
+                seconds=round(self.now() - t0, 3),
+            )
         return new
 
     def _mark(self, state: AppState) -> None:
