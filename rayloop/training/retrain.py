@@ -163,13 +163,12 @@ def retrain(
         # Read tasks ask for a fraction of a CPU: with Serve replicas and the training
         # workers holding the rest of a small cluster, a default 1-CPU read task never
         # gets scheduled and the workers wait on their shards forever.
-        read_args = {"num_cpus": settings.training.data_num_cpus}
         datasets: dict[str, Any] = {
             "train": ray.data.read_parquet(
                 parquet_files(st, snapshot_key(snapshot_id, "train", "blocks")),
                 filesystem=st.fs,
                 partitioning=None,
-                ray_remote_args=read_args,
+                num_cpus=settings.training.data_num_cpus,
             )
         }
         if cfg["has_eval"]:
@@ -177,7 +176,7 @@ def retrain(
                 parquet_files(st, snapshot_key(snapshot_id, "eval", "blocks")),
                 filesystem=st.fs,
                 partitioning=None,
-                ray_remote_args=read_args,
+                num_cpus=settings.training.data_num_cpus,
             )
         env = {"TOKENIZERS_PARALLELISM": "false"}
         if not ts.use_gpu:
