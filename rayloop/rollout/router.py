@@ -139,6 +139,13 @@ class RouterIngress(OpenAIIngress):
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
 
+    def on_failure(self, slot: str, request_id: str, error: Exception, latency_ms: float) -> None:
+        # A slot that cannot answer at all (dead replica, overload) counts against its version.
+        version = self.table.versions.get(slot, 0)
+        self.stats.observe(
+            slot, {"request_id": request_id, "model_version": version, "status": "error", "latency_ms": latency_ms}
+        )
+
     # -- shadow ------------------------------------------------------------
     async def _mirror(self, row: dict[str, Any]) -> None:
         rid = row["request_id"]

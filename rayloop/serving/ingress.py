@@ -164,6 +164,9 @@ class OpenAIIngress:
     def after_response(self, slot: str, row: dict[str, Any]) -> None:
         """Called with every interaction row (a router mirrors to shadow slots here)."""
 
+    def on_failure(self, slot: str, request_id: str, error: Exception, latency_ms: float) -> None:
+        """Called when ``slot`` failed before any engine answered (no row); a router counts it as an error."""
+
     # -- routes ------------------------------------------------------------
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -293,6 +296,10 @@ class OpenAIIngress:
         try:
             head = await gen.__anext__()
         except Exception as e:
+            try:
+                self.on_failure(slot, rid, e, (time.monotonic() - started) * 1000.0)
+            except Exception:
+                logger.exception("on_failure hook failed")
             return self._serve_error(e, rid)
         assert isinstance(head, ReplyHead)
         ctx = _RequestCtx(self, endpoint, slot, rid, body, request, started, head)
