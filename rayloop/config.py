@@ -107,7 +107,13 @@ class RaySettings(_Model):
         description="Ray cluster address (ray://host:10001 or host:6379). Default: $RAY_ADDRESS, else local.",
     )
     port: int = Field(default=6379, ge=1, le=65535, description="GCS port of the local head `rayloop up` starts.")
-    num_cpus: int = Field(default=2, ge=1, description="CPUs the local head advertises (explicit: never autodetect).")
+    num_cpus: int = Field(
+        default=4,
+        ge=1,
+        description="Logical CPUs the local head advertises (explicit: never autodetected). More than a small "
+        "machine's cores on purpose: Serve replicas, Train workers and Ray Data's 1-CPU file listing task must "
+        "all be schedulable at once during a rollout; the work itself is light.",
+    )
     num_gpus: int = Field(default=0, ge=0, description="GPUs the local head advertises.")
     dashboard_host: str = Field(default="127.0.0.1", description="Dashboard bind address.")
     dashboard_port: int = Field(default=8265, ge=1, le=65535, description="Dashboard port.")

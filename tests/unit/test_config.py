@@ -17,7 +17,7 @@ def test_defaults_live_under_home(tmp_path: Path) -> None:
     assert s.storage_root == str(tmp_path / "h" / "storage")
     assert s.registry_url == f"sqlite:///{tmp_path / 'h' / 'registry.db'}"
     assert s.ray.address is None
-    assert s.ray.num_cpus == 2
+    assert s.ray.num_cpus == 4
     assert s.rollout.strategy is Strategy.CANARY
 
 
