@@ -83,7 +83,7 @@ def _wait_for_gcs(address: str, log: Path, proc: subprocess.Popen[bytes], timeou
     raise ClusterError(f"Ray head did not come up within {timeout:.0f}s; see {log}")
 
 
-def up(settings: Settings, timeout: float = 90.0) -> ClusterState:
+def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
     """Start a local Ray head that outlives this process, or return the running one."""
     if settings.ray.address:
         raise ClusterError(
