@@ -186,6 +186,7 @@ class Rollout:
         # Commands already in the history (e.g. the one a reconcile acts on) are not new.
         self._handled = {i for i, ev in enumerate(reg.rollout(rid)["history"]) if ev.get("event") == "command"}
         self._last_beat = clock()
+        self._last_stable: SlotWindow | None = None  # stable over the last step it had traffic
 
     # -- bookkeeping -----------------------------------------------------------
     def emit(self, event: str, **data: Any) -> None:
@@ -313,10 +314,16 @@ class Rollout:
         w = self.backend.window(since)
         cand = w.get(slot, SlotWindow())
         base = baseline
+        enough = self.settings.rollout.min_requests_per_step
         if base is None:
             base = w.get(STABLE, SlotWindow()) if slot != STABLE else SlotWindow()
-            if base.requests < self.settings.rollout.min_requests_per_step and baseline_since is not None:
-                # At 100% (or right after a switch) stable has no traffic now: judge against what it did earlier.
+            if base.requests >= enough and slot != STABLE:
+                self._last_stable = base
+            elif self._last_stable is not None:
+                # At 100% stable has no traffic: compare with stable in the previous step (similar load).
+                base = self._last_stable
+            elif baseline_since is not None:
+                # Right after a switch: judge against what stable did before it.
                 base = self.backend.window(baseline_since).get(STABLE, SlotWindow())
         return judge(cand, base, self.settings.rollout)
 
