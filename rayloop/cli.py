@@ -128,7 +128,9 @@ def init(ctx: click.Context, out: str | None, steps: int | None, seed: int, forc
 @click.option("--poison", is_flag=True, help="Users give wrong corrections: the gate must reject the candidate.")
 @click.option("--steps", default="25,50,100", show_default=True, help="Canary traffic percentages.")
 @click.option("--interval", type=float, default=10.0, show_default=True, help="Seconds at each canary step.")
-@click.option("--repeats", type=click.IntRange(1), default=2, show_default=True, help="Times each new-fact question is asked.")
+@click.option(
+    "--repeats", type=click.IntRange(1), default=2, show_default=True, help="Times each new-fact question is asked."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 def demo(ctx: click.Context, poison: bool, steps: str, interval: float, repeats: int, as_json: bool) -> None:
