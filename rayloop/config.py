@@ -170,7 +170,7 @@ class DataSettings(_Model):
     unrated: UnratedPolicy = Field(default=UnratedPolicy.DROP, description="What to do with rows nobody rated.")
     min_positive_rating: int = Field(default=1, description="Ratings >= this keep the completion; below drop the row.")
     replay_ratio: float = Field(
-        default=1.0, ge=0, description="Rows of the parent's training data mixed in per new row (forgetting guard)."
+        default=2.0, ge=0, description="Rows of the parent's training data mixed in per new row (forgetting guard)."
     )
     eval_fraction: float = Field(default=0.1, ge=0, lt=1, description="Share of rows held out, by hash of request id.")
     max_tokens: int = Field(default=256, ge=8, description="Drop rows longer than this after tokenization.")
@@ -199,7 +199,7 @@ class TrainingSettings(_Model):
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro steps per optimizer step.")
     learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(default=10, ge=0, description="Linear warmup steps.")
-    epochs: int = Field(default=30, ge=1, description="Passes over the snapshot.")
+    epochs: int = Field(default=20, ge=1, description="Passes over the snapshot.")
     checkpoint_every: int = Field(default=50, ge=1, description="Checkpoint every N optimizer steps.")
     max_failures: int = Field(default=2, ge=0, description="Worker-group restarts before the run fails.")
     seed: int = Field(default=0, description="Random seed.")
@@ -208,7 +208,7 @@ class TrainingSettings(_Model):
 class GateSettings(_Model):
     min_improvement: float = Field(default=0.2, description="Candidate must beat production by this on the eval split.")
     max_regression: float = Field(
-        default=0.05, ge=0, description="Largest accuracy drop tolerated on the regression set (known facts)."
+        default=0.1, ge=0, description="Largest accuracy drop tolerated on the regression set (known facts)."
     )
     require_golden: bool = Field(default=True, description="All golden prompts must pass.")
     improve_on: list[str] = Field(
