@@ -101,8 +101,12 @@ class Verdict(BaseModel):
     stable: dict[str, Any] = Field(default_factory=dict, description="Stable (baseline) numbers.")
 
 
-def judge(canary: SlotWindow, stable: SlotWindow, t: RolloutSettings) -> Verdict:
-    """Compare ``canary`` with ``stable`` (the baseline) under the thresholds in ``t``."""
+def judge(canary: SlotWindow, stable: SlotWindow, t: RolloutSettings, *, latency: bool = True) -> Verdict:
+    """Compare ``canary`` with ``stable`` (the baseline) under the thresholds in ``t``.
+
+    ``latency=False`` skips the latency check (mid-step: queues right after a
+    traffic shift inflate p95 for a moment; latency is judged at the step's end).
+    """
     failed: list[str] = []
     notes: list[str] = []
     enough = canary.requests >= t.min_requests_per_step
@@ -124,7 +128,9 @@ def judge(canary: SlotWindow, stable: SlotWindow, t: RolloutSettings) -> Verdict
         notes.append(f"errors: {canary.requests} canary requests < {t.min_requests_per_step} needed")
 
     cp, sp = canary.p95_ms, stable.p95_ms
-    if enough and cp is not None and sp is not None and len(stable.latencies_ms) >= t.min_requests_per_step:
+    if not latency:
+        notes.append("latency: judged at the end of the step")
+    elif enough and cp is not None and sp is not None and len(stable.latencies_ms) >= t.min_requests_per_step:
         limit = max(sp * t.max_p95_latency_ratio, sp + t.latency_slack_ms)
         if cp > limit:
             failed.append(

@@ -300,9 +300,12 @@ class Rollout:
         t0 = self.now()
         end, hard = t0 + seconds, t0 + max(seconds, max_seconds or seconds)
         verdict: Verdict | None = None
+        # Requests queued across the traffic shift settle first; they would skew latency.
+        since = t0 + min(5.0, seconds * 0.1)
         while True:
             self.sleep(min(0.5, max(0.05, seconds / 4)))
-            verdict = self._judge(t0, slot, baseline_since, baseline)
+            final = self.now() >= end
+            verdict = self._judge(since, slot, baseline_since, baseline, latency=final)
             if verdict.decision == FAIL:
                 self.emit("breach", slot=slot, reasons=verdict.reasons, canary=verdict.canary, stable=verdict.stable)
                 raise Breach(verdict)
@@ -310,7 +313,15 @@ class Rollout:
             if now >= end and (verdict.decision == PASS or now >= hard):
                 return verdict
 
-    def _judge(self, since: float, slot: str, baseline_since: float | None, baseline: SlotWindow | None) -> Verdict:
+    def _judge(
+        self,
+        since: float,
+        slot: str,
+        baseline_since: float | None,
+        baseline: SlotWindow | None,
+        *,
+        latency: bool = True,
+    ) -> Verdict:
         w = self.backend.window(since)
         cand = w.get(slot, SlotWindow())
         base = baseline
@@ -325,7 +336,7 @@ class Rollout:
             elif baseline_since is not None:
                 # Right after a switch: judge against what stable did before it.
                 base = self.backend.window(baseline_since).get(STABLE, SlotWindow())
-        return judge(cand, base, self.settings.rollout)
+        return judge(cand, base, self.settings.rollout, latency=latency)
 
     def shadow_report(self, since: float) -> dict[str, Any]:
         w = self.backend.window(since)
