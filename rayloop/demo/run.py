@@ -123,7 +123,7 @@ def run_demo(
     )
 
     out.step(3, "pipeline: preprocess -> retrain (DeepSpeed) -> register -> evaluate -> gate")
-    live: dict[str, Traffic] = {}
+    live: dict[str, Any] = {}
 
     def on_stage(stage: str, status: str, info: dict[str, Any]) -> None:
         detail = ""
@@ -135,7 +135,8 @@ def run_demo(
             detail = f"candidate {info['ref']}"
         elif stage == "evaluate" and status in ("done", "reused"):
             detail = f"{info['decision']}: {'; '.join(info['reasons'])}"
-        elif stage == "deploy" and status == "running":
+            live["accepted"] = info["decision"] == "accepted"
+        elif stage == "deploy" and status == "running" and live.get("accepted"):
             out.step(4, "canary rollout under live simulated traffic")
             live["t"] = Traffic(url, MODEL, UserSimulator(world, seed=11))
             live["t"].start()

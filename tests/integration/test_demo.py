@@ -65,14 +65,17 @@ def _run_demo(base_model_dir: Path, root: Path, *args: str) -> tuple[dict[str, A
 
 
 @pytest.mark.slow
-def test_demo_improves_production_and_poison_is_rejected(base_model_dir: Path, tmp_path: Path) -> None:
-    # Poisoned feedback first: the gate must stop the candidate; v1 stays in production.
+def test_demo_with_poisoned_feedback_is_rejected(base_model_dir: Path, tmp_path: Path) -> None:
+    # Users "correct" answers with wrong facts: the gate must stop the candidate; v1 stays in production.
     bad, _ = _run_demo(base_model_dir, tmp_path / "poison", "--poison")
     assert bad["gate"]["decision"] == "rejected", bad["gate"]
     assert bad["production_version"] == 1
     assert bad["rollout"]["requests"] == 0 and bad["rollout"]["steps"] == []
     assert bad["candidate"]["new_accuracy"] < 0.5
 
+
+@pytest.mark.slow
+def test_demo_improves_production(base_model_dir: Path, tmp_path: Path) -> None:
     good, root = _run_demo(base_model_dir, tmp_path / "good")
     base, cand = good["baseline"], good["candidate"]
     assert base["version"] == 1 and cand["version"] == 2
