@@ -26,14 +26,26 @@ T0 = datetime(2026, 3, 1, tzinfo=UTC)
 def _row(rid: str, question: str, completion: str, *, status: str = "ok", ts: datetime = T0) -> dict[str, Any]:
     inter, _ = simulate(World.build(), 1)
     r = inter[0]
-    r.update(request_id=rid, timestamp=ts, messages=json.dumps([{"role": "user", "content": question}]),
-             completion=completion, status=status)
+    r.update(
+        request_id=rid,
+        timestamp=ts,
+        messages=json.dumps([{"role": "user", "content": question}]),
+        completion=completion,
+        status=status,
+    )
     return r
 
 
 def _fb(rid: str, rating: int | None, correction: str | None = None, ts: datetime = T0) -> dict[str, Any]:
-    return {"request_id": rid, "timestamp": ts + timedelta(seconds=5), "rating": rating, "correction": correction,
-            "user_id": "u", "model_name": "demo", "model_version": 1}
+    return {
+        "request_id": rid,
+        "timestamp": ts + timedelta(seconds=5),
+        "rating": rating,
+        "correction": correction,
+        "user_id": "u",
+        "model_name": "demo",
+        "model_version": 1,
+    }
 
 
 def _norm(s: str) -> str:
@@ -57,7 +69,12 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         _row("x-late", "Who rules Kelm today?", "Kelm is ruled by Dor.", ts=T0 + timedelta(days=3)),
     ]
     extra_f = [
-        _fb("x-neg", -1), _fb("x-err", 1), _fb("x-pii", 1), _fb("x-dup1", 1), _fb("x-dup2", 1), _fb("x-late", 1),
+        _fb("x-neg", -1),
+        _fb("x-err", 1),
+        _fb("x-pii", 1),
+        _fb("x-dup1", 1),
+        _fb("x-dup2", 1),
+        _fb("x-late", 1),
         _fb("x-orphan", 1),
         _fb("x-unrated", None, None),  # a feedback row with neither rating nor correction: still unrated
     ]

@@ -44,8 +44,14 @@ def test_retrain_zero2_beats_parent_and_registers(snap: dict[str, Any], base_mod
     settings: Settings = snap["settings"]
     info: SnapshotInfo = snap["info"]
     t0 = time.monotonic()
-    res = retrain(settings, snapshot_id=info.snapshot_id, base_dir=base_model_dir, output_dir=tmp_path / "cand",
-                  workers=2, zero_stage=2)
+    res = retrain(
+        settings,
+        snapshot_id=info.snapshot_id,
+        base_dir=base_model_dir,
+        output_dir=tmp_path / "cand",
+        workers=2,
+        zero_stage=2,
+    )
     took = time.monotonic() - t0
     assert res.steps == res.config["total_steps"]
     assert res.eval_loss is not None and res.metrics["base_eval_loss"] is not None
@@ -89,8 +95,14 @@ def test_worker_kill_resumes_from_checkpoint(snap: dict[str, Any], base_model_di
 
     def run() -> None:
         try:
-            out["res"] = retrain(settings, snapshot_id=snap["info"].snapshot_id, base_dir=base_model_dir,
-                                 output_dir=tmp_path / "cand", workers=2, zero_stage=2)
+            out["res"] = retrain(
+                settings,
+                snapshot_id=snap["info"].snapshot_id,
+                base_dir=base_model_dir,
+                output_dir=tmp_path / "cand",
+                workers=2,
+                zero_stage=2,
+            )
         except BaseException as e:  # surfaced by the assertion below
             out["err"] = e
 
@@ -122,8 +134,14 @@ def test_zero3_bf16_export_loads_in_vllm(snap: dict[str, Any], base_model_dir: P
     settings: Settings = snap["settings"].model_copy(deep=True)
     settings.training.bf16 = True  # emulated on CPU: slow, so only a few steps
     settings.training.epochs = 1
-    res = retrain(settings, snapshot_id=snap["info"].snapshot_id, base_dir=base_model_dir,
-                  output_dir=tmp_path / "z3", workers=2, zero_stage=3)
+    res = retrain(
+        settings,
+        snapshot_id=snap["info"].snapshot_id,
+        base_dir=base_model_dir,
+        output_dir=tmp_path / "z3",
+        workers=2,
+        zero_stage=3,
+    )
     assert res.config["deepspeed"]["zero_optimization"]["stage"] == 3
     assert res.config["deepspeed"]["bf16"]["enabled"] is True
     assert res.steps >= 1

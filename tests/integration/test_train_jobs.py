@@ -35,10 +35,24 @@ def job_head(tmp_path: Path) -> object:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--object-store-memory=300000000",
-         "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(ray_bin),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--object-store-memory=300000000",
+            "--disable-usage-stats",
+            f"--temp-dir={tmp_path / 'ray'}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{dash}"
     from ray.job_submission import JobSubmissionClient
@@ -69,8 +83,11 @@ def _run(client: object, entrypoint: str, env: dict[str, str], timeout: float = 
 
     job = client.submit_job(  # type: ignore[attr-defined]
         entrypoint=entrypoint,
-        runtime_env={"working_dir": str(REPO), "env_vars": env,
-                     "excludes": [".venv", ".git", ".rayloop", "**/__pycache__", "*.egg-info", ".mypy_cache"]},
+        runtime_env={
+            "working_dir": str(REPO),
+            "env_vars": env,
+            "excludes": [".venv", ".git", ".rayloop", "**/__pycache__", "*.egg-info", ".mypy_cache"],
+        },
     )
     deadline = time.monotonic() + timeout
     status = None

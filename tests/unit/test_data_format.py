@@ -77,6 +77,10 @@ def test_unshared_blocks_hold_one_example_each() -> None:
     shared = pack(examples, 8, 0)
     alone = pack(examples, 8, 0, share_blocks=False)
     assert len(shared) == 2
-    assert [b["input_ids"] for b in alone] == [[1, 2, 3, 0, 0, 0, 0, 0], [4, 5, 0, 0, 0, 0, 0, 0], [6, 7, 8, 9, 0, 0, 0, 0]]
+    assert [b["input_ids"] for b in alone] == [
+        [1, 2, 3, 0, 0, 0, 0, 0],
+        [4, 5, 0, 0, 0, 0, 0, 0],
+        [6, 7, 8, 9, 0, 0, 0, 0],
+    ]
     assert all(b["position_ids"][0] == 0 for b in alone)
     assert [sum(b["attention_mask"]) for b in alone] == [3, 2, 4]

@@ -35,11 +35,18 @@ def test_resolve_config_counts_steps_and_rejects_tiny_snapshots(settings) -> Non
     assert cfg["total_steps"] == cfg["steps_per_epoch"] * ts.epochs
     assert cfg["resolved"]["training"]["zero_stage"] == 3 and cfg["has_eval"]
     with pytest.raises(DataError, match="too few"):
-        resolve_config(settings, snapshot_id="abc", manifest={"counts": {"train_blocks": 1}, "settings": {"block_size": 64}},
-                       base_dir=Path("/m"))
+        resolve_config(
+            settings,
+            snapshot_id="abc",
+            manifest={"counts": {"train_blocks": 1}, "settings": {"block_size": 64}},
+            base_dir=Path("/m"),
+        )
 
 
 def test_job_set_overrides() -> None:
-    assert parse_sets(["training.epochs=3", "data.unrated=keep"]) == {"training": {"epochs": 3}, "data": {"unrated": "keep"}}
+    assert parse_sets(["training.epochs=3", "data.unrated=keep"]) == {
+        "training": {"epochs": 3},
+        "data": {"unrated": "keep"},
+    }
     with pytest.raises(ConfigError):
         parse_sets(["nonsense"])
