@@ -165,6 +165,11 @@ class ServingSettings(_Model):
     capture_max_buffer: int = Field(default=10_000, ge=1, description="Rows buffered before new ones are dropped.")
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
+    @property
+    def base_url(self) -> str:
+        """HTTP root of the served application (``{base_url}/v1/chat/completions``)."""
+        return f"http://{self.http_host}:{self.http_port}{self.route_prefix.rstrip('/')}"
+
 
 class DataSettings(_Model):
     unrated: UnratedPolicy = Field(default=UnratedPolicy.DROP, description="What to do with rows nobody rated.")

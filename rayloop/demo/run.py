@@ -40,11 +40,6 @@ class _Out:
         self.console.print(f"      {text}")
 
 
-def _base_url(settings: Settings) -> str:
-    prefix = settings.serving.route_prefix.rstrip("/")
-    return f"http://{settings.serving.http_host}:{settings.serving.http_port}{prefix}"
-
-
 def _ensure_cluster(settings: Settings, out: _Out) -> str | None:
     from rayloop import cluster
 
@@ -108,7 +103,7 @@ def run_demo(
     out.step(2, f"serving {MODEL}@production and simulating users")
     t_serve = time.monotonic()
     deployed = deploy(settings, f"{MODEL}@production", "rolling")
-    url = _base_url(settings)
+    url = settings.serving.base_url
     out.info(
         f"{url}/v1/chat/completions answers as {MODEL}@{deployed['to_version']} "
         f"({time.monotonic() - t_serve:.0f}s to deploy, rollout {deployed['status']})"

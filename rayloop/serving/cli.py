@@ -44,6 +44,5 @@ def serve_model(
     hashes = sorted(load_key_hashes(settings.serving))
     res = deploy(settings, cfg, app_name=app_name, api_key_hashes=hashes, wait=wait, timeout_s=timeout_s)
     out = asdict(res)
-    s = settings.serving
-    out["url"] = f"http://{s.http_host}:{s.http_port}{s.route_prefix.rstrip('/')}/v1"
+    out["url"] = f"{settings.serving.base_url}/v1"
     return out
