@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from rayloop.cli import cli
@@ -45,7 +46,12 @@ def test_bad_flags_are_named(rayloop_home: Path) -> None:
     assert r.exit_code == 1 and "NotFoundError" in r.output
 
 
-def test_status_json_without_a_cluster(rayloop_home: Path, tmp_path: Path) -> None:
+def test_status_json_without_a_cluster(rayloop_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The whole suite shares one process: an integration test may have left Ray initialized in it.
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     reg = Registry.from_settings(load_settings(env={"RAYLOOP_HOME": str(rayloop_home)}))
     reg.register("demo", make_model_dir(tmp_path / "m", seed=3))
     reg.set_alias("demo", "production", 1)
