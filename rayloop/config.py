@@ -191,7 +191,9 @@ class TrainingSettings(_Model):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers.")
     worker_num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per worker.")
     data_num_cpus: float = Field(
-        default=0.1, gt=0, description="CPUs each Ray Data read task of the training set asks for (small: Serve may hold the rest)."
+        default=0.1,
+        gt=0,
+        description="CPUs each Ray Data read task of the training set asks for (small: Serve may hold the rest).",
     )
     use_gpu: bool = Field(default=False, description="Train on GPUs (NCCL) instead of CPU (gloo).")
     zero_stage: int = Field(default=2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
@@ -221,7 +223,8 @@ class GateSettings(_Model):
         description="Evaluation sets whose mean accuracy must improve by min_improvement (those present are used).",
     )
     protect: list[str] = Field(
-        default=["known_facts", "regression"], description="Evaluation sets that must not regress beyond max_regression."
+        default=["known_facts", "regression"],
+        description="Evaluation sets that must not regress beyond max_regression.",
     )
     max_tokens: int = Field(default=32, ge=1, description="Tokens generated per evaluation prompt (greedy).")
     eval_num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved by each Ray Data inference actor.")

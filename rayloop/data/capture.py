@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hashlib
+import itertools
 import logging
 import time
 import uuid
@@ -239,6 +240,8 @@ class CaptureClient:
         self._max_buffer = max_buffer
         self._on_drop = on_drop
         self._pending: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        # Rows handed to the writer but not yet acknowledged: lookups must still find them.
+        self._shipping: list[tuple[str, dict[str, Any]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
@@ -290,17 +293,25 @@ class CaptureClient:
     async def _ship(self) -> None:
         while self._pending:
             batch: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-            for _ in range(min(len(self._pending), self._batch_rows * 4)):
-                table, row = self._pending.popleft()
+            taken = [self._pending.popleft() for _ in range(min(len(self._pending), self._batch_rows * 4))]
+            self._shipping.extend(taken)
+            for table, row in taken:
                 batch[table].append(row)
-            for table, rows in batch.items():
-                try:
-                    dropped = await asyncio.wait_for(self._writer.append.remote(table, rows), timeout=30)
-                except Exception as e:  # writer gone or slow: drop, count, carry on serving
-                    logger.warning("capture: %d %s rows dropped (%s)", len(rows), table, type(e).__name__)
-                    dropped = len(rows)
-                if dropped:
-                    self._drop(table, int(dropped))
+            try:
+                await self._send(batch)
+            finally:
+                sent = {id(t) for t in taken}
+                self._shipping = [t for t in self._shipping if id(t) not in sent]
+
+    async def _send(self, batch: dict[str, list[dict[str, Any]]]) -> None:
+        for table, rows in batch.items():
+            try:
+                dropped = await asyncio.wait_for(self._writer.append.remote(table, rows), timeout=30)
+            except Exception as e:  # writer gone or slow: drop, count, carry on serving
+                logger.warning("capture: %d %s rows dropped (%s)", len(rows), table, type(e).__name__)
+                dropped = len(rows)
+            if dropped:
+                self._drop(table, int(dropped))
 
     async def close(self) -> None:
         """Ship what is queued and make the writer write everything (graceful shutdown)."""
@@ -319,7 +330,7 @@ class CaptureClient:
         await self._writer.flush.remote()
 
     async def lookup(self, request_id: str) -> dict[str, Any] | None:
-        for table, row in reversed(self._pending):
+        for table, row in itertools.chain(reversed(self._pending), self._shipping):
             if table == "interactions" and row["request_id"] == request_id:
                 return {"model_name": row["model_name"], "model_version": row["model_version"]}
         result: dict[str, Any] | None = await self._writer.lookup.remote(request_id)

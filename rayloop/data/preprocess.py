@@ -211,9 +211,7 @@ def preprocess(
             )
 
         # 2. dedupe + tokenize --------------------------------------------------
-        kept = _read(st, f"{staging}/labeled").filter(
-            lambda r: r["label"] in KEPT_LABELS
-        )
+        kept = _read(st, f"{staging}/labeled").filter(lambda r: r["label"] in KEPT_LABELS)
         deduped = kept.groupby("dedupe_key", num_partitions=_partitions(counts["selected"])).map_groups(
             _fn(T.first_of_duplicates), batch_format="pyarrow"
         )
@@ -257,13 +255,18 @@ def preprocess(
             _read(st, f"{staging}/pairs", columns=["split", "row_hash", "input_ids", "labels"], partitioning="hive")
             .map_batches(_fn(T.add_bucket), fn_args=(n_buckets,), batch_format="pyarrow")
             .groupby(["split", "bucket"], num_partitions=min(2 * n_buckets, 16))
-            .map_groups(_fn(T.pack_group), fn_args=(ds_cfg.block_size, tok.pad_token_id, ds_cfg.pack_examples), batch_format="pyarrow")
+            .map_groups(
+                _fn(T.pack_group),
+                fn_args=(ds_cfg.block_size, tok.pad_token_id, ds_cfg.pack_examples),
+                batch_format="pyarrow",
+            )
         )
         blocks.write_parquet(st.path(f"{staging}/blocks"), filesystem=st.fs, partition_cols=["split"])
         for split in SPLITS:
             counts[f"{split}_blocks"] = _num_rows(st, f"{staging}/blocks/split={split}")
             counts[f"{split}_tokens"] = sum(
-                sum(m) for b in _scan_columns(st, f"{staging}/blocks/split={split}", ["attention_mask"])
+                sum(m)
+                for b in _scan_columns(st, f"{staging}/blocks/split={split}", ["attention_mask"])
                 for m in b.column(0).to_pylist()
             )
             for kind in ("pairs", "blocks"):
@@ -274,7 +277,9 @@ def preprocess(
         hashes: list[int] = []
         for split in SPLITS:
             total = combine_row_hashes(
-                h for b in _scan_columns(st, f"{staging}/out/{split}/pairs", ["row_hash"]) for h in b.column(0).to_pylist()
+                h
+                for b in _scan_columns(st, f"{staging}/out/{split}/pairs", ["row_hash"])
+                for h in b.column(0).to_pylist()
             )
             hashes.append(total)
         snapshot_id = content_id(

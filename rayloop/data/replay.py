@@ -43,7 +43,9 @@ class ReplaySource(BaseModel):
     @classmethod
     def from_pairs(cls, pairs: list[tuple[str, str]], *, name: str = "pairs") -> ReplaySource:
         if not pairs:
-            raise DataError("the replay source has no pairs", hint="Pass at least one (question, answer) pair, or no replay.")
+            raise DataError(
+                "the replay source has no pairs", hint="Pass at least one (question, answer) pair, or no replay."
+            )
         return cls(kind="pairs", name=name, pairs=[(str(q), str(a)) for q, a in pairs])
 
     @classmethod

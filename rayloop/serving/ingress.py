@@ -16,8 +16,10 @@ ids that were never captured).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -47,6 +49,8 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="rayloop", docs_url=None, redoc_url=None)
 
 RETRY_AFTER_S = 1
+# Request ids this service issues (uuid4 hex); feedback for one may briefly precede its capture row.
+_ISSUED_ID = re.compile(r"[0-9a-f]{32}")
 _NOT_SAMPLING = {"messages", "prompt", "model", "stream", "user", "request_id"}
 
 
@@ -205,7 +209,7 @@ class OpenAIIngress:
             return _error(409, "interaction capture is disabled, so feedback cannot be joined", "ConflictError", rid)
         target = _strip_request_id(fb.request_id)
         try:
-            found = await self.capture.lookup(target)
+            found = await self._lookup(target)
         except Exception as e:
             logger.warning("feedback lookup failed: %s", e)
             return _error(
@@ -235,6 +239,25 @@ class OpenAIIngress:
             {"object": "feedback", "request_id": target, "status": "recorded"},
             headers={REQUEST_ID_HEADER: rid, VERSION_HEADER: str(found["model_version"])},
         )
+
+    async def _lookup(self, request_id: str) -> dict[str, Any] | None:
+        """The captured interaction behind ``request_id``, waiting out the capture delay.
+
+        A streamed reply is recorded just after its last chunk, and another
+        ingress replica ships its rows within ``capture_flush_s``: an id this
+        service issued but not yet found is looked up again until then.
+        """
+        assert self.capture is not None
+        found = await self.capture.lookup(request_id)
+        if found is not None or not _ISSUED_ID.fullmatch(request_id):
+            return found
+        deadline = time.monotonic() + self.settings.serving.capture_flush_s + 1.0
+        delay = 0.05
+        while found is None and time.monotonic() < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+            found = await self.capture.lookup(request_id)
+        return found
 
     @app.get("/healthz")
     async def healthz(self) -> Response:

@@ -42,7 +42,9 @@ def run_train(
         mv = Registry.from_settings(settings).resolve(base)
         parent_version, model_name = mv.version, name or parse_ref(base).name
     out_dir = Path(out) if out else settings.home_path / "runs" / f"{snapshot_id[:12]}-{time.strftime('%Y%m%d-%H%M%S')}"
-    res = retrain(settings, snapshot_id=snapshot_id, base_dir=base_dir, output_dir=out_dir, workers=workers, zero_stage=zero_stage)
+    res = retrain(
+        settings, snapshot_id=snapshot_id, base_dir=base_dir, output_dir=out_dir, workers=workers, zero_stage=zero_stage
+    )
     summary: dict[str, Any] = {
         "model_dir": str(res.model_dir),
         "train_loss": res.train_loss,
@@ -68,7 +70,9 @@ def run_train(
 @click.option("--gpu", is_flag=True, help="Train on GPUs (NCCL, bf16).")
 @click.option("--name", help="Registry name of the candidate (default: the parent's name or serving.model).")
 @click.option("--no-register", is_flag=True, help="Only export the model; do not register it.")
-@click.option("--out", type=click.Path(file_okay=False), help="Where to export the model (default under RAYLOOP_HOME/runs).")
+@click.option(
+    "--out", type=click.Path(file_okay=False), help="Where to export the model (default under RAYLOOP_HOME/runs)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_context
 def train_cmd(
@@ -87,8 +91,15 @@ def train_cmd(
     from rayloop.cli import _settings
 
     summary = run_train(
-        _settings(ctx), snapshot_id=snapshot_id, base=base, workers=workers, zero_stage=zero_stage, gpu=gpu,
-        name=name, register=not no_register, out=out,
+        _settings(ctx),
+        snapshot_id=snapshot_id,
+        base=base,
+        workers=workers,
+        zero_stage=zero_stage,
+        gpu=gpu,
+        name=name,
+        register=not no_register,
+        out=out,
     )
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))

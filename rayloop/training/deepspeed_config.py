@@ -1,9 +1,9 @@
 """DeepSpeed config from :class:`rayloop.config.TrainingSettings`.
 
-    >>> from rayloop.config import TrainingSettings
-    >>> cfg = build_ds_config(TrainingSettings(zero_stage=3), world_size=2, total_steps=100)
-    >>> cfg["train_batch_size"], cfg["zero_optimization"]["stage"]
-    (32, 3)
+>>> from rayloop.config import TrainingSettings
+>>> cfg = build_ds_config(TrainingSettings(zero_stage=3), world_size=2, total_steps=100)
+>>> cfg["train_batch_size"], cfg["zero_optimization"]["stage"]
+(32, 3)
 """
 
 from __future__ import annotations

@@ -56,7 +56,9 @@ def export_hf(ckpt_dir: str | Path, tag: str, base_dir: str | Path, out_dir: str
     # Tied weights may be absent from the gathered dict; anything else missing is a bug.
     missing = [m for m in missing if not (model.config.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:
-        raise TrainingError(f"checkpoint does not match the base model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise TrainingError(
+            f"checkpoint does not match the base model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

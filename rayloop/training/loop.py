@@ -75,7 +75,9 @@ def _evaluate(engine: Any, shard: Any, cfg: dict[str, Any]) -> float | None:
 def _inputs(b: dict[str, Any], device: Any) -> dict[str, Any]:
     import torch
 
-    return {k: b[k].to(device=device, dtype=torch.long) for k in ("input_ids", "labels", "attention_mask", "position_ids")}
+    return {
+        k: b[k].to(device=device, dtype=torch.long) for k in ("input_ids", "labels", "attention_mask", "position_ids")
+    }
 
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:

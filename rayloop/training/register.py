@@ -1,8 +1,8 @@
 """Register a retrained model as a new version with lineage, and point ``candidate`` at it.
 
-    from rayloop.registry import Registry
-    mv = register_candidate(settings, result, name="demo", parent_version=1, snapshot_id=sid)
-    Registry.from_settings(settings).resolve("demo@candidate").version == mv.version
+from rayloop.registry import Registry
+mv = register_candidate(settings, result, name="demo", parent_version=1, snapshot_id=sid)
+Registry.from_settings(settings).resolve("demo@candidate").version == mv.version
 """
 
 from __future__ import annotations

@@ -205,7 +205,9 @@ def retrain(
         try:
             result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors; keep the cause in the message
-            raise TrainingError(f"training run {name} failed: {e}", hint="See the worker logs in the Ray dashboard.") from e
+            raise TrainingError(
+                f"training run {name} failed: {e}", hint="See the worker logs in the Ray dashboard."
+            ) from e
         if result.checkpoint is None:
             raise TrainingError(f"training run {name} reported no checkpoint")
         metrics = dict(result.metrics or {})
@@ -227,7 +229,9 @@ def retrain(
             train_loss=float(metrics.get("loss", math.nan)),
             eval_loss=metrics.get("eval_loss"),
             steps=int(metrics.get("step", state["step"])),
-            checkpoint_uri=st.uri_of(ckpt.path[len(st.base) :].lstrip("/")) if ckpt.path.startswith(st.base) else ckpt.path,
+            checkpoint_uri=st.uri_of(ckpt.path[len(st.base) :].lstrip("/"))
+            if ckpt.path.startswith(st.base)
+            else ckpt.path,
             config=cfg["resolved"],
             metrics=metrics,
             history=state["history"],

@@ -281,6 +281,40 @@ def test_capture_client_never_blocks_and_flushes_on_close(tmp_path: Path) -> Non
     assert read_interactions(str(tmp_path)).num_rows == 4
 
 
+def test_capture_client_finds_rows_while_they_are_being_shipped(tmp_path: Path) -> None:
+    # Feedback can arrive while the interaction row is on its way to the writer
+    # (taken off the queue, not yet acknowledged): it must not get a 404.
+    async def run() -> None:
+        w = CaptureWriter(str(tmp_path), None, batch_rows=100, flush_s=60, max_buffer=1000)
+        gate = asyncio.Event()
+
+        class SlowAppend(_FakeWriterHandle):
+            def __getattr__(self, name: str) -> Any:
+                if name != "append":
+                    return super().__getattr__(name)
+
+                class _M:
+                    @staticmethod
+                    async def remote(*a: Any) -> Any:
+                        await gate.wait()
+                        return await w.append(*a)
+
+                return _M
+
+        c = CaptureClient(SlowAppend(w), batch_rows=100, flush_s=60, max_buffer=10)
+        c.record("interactions", _row("x1"))
+        ship = asyncio.create_task(c._ship())
+        await asyncio.sleep(0)  # the row is now in flight
+        assert not c._pending
+        assert await c.lookup("x1") == {"model_name": "demo", "model_version": 1}
+        gate.set()
+        await ship
+        assert await c.lookup("x1") == {"model_name": "demo", "model_version": 1}  # now from the writer
+        await c.close()
+
+    asyncio.run(run())
+
+
 def test_rayloop_serve_cli_rejects_bad_arguments(rayloop_home: Path) -> None:
     from click.testing import CliRunner
 
