@@ -47,7 +47,9 @@ def main(argv: list[str]) -> dict[str, Any]:
         replay = ReplaySource.from_snapshot(args.replay_snapshot)
     elif not args.no_replay:
         replay = replay_for_model_dir(model_dir)
-    info = preprocess(settings, model_dir=model_dir, model_name=model_name, since=parse_since(args.since), replay=replay)
+    info = preprocess(
+        settings, model_dir=model_dir, model_name=model_name, since=parse_since(args.since), replay=replay
+    )
     return {"snapshot_id": info.snapshot_id, "uri": info.uri, "counts": info.counts, "reused": info.reused}
 
 

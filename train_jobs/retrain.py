@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rayloop.config import Settings
 from train_jobs._args import common_parser, run, settings_from
 
 
@@ -24,11 +25,12 @@ class RetrainArgs(BaseModel):
     zero_stage: int | None = Field(default=None, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     gpu: bool = Field(default=False, description="Train on GPUs.")
     name: str | None = Field(default=None, description="Registry name of the candidate.")
-    register: bool = Field(default=True, description="Register the result and move alias candidate.")
+    register_result: bool = Field(default=True, description="Register the result and move alias candidate.")
     out: str | None = Field(default=None, description="Directory for the exported model.")
 
 
-def main(argv: list[str]) -> dict[str, Any]:
+def parse(argv: list[str]) -> tuple[RetrainArgs, Settings]:
+    """The job's command line as validated arguments and settings (nothing runs)."""
     ap = common_parser("Fine-tune the parent on a snapshot with Ray Train + DeepSpeed.")
     ap.add_argument("--snapshot", required=True)
     ap.add_argument("--base")
@@ -45,14 +47,23 @@ def main(argv: list[str]) -> dict[str, Any]:
 
     try:
         args = RetrainArgs(
-            snapshot=ns.snapshot, base=ns.base, workers=ns.workers, zero_stage=ns.zero_stage, gpu=ns.gpu,
-            name=ns.name, register=not ns.no_register, out=ns.out,
+            snapshot=ns.snapshot,
+            base=ns.base,
+            workers=ns.workers,
+            zero_stage=ns.zero_stage,
+            gpu=ns.gpu,
+            name=ns.name,
+            register_result=not ns.no_register,
+            out=ns.out,
         )
     except ValidationError as e:
         bad = "; ".join(f"--{'.'.join(map(str, x['loc'])).replace('_', '-')}: {x['msg']}" for x in e.errors())
         raise ConfigError(f"invalid arguments: {bad}", hint="See `python -m train_jobs.retrain --help`.") from None
-    settings = settings_from(ns)
+    return args, settings_from(ns)
 
+
+def main(argv: list[str]) -> dict[str, Any]:
+    args, settings = parse(argv)
     from rayloop.training.cli import run_train
 
     return run_train(
@@ -63,7 +74,7 @@ def main(argv: list[str]) -> dict[str, Any]:
         zero_stage=args.zero_stage,
         gpu=args.gpu,
         name=args.name,
-        register=args.register,
+        register=args.register_result,
         out=args.out,
         job_id=os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_JOB_SUBMISSION_ID"),
     )

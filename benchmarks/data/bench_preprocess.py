@@ -68,8 +68,10 @@ def pandas_pipeline(root: Path, model_dir: Path) -> int:
     inter = pq.read_table(root / "interactions", partitioning=None)
     fb = pq.read_table(root / "feedback", partitioning=None)
     both = pa.concat_tables([interactions_to_common(inter), feedback_to_common(fb)]).to_pandas()
-    rows = [resolve_request(pa.Table.from_pandas(g, preserve_index=False), settings, None).to_pylist()[0]
-            for _, g in both.groupby("request_id", sort=False)]
+    rows = [
+        resolve_request(pa.Table.from_pandas(g, preserve_index=False), settings, None).to_pylist()[0]
+        for _, g in both.groupby("request_id", sort=False)
+    ]
     df = pd.DataFrame(rows)
     df = df[df["label"].isin(["corrected", "positive", "unrated"])]
     df = df.sort_values("request_id").drop_duplicates("dedupe_key")

@@ -71,8 +71,14 @@ def main() -> None:
         for workers in (1, 2):
             settings.training.micro_batch_size = 16 // workers
             t0 = time.perf_counter()
-            r = retrain(settings, snapshot_id=info.snapshot_id, base_dir=a.base, output_dir=home / f"out{workers}",
-                        workers=workers, zero_stage=2)
+            r = retrain(
+                settings,
+                snapshot_id=info.snapshot_id,
+                base_dir=a.base,
+                output_dir=home / f"out{workers}",
+                workers=workers,
+                zero_stage=2,
+            )
             results[f"ray_deepspeed_{workers}w"] = {
                 "tokens_per_s": round(r.metrics["tokens_per_s"], 1),
                 "train_seconds": round(r.metrics["train_seconds"], 1),
@@ -82,8 +88,10 @@ def main() -> None:
     finally:
         ray.shutdown()
     tables = [pq.read_table(p) for p in parquet_files(st, snapshot_key(info.snapshot_id, "train", "blocks"))]
-    blocks = {k: torch.tensor([x for t in tables for x in t[k].to_pylist()], dtype=torch.long)
-              for k in ("input_ids", "labels", "attention_mask", "position_ids")}
+    blocks = {
+        k: torch.tensor([x for t in tables for x in t[k].to_pylist()], dtype=torch.long)
+        for k in ("input_ids", "labels", "attention_mask", "position_ids")
+    }
     steps = results["ray_deepspeed_2w"]["steps"]
     results["plain_torch"] = {k: round(v, 1) for k, v in plain_loop(a.base, blocks, steps, 16).items()}
     base = results["plain_torch"]["tokens_per_s"]
