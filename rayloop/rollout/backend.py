@@ -92,22 +92,22 @@ class ServeBackend:
         engine_cls: str | None = None,
         api_key_hashes: list[str] | None = None,
     ) -> None:
-        from rayloop.serving.deploy import _dashboard_url
+        from rayloop.serving.deploy import dashboard_url
 
         self.settings = settings
         self.app_name = app_name or settings.serving.app_name
         self.engine_cls = engine_cls
         self.api_key_hashes = sorted(api_key_hashes or [])
-        self._url = _dashboard_url(settings)
+        self._url = dashboard_url(settings)
         self._deployed: dict[str, Any] | None = None
         self._since = 0.0
 
     # -- reading -------------------------------------------------------------
     def _apps(self) -> list[dict[str, Any]]:
-        from rayloop.serving.deploy import _current_apps
+        from rayloop.serving.deploy import current_apps
 
         try:
-            return _current_apps(self._url)
+            return current_apps(self._url)
         except Exception as e:
             if "Serve is not running" in str(e) or type(e).__name__ in ("ClusterError", "RayServeException"):
                 return []
@@ -147,7 +147,7 @@ class ServeBackend:
 
         from rayloop.rollout.app import ROUTER_IMPORT_PATH, router_options, slot_options
         from rayloop.serving.app import ServeArgs
-        from rayloop.serving.deploy import _apply, deploy_schema
+        from rayloop.serving.deploy import apply_apps, deploy_schema
 
         apps = self._apps()
         mine = next((a for a in apps if a["name"] == self.app_name), None)
@@ -175,7 +175,7 @@ class ServeBackend:
         ]
         others = [a for a in apps if a["name"] != self.app_name]
         self._since = time.time()
-        _apply(self._url, deploy_schema(self.settings, [*others, app]))
+        apply_apps(self._url, deploy_schema(self.settings, [*others, app]))
         self._deployed = app
 
     def _handle(self, deployment: str) -> Any:

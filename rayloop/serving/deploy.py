@@ -98,14 +98,16 @@ class DeployResult:
     replicas: list[dict[str, Any]]
 
 
-def _dashboard_url(settings: Settings) -> str | None:
+def dashboard_url(settings: Settings) -> str | None:
+    """The Ray dashboard (Serve REST API) address from the environment, or None: use the driver's controller."""
     url = os.environ.get("RAY_DASHBOARD_ADDRESS") or os.environ.get("RAYLOOP_DASHBOARD_URL")
     if url:
         return url if "://" in url else f"http://{url}"
     return None
 
 
-def _rest(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def serve_rest(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One call to Serve's REST API on the dashboard (with the cluster's auth token when it has one)."""
     headers = {"Content-Type": "application/json"}
     token_file = Path.home() / ".ray" / "auth_token"
     if os.environ.get("RAY_AUTH_MODE") != "disabled" and token_file.is_file():
@@ -123,10 +125,10 @@ def _rest(url: str, method: str, path: str, body: dict[str, Any] | None = None) 
     return json.loads(raw) if raw else None
 
 
-def _current_apps(url: str | None) -> list[dict[str, Any]]:
+def current_apps(url: str | None) -> list[dict[str, Any]]:
     """Declaratively deployed apps (their deployed configs), so applying ours keeps them."""
     if url is not None:
-        details = _rest(url, "GET", "/api/serve/applications/")
+        details = serve_rest(url, "GET", "/api/serve/applications/")
     else:
         details = _controller_client().get_serve_details()
     out = []
@@ -137,9 +139,10 @@ def _current_apps(url: str | None) -> list[dict[str, Any]]:
     return out
 
 
-def _apply(url: str | None, doc: dict[str, Any]) -> None:
+def apply_apps(url: str | None, doc: dict[str, Any]) -> None:
+    """Apply a whole ``ServeDeploySchema`` document declaratively (the path that calls ``reconfigure``)."""
     if url is not None:
-        _rest(url, "PUT", "/api/serve/applications/", doc)
+        serve_rest(url, "PUT", "/api/serve/applications/", doc)
         return
     from ray.serve.schema import ServeDeploySchema
 
@@ -251,8 +254,8 @@ def deploy(
 
     name = app_name or settings.serving.app_name
     t0 = time.monotonic()
-    url = _dashboard_url(settings)
-    current = _current_apps(url)
+    url = dashboard_url(settings)
+    current = current_apps(url)
     mine = next((a for a in current if a["name"] == name), None)
     previous: int | None = None
     if mine is not None:
@@ -260,7 +263,18 @@ def deploy(
             if d.get("name") == slot_deployment_name(STABLE_SLOT) and d.get("user_config"):
                 previous = int(d["user_config"].get("version", 0)) or None
         if mine.get("import_path") != IMPORT_PATH:
-            raise ServingError(f"app {name!r} is not a rayloop serving app (import_path {mine.get('import_path')!r})")
+            from rayloop.rollout.app import ROUTER_IMPORT_PATH
+
+            if mine.get("import_path") == ROUTER_IMPORT_PATH:
+                raise ServingError(
+                    f"app {name!r} runs the rayloop router (rollouts), so `rayloop serve` does not change it",
+                    hint=f"Move it with the rollout controller: `rayloop deploy {cfg.model}@{cfg.version} "
+                    "--strategy rolling` (or canary, blue-green, shadow).",
+                )
+            raise ServingError(
+                f"app {name!r} is not a rayloop serving app (import_path {mine.get('import_path')!r})",
+                hint="Pick another --app name, or delete that app first with `serve delete`.",
+            )
     if mine is not None and record_golden:
         # An upgrade: replicas verify their in-place swap against a fresh engine's answers.
         ensure_golden(settings, cfg, engine_cls=engine_cls)
@@ -275,7 +289,7 @@ def deploy(
     since = time.time()
     if mine is None:
         serve.start(http_options={"host": settings.serving.http_host, "port": settings.serving.http_port})
-    _apply(url, deploy_schema(settings, apps))
+    apply_apps(url, deploy_schema(settings, apps))
     replicas: list[dict[str, Any]] = []
     if wait:
         wait_for_version(name, cfg, timeout_s=timeout_s, since=since)
