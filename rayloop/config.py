@@ -101,6 +101,10 @@ class RegistrySettings(_Model):
         return v
 
 
+# Ports `ray start` reserves by default: the Ray client server and the worker range.
+RAY_RESERVED_PORTS = (10001, 19999)
+
+
 class RaySettings(_Model):
     address: str | None = Field(
         default=None,
@@ -118,6 +122,19 @@ class RaySettings(_Model):
     dashboard_host: str = Field(default="127.0.0.1", description="Dashboard bind address.")
     dashboard_port: int = Field(default=8265, ge=1, le=65535, description="Dashboard port.")
     object_store_memory_mb: int = Field(default=1024, ge=128, description="Object store size of the local head.")
+
+    @model_validator(mode="after")
+    def _ports_outside_ray_ranges(self) -> RaySettings:
+        # `ray start` gives the Ray client server 10001 and workers 10002-19999; a head port in
+        # there fails only when the cluster starts ("used by other components").
+        for name in ("port", "dashboard_port"):
+            value = getattr(self, name)
+            if RAY_RESERVED_PORTS[0] <= value <= RAY_RESERVED_PORTS[1]:
+                raise ValueError(
+                    f"{name} {value} is inside the ports Ray keeps for its client server and workers "
+                    f"({RAY_RESERVED_PORTS[0]}-{RAY_RESERVED_PORTS[1]}); pick one outside it, e.g. 6379 or 26379"
+                )
+        return self
 
 
 class EngineSettings(_Model):

@@ -99,3 +99,11 @@ def test_unknown_strategy() -> None:
 def test_dump_round_trips() -> None:
     s = Settings()
     assert settings_from_dict(s.dump()) == s
+
+
+def test_head_port_inside_rays_worker_range_is_refused_before_start(tmp_path: Path) -> None:
+    p = _write(tmp_path, "ray:\n  port: 16379\n")
+    with pytest.raises(ConfigError) as ei:
+        load_settings(p, env={})
+    assert "port 16379 is inside the ports Ray keeps" in ei.value.message and "10001-19999" in ei.value.message
+    assert load_settings(_write(tmp_path, "ray:\n  port: 26379\n"), env={}).ray.port == 26379
