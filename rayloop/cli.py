@@ -63,6 +63,8 @@ def _console() -> Any:
 def cli(ctx: click.Context, config_path: str | None) -> None:
     """rayloop: keep a served LLM improving from its own traffic, on Ray."""
     ctx.ensure_object(dict)["config_path"] = config_path
+    # stdout carries command results (`--json` must parse); vLLM logs to stdout unless told otherwise.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
 # --- config --------------------------------------------------------------

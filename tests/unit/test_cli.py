@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from rayloop.cli import cli
@@ -60,3 +61,13 @@ def test_down_without_up_is_harmless(rayloop_home: Path) -> None:
     r = CliRunner().invoke(cli, ["down"])
     assert r.exit_code == 0
     assert "No Ray head" in r.output
+
+
+def test_engine_logs_go_to_stderr_so_json_output_parses(rayloop_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # vLLM logs to stdout by default, which broke `rayloop eval --local --json`.
+    monkeypatch.delenv("VLLM_LOGGING_STREAM", raising=False)
+    r = CliRunner().invoke(cli, ["config", "show"])
+    assert r.exit_code == 0 and os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.stderr"
+    monkeypatch.setenv("VLLM_LOGGING_STREAM", "ext://sys.stdout")  # an explicit choice is kept
+    CliRunner().invoke(cli, ["config", "show"])
+    assert os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.stdout"
