@@ -8,11 +8,13 @@ shows the traceback.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
 
 import click
 
@@ -21,12 +23,50 @@ from rayloop.errors import RayloopError
 EXIT_USER_ERROR = 1
 
 
+# Where _print_json writes: the real stdout while a `--json` command runs with
+# everything else (library logs, progress) sent to stderr.
+_results: TextIO | None = None
+
+
+@contextlib.contextmanager
+def _stdout_for_results_only() -> Iterator[None]:
+    """Send every other write to stdout, including C-level ones (vLLM, Ray, DeepSpeed), to stderr."""
+    global _results
+    sys.stdout.flush()
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        fd = None  # not a real file (click's CliRunner): swapping the Python object is enough
+    if fd is None:
+        saved_obj = sys.stdout
+        _results, sys.stdout = saved_obj, sys.stderr
+        try:
+            yield
+        finally:
+            sys.stdout, _results = saved_obj, None
+        return
+    saved_fd = os.dup(fd)
+    os.dup2(sys.stderr.fileno(), fd)
+    _results = os.fdopen(os.dup(saved_fd), "w")
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        _results.close()
+        _results = None
+        os.dup2(saved_fd, fd)
+        os.close(saved_fd)
+
+
 class _Group(click.Group):
     """Turns rayloop errors into one line on stderr instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        args = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        json_mode = ctx.parent is None and "--json" in args and not {"-h", "--help"} & set(args)
         try:
-            return super().invoke(ctx)
+            with _stdout_for_results_only() if json_mode else contextlib.nullcontext():
+                return super().invoke(ctx)
         except RayloopError as e:
             if os.environ.get("RAYLOOP_DEBUG") == "1":
                 raise
@@ -46,7 +86,9 @@ def _settings(ctx: click.Context) -> Any:
 
 
 def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str), file=_results)
+    if _results is not None:
+        _results.flush()
 
 
 def _console() -> Any:

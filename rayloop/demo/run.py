@@ -25,6 +25,8 @@ from rayloop.demo.traffic import Traffic
 from rayloop.demo.world import UserSimulator, World
 
 MODEL = "demo"
+# Seconds between rounds of simulated users while a canary engine starts (then: no pause).
+WARMUP_PAUSE_S = 1.0
 
 
 class _Out:
@@ -134,17 +136,22 @@ def run_demo(
         elif stage == "deploy" and status == "running" and live.get("accepted"):
             out.step(4, "canary rollout under live simulated traffic")
             live["t"] = Traffic(url, MODEL, UserSimulator(world, seed=11))
-            live["t"].start()
+            # Light load while the canary's engine starts (it shares the CPUs), full load once it serves.
+            live["t"].start(pause_s=WARMUP_PAUSE_S)
         elif status == "failed":
             detail = info.get("error", "")
         out.info(f"{stage}: {status} {detail}".rstrip())
+
+    def on_rollout_event(event: dict[str, Any]) -> None:
+        if event.get("event") == "slot_ready" and "t" in live:
+            live["t"].pace(0.0)
 
     steps = canary_steps or [25, 50, 100]
     try:
         record = run_pipeline(
             settings,
             on_stage=on_stage,
-            deploy_kwargs={"steps": steps, "interval_s": canary_interval_s},
+            deploy_kwargs={"steps": steps, "interval_s": canary_interval_s, "on_event": on_rollout_event},
         )
     finally:
         rollout_traffic = live["t"].stop().to_json() if "t" in live else None

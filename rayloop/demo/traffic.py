@@ -9,7 +9,6 @@ the ``x-rayloop-model-version`` header, and rates it through
 from __future__ import annotations
 
 import threading
-import time
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +72,7 @@ class Traffic:
         self.stats = TrafficStats()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.pause_s = 0.0
 
     def one(self, req: UserRequest) -> None:
         headers = {"x-rayloop-session-id": req.user}
@@ -117,16 +117,23 @@ class Traffic:
 
     # --- continuous load (during a rollout) -------------------------------
     def start(self, pause_s: float = 0.0) -> None:
+        """Send rounds of ``concurrency`` requests until :meth:`stop`, ``pause_s`` apart (see :meth:`pace`)."""
+        self.pause_s = pause_s
+
         def loop() -> None:
             with ThreadPoolExecutor(self.concurrency) as pool:
                 while not self._stop.is_set():
                     batch = list(self.sim.requests(self.concurrency))
                     list(pool.map(self.one, batch))
-                    if pause_s:
-                        time.sleep(pause_s)
+                    if self.pause_s:
+                        self._stop.wait(self.pause_s)
 
         self._thread = threading.Thread(target=loop, name="rayloop-traffic", daemon=True)
         self._thread.start()
+
+    def pace(self, pause_s: float) -> None:
+        """Change the pause between rounds of a running load (light while a new engine starts)."""
+        self.pause_s = pause_s
 
     def stop(self) -> TrafficStats:
         self._stop.set()

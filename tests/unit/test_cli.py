@@ -71,3 +71,26 @@ def test_engine_logs_go_to_stderr_so_json_output_parses(rayloop_home: Path, monk
     monkeypatch.setenv("VLLM_LOGGING_STREAM", "ext://sys.stdout")  # an explicit choice is kept
     CliRunner().invoke(cli, ["config", "show"])
     assert os.environ["VLLM_LOGGING_STREAM"] == "ext://sys.stdout"
+
+
+def test_json_commands_keep_stdout_for_the_result() -> None:
+    # Libraries write to stdout from Python and from C (vLLM, Ray, DeepSpeed): with --json all of it goes
+    # to stderr and stdout is exactly the JSON document.
+    code = """
+import os, click
+from rayloop.cli import cli, _print_json
+
+@cli.command("noisy")
+@click.option("--json", "as_json", is_flag=True)
+def noisy(as_json):
+    os.write(1, b"C-level noise\\n")
+    print("python noise")
+    _print_json({"ok": 1})
+
+cli.main(["noisy", "--json"], standalone_mode=False)
+print("after")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines()[-1] == "after"
+    assert json.loads(out.stdout.rsplit("after", 1)[0]) == {"ok": 1}
+    assert "C-level noise" in out.stderr and "python noise" in out.stderr
