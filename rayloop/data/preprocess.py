@@ -238,7 +238,14 @@ def preprocess(
 
         # 3. pairs (+ replay on the train side), one write partitioned by split --
         pairs = _read(st, f"{staging}/tokenized").filter(lambda r: not r["too_long"])
-        replay_ds, replay_info = _replay(settings, st, replay, sides["train"], tok)
+        # Replay must not train on a question the eval split holds (it would flatter the candidate).
+        eval_questions = {
+            T.normalise(q)
+            for b in _scan_columns(st, f"{staging}/tokenized", ["split", "question"])
+            for sp, q in zip(b.column(0).to_pylist(), b.column(1).to_pylist(), strict=True)
+            if sp == "eval" and q
+        }
+        replay_ds, replay_info = _replay(settings, st, replay, sides["train"], tok, exclude=eval_questions)
         if replay_ds is not None:
             pairs = pairs.union(replay_ds)
         pairs.select_columns(["split", *PAIR_COLUMNS, "input_ids", "labels"]).write_parquet(
@@ -343,9 +350,18 @@ def _partitions(rows: int) -> int:
 
 
 def _replay(
-    settings: Settings, st: Storage, replay: ReplaySource | None, n_train: int, tok: Any
+    settings: Settings,
+    st: Storage,
+    replay: ReplaySource | None,
+    n_train: int,
+    tok: Any,
+    exclude: set[str] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """A lazy dataset of ``replay_ratio * n_train`` replay rows (deterministic sample), and its description."""
+    """A lazy dataset of ``replay_ratio * n_train`` replay rows (deterministic sample), and its description.
+
+    Rows whose normalised question is in ``exclude`` (the eval split's) are never replayed.
+    """
+    exclude = exclude or set()
     import pyarrow as pa
     import ray.data
 
@@ -359,7 +375,7 @@ def _replay(
     if want == 0:
         return None, info
     if replay.kind == "pairs":
-        chosen = sample_pairs(replay.pairs, want)
+        chosen = sample_pairs([p for p in replay.pairs if T.normalise(p[0]) not in exclude], want)
         table = pa.table(
             {
                 "request_id": [f"replay:{rank_key(q, a)[:16]}" for q, a in chosen],
@@ -380,6 +396,7 @@ def _replay(
             _read(st, key, columns=["request_id", "question", "messages", "response", "row_hash"])
             .map_batches(_fn(T.sample_by_hash), fn_args=(frac,), batch_format="pyarrow")
             .map_batches(_fn(T.as_train_rows), batch_format="pyarrow")
+            .filter(lambda r: T.normalise(r["question"] or "") not in exclude)
         )
     rows = src.map_batches(
         _fn(T.tokenize_rows), fn_args=(tok, settings.data.max_tokens, "replay"), batch_format="pyarrow"

@@ -74,7 +74,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         _fb("x-pii", 1),
         _fb("x-dup1", 1),
         _fb("x-dup2", 1),
-        _fb("x-late", 1),
+        _fb("x-late", 1, ts=T0 + timedelta(days=3)),  # feedback comes after its interaction
         _fb("x-orphan", 1),
         _fb("x-unrated", None, None),  # a feedback row with neither rating nor correction: still unrated
     ]
@@ -136,8 +136,10 @@ def test_counts_dedupe_pii_split_and_id(store: dict[str, Any], base_model_dir: P
     assert not any("bob@example.com" in p["question"] for p in pairs)
     assert any("<email>" in p["question"] for p in pairs)
 
-    # Replay: one parent row per new train row, only on the train side.
-    assert c["replay_rows"] == c["train_new_rows"] > 0
+    # Replay: data.replay_ratio parent rows per new train row, only on the train side.
+    assert c["train_new_rows"] > 0
+    assert c["replay_rows"] == round(settings.data.replay_ratio * c["train_new_rows"])
+    assert info.manifest["replay"]["requested"] == c["replay_rows"]
     assert c["train_pairs"] == c["train_new_rows"] + c["replay_rows"]
     assert c["eval_pairs"] == c["eval_rows"]
     assert info.manifest["replay"]["kind"] == "pairs"
