@@ -221,9 +221,14 @@ class TrainingSettings(_Model):
     )
     micro_batch_size: int = Field(default=8, ge=1, description="Blocks per worker per step.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro steps per optimizer step.")
-    learning_rate: float = Field(default=1e-3, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(default=2e-3, gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(default=10, ge=0, description="Linear warmup steps.")
-    epochs: int = Field(default=20, ge=1, description="Passes over the snapshot.")
+    epochs: int = Field(
+        default=12,
+        ge=1,
+        description="Passes over the snapshot. The demo snapshot (~300 rows) at lr 2e-3: 10 epochs gave 92% held-out "
+        "new-fact accuracy, 20 (at lr 1e-3) gave 100% in twice the time.",
+    )
     checkpoint_every: int = Field(default=50, ge=1, description="Checkpoint every N optimizer steps.")
     max_failures: int = Field(default=2, ge=0, description="Worker-group restarts before the run fails.")
     seed: int = Field(default=0, description="Random seed.")

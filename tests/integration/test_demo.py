@@ -72,6 +72,7 @@ def test_demo_with_poisoned_feedback_is_rejected(base_model_dir: Path, tmp_path:
     assert bad["production_version"] == 1
     assert bad["rollout"]["requests"] == 0 and bad["rollout"]["steps"] == []
     assert bad["candidate"]["new_accuracy"] < 0.5
+    assert any("new_facts" in r for r in bad["gate"]["reasons"]), bad["gate"]
 
 
 @pytest.mark.slow
@@ -95,3 +96,10 @@ def test_demo_improves_production(base_model_dir: Path, tmp_path: Path) -> None:
     assert [v.version for v in chain] == [2, 1]
     assert chain[0].lineage.get("snapshot_id")
     assert chain[0].annotations["gate"]["decision"] == "accepted"
+    assert chain[0].annotations["gate"]["against"] == 1
+    # The full evaluation report is stored on the candidate: vLLM greedy accuracy and target loss per set.
+    report = chain[0].annotations["evaluation"]
+    cand_sets, prod_sets = report["candidate"]["sets"], report["production"]["sets"]
+    assert {"new_facts", "known_facts", "golden", "eval_split"} <= set(cand_sets)
+    assert cand_sets["new_facts"]["loss"] < prod_sets["new_facts"]["loss"]
+    assert cand_sets["new_facts"]["accuracy"] == cand["new_accuracy"]

@@ -132,8 +132,8 @@ def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, 
     assert breach["canary"]["mean_rating"] == -1.0 and breach["stable"]["mean_rating"] == 1.0
     assert "mean rating -1.00 on canary vs +1.00 on stable" in rec["state"]["reason"]
     _no_failures(load)
-    # Feedback racing its own interaction row to the capture writer may 404 (a capture-side race).
-    assert len(load.feedback_failures) <= 0.05 * load.feedback_sent, load.feedback_failures[:3]
+    # Feedback sent right after its answer finds the interaction (no capture-side race).
+    assert load.feedback_sent > 0 and not load.feedback_failures, load.feedback_failures[:3]
     ended = _ts(rec["ended_at"])
     assert {s.version for s in load.samples if s.sent > ended} == {1}
     assert {s.version for s in load.samples} == {1, 2}  # the canary did serve before it was judged
@@ -147,7 +147,7 @@ def test_canary_steps_shares_sticky_sessions_and_promotion(env: dict[str, Any]) 
     with Load(env["url"], threads=6, sticky_threads=1, fixed_sessions=30) as load:
         time.sleep(4)
         fresh_rps = load.rps() * 5 / 6
-        interval = max(10.0, 1100 / fresh_rps)
+        interval = max(10.0, 450 / fresh_rps)
         print(f"load: {load.rps():.1f} req/s; step interval {interval:.1f}s")
         load.resize(2)  # light load while the canary engine starts (it shares the two cores)
 
@@ -168,8 +168,9 @@ def test_canary_steps_shares_sticky_sessions_and_promotion(env: dict[str, Any]) 
         fresh = load.between(start["time"] + 0.5, end["time"], sticky=False)
         share = 100.0 * sum(s.version == 2 for s in fresh) / len(fresh)
         print(f"step {start['percent']}%: {len(fresh)} sessions, {share:.1f}% on v2")
-        assert len(fresh) >= 1000
-        assert abs(share - start["percent"]) <= 5
+        # >= 400 one-request sessions: the share's standard error is at most 2.5 points.
+        assert len(fresh) >= 400
+        assert abs(share - start["percent"]) <= 8
         assert end["canary"]["requests"] >= 20 and end["decision"] == "pass"
     # A sticky session moves from v1 to v2 at most once and never back.
     paths = load.session_paths()
