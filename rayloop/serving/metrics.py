@@ -20,8 +20,11 @@ rayloop_weight_swaps_total         counter    model, version, mode, outcome
 from __future__ import annotations
 
 import collections
+import threading
 from typing import Any
 
+# Seconds between re-reports of the gauges (Ray's default export interval is 10 s).
+GAUGE_REFRESH_S = 5.0
 LATENCY_BOUNDARIES_MS = [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0]
 
 
@@ -68,11 +71,38 @@ class ServingMetrics:
             tag_keys=("model", "version", "mode", "outcome"),
         )
         self._in_flight: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
 
     def inc_in_flight(self, tags: dict[str, str], delta: int) -> None:
         key = (tags["model"], tags["version"], tags["slot"])
-        self._in_flight[key] += delta
+        with self._lock:
+            self._in_flight[key] += delta
+            self._set_in_flight(key)
+        if self._refresher is None:
+            self._start_refresher()
+
+    def _set_in_flight(self, key: tuple[str, str, str]) -> None:
         self.in_flight.set(self._in_flight[key], tags=dict(zip(("model", "version", "slot"), key, strict=True)))
+
+    def refresh_gauges(self) -> None:
+        """Report every in-flight gauge again: Ray drops a gauge series not refreshed within two
+        export intervals, so an idle replica's 0 would otherwise vanish from Prometheus."""
+        with self._lock:
+            for key in list(self._in_flight):
+                self._set_in_flight(key)
+
+    def _start_refresher(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(GAUGE_REFRESH_S):
+                try:
+                    self.refresh_gauges()
+                except Exception:  # metrics must never take the replica down
+                    pass
+
+        self._refresher = threading.Thread(target=loop, name="rayloop-gauge-refresh", daemon=True)
+        self._refresher.start()
 
     def observe_request(
         self, tags: dict[str, str], endpoint: str, status: int, latency_ms: float, ttft_ms: float | None, tokens: int
