@@ -80,11 +80,29 @@ def _inputs(b: dict[str, Any], device: Any) -> dict[str, Any]:
     }
 
 
+def skip_shm_comm_build() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op.
+
+    ``deepspeed.comm`` builds ``deepspeed_shm_comm`` (a C++ extension, 1-2 minutes
+    of both cores on a fresh machine) when it starts, but only DeepSpeed inference
+    uses it; ZeRO training all-reduces through torch.distributed (gloo). Marking
+    the op incompatible makes DeepSpeed skip it.
+    """
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Ray Train entry point; ``cfg`` is the resolved config built by :mod:`rayloop.training.retrain`."""
     if not cfg["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
+
+    if not cfg["use_gpu"]:
+        skip_shm_comm_build()
     import ray.train
     import torch
     from transformers import AutoModelForCausalLM
