@@ -308,6 +308,12 @@ class PipelineSettings(_Model):
     deploy: bool = Field(default=True, description="Roll an accepted candidate out; False stops after the gate.")
     strategy: Strategy | None = Field(default=None, description="Rollout strategy (default: rollout.strategy).")
     watch_interval_s: float = Field(default=60.0, gt=0, description="`pipeline watch`: seconds between checks.")
+    run_every_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="`pipeline watch`: also run once this long has passed since the last run (or the start) "
+        "if any new feedback arrived, even below min_feedback. None: on the threshold only.",
+    )
 
 
 class Settings(_Model):

@@ -264,21 +264,34 @@ def watch(
     on_stage: StageCallback | None = None,
     max_runs: int | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
     log: Callable[[str], None] = print,
 ) -> int:
-    """Run the pipeline whenever ``min_feedback`` new feedback rows have arrived since the last run."""
+    """Run the pipeline whenever ``min_feedback`` new feedback rows have arrived since the last run,
+    or, with ``run_every_s``, when that long has passed and any new feedback arrived."""
+    cfg = settings.pipeline
     st = _storage(settings)
     runs = 0
-    seen = None
+    seen = 0
+    last = clock()
     while max_runs is None or runs < max_runs:
-        n = count_feedback(st, settings.pipeline.model)
-        fresh = n - (seen or 0)
-        if fresh >= settings.pipeline.min_feedback:
-            log(f"pipeline: {fresh} new feedback rows; starting a run")
-            run_pipeline(settings, on_stage=on_stage)
+        n = count_feedback(st, cfg.model)
+        fresh = n - seen
+        due = cfg.run_every_s is not None and clock() - last >= cfg.run_every_s and fresh > 0
+        if fresh >= cfg.min_feedback or due:
+            why = f"{fresh} new feedback rows" + (
+                "" if fresh >= cfg.min_feedback else f" and {cfg.run_every_s:g}s passed"
+            )
+            log(f"pipeline: {why}; starting a run")
+            try:
+                run_pipeline(settings, on_stage=on_stage)
+            except RayloopError as e:  # a watcher keeps watching; the run record keeps the failure
+                log(f"pipeline: run failed: {type(e).__name__}: {e.message}")
             runs += 1
-            seen = n
+            seen, last = n, clock()
+            if max_runs is not None and runs >= max_runs:
+                break
         else:
-            log(f"pipeline: {fresh} new feedback rows (< {settings.pipeline.min_feedback}); waiting")
-        sleep(settings.pipeline.watch_interval_s)
+            log(f"pipeline: {fresh} new feedback rows (< {cfg.min_feedback}); waiting")
+        sleep(cfg.watch_interval_s)
     return runs

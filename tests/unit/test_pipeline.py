@@ -140,3 +140,69 @@ def test_rejected_candidate_is_never_deployed(settings: Settings, base: Registry
     assert record["stages"]["deploy"]["status"] == "skipped"
     assert "gate rejected" in record["stages"]["deploy"]["output"]["reason"]
     assert base.get_alias("demo", "production") == 1
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _watch(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, counts: list[int], fail: bool = False, **overrides: Any
+) -> list[Any]:
+    """Run ``watch`` with feedback counts ``counts`` (one per check) and a fake clock.
+
+    Returns the log lines and ``("run", time)`` for each pipeline run; ``fail``: every run raises.
+    """
+    import rayloop.pipeline as pl
+
+    cfg = settings.model_copy(deep=True)
+    for k, v in overrides.items():
+        setattr(cfg.pipeline, k, v)
+    clock = _Clock()
+    seq = iter(counts)
+    events: list[Any] = []
+    monkeypatch.setattr(pl, "count_feedback", lambda st, model=None: next(seq))
+
+    def fake_run(s: Settings, on_stage: Any = None) -> dict[str, Any]:
+        events.append(("run", clock.now))
+        if fail:
+            raise DataError("nothing to train on")
+        return {}
+
+    monkeypatch.setattr(pl, "run_pipeline", fake_run)
+
+    def sleep(s: float) -> None:
+        clock.now += s
+
+    try:
+        pl.watch(cfg, sleep=sleep, clock=clock, log=events.append)
+    except StopIteration:  # the fake feedback counts ran out
+        pass
+    return events
+
+
+def test_watch_runs_when_enough_new_feedback_arrived(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    ev = _watch(settings, monkeypatch, [5, 25, 30, 44, 60], min_feedback=20, watch_interval_s=10)
+    # 25 >= 20 -> run at t=10; then 5 and 19 new are too few; 35 new at t=40 -> run.
+    assert [e for e in ev if isinstance(e, tuple)] == [("run", 10.0), ("run", 40.0)]
+    assert "pipeline: 5 new feedback rows (< 20); waiting" in ev
+
+
+def test_watch_also_runs_on_its_interval_when_any_feedback_arrived(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ev = _watch(settings, monkeypatch, [0, 3, 3, 3, 4, 4], min_feedback=20, watch_interval_s=10, run_every_s=25)
+    # Below the threshold all along: at t=30 the interval has passed with 3 new rows -> run;
+    # at t=40/50 one more row arrived but the next interval has not passed.
+    assert [e for e in ev if isinstance(e, tuple)] == [("run", 30.0)]
+    assert "pipeline: 3 new feedback rows and 25s passed; starting a run" in ev
+
+
+def test_watch_keeps_watching_after_a_failed_run(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    ev = _watch(settings, monkeypatch, [30, 30, 70], min_feedback=20, watch_interval_s=10, fail=True)
+    assert [e for e in ev if isinstance(e, tuple)] == [("run", 0.0), ("run", 20.0)]
+    assert "pipeline: run failed: DataError: nothing to train on" in ev
