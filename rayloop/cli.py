@@ -403,4 +403,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    # `python -m rayloop.cli` runs this file as __main__, a second copy of the module: the
+    # commands (registered on rayloop.cli.cli) and the --json output state live in rayloop.cli.
+    from rayloop.cli import main as _main
+
+    _main(sys.argv[1:])

@@ -94,3 +94,15 @@ print("after")
     assert out.stdout.splitlines()[-1] == "after"
     assert json.loads(out.stdout.rsplit("after", 1)[0]) == {"ok": 1}
     assert "C-level noise" in out.stderr and "python noise" in out.stderr
+
+
+def test_python_dash_m_json_output_is_on_stdout(rayloop_home: Path) -> None:
+    # `python -m rayloop.cli` (how the tests and `ray job submit` run it) loads the module twice.
+    out = subprocess.run(
+        [sys.executable, "-m", "rayloop.cli", "status", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "RAYLOOP_HOME": str(rayloop_home)},
+    )
+    assert json.loads(out.stdout)["serve"] is None, out.stderr[-2000:]
