@@ -26,7 +26,7 @@ from typing import Any
 
 from rayloop.config import Settings
 from rayloop.data.schema import SNAPSHOTS_DIR
-from rayloop.errors import NotFoundError
+from rayloop.errors import DataError, NotFoundError
 from rayloop.storage import Storage
 
 SPLITS = ("train", "eval")
@@ -70,6 +70,31 @@ def read_manifest(settings: Settings, snapshot_id: str) -> dict[str, Any]:
         )
     data: dict[str, Any] = json.loads(st.read_bytes(key))
     return data
+
+
+def resolve_snapshot_id(settings: Settings, ref: str) -> str:
+    """The full id of a snapshot given in full or by a unique prefix (summaries print 12 characters)."""
+    import pyarrow.fs as pafs
+
+    st = storage_of(settings)
+    if st.exists(snapshot_key(ref, MANIFEST)):
+        return ref
+    matches: list[str] = []
+    if len(ref) >= 6 and st.fs.get_file_info(st.path(SNAPSHOTS_DIR)).type == pafs.FileType.Directory:
+        for info in st.fs.get_file_info(pafs.FileSelector(st.path(SNAPSHOTS_DIR))):
+            name = posixpath.basename(info.path)
+            complete = info.type == pafs.FileType.Directory and st.exists(snapshot_key(name, MANIFEST))
+            if name.startswith(ref) and not name.startswith("_") and complete:
+                matches.append(name)
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise DataError(
+            f"snapshot prefix {ref!r} matches {len(matches)} snapshots: {', '.join(sorted(matches))}",
+            hint="Give more characters of the id.",
+        )
+    read_manifest(settings, ref)  # NotFoundError naming where it looked
+    return ref
 
 
 def parquet_files(st: Storage, key: str) -> list[str]:

@@ -27,10 +27,12 @@ def run_train(
 ) -> dict[str, Any]:
     """Retrain and (unless ``register=False``) register + move ``candidate``; returns a summary."""
     from rayloop.data.cli import resolve_parent
+    from rayloop.data.snapshot import resolve_snapshot_id
     from rayloop.registry import parse_ref
     from rayloop.training.register import register_candidate
     from rayloop.training.retrain import retrain
 
+    snapshot_id = resolve_snapshot_id(settings, snapshot_id)
     if gpu:
         settings = settings.model_copy(update={"training": settings.training.model_copy(update={"use_gpu": True})})
     base_dir, _ = resolve_parent(settings, None, base)

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
+import pytest
 
 from rayloop.config import DataSettings
 from rayloop.data.format import IGNORE, pack
@@ -84,3 +87,21 @@ def test_unshared_blocks_hold_one_example_each() -> None:
     ]
     assert all(b["position_ids"][0] == 0 for b in alone)
     assert [sum(b["attention_mask"]) for b in alone] == [3, 2, 4]
+
+
+def test_snapshot_ids_resolve_from_a_unique_prefix(settings: Any) -> None:
+    from rayloop.data.snapshot import MANIFEST, resolve_snapshot_id, snapshot_key, storage_of
+    from rayloop.errors import DataError, NotFoundError
+
+    st = storage_of(settings)
+    for sid in ("3effdb1a01e716e3b3ff", "77b1c1d6f60584560072", "77b1c1ffffffffffffff"):
+        st.write_bytes(snapshot_key(sid, MANIFEST), b"{}")
+    st.write_bytes(snapshot_key("_staging", "3effdb1a01e7-partial", "x"), b"")
+    assert resolve_snapshot_id(settings, "3effdb1a01e716e3b3ff") == "3effdb1a01e716e3b3ff"
+    assert resolve_snapshot_id(settings, "3effdb1a01e7") == "3effdb1a01e716e3b3ff"
+    with pytest.raises(DataError, match="matches 2 snapshots"):
+        resolve_snapshot_id(settings, "77b1c1")
+    with pytest.raises(NotFoundError, match="does not exist"):
+        resolve_snapshot_id(settings, "abc")  # too short to search, and not an id
+    with pytest.raises(NotFoundError):
+        resolve_snapshot_id(settings, "ffffffff")
