@@ -83,8 +83,9 @@ def resolve_snapshot_id(settings: Settings, ref: str) -> str:
     if len(ref) >= 6 and st.fs.get_file_info(st.path(SNAPSHOTS_DIR)).type == pafs.FileType.Directory:
         for info in st.fs.get_file_info(pafs.FileSelector(st.path(SNAPSHOTS_DIR))):
             name = posixpath.basename(info.path)
-            complete = info.type == pafs.FileType.Directory and st.exists(snapshot_key(name, MANIFEST))
-            if name.startswith(ref) and not name.startswith("_") and complete:
+            if info.type != pafs.FileType.Directory or not name.startswith(ref) or name.startswith("_"):
+                continue
+            if st.exists(snapshot_key(name, MANIFEST)):  # complete snapshots only
                 matches.append(name)
     if len(matches) == 1:
         return matches[0]

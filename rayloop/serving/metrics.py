@@ -80,8 +80,8 @@ class ServingMetrics:
         with self._lock:
             self._in_flight[key] += delta
             self._set_in_flight(key)
-        if self._refresher is None:
-            self._start_refresher()
+            if self._refresher is None:
+                self._start_refresher()
 
     def _set_in_flight(self, key: tuple[str, str, str]) -> None:
         self.in_flight.set(self._in_flight[key], tags=dict(zip(("model", "version", "slot"), key, strict=True)))
