@@ -158,6 +158,12 @@ class EngineSettings(_Model):
         description="CPU only: VLLM_CPU_OMP_THREADS_BIND for engine workers, e.g. '0|1' for tensor_parallel_size 2 "
         "(the default binding fails with 'Not enough allowed NUMA nodes').",
     )
+    cpu_threads: int = Field(
+        default=1,
+        ge=1,
+        description="CPU only, tensor_parallel_size 1: torch threads of the engine process (OMP_NUM_THREADS). "
+        "Such an engine runs its worker in its own process, unbound, so the OS spreads engines over the cores.",
+    )
 
 
 class ServingSettings(_Model):

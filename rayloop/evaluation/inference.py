@@ -7,11 +7,11 @@ class runs in-process through :func:`greedy_chat` for small jobs and tests.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from rayloop.config import EngineSettings
+from rayloop.serving.cpu_env import cpu_engine_env_applied
 
 
 def engine_kwargs(engine: EngineSettings) -> dict[str, Any]:
@@ -31,10 +31,17 @@ class VLLMPredictor:
 
     def __init__(self, model_dir: str, engine: dict[str, Any], max_tokens: int = 32) -> None:
         settings = EngineSettings.model_validate(engine)
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(settings.kv_cache_gib))))
+        import torch
         from vllm import LLM, SamplingParams
 
-        self.llm = LLM(model=str(model_dir), **engine_kwargs(settings))
+        # vLLM's CPU worker replaces torch.set_num_threads with a no-op in the process it runs in; with
+        # one shard that is this process, whose other users (training, tests) must keep the real one.
+        set_num_threads = torch.set_num_threads
+        try:
+            with cpu_engine_env_applied(settings):
+                self.llm = LLM(model=str(model_dir), **engine_kwargs(settings))
+        finally:
+            torch.set_num_threads = set_num_threads
         self.params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
 
     def answer(self, prompts: list[str]) -> list[str]:

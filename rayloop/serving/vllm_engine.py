@@ -18,7 +18,6 @@ import asyncio
 import contextvars
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -135,18 +134,17 @@ class VLLMEngine:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        if settings.accelerator == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(settings.kv_cache_gib))))
-            if settings.cpu_threads_bind:
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
+        from rayloop.serving.cpu_env import cpu_engine_env_applied
+
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(_engine_argv(model_dir, settings, served_names))
         engine_args = AsyncEngineArgs.from_cli_args(args)
 
         def build() -> Any:
-            vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-            return AsyncLLM.from_vllm_config(
-                vllm_config=vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=True
-            )
+            with cpu_engine_env_applied(settings):
+                vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+                return AsyncLLM.from_vllm_config(
+                    vllm_config=vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=True
+                )
 
         try:
             # In a thread: starting the engine blocks for tens of seconds (process spawn, handshake), and

@@ -258,9 +258,18 @@ def test_metrics_on_ray_prometheus_endpoint(serving: dict[str, Any]) -> None:
         "ray_rayloop_weight_swaps_total",
     )
     metrics: dict[str, list[Any]] = {}
+
+    def complete(m: dict[str, list[Any]]) -> bool:
+        # Each replica exports on its own schedule: wait for the 400s and both replicas' first loads too.
+        return (
+            all(w in m for w in want)
+            and any(s.labels.get("status") == "400" for s in m["ray_rayloop_requests_total"])
+            and sum(s.value for s in m["ray_rayloop_weight_swaps_total"] if s.labels.get("mode") == "fresh") >= 2
+        )
+
     while time.monotonic() < deadline:
         metrics = _scrape()
-        if all(w in metrics for w in want):
+        if complete(metrics):
             break
         time.sleep(3)
     missing = [w for w in want if w not in metrics]

@@ -341,3 +341,28 @@ def test_rayloop_serve_on_a_router_app_points_at_the_rollout_controller(
         deploy_mod.deploy(settings, ModelConfig(model="demo", version=3, path="/nowhere"))
     assert "runs the rayloop router" in e.value.message
     assert "rayloop deploy demo@3 --strategy rolling" in (e.value.hint or "")
+
+
+def test_cpu_engine_env_runs_single_shard_engines_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from rayloop.config import EngineSettings
+    from rayloop.serving.cpu_env import cpu_engine_env, cpu_engine_env_applied
+
+    one = cpu_engine_env(EngineSettings(kv_cache_gib=2, cpu_threads=2))
+    assert one == {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "OMP_NUM_THREADS": "2"}
+    two = cpu_engine_env(EngineSettings(tensor_parallel_size=2, cpu_threads_bind="0|1"))
+    assert two["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1" and two["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+    assert "OMP_NUM_THREADS" not in two
+    assert cpu_engine_env(EngineSettings(accelerator="gpu")) == {}
+
+    # Applied only while the engine is built; the caller's environment comes back as it was.
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    with cpu_engine_env_applied(EngineSettings(kv_cache_gib=4)):
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        assert os.environ["OMP_NUM_THREADS"] == "1"
+        assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"  # an explicit size wins
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    assert os.environ["OMP_NUM_THREADS"] == "7"
