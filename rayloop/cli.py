@@ -51,11 +51,20 @@ def _stdout_for_results_only() -> Iterator[None]:
     try:
         yield
     finally:
+        # Ray prints its workers' and raylet's log lines on the driver's stdout from a background thread,
+        # whenever they arrive: disconnect before stdout is the result channel again.
+        _disconnect_ray()
         sys.stdout.flush()
         _results.close()
         _results = None
         os.dup2(saved_fd, fd)
         os.close(saved_fd)
+
+
+def _disconnect_ray() -> None:
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 class _Group(click.Group):

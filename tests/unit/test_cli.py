@@ -96,6 +96,38 @@ print("after")
     assert "C-level noise" in out.stderr and "python noise" in out.stderr
 
 
+def test_json_commands_disconnect_ray_before_stdout_is_restored() -> None:
+    # Ray's driver prints worker and raylet log lines on stdout from a thread, at any time: a line arriving
+    # after the command must not land after the JSON document (a stand-in `ray` plays the log thread).
+    code = """
+import sys, threading, time, types, click
+from rayloop.cli import cli, _print_json
+
+stop = threading.Event()
+def logs():
+    while not stop.is_set():
+        print("(raylet) late log line", flush=True)
+        time.sleep(0.005)
+ray = types.ModuleType("ray")
+ray.is_initialized = lambda: not stop.is_set()
+ray.shutdown = stop.set
+sys.modules["ray"] = ray
+
+@cli.command("talks")
+@click.option("--json", "as_json", is_flag=True)
+def talks(as_json):
+    threading.Thread(target=logs, daemon=True).start()
+    time.sleep(0.05)
+    _print_json({"ok": 1})
+
+cli.main(["talks", "--json"], standalone_mode=False)
+time.sleep(0.05)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout) == {"ok": 1}
+    assert "late log line" in out.stderr
+
+
 def test_python_dash_m_json_output_is_on_stdout(rayloop_home: Path) -> None:
     # `python -m rayloop.cli` (how the tests and `ray job submit` run it) loads the module twice.
     out = subprocess.run(
