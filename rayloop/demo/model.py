@@ -233,6 +233,8 @@ def finetune(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rayloop.training.export import COPY_FROM_BASE
+
     torch.manual_seed(seed)
     tok: Any = AutoTokenizer.from_pretrained(str(base_dir))
     model: Any = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
@@ -240,8 +242,9 @@ def finetune(
     losses = pretrain(model, tok, pairs, spec)
     out = Path(out_dir)
     model.save_pretrained(str(out), safe_serialization=True)
-    tok.save_pretrained(str(out))
-    world = Path(base_dir) / "world.json"
-    if world.is_file():
-        shutil.copy(world, out / "world.json")
+    # Fine-tuning leaves the tokenizer as it was: copy its files rather than re-saving them, so the
+    # result stays byte-compatible with its base (in-place weight swaps compare tokenizer files).
+    for name in (*COPY_FROM_BASE, "world.json"):
+        if (Path(base_dir) / name).is_file():
+            shutil.copy(Path(base_dir) / name, out / name)
     return losses

@@ -119,6 +119,25 @@ class Signature:
         return out
 
 
+# Keys `save_pretrained` writes about where a tokenizer was loaded from; they do not change tokenization.
+_TOKENIZER_LOADER_KEYS = frozenset({"is_local", "local_files_only", "name_or_path", "_commit_hash"})
+
+
+def _tokenizer_file_bytes(path: Path) -> bytes:
+    """The bytes that decide tokenization: ``tokenizer_config.json`` without loader-only keys."""
+    raw = path.read_bytes()
+    if path.name != "tokenizer_config.json":
+        return raw
+    try:
+        cfg = json.loads(raw)
+    except ValueError:
+        return raw
+    if not isinstance(cfg, dict):
+        return raw
+    kept = {k: v for k, v in cfg.items() if k not in _TOKENIZER_LOADER_KEYS}
+    return json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()
+
+
 def check_model_dir(model_dir: str | Path, *, expected_fingerprint: str | None = None) -> Signature:
     """Validate a model directory and return its :class:`Signature`.
 
@@ -167,7 +186,7 @@ def check_model_dir(model_dir: str | Path, *, expected_fingerprint: str | None =
     tok = hashlib.sha256()
     for name in _TOKENIZER_FILES:
         if (root / name).is_file():
-            tok.update(name.encode() + b"\0" + (root / name).read_bytes())
+            tok.update(name.encode() + b"\0" + _tokenizer_file_bytes(root / name))
     return Signature(
         config=json.dumps(shape_cfg, sort_keys=True, separators=(",", ":")),
         tensors=hashlib.sha256(json.dumps(sorted(tensors)).encode()).hexdigest(),

@@ -144,11 +144,13 @@ def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, 
 def test_canary_steps_shares_sticky_sessions_and_promotion(env: dict[str, Any]) -> None:
     reg: Registry = env["reg"]
     events: list[dict[str, Any]] = []
+    # A step is judged only once the canary has answered enough requests: at 25% that is >= 1400 requests
+    # in all, so the measured share rests on >= 1000 one-request sessions whatever the load manages.
+    rollout = env["settings"].rollout.model_copy(update={"min_requests_per_step": 350, "max_step_wait_factor": 30})
+    settings = env["settings"].model_copy(update={"rollout": rollout})
     with Load(env["url"], threads=6, sticky_threads=1, fixed_sessions=30) as load:
         time.sleep(4)
-        fresh_rps = load.rps() * 5 / 6
-        interval = max(10.0, 450 / fresh_rps)
-        print(f"load: {load.rps():.1f} req/s; step interval {interval:.1f}s")
+        print(f"load: {load.rps():.1f} req/s")
         load.resize(2)  # light load while the canary engine starts (it shares the two cores)
 
         def on_event(e: dict[str, Any]) -> None:
@@ -156,7 +158,7 @@ def test_canary_steps_shares_sticky_sessions_and_promotion(env: dict[str, Any]) 
             if e["event"] == "step":
                 load.resize(6)
 
-        rec = deploy(env["settings"], "demo@2", "canary", steps=[25, 100], interval_s=interval, on_event=on_event)
+        rec = deploy(settings, "demo@2", "canary", steps=[25, 100], interval_s=10, on_event=on_event)
         time.sleep(3)
     print(timeline(rec))
     assert rec["status"] == "succeeded", rec["state"]
@@ -168,10 +170,10 @@ def test_canary_steps_shares_sticky_sessions_and_promotion(env: dict[str, Any]) 
         fresh = load.between(start["time"] + 0.5, end["time"], sticky=False)
         share = 100.0 * sum(s.version == 2 for s in fresh) / len(fresh)
         print(f"step {start['percent']}%: {len(fresh)} sessions, {share:.1f}% on v2")
-        # >= 400 one-request sessions: the share's standard error is at most 2.5 points.
-        assert len(fresh) >= 400
-        assert abs(share - start["percent"]) <= 8
-        assert end["canary"]["requests"] >= 20 and end["decision"] == "pass"
+        assert end["canary"]["requests"] >= 350 and end["decision"] == "pass"
+        # >= 1000 one-request sessions below 100%: the share's standard error is at most 1.4 points.
+        assert len(fresh) >= (1000 if start["percent"] < 100 else 300)
+        assert abs(share - start["percent"]) <= 5
     # A sticky session moves from v1 to v2 at most once and never back.
     paths = load.session_paths()
     assert len(paths) == 30

@@ -61,6 +61,15 @@ def test_check_model_dir_and_signatures(tmp_path: Path) -> None:
     assert any("tensor set" in d for d in a.differences(tied))
     wide = checkpoint.check_model_dir(_model_dir(tmp_path / "w", hidden=8))
     assert any("config" in d for d in a.differences(wide))
+    # Tokenizer config: where it was loaded from (written by save_pretrained) does not matter, content does.
+    (tmp_path / "a" / "tokenizer_config.json").write_text('{"model_max_length": 256, "pad_token": "<pad>"}')
+    (tmp_path / "b" / "tokenizer_config.json").write_text(
+        '{"pad_token": "<pad>", "is_local": true, "local_files_only": false, "model_max_length": 256}'
+    )
+    a, b = checkpoint.check_model_dir(tmp_path / "a"), checkpoint.check_model_dir(tmp_path / "b")
+    assert a.differences(b) == []
+    (tmp_path / "b" / "tokenizer_config.json").write_text('{"model_max_length": 256, "pad_token": "<unk>"}')
+    assert checkpoint.check_model_dir(tmp_path / "b").differences(a) == ["tokenizer files differ"]
 
 
 def test_check_model_dir_refuses_bad_checkpoints(tmp_path: Path) -> None:
