@@ -28,12 +28,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run_demo(base_model_dir: Path, root: Path, *args: str) -> tuple[dict[str, Any], Path]:
+def _run_demo(base_model_dir: Path, root: Path, *args: str, extra_config: str = "") -> tuple[dict[str, Any], Path]:
     home = root / "home"
     home.mkdir(parents=True)
     shutil.copytree(base_model_dir, home / "base-model")
     (root / "rayloop.yaml").write_text(
         f"ray:\n  port: {_free_port()}\n  dashboard_port: {_free_port()}\nserving:\n  http_port: {_free_port()}\n"
+        + extra_config
     )
     env = {
         k: v
@@ -67,7 +68,9 @@ def _run_demo(base_model_dir: Path, root: Path, *args: str) -> tuple[dict[str, A
 @pytest.mark.slow
 def test_demo_with_poisoned_feedback_is_rejected(base_model_dir: Path, tmp_path: Path) -> None:
     # Users "correct" answers with wrong facts: the gate must stop the candidate; v1 stays in production.
-    bad, _ = _run_demo(base_model_dir, tmp_path / "poison", "--poison")
+    # Reduced size for CI time: a third of the default epochs. Poisoned corrections make new-fact answers
+    # wrong however long the model trains; the default-size run is `rayloop demo --poison` itself.
+    bad, _ = _run_demo(base_model_dir, tmp_path / "poison", "--poison", extra_config="training:\n  epochs: 4\n")
     assert bad["gate"]["decision"] == "rejected", bad["gate"]
     assert bad["production_version"] == 1
     assert bad["rollout"]["requests"] == 0 and bad["rollout"]["steps"] == []
