@@ -20,7 +20,7 @@ echo "== mypy"; .venv/bin/mypy
 echo "== pytest"
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 set +e
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=30 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
