@@ -82,9 +82,22 @@ def test_retrain_zero2_beats_parent_and_registers(snap: dict[str, Any], base_mod
 
 
 def _worker_pids() -> list[int]:
-    from ray.util.state import list_actors
+    """PIDs of the Ray Train workers of this test session's cluster (the state API needs the dashboard,
+    which the session cluster runs without): processes under our raylet titled ``ray::RayTrainWorker``."""
+    import psutil
+    import ray._private.worker as ray_worker
 
-    return [a.pid for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    node = ray_worker._global_node
+    assert node is not None, "the test session's Ray cluster is not running"
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    pids = []
+    for p in raylet.children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(p.cmdline()):
+                pids.append(p.pid)
+        except psutil.Error:
+            continue
+    return sorted(pids)
 
 
 def test_worker_kill_resumes_from_checkpoint(snap: dict[str, Any], base_model_dir: Path, tmp_path: Path) -> None:
