@@ -122,10 +122,12 @@ def test_worker_kill_resumes_from_checkpoint(snap: dict[str, Any], base_model_di
     th = threading.Thread(target=run)
     th.start()
     ckroot = Path(storage_of(settings).path("checkpoints"))
+    # Files of step 8 on disk mean the report of step 4 finished (a worker reports one checkpoint at a
+    # time): killing as soon as step 4's files appear can land before Ray Train has registered them.
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not list(ckroot.glob("*/step-000004/train_state.json")):
+    while time.monotonic() < deadline and not list(ckroot.glob("*/step-000008/train_state.json")):
         time.sleep(0.5)
-    assert list(ckroot.glob("*/step-000004/train_state.json")), "no checkpoint appeared"
+    assert list(ckroot.glob("*/step-000008/train_state.json")), "no checkpoint appeared"
     pids = _worker_pids()
     assert pids
     os.kill(pids[-1], signal.SIGKILL)
