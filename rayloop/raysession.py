@@ -41,17 +41,24 @@ def ensure_ray(settings: Settings) -> bool:
 
 
 def data_context() -> object:
-    """Ray Data settings for small clusters: sort-based shuffle, no progress bars.
+    """Ray Data settings for small clusters: no per-read or per-shuffle actor pools.
 
-    The default hash shuffle starts aggregator actors; on two cores that costs
-    8-10 s per groupby even for a few thousand rows, against under a second for
-    the sort-based pull shuffle (measured in this repo on 20k rows).
+    - Sort-based pull shuffle: the default hash shuffle starts aggregator actors;
+      on two cores that costs 8-10 s per groupby even for a few thousand rows,
+      against under a second for the sort-based pull shuffle (measured in this
+      repo on 20k rows).
+    - The first-generation Parquet reader: Ray 2.60's ``read_parquet`` (datasource
+      V2) starts 32 ``FooterReader`` actors for every read to fetch footers; on
+      two cores spawning them costs ~19 s for a 300-row file, against 0.4 s for
+      the V1 reader (``benchmarks/data/bench_read_parquet.py``). Footer reads
+      are only worth parallelising for thousands of remote files.
     """
     import ray.data
     from ray.data.context import ShuffleStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    ctx.use_datasource_v2 = False
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return ctx

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -122,6 +123,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             state = json.loads((Path(d) / STATE_FILE).read_text())
         step, history, base_eval = state["step"], state["history"], state.get("base_eval_loss")
         history.append({"step": step, "event": "resumed", "attempt": state.get("attempt", 0) + 1})
+    print(
+        f"rayloop: rank {rank} starts at step {step}"
+        + (f" from checkpoint {restored.path}" if restored is not None else " (no checkpoint to resume from)"),
+        file=sys.stderr,
+        flush=True,
+    )
 
     shard = ray.train.get_dataset_shard("train")
     eval_shard = ray.train.get_dataset_shard("eval") if cfg["has_eval"] else None

@@ -130,19 +130,37 @@ def test_worker_kill_resumes_from_checkpoint(snap: dict[str, Any], base_model_di
     assert list(ckroot.glob("*/step-000008/train_state.json")), "no checkpoint appeared"
     pids = _worker_pids()
     assert pids
+    on_disk = sorted(p.parent.name for p in ckroot.glob("*/step-*/train_state.json"))
     os.kill(pids[-1], signal.SIGKILL)
     th.join(timeout=400)
     assert "err" not in out, out.get("err")
     res: RetrainResult = out["res"]
     assert res.steps == res.config["total_steps"]
     events = [h for h in res.history if h.get("event") == "resumed"]
-    assert events, "the run did not restart from a checkpoint"
+    assert events, (
+        f"the run did not restart from a checkpoint (killed pid {pids[-1]} of {pids} with {on_disk} on disk); "
+        f"worker starts: {_worker_start_lines()}"
+    )
     resumed_at = events[0]["step"]
     assert resumed_at >= 4 and resumed_at % 4 == 0
     losses = {h["step"]: h["loss"] for h in res.history if "loss" in h}
     # The curve continues: the first steps after the restart are near the checkpoint's loss, far below the start.
     assert losses[resumed_at + 1] < 0.8 * losses[1]
     assert sorted(losses) == list(range(1, res.steps + 1))
+
+
+def _worker_start_lines() -> list[str]:
+    """What each training worker said about its starting point (``rayloop: rank N starts at ...``)."""
+    import ray._private.worker as ray_worker
+
+    node = ray_worker._global_node
+    logs = Path(node.get_session_dir_path()) / "logs" if node is not None else None
+    if logs is None or not logs.is_dir():
+        return []
+    lines = []
+    for f in sorted(logs.glob("worker-*.err")):
+        lines += [ln.strip() for ln in f.read_text(errors="replace").splitlines() if "rayloop: rank" in ln]
+    return lines
 
 
 def test_zero3_bf16_export_loads_in_vllm(snap: dict[str, Any], base_model_dir: Path, tmp_path: Path) -> None:
