@@ -122,15 +122,23 @@ def test_worker_kill_resumes_from_checkpoint(snap: dict[str, Any], base_model_di
     th = threading.Thread(target=run)
     th.start()
     ckroot = Path(storage_of(settings).path("checkpoints"))
-    # Files of step 8 on disk mean the report of step 4 finished (a worker reports one checkpoint at a
-    # time): killing as soon as step 4's files appear can land before Ray Train has registered them.
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not list(ckroot.glob("*/step-000008/train_state.json")):
+    # Kill only once Ray Train has *registered* a checkpoint: its controller records each one in
+    # checkpoint_manager_snapshot.json. Files on disk are not enough: a worker's report waits in a
+    # one-slot queue until the controller polls it (every 2 s), so a kill can lose the reports of the
+    # last checkpoints whose files were already written.
+    # Kill a third of the way in (120 steps in all), when the loss is well below where it started.
+    kill_after = 40
+
+    def latest() -> int:
+        return max((int(n.removeprefix("step-")) for n in _registered_checkpoints(ckroot)), default=0)
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and latest() < kill_after:
         time.sleep(0.5)
-    assert list(ckroot.glob("*/step-000008/train_state.json")), "no checkpoint appeared"
+    registered = _registered_checkpoints(ckroot)
+    assert latest() >= kill_after, f"Ray Train registered only {registered}"
     pids = _worker_pids()
     assert pids
-    on_disk = sorted(p.parent.name for p in ckroot.glob("*/step-*/train_state.json"))
     os.kill(pids[-1], signal.SIGKILL)
     th.join(timeout=400)
     assert "err" not in out, out.get("err")
@@ -138,15 +146,32 @@ def test_worker_kill_resumes_from_checkpoint(snap: dict[str, Any], base_model_di
     assert res.steps == res.config["total_steps"]
     events = [h for h in res.history if h.get("event") == "resumed"]
     assert events, (
-        f"the run did not restart from a checkpoint (killed pid {pids[-1]} of {pids} with {on_disk} on disk); "
+        f"the run did not restart from a checkpoint (killed pid {pids[-1]} of {pids} after Ray Train registered {registered}); "
         f"worker starts: {_worker_start_lines()}"
     )
     resumed_at = events[0]["step"]
-    assert resumed_at >= 4 and resumed_at % 4 == 0
+    assert resumed_at >= kill_after and resumed_at % 4 == 0
     losses = {h["step"]: h["loss"] for h in res.history if "loss" in h}
-    # The curve continues: the first steps after the restart are near the checkpoint's loss, far below the start.
-    assert losses[resumed_at + 1] < 0.8 * losses[1]
-    assert sorted(losses) == list(range(1, res.steps + 1))
+    assert sorted(losses) == list(range(1, res.steps + 1))  # every step once: none repeated, none skipped
+    # The curve continues: the steps right after the restart train on from the checkpoint's weights and
+    # optimizer state, far below where the run started (a restart from the base model would be near it).
+    # Per-step losses swing with the batch mix (replayed known facts vs new ones): compare 8-step means.
+    first = sum(losses[s] for s in range(1, 9)) / 8
+    after = sum(losses[s] for s in range(resumed_at + 1, resumed_at + 9)) / 8
+    assert after < 0.6 * first, (first, after, losses)
+
+
+def _registered_checkpoints(ckroot: Path) -> list[str]:
+    """Checkpoint directories Ray Train's controller has registered for the run under ``ckroot``."""
+    import re
+
+    found: set[str] = set()
+    for snap_file in ckroot.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            found.update(re.findall(r"step-\d{6}", snap_file.read_text()))
+        except OSError:  # being rewritten
+            continue
+    return sorted(found)
 
 
 def _worker_start_lines() -> list[str]:
