@@ -1,15 +1,18 @@
-"""`ray job submit` of the preprocess and retrain jobs against a local head with a dashboard."""
+"""`ray job submit` of the preprocess, retrain and pipeline jobs against a local head with a dashboard."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,13 +30,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture
-def job_head(tmp_path: Path) -> object:
+@pytest.fixture(scope="module")
+def job_head() -> object:
     """A separate Ray head with the dashboard (the Jobs API lives there), stopped by PID afterwards."""
+    # A short temp dir: the dashboard's module sockets live under it, and an AF_UNIX path may not
+    # exceed 107 bytes (pytest's tmp paths plus Ray's session name do).
+    temp_dir = Path(tempfile.mkdtemp(prefix="rl-jobs-", dir="/tmp"))
     port, dash = _free_port(), _free_port()
     ray_bin = Path(sys.executable).with_name("ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
+    # The head runs in this virtualenv, as a real cluster runs in its image: job entrypoints' `python`
+    # is the venv's (pytest may have been started as .venv/bin/pytest without activating it).
+    env["PATH"] = f"{ray_bin.parent}{os.pathsep}{env.get('PATH', '')}"
     proc = subprocess.Popen(
         [
             str(ray_bin),
@@ -47,7 +56,7 @@ def job_head(tmp_path: Path) -> object:
             f"--dashboard-port={dash}",
             "--object-store-memory=300000000",
             "--disable-usage-stats",
-            f"--temp-dir={tmp_path / 'ray'}",
+            f"--temp-dir={temp_dir}",
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -59,26 +68,40 @@ def job_head(tmp_path: Path) -> object:
 
     deadline = time.monotonic() + 90
     client = None
+    last: Exception | None = None
     while time.monotonic() < deadline:
         try:
             client = JobSubmissionClient(url)
             client.list_jobs()
             break
-        except Exception:
-            client = None
+        except Exception as e:
+            client, last = None, e
             time.sleep(1)
     try:
-        assert client is not None, "the dashboard did not come up"
+        assert client is not None, f"the dashboard did not come up: {type(last).__name__}: {last}"
         yield client
     finally:
-        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGTERM)  # `ray start --block` stops what it started
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
+            pass
+        try:  # anything of that head still alive (it runs in its own process group)
             os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _run(client: object, entrypoint: str, env: dict[str, str], timeout: float = 400) -> dict[str, object]:
+def _run(client: object, entrypoint: str, env: dict[str, str], timeout: float = 400) -> dict[str, Any]:
+    logs = _run_logs(client, entrypoint, env, timeout)
+    line = [ln for ln in logs.splitlines() if ln.startswith("RAYLOOP_RESULT ")][-1]
+    out: dict[str, Any] = json.loads(line.removeprefix("RAYLOOP_RESULT "))
+    return out
+
+
+def _run_logs(client: object, entrypoint: str, env: dict[str, str], timeout: float = 400) -> str:
+    """Submit ``entrypoint`` with this checkout as the working dir; wait for success; return the job's logs."""
     from ray.job_submission import JobStatus
 
     job = client.submit_job(  # type: ignore[attr-defined]
@@ -96,10 +119,9 @@ def _run(client: object, entrypoint: str, env: dict[str, str], timeout: float = 
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             break
         time.sleep(2)
-    logs = client.get_job_logs(job)  # type: ignore[attr-defined]
+    logs: str = client.get_job_logs(job)  # type: ignore[attr-defined]
     assert status == JobStatus.SUCCEEDED, logs[-4000:]
-    line = [ln for ln in logs.splitlines() if ln.startswith("RAYLOOP_RESULT ")][-1]
-    return json.loads(line.removeprefix("RAYLOOP_RESULT "))  # type: ignore[no-any-return]
+    return logs
 
 
 def test_submit_preprocess_then_retrain(job_head: object, base_model_dir: Path, tmp_path: Path) -> None:
@@ -122,3 +144,33 @@ def test_submit_preprocess_then_retrain(job_head: object, base_model_dir: Path, 
     assert out["snapshot_id"] == sid and out["steps"] >= 1
     assert str(out["registered"]).startswith("demo@")
     assert (tmp_path / "cand" / "model.safetensors").is_file()
+
+
+def test_submit_pipeline_job(job_head: object, base_model_dir: Path, tmp_path: Path) -> None:
+    """`ray job submit -- python -m train_jobs.pipeline`: collect -> ... -> gate as one Ray job, recorded."""
+    from rayloop.registry import Registry
+
+    home = tmp_path / "home"
+    config = tmp_path / "rayloop.yaml"
+    # Small retraining (CI time): the run's stages and records are what is checked, not the model's quality.
+    config.write_text("training:\n  epochs: 2\n")
+    settings = load_settings(config, env={"RAYLOOP_HOME": str(home)})
+    reg = Registry.from_settings(settings)
+    v1 = reg.register("demo", base_model_dir)
+    reg.set_alias("demo", "production", v1.version)
+    world = World.from_json((base_model_dir / "world.json").read_text())
+    write_interactions(storage_of(settings), world, n=300, covering=True)
+    env = {"RAYLOOP_HOME": str(home), "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+
+    logs = _run_logs(job_head, f"python -m train_jobs.pipeline --config {config} --no-deploy", env, timeout=600)
+    for stage in ("collect", "preprocess", "retrain", "register", "evaluate"):
+        assert f"[pipeline] {stage}: done" in logs, (stage, logs[-3000:])
+    # The run record is the JSON document the job prints last (Ray may log lines after it).
+    record, _ = json.JSONDecoder().raw_decode(logs[logs.rindex("\n{") + 1 :])
+    stages = record["stages"]
+    assert stages["deploy"]["status"] == "skipped", stages["deploy"]
+    cand = reg.resolve(stages["register"]["output"]["ref"])
+    assert cand.version == 2 and cand.parent == 1
+    assert cand.lineage["snapshot_id"] == stages["preprocess"]["output"]["snapshot_id"]
+    assert cand.annotations["gate"]["decision"] in ("accepted", "rejected")
+    assert reg.get_alias("demo", "production") == 1  # --no-deploy: nothing served changes
