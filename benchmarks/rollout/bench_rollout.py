@@ -153,7 +153,8 @@ def main() -> None:
         ):
             with Load(url, threads=2, sticky_threads=1) as load:
                 t0 = time.monotonic()
-                rec = deploy(settings, "demo@2" if strategy != "rolling" else "demo@1", strategy, **kw)
+                # After the canary v2 is production: shadow evaluates v1 beside it, rolling goes back to v1.
+                rec = deploy(settings, "demo@2" if strategy == "canary" else "demo@1", strategy, **kw)
                 secs = time.monotonic() - t0
             failed[strategy] = {
                 "status": rec["status"],
