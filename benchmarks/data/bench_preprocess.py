@@ -78,7 +78,7 @@ def pandas_pipeline(root: Path, model_dir: Path) -> int:
     blocks = 0
     for _, g in df.groupby("split"):
         ex = [encode_example(tok, json.loads(m), r) for m, r in zip(g["messages"], g["response"], strict=True)]
-        blocks += len(pack(ex, settings.block_size, tok.pad_token_id))
+        blocks += len(pack(ex, settings.block_size, tok.pad_token_id, share_blocks=settings.pack_examples))
     return blocks
 
 
