@@ -8,7 +8,10 @@ DeepSpeed checkpoint (each rank its own ZeRO shards) next to the resolved
 config and the loss history, and report it; Ray Train merges the ranks'
 files into one checkpoint directory in storage. After a worker failure the
 new worker group resumes from the latest checkpoint: same step, same
-position in the epoch, the loss curve continues.
+position in the epoch, the loss curve continues. "Latest" means the latest
+one Ray Train's controller has registered: a report waits in a one-slot queue
+until the controller polls the worker (every 2 s), so the newest checkpoint
+whose files are already in storage may be lost with the worker.
 """
 
 from __future__ import annotations
