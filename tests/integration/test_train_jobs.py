@@ -104,14 +104,24 @@ def _run_logs(client: object, entrypoint: str, env: dict[str, str], timeout: flo
     """Submit ``entrypoint`` with this checkout as the working dir; wait for success; return the job's logs."""
     from ray.job_submission import JobStatus
 
-    job = client.submit_job(  # type: ignore[attr-defined]
-        entrypoint=entrypoint,
-        runtime_env={
-            "working_dir": str(REPO),
-            "env_vars": env,
-            "excludes": [".venv", ".git", ".rayloop", "**/__pycache__", "*.egg-info", ".mypy_cache"],
-        },
-    )
+    # The Jobs REST API answers before the head's job agent has registered ("No available agent to
+    # submit job, please try again later"): retry that one error for a while.
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            job = client.submit_job(  # type: ignore[attr-defined]
+                entrypoint=entrypoint,
+                runtime_env={
+                    "working_dir": str(REPO),
+                    "env_vars": env,
+                    "excludes": [".venv", ".git", ".rayloop", "**/__pycache__", "*.egg-info", ".mypy_cache"],
+                },
+            )
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     deadline = time.monotonic() + timeout
     status = None
     while time.monotonic() < deadline:
