@@ -37,6 +37,10 @@ def job_head() -> object:
     # exceed 107 bytes (pytest's tmp paths plus Ray's session name do).
     temp_dir = Path(tempfile.mkdtemp(prefix="rl-jobs-", dir="/tmp"))
     port, dash = _free_port(), _free_port()
+    # The dashboard agent's HTTP port defaults to 52365: a second cluster on this machine (the test
+    # session's own) already holds it, this head's agent then never registers, and every submission
+    # fails with "No available agent to submit job". Give this head's agent ports of its own.
+    agent_http, agent_grpc, runtime_env, metrics = (_free_port() for _ in range(4))
     ray_bin = Path(sys.executable).with_name("ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
@@ -54,6 +58,10 @@ def job_head() -> object:
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
             "--object-store-memory=300000000",
             "--disable-usage-stats",
             f"--temp-dir={temp_dir}",
@@ -106,7 +114,7 @@ def _run_logs(client: object, entrypoint: str, env: dict[str, str], timeout: flo
 
     # The Jobs REST API answers before the head's job agent has registered ("No available agent to
     # submit job, please try again later"): retry that one error for a while.
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 60
     while True:
         try:
             job = client.submit_job(  # type: ignore[attr-defined]
