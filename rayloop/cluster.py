@@ -62,6 +62,18 @@ def _ray_bin() -> str:
     return str(cand) if cand.exists() else "ray"
 
 
+def _port_in_use(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def _wait_for_gcs(address: str, log: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:
     import socket
 
@@ -96,6 +108,15 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
     home = settings.home_path
     home.mkdir(parents=True, exist_ok=True)
     port = settings.ray.port
+    agent_port = settings.ray.dashboard_agent_port
+    if _port_in_use(settings.ray.dashboard_host, agent_port):
+        # Ray would start anyway, with a dashboard agent that never registers: every `ray job submit`
+        # then fails with "No available agent to submit job". Refuse up front instead.
+        raise ClusterError(
+            f"port {agent_port} (ray.dashboard_agent_port) is already in use, most likely by the dashboard "
+            "agent of another Ray cluster on this machine",
+            hint="Stop that cluster, or set ray.dashboard_agent_port in rayloop.yaml to a free port.",
+        )
     temp_dir = "/tmp/ray"  # ray start default; session logs live there
     log = home / "ray-head.log"
     cmd = [
@@ -110,6 +131,7 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
         "--include-dashboard=true",
         f"--dashboard-host={settings.ray.dashboard_host}",
         f"--dashboard-port={settings.ray.dashboard_port}",
+        f"--dashboard-agent-listen-port={agent_port}",
         "--disable-usage-stats",
     ]
     env = dict(os.environ)

@@ -121,13 +121,20 @@ class RaySettings(_Model):
     num_gpus: int = Field(default=0, ge=0, description="GPUs the local head advertises.")
     dashboard_host: str = Field(default="127.0.0.1", description="Dashboard bind address.")
     dashboard_port: int = Field(default=8265, ge=1, le=65535, description="Dashboard port.")
+    dashboard_agent_port: int = Field(
+        default=52365,
+        ge=1,
+        le=65535,
+        description="HTTP port of the head's dashboard agent (the Jobs API submits through it). Ray's default; "
+        "change it when another Ray cluster on the same machine already holds it.",
+    )
     object_store_memory_mb: int = Field(default=1024, ge=128, description="Object store size of the local head.")
 
     @model_validator(mode="after")
     def _ports_outside_ray_ranges(self) -> RaySettings:
         # `ray start` gives the Ray client server 10001 and workers 10002-19999; a head port in
         # there fails only when the cluster starts ("used by other components").
-        for name in ("port", "dashboard_port"):
+        for name in ("port", "dashboard_port", "dashboard_agent_port"):
             value = getattr(self, name)
             if RAY_RESERVED_PORTS[0] <= value <= RAY_RESERVED_PORTS[1]:
                 raise ValueError(

@@ -26,8 +26,10 @@ def _group_alive(pgid: int) -> bool:
 
 
 def test_up_down_round_trip(tmp_path: Path) -> None:
-    gcs, dash = _free_port(), _free_port()
-    (tmp_path / "rayloop.yaml").write_text(f"ray:\n  port: {gcs}\n  dashboard_port: {dash}\n  num_cpus: 1\n")
+    gcs, dash, agent = _free_port(), _free_port(), _free_port()
+    (tmp_path / "rayloop.yaml").write_text(
+        f"ray:\n  port: {gcs}\n  dashboard_port: {dash}\n  dashboard_agent_port: {agent}\n  num_cpus: 1\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYLOOP_CONFIG")}
     env["RAYLOOP_HOME"] = str(tmp_path / "home")
     cmd = [sys.executable, "-m", "rayloop.cli"]
@@ -54,6 +56,25 @@ def test_up_down_round_trip(tmp_path: Path) -> None:
         )
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout.strip().splitlines()[-1])["CPU"] == 1.0
+        # `ray job submit` works against it: the Jobs API goes through the head's dashboard agent.
+        job = subprocess.run(
+            [
+                str(Path(sys.executable).with_name("ray")),
+                "job",
+                "submit",
+                f"--address=http://127.0.0.1:{dash}",
+                "--",
+                "python",
+                "-c",
+                "print(6 * 7)",
+            ],
+            cwd=tmp_path,
+            env={**env, "RAY_AUTH_MODE": "disabled"},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert job.returncode == 0 and "42" in job.stdout and "succeeded" in job.stdout, job.stdout + job.stderr
     finally:
         down = subprocess.run([*cmd, "down"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0 and "stopped" in down.stdout

@@ -63,6 +63,25 @@ def test_down_without_up_is_harmless(rayloop_home: Path) -> None:
     assert "No Ray head" in r.output
 
 
+def test_up_refuses_a_dashboard_agent_port_another_cluster_holds(
+    rayloop_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        config = tmp_path / "rayloop.yaml"
+        config.write_text(f"ray:\n  dashboard_agent_port: {port}\n")
+        monkeypatch.setenv("RAYLOOP_CONFIG", str(config))
+        r = CliRunner().invoke(cli, ["up"])
+    assert r.exit_code != 0
+    assert f"port {port} (ray.dashboard_agent_port) is already in use" in r.output
+    assert "ray.dashboard_agent_port in rayloop.yaml" in r.output
+    assert not (rayloop_home / "cluster.json").exists(), "no head may be recorded when none was started"
+
+
 def test_engine_logs_go_to_stderr_so_json_output_parses(rayloop_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # vLLM logs to stdout by default, which broke `rayloop eval --local --json`.
     monkeypatch.delenv("VLLM_LOGGING_STREAM", raising=False)
