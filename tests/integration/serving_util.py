@@ -43,6 +43,36 @@ def make_variant(src: Path, dst: Path, *, seed: int, scale: float = 0.5, tie: bo
     return dst
 
 
+def make_larger(src: Path, dst: Path, *, hidden: int, layers: int, intermediate: int) -> Path:
+    """A randomly initialised model of the same family and tokenizer as ``src``, but larger (so slower).
+
+    Stands in for a real regression of the "bigger model, same quality" kind: it answers (nonsense),
+    only more slowly per token.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for p in src.iterdir():
+        skip = p.suffix == ".safetensors" or p.name in ("config.json", "rayloop_build.json") or p.name.startswith(".")
+        if p.is_file() and not skip:
+            shutil.copy2(p, dst / p.name)
+    cfg = json.loads((src / "config.json").read_text())
+    heads = hidden // cfg["head_dim"]
+    cfg.update(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=intermediate,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in ("architectures", "transformers_version")})
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(dst)
+    return dst
+
+
 def serve_http_url() -> str:
     """Base URL of the running Serve HTTP proxy (whoever started Serve chose the port)."""
     from ray.serve._private.api import _get_global_client

@@ -31,7 +31,7 @@ from rayloop.registry import Registry
 from rayloop.rollout.controller import deploy, send_command, status
 from rayloop.storage import Storage
 from tests.integration.rollout_util import Load, timeline, wait_for
-from tests.integration.serving_util import free_port, serve_http_url
+from tests.integration.serving_util import free_port, make_larger, serve_http_url
 
 APP = "rl-rollout-test"
 
@@ -93,6 +93,7 @@ def env(
             "home": home,
             "reg": reg,
             "first": first,
+            "base": base_model_dir,
             "url": serve_http_url(),
             "gcs": ray_cluster.get("gcs_address") or ray_cluster["address"],
         }
@@ -137,6 +138,31 @@ def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, 
     ended = _ts(rec["ended_at"])
     assert {s.version for s in load.samples if s.sent > ended} == {1}
     assert {s.version for s in load.samples} == {1, 2}  # the canary did serve before it was judged
+    assert reg.aliases("demo") == {"production": 1}
+    assert status(env["settings"], "demo")["serve"]["slots"] == {"stable": 1, "canary": None, "shadow": None}
+
+
+def test_slow_canary_is_rolled_back_automatically(env: dict[str, Any]) -> None:
+    """A candidate ~20x the size of production (random weights): it answers, only much more slowly."""
+    reg: Registry = env["reg"]
+    slow = make_larger(env["base"], env["home"] / "slow", hidden=512, layers=6, intermediate=1408)
+    version = reg.register("demo", slow, parent=1).version
+    # 8 output tokens per request, so the per-token cost shows in the latency, not only the fixed costs.
+    with Load(env["url"], threads=3, sticky_threads=1, max_tokens=8) as load:
+        time.sleep(2)
+        rec = deploy(env["settings"], f"demo@{version}", "canary", steps=[20, 50, 100], interval_s=30)
+        time.sleep(3)
+    print(timeline(rec))
+    assert rec["status"] == "rolled_back", rec["state"]
+    breach = next(e for e in rec["history"] if e["event"] == "breach")
+    canary, stable = breach["canary"], breach["stable"]
+    assert canary["p95_ms"] > 1.5 * stable["p95_ms"], breach
+    assert any("p95 latency" in r for r in breach["reasons"]) and "p95 latency" in rec["state"]["reason"], breach
+    assert [e["percent"] for e in rec["history"] if e["event"] == "step"] == [20]  # caught at the first step
+    _no_failures(load)  # slow, not broken: every user still got an answer
+    ended = _ts(rec["ended_at"])
+    assert {s.version for s in load.samples if s.sent > ended} == {1}
+    assert version in {s.version for s in load.samples}  # the canary did serve before it was judged
     assert reg.aliases("demo") == {"production": 1}
     assert status(env["settings"], "demo")["serve"]["slots"] == {"stable": 1, "canary": None, "shadow": None}
 
