@@ -1,7 +1,7 @@
 """Preprocessing throughput and memory: Ray Data pipeline vs single-process pandas, same steps, same run.
 
     flock /tmp/rayloop-heavy.lock .venv/bin/python benchmarks/data/bench_preprocess.py --base /path/to/base-model \
-        --rows 2000 --scale 10 --json /tmp/bench_data.json
+        --rows 2000 --scale 10 50 --json /tmp/bench_data.json
 
 For each size (rows, rows*scale) it writes simulated interactions + feedback,
 then times (1) ``rayloop.data.preprocess`` on a local Ray with 2 CPUs and
@@ -9,6 +9,11 @@ then times (1) ``rayloop.data.preprocess`` on a local Ray with 2 CPUs and
 tokenize, pack) in this process. Memory: peak of the summed RSS of this
 process and every Ray worker/raylet child, sampled every 0.1 s (Ray), and
 this process's peak RSS growth (pandas).
+
+RSS counts a shared page (the object store's, shared libraries') in every
+process that maps it, so the summed RSS overstates; the summed PSS (each shared
+page divided among the processes mapping it) is the machine's real use, and is
+the number to compare across sizes. Both are reported, and the driver's own PSS.
 """
 
 from __future__ import annotations
@@ -25,24 +30,36 @@ import psutil
 
 
 class PeakRSS:
-    """Samples the summed RSS of this process and its descendants."""
+    """Samples this process and its descendants: peak summed RSS, peak summed PSS, peak PSS of this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, interval: float = 0.1, pss: bool = False) -> None:
         self.peak = 0
+        self.peak_pss = 0
+        self.peak_driver_pss = 0
+        self._interval = interval
+        self._pss = pss
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         me = psutil.Process()
         while not self._stop.is_set():
-            total = 0
+            total = total_pss = 0
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    if self._pss:
+                        full = p.memory_full_info()
+                        total += full.rss
+                        total_pss += full.pss
+                        if p.pid == me.pid:
+                            self.peak_driver_pss = max(self.peak_driver_pss, full.pss)
+                    else:
+                        total += p.memory_info().rss
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
-            time.sleep(0.1)
+            self.peak_pss = max(self.peak_pss, total_pss)
+            time.sleep(self._interval)
 
     def __enter__(self) -> PeakRSS:
         self._t.start()
@@ -97,7 +114,7 @@ def run_size(n: int, model_dir: Path) -> dict[str, Any]:
     # Warm Ray (start-up is not preprocessing) with the same pipeline on a tiny store.
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 << 20)
     try:
-        with PeakRSS() as mem:
+        with PeakRSS(interval=0.25, pss=True) as mem:
             t0 = time.perf_counter()
             info = preprocess(settings, model_dir=model_dir)
             ray_s = time.perf_counter() - t0
@@ -113,6 +130,8 @@ def run_size(n: int, model_dir: Path) -> dict[str, Any]:
         "ray_seconds": round(ray_s, 2),
         "ray_rows_per_s": round(n / ray_s, 1),
         "ray_peak_rss_mb": round(mem.peak / 2**20),
+        "ray_peak_pss_mb": round(mem.peak_pss / 2**20),
+        "ray_driver_peak_pss_mb": round(mem.peak_driver_pss / 2**20),
         "pandas_seconds": round(pd_s, 2),
         "pandas_rows_per_s": round(n / pd_s, 1),
         "pandas_peak_rss_growth_mb": round((pmem.peak - before) / 2**20),
@@ -125,12 +144,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--base", required=True, type=Path, help="Demo base model directory (tokenizer source).")
     ap.add_argument("--rows", type=int, default=2000)
-    ap.add_argument("--scale", type=int, default=10)
+    ap.add_argument("--scale", type=int, nargs="+", default=[10], help="Further sizes, as multiples of --rows.")
     ap.add_argument("--json", type=Path)
     a = ap.parse_args()
-    results = [run_size(a.rows, a.base), run_size(a.rows * a.scale, a.base)]
-    for r in results:
-        print(json.dumps(r))
+    results = []
+    for n in [a.rows, *(a.rows * k for k in a.scale)]:
+        results.append(run_size(n, a.base))
+        print(json.dumps(results[-1]), flush=True)
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
 

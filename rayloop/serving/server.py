@@ -37,8 +37,10 @@ from rayloop.storage import Storage
 
 logger = logging.getLogger("ray.serve")
 
-# Streamed SSE events are joined while the ingress is busy: one Serve message
-# per batch instead of per token keeps proxy overhead off the 2 shared cores.
+# Streamed SSE events are joined into one Serve message while the ingress is busy,
+# and at most every ``serving.stream_interval_ms``: every message crosses the
+# replica, the ingress and the HTTP proxy, and on CPU those hops compete with the
+# engine for the same cores.
 _STREAM_END = object()
 
 
@@ -262,7 +264,7 @@ class LLMServer:
         yield ReplyHead(200, cfg.model, cfg.version, streaming=True)
         error: str | None = None
         try:
-            async for chunk in _coalesce(reply.stream):
+            async for chunk in _coalesce(reply.stream, self._settings.serving.stream_interval_ms / 1000.0):
                 yield chunk
         except Exception as e:  # headers are gone: end the stream with an error event
             logger.exception("engine failed mid-stream on request %s", request_id)
@@ -303,9 +305,15 @@ class LLMServer:
             self._engine = None
 
 
-async def _coalesce(stream: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Yield SSE events, joining those that piled up while the consumer was busy."""
+async def _coalesce(stream: AsyncIterator[str], min_interval_s: float = 0.0) -> AsyncIterator[str]:
+    """Yield SSE events, joining those that piled up while the consumer was busy.
+
+    With ``min_interval_s`` > 0, a message also waits until that long after the previous one, joining
+    what arrives meanwhile. The first message (the first token) and the end of the stream never wait.
+    """
     queue: asyncio.Queue[Any] = asyncio.Queue()
+    ended = asyncio.Event()
+    loop = asyncio.get_running_loop()
 
     async def pump() -> None:
         try:
@@ -315,12 +323,20 @@ async def _coalesce(stream: AsyncIterator[str]) -> AsyncIterator[str]:
             queue.put_nowait(e)
         finally:
             queue.put_nowait(_STREAM_END)
+            ended.set()
 
-    task = asyncio.get_running_loop().create_task(pump())
+    task = loop.create_task(pump())
+    next_at = 0.0
     try:
         done = False
         while not done:
             parts = [await queue.get()]
+            wait = next_at - loop.time()
+            if wait > 0 and parts[0] is not _STREAM_END:
+                try:
+                    await asyncio.wait_for(ended.wait(), wait)
+                except TimeoutError:
+                    pass
             while not queue.empty():
                 parts.append(queue.get_nowait())
             if parts[-1] is _STREAM_END:
@@ -331,6 +347,7 @@ async def _coalesce(stream: AsyncIterator[str]) -> AsyncIterator[str]:
                     raise p
             if parts:
                 yield "".join(parts)
+                next_at = loop.time() + min_interval_s
     finally:
         if not task.done():
             task.cancel()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -375,3 +377,48 @@ def test_cpu_engine_env_runs_single_shard_engines_in_one_process(monkeypatch: py
         assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "1"  # an explicit size wins
     assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
     assert os.environ["OMP_NUM_THREADS"] == "7"
+
+
+async def _timed(gen: Any) -> list[tuple[float, str]]:
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    return [(loop.time() - t0, msg) async for msg in gen]
+
+
+def test_stream_coalescing_holds_messages_to_the_interval_but_not_the_first_or_last() -> None:
+    from rayloop.serving.server import _coalesce
+
+    async def tokens(n: int, every_s: float) -> Any:
+        for i in range(n):
+            yield f"data: {i}\n\n"
+            await asyncio.sleep(every_s)
+
+    async def collect(interval_s: float) -> list[tuple[float, str]]:
+        return await _timed(_coalesce(tokens(40, 0.005), interval_s))
+
+    held = asyncio.run(collect(0.05))
+    every = asyncio.run(collect(0.0))
+    expected = "".join(f"data: {i}\n\n" for i in range(40))
+    assert "".join(m for _, m in held) == expected == "".join(m for _, m in every)  # nothing lost or reordered
+    assert held[0][1] == "data: 0\n\n"  # the first token goes out at once, alone
+    # ~0.2 s of tokens: several messages, each (but the last, the end of the stream) >= 50 ms after the previous.
+    assert len(held) >= 3
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(held)]
+    assert min(gaps[:-1]) >= 0.045, gaps
+    # The end of a stream is not held back by the interval.
+    t0 = time.monotonic()
+    assert [m for _, m in asyncio.run(_timed(_coalesce(tokens(3, 0.005), 10.0)))] == [
+        "data: 0\n\n",
+        "data: 1\n\ndata: 2\n\n",
+    ]
+    assert time.monotonic() - t0 < 5.0
+
+    async def failing() -> Any:
+        yield "data: 0\n\n"
+        raise RuntimeError("engine died")
+
+    async def drain() -> list[str]:
+        return [m async for m in _coalesce(failing(), 0.05)]
+
+    with pytest.raises(RuntimeError, match="engine died"):
+        asyncio.run(drain())
