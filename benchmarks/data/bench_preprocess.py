@@ -6,7 +6,7 @@
 For each size (rows, rows*scale) it writes simulated interactions + feedback,
 then times (1) ``rayloop.data.preprocess`` on a local Ray with 2 CPUs and
 (2) a pandas version of the same steps (read, join, policy, scrub, dedupe,
-tokenize, pack) in this process. Memory: peak of the summed RSS of this
+tokenize, pack) in one process; each side in a fresh interpreter. Memory: peak of the summed RSS of this
 process and every Ray worker/raylet child, sampled every 0.1 s (Ray), and
 this process's peak RSS growth (pandas).
 
@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -99,11 +102,59 @@ def pandas_pipeline(root: Path, model_dir: Path) -> int:
     return blocks
 
 
-def run_size(n: int, model_dir: Path) -> dict[str, Any]:
+def _ray_side(home: Path, model_dir: Path) -> dict[str, Any]:
     import ray
 
     from rayloop.config import load_settings
     from rayloop.data.preprocess import preprocess
+
+    settings = load_settings(env={"RAYLOOP_HOME": str(home)})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 << 20)
+    try:
+        with PeakRSS(interval=0.25, pss=True) as mem:
+            t0 = time.perf_counter()
+            info = preprocess(settings, model_dir=model_dir)
+            seconds = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": round(mem.peak / 2**20),
+        "peak_pss_mb": round(mem.peak_pss / 2**20),
+        "driver_peak_pss_mb": round(mem.peak_driver_pss / 2**20),
+        "blocks": info.counts["train_blocks"] + info.counts["eval_blocks"],
+    }
+
+
+def _pandas_side(home: Path, model_dir: Path) -> dict[str, Any]:
+    import pandas  # noqa: F401  (imported before the baseline is taken: the library is not the data)
+
+    from rayloop.data.format import load_tokenizer
+
+    load_tokenizer(model_dir)
+    before = psutil.Process().memory_info().rss
+    with PeakRSS() as mem:
+        t0 = time.perf_counter()
+        blocks = pandas_pipeline(home / "storage", model_dir)
+        seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "peak_rss_growth_mb": round((mem.peak - before) / 2**20), "blocks": blocks}
+
+
+def _in_subprocess(side: str, home: Path, model_dir: Path) -> dict[str, Any]:
+    """Each side runs in a fresh interpreter: nothing one run allocated counts against the next."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--base", str(model_dir), "--side", side, "--home", str(home)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("SIDE ")][-1]
+    result: dict[str, Any] = json.loads(line.removeprefix("SIDE "))
+    return result
+
+
+def run_size(n: int, model_dir: Path) -> dict[str, Any]:
+    from rayloop.config import load_settings
     from rayloop.data.snapshot import storage_of
     from rayloop.data.synthetic import write_interactions
     from rayloop.demo.world import World
@@ -111,32 +162,21 @@ def run_size(n: int, model_dir: Path) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="bench-data-"))
     settings = load_settings(env={"RAYLOOP_HOME": str(home)})
     write_interactions(storage_of(settings), World.build(), n=n, rows_per_file=2000)
-    # Warm Ray (start-up is not preprocessing) with the same pipeline on a tiny store.
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=512 << 20)
-    try:
-        with PeakRSS(interval=0.25, pss=True) as mem:
-            t0 = time.perf_counter()
-            info = preprocess(settings, model_dir=model_dir)
-            ray_s = time.perf_counter() - t0
-    finally:
-        ray.shutdown()
-    before = psutil.Process().memory_info().rss
-    with PeakRSS() as pmem:
-        t0 = time.perf_counter()
-        blocks = pandas_pipeline(home / "storage", model_dir)
-        pd_s = time.perf_counter() - t0
+    r = _in_subprocess("ray", home, model_dir)
+    p = _in_subprocess("pandas", home, model_dir)
+    shutil.rmtree(home, ignore_errors=True)
     return {
         "rows": n,
-        "ray_seconds": round(ray_s, 2),
-        "ray_rows_per_s": round(n / ray_s, 1),
-        "ray_peak_rss_mb": round(mem.peak / 2**20),
-        "ray_peak_pss_mb": round(mem.peak_pss / 2**20),
-        "ray_driver_peak_pss_mb": round(mem.peak_driver_pss / 2**20),
-        "pandas_seconds": round(pd_s, 2),
-        "pandas_rows_per_s": round(n / pd_s, 1),
-        "pandas_peak_rss_growth_mb": round((pmem.peak - before) / 2**20),
-        "blocks_ray": info.counts["train_blocks"] + info.counts["eval_blocks"],
-        "blocks_pandas": blocks,
+        "ray_seconds": round(r["seconds"], 2),
+        "ray_rows_per_s": round(n / r["seconds"], 1),
+        "ray_peak_rss_mb": r["peak_rss_mb"],
+        "ray_peak_pss_mb": r["peak_pss_mb"],
+        "ray_driver_peak_pss_mb": r["driver_peak_pss_mb"],
+        "pandas_seconds": round(p["seconds"], 2),
+        "pandas_rows_per_s": round(n / p["seconds"], 1),
+        "pandas_peak_rss_growth_mb": p["peak_rss_growth_mb"],
+        "blocks_ray": r["blocks"],
+        "blocks_pandas": p["blocks"],
     }
 
 
@@ -146,7 +186,13 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=2000)
     ap.add_argument("--scale", type=int, nargs="+", default=[10], help="Further sizes, as multiples of --rows.")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--side", choices=["ray", "pandas"], help=argparse.SUPPRESS)
+    ap.add_argument("--home", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.side:
+        side = _ray_side if a.side == "ray" else _pandas_side
+        print("SIDE " + json.dumps(side(a.home, a.base)), flush=True)
+        return
     results = []
     for n in [a.rows, *(a.rows * k for k in a.scale)]:
         results.append(run_size(n, a.base))

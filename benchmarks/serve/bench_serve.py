@@ -56,7 +56,7 @@ class MemSampler:
         return (self.peak - self.base) / 2**30
 
 
-async def _one(client: httpx.AsyncClient, url: str, model: str, tokens: int, i: int) -> tuple[float, int]:
+async def _one(client: httpx.AsyncClient, url: str, model: str, tokens: int, i: int) -> tuple[float, int, int]:
     body = {
         "model": model,
         "messages": [{"role": "user", "content": f"Tell me about country number {i}."}],
@@ -68,9 +68,23 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, tokens: int, i: 
     t0 = time.perf_counter()
     ttft = -1.0
     n = 0
+    reads = 0  # body pieces as they arrived: how finely the server streamed
+
+    async def lines(r: httpx.Response) -> Any:
+        nonlocal reads
+        buf = ""
+        async for text in r.aiter_text():
+            reads += 1
+            buf += text
+            *complete, buf = buf.split("\n")
+            for line in complete:
+                yield line
+        if buf:
+            yield buf
+
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
-        async for line in r.aiter_lines():
+        async for line in lines(r):
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -78,25 +92,27 @@ async def _one(client: httpx.AsyncClient, url: str, model: str, tokens: int, i: 
                 if ttft < 0:
                     ttft = time.perf_counter() - t0
                 n += 1
-    return ttft, n
+    return ttft, n, reads
 
 
 async def run_load(url: str, model: str, concurrency: int, seconds: float, tokens: int) -> dict[str, Any]:
     ttfts: list[float] = []
     chunks = 0
     requests = 0
+    messages = 0
     deadline = time.perf_counter() + seconds
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=300, limits=limits) as client:
 
         async def worker(w: int) -> None:
-            nonlocal chunks, requests
+            nonlocal chunks, requests, messages
             i = 0
             while time.perf_counter() < deadline:
-                ttft, n = await _one(client, url, model, tokens, w * 100000 + i)
+                ttft, n, reads = await _one(client, url, model, tokens, w * 100000 + i)
                 i += 1
                 ttfts.append(ttft)
                 chunks += n
+                messages += reads
                 requests += 1
 
         t0 = time.perf_counter()
@@ -108,6 +124,7 @@ async def run_load(url: str, model: str, concurrency: int, seconds: float, token
         "requests": requests,
         "output_tok_s": requests * tokens / elapsed,
         "content_chunks": chunks,
+        "messages": messages,
         "ttft_p50_ms": 1000 * statistics.median(ttfts),
         "ttft_p99_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.99 * len(ttfts)))],
     }
@@ -149,7 +166,9 @@ def bench_vllm(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def bench_rayloop(model_dir: str, v2_dir: str, args: argparse.Namespace) -> dict[str, Any]:
+def bench_rayloop(
+    model_dir: str, v2_dir: str, args: argparse.Namespace, stream_interval_ms: float, upgrades: bool
+) -> dict[str, Any]:
     import ray
     from ray import serve
 
@@ -167,14 +186,20 @@ def bench_rayloop(model_dir: str, v2_dir: str, args: argparse.Namespace) -> dict
                 "replica_num_cpus": 0.5,
                 "capture": True,
                 "max_ongoing_requests": 64,
-                "engine": {"kv_cache_gib": 1, "max_model_len": 256, "max_num_seqs": 64},
+                "stream_interval_ms": stream_interval_ms,
+                "engine": {
+                    "kv_cache_gib": 1,
+                    "max_model_len": 256,
+                    "max_num_seqs": 64,
+                    "cpu_threads": args.engine_threads,
+                },
             }
         },
     )
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     mem = MemSampler()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    out: dict[str, Any] = {"runs": []}
+    out: dict[str, Any] = {"runs": [], "stream_interval_ms": stream_interval_ms, "engine_threads": args.engine_threads}
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": 18732})
         t0 = time.monotonic()
@@ -185,6 +210,8 @@ def bench_rayloop(model_dir: str, v2_dir: str, args: argparse.Namespace) -> dict
         for c in args.concurrency:
             out["runs"].append(asyncio.run(run_load(url, "demo", c, args.seconds, args.tokens)))
         out["peak_mem_gib"] = mem.stop()
+        if not upgrades:
+            return out
         # Upgrade timings, from the replicas' own reports (not the Serve control loop around them).
         v2 = model_config_for_path("demo", v2_dir, 2)
         r = deploy(settings, v2, timeout_s=400)
@@ -211,6 +238,19 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--out", type=Path, help="Write the JSON result here.")
+    p.add_argument(
+        "--stream-interval-ms",
+        type=float,
+        nargs="+",
+        default=[0.0],
+        help="rayloop's serving.stream_interval_ms; one rayloop run per value (upgrade timings on the first).",
+    )
+    p.add_argument(
+        "--engine-threads",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="rayloop's engine.cpu_threads (vLLM's own server binds its worker to every core).",
+    )
     args = p.parse_args()
 
     sys.path.insert(0, str(ROOT / "tests" / "integration"))
@@ -218,21 +258,27 @@ def main() -> None:
 
     v2_dir = str(make_variant(Path(args.model), Path(tempfile.mkdtemp(prefix="rl-bench-v2-")), seed=1, scale=0.5))
     vllm = bench_vllm(args.model, args)
-    rl = bench_rayloop(args.model, v2_dir, args)
-    result = {"vllm": vllm, "rayloop": rl, "tokens": args.tokens, "seconds": args.seconds, "cpus": os.cpu_count()}
+    rls = [bench_rayloop(args.model, v2_dir, args, ms, upgrades=i == 0) for i, ms in enumerate(args.stream_interval_ms)]
+    rl = rls[0]
+    result = {"vllm": vllm, "rayloop": rls, "tokens": args.tokens, "seconds": args.seconds, "cpus": os.cpu_count()}
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     print(
-        "\n| concurrency | vLLM tok/s | rayloop tok/s | ratio | TTFT p50 vLLM / rayloop (ms) | TTFT p99 vLLM / rayloop (ms) |"
+        "\n| stream interval | concurrency | vLLM tok/s | rayloop tok/s | ratio | TTFT p50 vLLM / rayloop (ms) "
+        "| TTFT p99 vLLM / rayloop (ms) | SSE events per request vLLM / rayloop |"
     )
-    print("|---|---|---|---|---|---|")
-    for a, b in zip(vllm["runs"], rl["runs"], strict=True):
-        print(
-            f"| {a['concurrency']} | {a['output_tok_s']:.0f} | {b['output_tok_s']:.0f} | {b['output_tok_s'] / a['output_tok_s']:.2f} "
-            f"| {a['ttft_p50_ms']:.0f} / {b['ttft_p50_ms']:.0f} | {a['ttft_p99_ms']:.0f} / {b['ttft_p99_ms']:.0f} |"
-        )
-    print(f"\npeak memory growth: vLLM {vllm['peak_mem_gib']:.2f} GiB, rayloop {rl['peak_mem_gib']:.2f} GiB")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rls:
+        for a, b in zip(vllm["runs"], r["runs"], strict=True):
+            print(
+                f"| {r['stream_interval_ms']:.0f} ms | {a['concurrency']} | {a['output_tok_s']:.0f} | {b['output_tok_s']:.0f} "
+                f"| {b['output_tok_s'] / a['output_tok_s']:.2f} "
+                f"| {a['ttft_p50_ms']:.0f} / {b['ttft_p50_ms']:.0f} | {a['ttft_p99_ms']:.0f} / {b['ttft_p99_ms']:.0f} "
+                f"| {a['messages'] / a['requests']:.1f} / {b['messages'] / b['requests']:.1f} |"
+            )
+    mems = ", ".join(f"{r['peak_mem_gib']:.2f}" for r in rls)
+    print(f"\npeak memory growth: vLLM {vllm['peak_mem_gib']:.2f} GiB, rayloop {mems} GiB")
     print(
         f"upgrade: in place {rl['in_place_s'] * 1000:.0f} ms ({rl['in_place_mode']}), "
         f"rebuild {rl['rebuild_s']:.1f} s ({rl['rebuild_mode']}): ratio {rl['in_place_s'] / rl['rebuild_s']:.3f}"
