@@ -191,8 +191,15 @@ class ServingSettings(_Model):
         description="Streaming: send at most one SSE message per request this often, joining the tokens "
         "generated meanwhile (the first token and the end are never held back). Every message crosses the "
         "replica, the ingress and the HTTP proxy; on a CPU-bound machine fewer messages leave more CPU to the "
-        "engine (on 2 cores, 100 ms doubled tokens/s at 32 streams). 0: one message per engine step, joined only "
+        "engine (on 2 cores, 100 ms doubled tokens/s at 8 streams). 0: one message per engine step, joined only "
         "while the ingress is busy.",
+    )
+    stream_messages_per_s: float = Field(
+        default=100.0,
+        ge=0,
+        description="Streaming: at most about this many messages per second per replica, over all its streams; "
+        "with many streams each one's interval grows past stream_interval_ms (32 streams at 100/s: 320 ms). "
+        "0: no limit.",
     )
     max_queued_requests: int = Field(default=256, ge=1, description="Requests waiting beyond that before 503.")
     api_keys_env: str = Field(default="RAYLOOP_API_KEYS", description="Env var with comma-separated bearer tokens.")

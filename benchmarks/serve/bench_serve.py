@@ -187,6 +187,7 @@ def bench_rayloop(
                 "capture": True,
                 "max_ongoing_requests": 64,
                 "stream_interval_ms": stream_interval_ms,
+                "stream_messages_per_s": args.stream_messages_per_s if stream_interval_ms else 0,
                 "engine": {
                     "kv_cache_gib": 1,
                     "max_model_len": 256,
@@ -246,10 +247,14 @@ def main() -> None:
         help="rayloop's serving.stream_interval_ms; one rayloop run per value (upgrade timings on the first).",
     )
     p.add_argument(
+        "--stream-messages-per-s", type=float, default=100.0, help="rayloop's serving.stream_messages_per_s."
+    )
+    p.add_argument(
         "--engine-threads",
         type=int,
-        default=os.cpu_count() or 1,
-        help="rayloop's engine.cpu_threads (vLLM's own server binds its worker to every core).",
+        default=1,
+        help="rayloop's engine.cpu_threads (default 1, rayloop's default; 2 measured slower here: the engine's "
+        "OpenMP threads spin on the cores the Serve processes need).",
     )
     args = p.parse_args()
 

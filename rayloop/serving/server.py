@@ -24,7 +24,7 @@ import asyncio
 import importlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -115,6 +115,7 @@ class LLMServer:
         self._lock = asyncio.Lock()
         self._storage = Storage(self._settings.storage_root, s3_endpoint=self._settings.storage.s3_endpoint)
         self.last_swap: SwapReport | None = None
+        self._streams = 0  # streamed answers in flight on this replica
         self._metrics: Any = None
         try:
             from rayloop.serving.metrics import ServingMetrics
@@ -264,14 +265,26 @@ class LLMServer:
         yield ReplyHead(200, cfg.model, cfg.version, streaming=True)
         error: str | None = None
         try:
-            async for chunk in _coalesce(reply.stream, self._settings.serving.stream_interval_ms / 1000.0):
-                yield chunk
+            self._streams += 1
+            try:
+                async for chunk in _coalesce(reply.stream, self._stream_interval):
+                    yield chunk
+            finally:
+                self._streams -= 1
         except Exception as e:  # headers are gone: end the stream with an error event
             logger.exception("engine failed mid-stream on request %s", request_id)
             error = f"{type(e).__name__}: {e}"
             yield f'data: {{"error": {{"message": "engine failed on request {request_id}", "type": "InternalServerError", "code": 500}}}}\n\n'
         st = reply.stats
         yield ReplyTail(st.prompt_tokens, st.completion_tokens, st.ttft_ms, st.finish_reason, st.text, error=error)
+
+    def _stream_interval(self) -> float:
+        """Seconds between two messages of one stream: the configured floor, longer under many streams."""
+        sv = self._settings.serving
+        floor = sv.stream_interval_ms / 1000.0
+        if not sv.stream_messages_per_s:
+            return floor
+        return max(floor, self._streams / sv.stream_messages_per_s)
 
     async def models(self) -> dict[str, Any]:
         if self._engine is None:
@@ -305,12 +318,16 @@ class LLMServer:
             self._engine = None
 
 
-async def _coalesce(stream: AsyncIterator[str], min_interval_s: float = 0.0) -> AsyncIterator[str]:
+async def _coalesce(
+    stream: AsyncIterator[str], min_interval_s: float | Callable[[], float] = 0.0
+) -> AsyncIterator[str]:
     """Yield SSE events, joining those that piled up while the consumer was busy.
 
-    With ``min_interval_s`` > 0, a message also waits until that long after the previous one, joining
-    what arrives meanwhile. The first message (the first token) and the end of the stream never wait.
+    With ``min_interval_s`` > 0 (a number, or a function asked after every message), a message also
+    waits until that long after the previous one, joining what arrives meanwhile. The first message
+    (the first token) and the end of the stream never wait.
     """
+    interval = min_interval_s if callable(min_interval_s) else (lambda: min_interval_s)
     queue: asyncio.Queue[Any] = asyncio.Queue()
     ended = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -347,7 +364,7 @@ async def _coalesce(stream: AsyncIterator[str], min_interval_s: float = 0.0) -> 
                     raise p
             if parts:
                 yield "".join(parts)
-                next_at = loop.time() + min_interval_s
+                next_at = loop.time() + interval()
     finally:
         if not task.done():
             task.cancel()

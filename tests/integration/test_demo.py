@@ -34,8 +34,7 @@ def _run_demo(base_model_dir: Path, root: Path, *args: str, extra_config: str = 
     shutil.copytree(base_model_dir, home / "base-model")
     (root / "rayloop.yaml").write_text(
         f"ray:\n  port: {_free_port()}\n  dashboard_port: {_free_port()}\n  dashboard_agent_port: {_free_port()}\n"
-        f"serving:\n  http_port: {_free_port()}\n"
-        + extra_config
+        f"serving:\n  http_port: {_free_port()}\n" + extra_config
     )
     env = {
         k: v

@@ -396,6 +396,9 @@ def test_stream_coalescing_holds_messages_to_the_interval_but_not_the_first_or_l
     async def collect(interval_s: float) -> list[tuple[float, str]]:
         return await _timed(_coalesce(tokens(40, 0.005), interval_s))
 
+    async def collect_fn(interval: Any) -> list[tuple[float, str]]:
+        return await _timed(_coalesce(tokens(40, 0.005), interval))
+
     held = asyncio.run(collect(0.05))
     every = asyncio.run(collect(0.0))
     expected = "".join(f"data: {i}\n\n" for i in range(40))
@@ -413,6 +416,18 @@ def test_stream_coalescing_holds_messages_to_the_interval_but_not_the_first_or_l
     ]
     assert time.monotonic() - t0 < 5.0
 
+    # The interval may be a function, asked after every message (the replica's grows with its streams).
+    asked: list[int] = []
+
+    def grows() -> float:
+        asked.append(1)
+        return 0.02 * len(asked)
+
+    varying = asyncio.run(collect_fn(grows))
+    assert "".join(m for _, m in varying) == expected and len(asked) == len(varying)
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(varying)]
+    assert all(g >= 0.02 * (i + 1) - 0.005 for i, g in enumerate(gaps[:-1])), gaps
+
     async def failing() -> Any:
         yield "data: 0\n\n"
         raise RuntimeError("engine died")
@@ -422,3 +437,17 @@ def test_stream_coalescing_holds_messages_to_the_interval_but_not_the_first_or_l
 
     with pytest.raises(RuntimeError, match="engine died"):
         asyncio.run(drain())
+
+
+def test_replica_stream_interval_grows_with_its_streams(tmp_path: Path) -> None:
+    def interval(streams: int, **serving: Any) -> float:
+        settings = Settings.model_validate({"home": str(tmp_path / "home"), "serving": serving})
+        srv = LLMServer(settings.dump(), "stable", engine_cls=FAKE)
+        srv._streams = streams
+        return srv._stream_interval()
+
+    assert interval(1) == 0.1  # the floor (defaults: 100 ms, 100 messages/s)
+    assert interval(8) == 0.1
+    assert interval(32) == pytest.approx(0.32)  # 32 streams share 100 messages/s
+    assert interval(32, stream_messages_per_s=0) == 0.1  # no budget: the floor only
+    assert interval(32, stream_interval_ms=0, stream_messages_per_s=0) == 0.0  # per engine step
