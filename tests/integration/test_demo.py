@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +19,7 @@ import pytest
 
 from rayloop.config import load_settings
 from rayloop.registry import Registry
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.integration.serving_util import free_port
 
 
 def _run_demo(base_model_dir: Path, root: Path, *args: str, extra_config: str = "") -> tuple[dict[str, Any], Path]:
@@ -33,8 +27,8 @@ def _run_demo(base_model_dir: Path, root: Path, *args: str, extra_config: str = 
     home.mkdir(parents=True)
     shutil.copytree(base_model_dir, home / "base-model")
     (root / "rayloop.yaml").write_text(
-        f"ray:\n  port: {_free_port()}\n  dashboard_port: {_free_port()}\n  dashboard_agent_port: {_free_port()}\n"
-        f"serving:\n  http_port: {_free_port()}\n" + extra_config
+        f"ray:\n  port: {free_port()}\n  dashboard_port: {free_port()}\n  dashboard_agent_port: {free_port()}\n"
+        f"serving:\n  http_port: {free_port()}\n" + extra_config
     )
     env = {
         k: v

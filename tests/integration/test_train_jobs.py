@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,14 +19,9 @@ from rayloop.config import load_settings
 from rayloop.data.snapshot import storage_of
 from rayloop.data.synthetic import write_interactions
 from rayloop.demo.world import World
+from tests.integration.serving_util import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +30,11 @@ def job_head() -> object:
     # A short temp dir: the dashboard's module sockets live under it, and an AF_UNIX path may not
     # exceed 107 bytes (pytest's tmp paths plus Ray's session name do).
     temp_dir = Path(tempfile.mkdtemp(prefix="rl-jobs-", dir="/tmp"))
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     # The dashboard agent's HTTP port defaults to 52365: a second cluster on this machine (the test
     # session's own) already holds it, this head's agent then never registers, and every submission
     # fails with "No available agent to submit job". Give this head's agent ports of its own.
-    agent_http, agent_grpc, runtime_env, metrics = (_free_port() for _ in range(4))
+    agent_http, agent_grpc, runtime_env, metrics = (free_port() for _ in range(4))
     ray_bin = Path(sys.executable).with_name("ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
