@@ -264,17 +264,16 @@ class LLMServer:
             return
         yield ReplyHead(200, cfg.model, cfg.version, streaming=True)
         error: str | None = None
+        self._streams += 1
         try:
-            self._streams += 1
-            try:
-                async for chunk in _coalesce(reply.stream, self._stream_interval):
-                    yield chunk
-            finally:
-                self._streams -= 1
+            async for chunk in _coalesce(reply.stream, self._stream_interval):
+                yield chunk
         except Exception as e:  # headers are gone: end the stream with an error event
             logger.exception("engine failed mid-stream on request %s", request_id)
             error = f"{type(e).__name__}: {e}"
             yield f'data: {{"error": {{"message": "engine failed on request {request_id}", "type": "InternalServerError", "code": 500}}}}\n\n'
+        finally:
+            self._streams -= 1
         st = reply.stats
         yield ReplyTail(st.prompt_tokens, st.completion_tokens, st.ttft_ms, st.finish_reason, st.text, error=error)
 
@@ -318,16 +317,12 @@ class LLMServer:
             self._engine = None
 
 
-async def _coalesce(
-    stream: AsyncIterator[str], min_interval_s: float | Callable[[], float] = 0.0
-) -> AsyncIterator[str]:
+async def _coalesce(stream: AsyncIterator[str], interval: Callable[[], float] = lambda: 0.0) -> AsyncIterator[str]:
     """Yield SSE events, joining those that piled up while the consumer was busy.
 
-    With ``min_interval_s`` > 0 (a number, or a function asked after every message), a message also
-    waits until that long after the previous one, joining what arrives meanwhile. The first message
-    (the first token) and the end of the stream never wait.
+    ``interval()``, asked after every message, is how long the next one waits at least, joining what
+    arrives meanwhile. The first message (the first token) and the end of the stream never wait.
     """
-    interval = min_interval_s if callable(min_interval_s) else (lambda: min_interval_s)
     queue: asyncio.Queue[Any] = asyncio.Queue()
     ended = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -394,7 +394,7 @@ def test_stream_coalescing_holds_messages_to_the_interval_but_not_the_first_or_l
             await asyncio.sleep(every_s)
 
     async def collect(interval_s: float) -> list[tuple[float, str]]:
-        return await _timed(_coalesce(tokens(40, 0.005), interval_s))
+        return await _timed(_coalesce(tokens(40, 0.005), lambda: interval_s))
 
     async def collect_fn(interval: Any) -> list[tuple[float, str]]:
         return await _timed(_coalesce(tokens(40, 0.005), interval))
@@ -410,13 +410,13 @@ def test_stream_coalescing_holds_messages_to_the_interval_but_not_the_first_or_l
     assert min(gaps[:-1]) >= 0.045, gaps
     # The end of a stream is not held back by the interval.
     t0 = time.monotonic()
-    assert [m for _, m in asyncio.run(_timed(_coalesce(tokens(3, 0.005), 10.0)))] == [
+    assert [m for _, m in asyncio.run(_timed(_coalesce(tokens(3, 0.005), lambda: 10.0)))] == [
         "data: 0\n\n",
         "data: 1\n\ndata: 2\n\n",
     ]
     assert time.monotonic() - t0 < 5.0
 
-    # The interval may be a function, asked after every message (the replica's grows with its streams).
+    # The interval is asked after every message (the replica's grows with its streams).
     asked: list[int] = []
 
     def grows() -> float:
@@ -433,7 +433,7 @@ def test_stream_coalescing_holds_messages_to_the_interval_but_not_the_first_or_l
         raise RuntimeError("engine died")
 
     async def drain() -> list[str]:
-        return [m async for m in _coalesce(failing(), 0.05)]
+        return [m async for m in _coalesce(failing(), lambda: 0.05)]
 
     with pytest.raises(RuntimeError, match="engine died"):
         asyncio.run(drain())
