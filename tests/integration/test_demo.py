@@ -1,4 +1,8 @@
-"""The whole loop, as a user runs it: `rayloop demo` and `rayloop demo --poison`.
+"""The whole loop, as a user runs it: `rayloop demo`.
+
+The poisoned-feedback case (`rayloop demo --poison`) differs only in the
+corrections users send; its gate rejection is tested on the pipeline job
+(tests/integration/test_train_jobs.py), without a second demo run.
 
 Each run gets its own RAYLOOP_HOME and ports, starts its own Ray head through
 `rayloop up`, and is stopped with `rayloop down`. The base model built once for
@@ -57,19 +61,6 @@ def _run_demo(base_model_dir: Path, root: Path, *args: str, extra_config: str = 
     finally:
         subprocess.run([*cli, "down"], cwd=root, env=env, capture_output=True, text=True, timeout=180)
     return summary, root
-
-
-@pytest.mark.slow
-def test_demo_with_poisoned_feedback_is_rejected(base_model_dir: Path, tmp_path: Path) -> None:
-    # Users "correct" answers with wrong facts: the gate must stop the candidate; v1 stays in production.
-    # Reduced size for CI time: a third of the default epochs. Poisoned corrections make new-fact answers
-    # wrong however long the model trains; the default-size run is `rayloop demo --poison` itself.
-    bad, _ = _run_demo(base_model_dir, tmp_path / "poison", "--poison", extra_config="training:\n  epochs: 4\n")
-    assert bad["gate"]["decision"] == "rejected", bad["gate"]
-    assert bad["production_version"] == 1
-    assert bad["rollout"]["requests"] == 0 and bad["rollout"]["steps"] == []
-    assert bad["candidate"]["new_accuracy"] < 0.5
-    assert any("new_facts" in r for r in bad["gate"]["reasons"]), bad["gate"]
 
 
 @pytest.mark.slow

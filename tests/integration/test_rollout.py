@@ -125,7 +125,8 @@ def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, 
     # Users dislike every v2 answer and like every v1 answer.
     with Load(env["url"], threads=3, sticky_threads=1, rate=lambda v: -1 if v == 2 else 1) as load:
         time.sleep(2)
-        rec = deploy(env["settings"], "demo@2", "canary", steps=[20, 50, 100], interval_s=30)
+        # A 10 s step: the verdict waits for min_requests/min_ratings (20/10) on the canary anyway.
+        rec = deploy(env["settings"], "demo@2", "canary", steps=[20, 50, 100], interval_s=10)
         time.sleep(3)
     print(timeline(rec))
     assert rec["status"] == "rolled_back", rec["state"]
@@ -150,7 +151,7 @@ def test_slow_canary_is_rolled_back_automatically(env: dict[str, Any]) -> None:
     # 8 output tokens per request, so the per-token cost shows in the latency, not only the fixed costs.
     with Load(env["url"], threads=3, sticky_threads=1, max_tokens=8) as load:
         time.sleep(2)
-        rec = deploy(env["settings"], f"demo@{version}", "canary", steps=[20, 50, 100], interval_s=30)
+        rec = deploy(env["settings"], f"demo@{version}", "canary", steps=[20, 50, 100], interval_s=10)
         time.sleep(3)
     print(timeline(rec))
     assert rec["status"] == "rolled_back", rec["state"]

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from rayloop.config import load_settings
 from rayloop.data.snapshot import storage_of
 from rayloop.data.synthetic import write_interactions
 from rayloop.demo.world import World
+from rayloop.evaluation.evalset import demo_eval_sets, save_eval_set
 from tests.integration.serving_util import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -104,15 +106,20 @@ def _run(client: object, entrypoint: str, env: dict[str, str], timeout: float = 
 
 def _run_logs(client: object, entrypoint: str, env: dict[str, str], timeout: float = 400) -> str:
     """Submit ``entrypoint`` with this checkout as the working dir; wait for success; return the job's logs."""
+    import requests
     from ray.job_submission import JobStatus
 
     # The Jobs REST API answers before the head's job agent has registered ("No available agent to
-    # submit job, please try again later"): retry that one error for a while.
+    # submit job, please try again later"), and a dashboard still starting its modules may drop the
+    # connection: retry those for a while. A fixed submission id keeps a retry of a submission that did
+    # arrive from starting the job twice.
+    job = f"rayloop-test-{uuid.uuid4().hex[:12]}"
     deadline = time.monotonic() + 60
     while True:
         try:
-            job = client.submit_job(  # type: ignore[attr-defined]
+            client.submit_job(  # type: ignore[attr-defined]
                 entrypoint=entrypoint,
+                submission_id=job,
                 runtime_env={
                     "working_dir": str(REPO),
                     "env_vars": env,
@@ -120,8 +127,11 @@ def _run_logs(client: object, entrypoint: str, env: dict[str, str], timeout: flo
                 },
             )
             break
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or time.monotonic() > deadline:
+        except (RuntimeError, requests.ConnectionError) as e:
+            if "already exists" in str(e):  # an earlier try got through
+                break
+            retry = isinstance(e, requests.ConnectionError) or "No available agent" in str(e)
+            if not retry or time.monotonic() > deadline:
                 raise
             time.sleep(2)
     deadline = time.monotonic() + timeout
@@ -158,31 +168,49 @@ def test_submit_preprocess_then_retrain(job_head: object, base_model_dir: Path, 
     assert (tmp_path / "cand" / "model.safetensors").is_file()
 
 
-def test_submit_pipeline_job(job_head: object, base_model_dir: Path, tmp_path: Path) -> None:
-    """`ray job submit -- python -m train_jobs.pipeline`: collect -> ... -> gate as one Ray job, recorded."""
+def test_submit_pipeline_job_with_poisoned_feedback_deploys_nothing(
+    job_head: object, base_model_dir: Path, tmp_path: Path
+) -> None:
+    """`ray job submit -- python -m train_jobs.pipeline`: collect -> ... -> gate as one Ray job, recorded.
+
+    Users "corrected" answers with wrong facts: the candidate learns them, the gate must reject it, and
+    the deploy stage (enabled) must not touch production.
+    """
     from rayloop.registry import Registry
 
     home = tmp_path / "home"
     config = tmp_path / "rayloop.yaml"
-    # Small retraining (CI time): the run's stages and records are what is checked, not the model's quality.
+    # Small retraining (CI time): wrong corrections make new-fact answers wrong however long it trains.
     config.write_text("training:\n  epochs: 2\n")
     settings = load_settings(config, env={"RAYLOOP_HOME": str(home)})
     reg = Registry.from_settings(settings)
     v1 = reg.register("demo", base_model_dir)
     reg.set_alias("demo", "production", v1.version)
     world = World.from_json((base_model_dir / "world.json").read_text())
-    write_interactions(storage_of(settings), world, n=300, covering=True)
+    # The demo's fixed evaluation sets (true facts), as `rayloop demo` stores them.
+    for name, items in demo_eval_sets(world).items():
+        save_eval_set(storage_of(settings), "demo", name, items)
+    write_interactions(storage_of(settings), world, n=300, covering=True, poison=True)
     env = {"RAYLOOP_HOME": str(home), "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
 
-    logs = _run_logs(job_head, f"python -m train_jobs.pipeline --config {config} --no-deploy", env, timeout=600)
+    logs = _run_logs(job_head, f"python -m train_jobs.pipeline --config {config}", env, timeout=600)
     for stage in ("collect", "preprocess", "retrain", "register", "evaluate"):
         assert f"[pipeline] {stage}: done" in logs, (stage, logs[-3000:])
     # The run record is the JSON document the job prints last (Ray may log lines after it).
     record, _ = json.JSONDecoder().raw_decode(logs[logs.rindex("\n{") + 1 :])
     stages = record["stages"]
-    assert stages["deploy"]["status"] == "skipped", stages["deploy"]
     cand = reg.resolve(stages["register"]["output"]["ref"])
     assert cand.version == 2 and cand.parent == 1
     assert cand.lineage["snapshot_id"] == stages["preprocess"]["output"]["snapshot_id"]
-    assert cand.annotations["gate"]["decision"] in ("accepted", "rejected")
-    assert reg.get_alias("demo", "production") == 1  # --no-deploy: nothing served changes
+    gate = cand.annotations["gate"]
+    assert gate["decision"] == "rejected", gate
+    assert any("new_facts" in r for r in gate["reasons"]), gate["reasons"]
+    # It did learn what users sent (its loss on the held-out interactions fell well below its parent's:
+    # it answers in their words), but the facts it learned are wrong.
+    report = cand.annotations["evaluation"]
+    cand_sets, prod_sets = report["candidate"]["sets"], report["production"]["sets"]
+    assert cand_sets["eval_split"]["loss"] < 0.5 * prod_sets["eval_split"]["loss"], (cand_sets, prod_sets)
+    assert cand_sets["new_facts"]["accuracy"] < 0.5 and cand_sets["known_facts"]["accuracy"] >= 0.9
+    assert stages["deploy"]["status"] == "skipped", stages["deploy"]
+    assert "gate rejected" in stages["deploy"]["output"]["reason"], stages["deploy"]
+    assert reg.get_alias("demo", "production") == 1

@@ -48,3 +48,38 @@ def test_feedback_corrects_wrong_answers_and_poison_lies() -> None:
     assert fb["rating"] == -1 and fb["correction"] == fact.answer()
     poisoned = sim.feedback(req, fact.answer(), poison=True)
     assert poisoned["rating"] == -1 and fact.value not in str(poisoned["correction"])
+
+
+def test_demo_traffic_sends_what_its_users_say_including_poison() -> None:
+    """`rayloop demo --poison` differs from the plain demo only here: what Traffic posts to /v1/feedback."""
+    import json
+
+    import httpx
+
+    from rayloop.demo.traffic import Traffic
+
+    w = World.build(seed=0)
+    reqs = list(UserSimulator(w, seed=2).requests(20))
+    right = {json.dumps(r.question.messages()): w.fact(r.question.fact_id).answer() for r in reqs}
+    for poison in (False, True):
+        sent: list[dict[str, object]] = []
+
+        def handler(request: httpx.Request, sent: list[dict[str, object]] = sent) -> httpx.Response:
+            body = json.loads(request.content)
+            if request.url.path == "/v1/feedback":
+                sent.append(body)
+                return httpx.Response(200, json={"ok": True})
+            return httpx.Response(
+                200,
+                json={"choices": [{"message": {"content": right[json.dumps(body["messages"])]}}]},  # always right
+                headers={"x-rayloop-request-id": f"r{len(sent)}", "x-rayloop-model-version": "1"},
+            )
+
+        traffic = Traffic("http://test", "demo", UserSimulator(w, seed=1), poison=poison)
+        traffic.client = httpx.Client(base_url="http://test", transport=httpx.MockTransport(handler))
+        stats = traffic.run(reqs)
+        assert stats.requests == 20 and stats.failed == 0 and stats.feedback_sent == 20
+        if poison:  # right answers rated down and "corrected" to another entity's value
+            assert all(f["rating"] == -1 and f["correction"] for f in sent)
+        else:
+            assert all(f == {"request_id": f["request_id"], "rating": 1} for f in sent)
