@@ -12,7 +12,10 @@ Deployments (names in the Serve config):
   no engine. Going active or idle changes ``ray_actor_options``, which makes
   Serve replace that slot's replica (a fresh engine, or the engine's memory
   given back); version changes of an active slot stay in-place ``user_config``
-  updates.
+  updates. With ``rollout.keep_warm_slots`` a released slot is *parked*
+  instead: it keeps the engine's resources and its version (``parked: true``
+  in its ``user_config``), the router sends it nothing, and the next rollout's
+  version reaches that engine as an in-place ``user_config`` update.
 - ``Router``: its ``user_config`` is the :class:`~rayloop.rollout.routing.RouteTable`.
 
 The controller never changes ``args``, ``import_path`` or ``runtime_env`` of a
@@ -48,7 +51,7 @@ def slot_options(settings: Settings, slot: str, cfg: ModelConfig | None) -> dict
         "name": slot_deployment(slot),
         "num_replicas": settings.serving.replicas,
         "ray_actor_options": engine_actor_options(settings),
-        "user_config": cfg.model_dump(exclude_none=True),
+        "user_config": cfg.user_config(),
     }
     es = settings.serving.engine
     if es.accelerator == "gpu":

@@ -31,6 +31,10 @@ class AppState(BaseModel):
     model: str = Field(description="Model name the app serves.")
     slots: dict[str, ModelConfig | None] = Field(description="slot -> the version it serves; None when idle.")
     table: RouteTable = Field(default_factory=RouteTable, description="The router's route table.")
+    warm: dict[str, int] = Field(
+        default_factory=dict,
+        description="Idle slots whose engine is kept loaded (rollout.keep_warm_slots): slot -> the version it holds.",
+    )
 
     def version(self, slot: str) -> int | None:
         cfg = self.slots.get(slot)
@@ -40,6 +44,7 @@ class AppState(BaseModel):
         return {
             "model": self.model,
             "slots": {s: self.version(s) for s in SLOTS},
+            "warm": dict(self.warm),
             "canary_percent": self.table.canary_percent,
             "shadow_percent": self.table.shadow_percent,
             "rollout_id": self.table.rollout_id,
@@ -114,7 +119,7 @@ class ServeBackend:
             raise
 
     def read(self) -> AppState | None:
-        from rayloop.rollout.app import ROUTER_DEPLOYMENT, ROUTER_IMPORT_PATH, slot_deployment
+        from rayloop.rollout.app import ROUTER_DEPLOYMENT, ROUTER_IMPORT_PATH
 
         mine = next((a for a in self._apps() if a["name"] == self.app_name), None)
         self._deployed = mine
@@ -127,13 +132,26 @@ class ServeBackend:
                 hint="Upgrade it in place with `rayloop serve` (rolling), or delete it (`serve delete`) and "
                 "deploy with `rayloop deploy NAME@REF`.",
             )
-        deps = {d["name"]: d for d in mine.get("deployments", [])}
         slots: dict[str, ModelConfig | None] = {}
+        warm: dict[str, int] = {}
         for slot in SLOTS:
-            uc = deps.get(slot_deployment(slot), {}).get("user_config")
-            slots[slot] = ModelConfig.model_validate(uc) if uc else None
+            cfg = self._deployed_slot(slot)
+            if cfg is not None and cfg.parked:
+                warm[slot], cfg = cfg.version, None
+            slots[slot] = cfg
+        deps = {d["name"]: d for d in mine.get("deployments", [])}
         table = RouteTable.model_validate(deps.get(ROUTER_DEPLOYMENT, {}).get("user_config") or {})
-        return AppState(model=mine["args"]["model"].partition("@")[0], slots=slots, table=table)
+        return AppState(model=mine["args"]["model"].partition("@")[0], slots=slots, table=table, warm=warm)
+
+    def _deployed_slot(self, slot: str) -> ModelConfig | None:
+        """The version the deployed app gives ``slot`` (active or parked); None when idle."""
+        from rayloop.rollout.app import slot_deployment
+
+        if self._deployed is None:
+            return None
+        deps = {d["name"]: d for d in self._deployed.get("deployments", [])}
+        uc = deps.get(slot_deployment(slot), {}).get("user_config")
+        return ModelConfig.model_validate(uc) if uc else None
 
     def app_settings(self) -> Settings:
         """Settings the running app was built with (its replicas use these, not the caller's)."""
@@ -170,13 +188,23 @@ class ServeBackend:
             # Same args/import_path/runtime_env as deployed: only user_config and slot resources change.
             app = {k: v for k, v in mine.items() if k != "deployments"}
             app_settings = Settings.model_validate(mine["args"].get("settings") or {})
-        app["deployments"] = [slot_options(app_settings, s, state.slots.get(s)) for s in SLOTS] + [
+        self._deployed = mine
+        app["deployments"] = [slot_options(app_settings, s, self._slot_config(s, state)) for s in SLOTS] + [
             router_options(state.table)
         ]
         others = [a for a in apps if a["name"] != self.app_name]
         self._since = time.time()
         apply_apps(self._url, deploy_schema(self.settings, [*others, app]))
         self._deployed = app
+
+    def _slot_config(self, slot: str, state: AppState) -> ModelConfig | None:
+        """What ``slot`` is given: its version in ``state``; when that is idle and
+        ``rollout.keep_warm_slots`` is on, the version its engine holds now, parked."""
+        cfg = state.slots.get(slot)
+        if cfg is not None or not self.settings.rollout.keep_warm_slots:
+            return cfg
+        held = self._deployed_slot(slot)
+        return None if held is None else held.model_copy(update={"parked": True})
 
     def _handle(self, deployment: str) -> Any:
         from ray import serve
@@ -212,7 +240,10 @@ class ServeBackend:
                 h = self._handle(slot_deployment(slot))
                 want = state.version(slot)
                 for _ in range(n if want is not None else 2):
-                    if h.info.remote().result(timeout_s=30)["version"] != want:
+                    info = h.info.remote().result(timeout_s=30)
+                    # An idle slot has no version, or a parked one (kept warm, routed nothing).
+                    got = None if info.get("parked") else info["version"]
+                    if got != want:
                         return False
             r = self._handle(ROUTER_DEPLOYMENT)
             for _ in range(2):

@@ -217,7 +217,7 @@ def _print_status(st: dict[str, Any]) -> None:
             m = st["live"].get(slot) or {}
             t.add_row(
                 slot,
-                "idle" if version is None else f"v{version}",
+                _slot_state(version, serve.get("warm", {}).get(slot)),
                 str(m.get("requests", 0)),
                 "" if not m else f"{m['error_rate']:.1%}",
                 str(m.get("p95_ms") or ""),
@@ -238,3 +238,9 @@ def _print_status(st: dict[str, Any]) -> None:
                 f"  last rollout {lr['id']} {lr['strategy']} v{lr['from_version']} -> v{lr['to_version']}: "
                 f"{lr['status']}" + (f" ({lr['reason']})" if lr.get("reason") else "")
             )
+
+
+def _slot_state(version: int | None, warm: int | None) -> str:
+    if version is not None:
+        return f"v{version}"
+    return "idle" if warm is None else f"idle (warm: v{warm} loaded)"

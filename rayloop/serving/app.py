@@ -65,11 +65,11 @@ def initial_user_config(args: ServeArgs) -> dict[str, Any] | None:
     name, ref = parse_ref(args.model)
     if args.path is not None:
         fp = checkpoint.fingerprint(args.path)
-        return ModelConfig(model=name, version=args.version or 1, fingerprint=fp, path=args.path).model_dump()
+        return ModelConfig(model=name, version=args.version or 1, fingerprint=fp, path=args.path).user_config()
     if ref is not None:
         from rayloop.serving.deploy import resolve_version
 
-        return resolve_version(args.settings, args.model).model_dump()
+        return resolve_version(args.settings, args.model).user_config()
     return None
 
 

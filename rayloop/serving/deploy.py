@@ -72,7 +72,7 @@ def app_config(
         "route_prefix": settings.serving.route_prefix,
         "import_path": IMPORT_PATH,
         "args": args.model_dump(mode="json", exclude_none=True),
-        "deployments": [{"name": slot_deployment_name(STABLE_SLOT), "user_config": cfg.model_dump(exclude_none=True)}],
+        "deployments": [{"name": slot_deployment_name(STABLE_SLOT), "user_config": cfg.user_config()}],
     }
 
 

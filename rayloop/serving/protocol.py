@@ -51,6 +51,11 @@ class ModelConfig(BaseModel):
     path: str | None = Field(
         default=None, description="Local model directory to load instead of fetching the version from the registry."
     )
+    parked: bool = Field(
+        default=False,
+        description="Kept loaded but serving no traffic (a released rollout slot under rollout.keep_warm_slots): "
+        "the next version given to this slot is swapped into the running engine.",
+    )
 
     @field_validator("model")
     @classmethod
@@ -69,6 +74,13 @@ class ModelConfig(BaseModel):
     @property
     def served_id(self) -> str:
         return served_model_id(self.model, self.version)
+
+    def user_config(self) -> dict[str, Any]:
+        """As a deployment's ``user_config``: unset fields left out, ``parked`` only when set."""
+        out = self.model_dump(exclude_none=True)
+        if not self.parked:
+            del out["parked"]
+        return out
 
 
 @dataclass

@@ -16,6 +16,11 @@ The first one loads an engine. A later one:
 
 Serve routes no traffic to a replica while ``reconfigure`` runs, and changes
 replicas one at a time, so the app keeps answering during an upgrade.
+
+A ``parked`` config keeps the engine and its version loaded for a slot the
+router sends nothing (``rollout.keep_warm_slots``); the next version given to
+the slot then goes through the same steps, usually an in-place swap, instead of
+a new replica starting an engine.
 """
 
 from __future__ import annotations
@@ -137,6 +142,11 @@ class LLMServer:
     async def _apply(self, cfg: ModelConfig) -> None:
         cur = self._loaded
         if cur is not None and cur.cfg == cfg:
+            return
+        if cur is not None and cur.cfg.model_copy(update={"parked": cfg.parked}) == cfg:
+            # Parked <-> active with the same version: the engine already holds it.
+            self._loaded = _Loaded(cfg, cur.model_dir, cur.fingerprint, cur.signature)
+            logger.info("slot %s %s %s", self._slot, "parked with" if cfg.parked else "serves", cfg.served_id)
             return
         t0 = time.monotonic()
         model_dir = await asyncio.to_thread(resolve_model_dir, cfg, self._settings)
@@ -297,6 +307,7 @@ class LLMServer:
             "slot": self._slot,
             "model": lo.cfg.model if lo else None,
             "version": lo.cfg.version if lo else None,
+            "parked": lo.cfg.parked if lo else False,
             "fingerprint": lo.fingerprint if lo else None,
             "model_dir": lo.model_dir if lo else None,
             "last_swap": asdict(self.last_swap) if self.last_swap else None,

@@ -64,7 +64,16 @@ def env(
                     "capture_batch_rows": 64,
                     "engine": {"kv_cache_gib": 1, "max_model_len": 256, "max_num_seqs": 16},
                 },
-                "rollout": {"min_requests_per_step": 20, "min_ratings_per_step": 10, "ready_timeout_s": 300},
+                # Released slots keep their engines: each rollout after the first on a slot swaps its version
+                # into a running engine (in place, or rebuilt in the replica for another architecture) instead
+                # of starting a replica (~70 s under load here). The default (released to idle) is what the
+                # demo test runs.
+                "rollout": {
+                    "min_requests_per_step": 20,
+                    "min_ratings_per_step": 10,
+                    "ready_timeout_s": 300,
+                    "keep_warm_slots": True,
+                },
             }
         )
     )
@@ -99,6 +108,13 @@ def env(
         }
     finally:
         serve.delete(APP)
+
+
+def _slot_info(slot: str) -> dict[str, Any]:
+    from ray import serve
+
+    info: dict[str, Any] = serve.get_deployment_handle(f"llm-{slot}", APP).info.remote().result(timeout_s=30)
+    return info
 
 
 def _no_failures(load: Load) -> None:
@@ -160,6 +176,10 @@ def test_slow_canary_is_rolled_back_automatically(env: dict[str, Any]) -> None:
     assert canary["p95_ms"] > 1.5 * stable["p95_ms"], breach
     assert any("p95 latency" in r for r in breach["reasons"]) and "p95 latency" in rec["state"]["reason"], breach
     assert [e["percent"] for e in rec["history"] if e["event"] == "step"] == [20]  # caught at the first step
+    # The canary slot's engine, kept warm since the last rollout, was rebuilt in its replica for the other
+    # architecture (no in-place swap across shapes).
+    canary_slot = _slot_info("canary")
+    assert canary_slot["last_swap"]["mode"] == "rebuild" and canary_slot["last_swap"]["version"] == version
     _no_failures(load)  # slow, not broken: every user still got an answer
     ended = _ts(rec["ended_at"])
     assert {s.version for s in load.samples if s.sent > ended} == {1}
@@ -236,6 +256,11 @@ def test_blue_green_switch_and_rollback(env: dict[str, Any]) -> None:
     print(timeline(rec))
     assert rec["status"] == "rolled_back" and out["rec"]["status"] == "rolled_back"
     print(f"rollback took {t_done - t_rollback:.2f}s")
+    # Green was the canary slot's warm engine (kept from the previous rollout): v3 was swapped into it in
+    # place; released again, it keeps v3 loaded for the next rollout.
+    green = _slot_info("canary")
+    assert green["last_swap"]["mode"] == "in_place" and green["last_swap"]["version"] == 3, green
+    assert green["parked"] is True and status(env["settings"], "demo")["serve"]["warm"] == {"canary": 3}
     _no_failures(load)
     on_green = load.between(switched + 0.5, t_rollback)
     assert on_green and {s.version for s in on_green} == {3}

@@ -195,6 +195,36 @@ def test_llm_server_versions_in_place_rebuild_and_validation(tmp_path: Path) -> 
     asyncio.run(run())
 
 
+def test_parked_slot_keeps_its_engine_and_takes_the_next_version_in_place(tmp_path: Path) -> None:
+    """rollout.keep_warm_slots: parking keeps the engine; the next version is a swap, not a new engine."""
+    settings = Settings.model_validate({"home": str(tmp_path / "home")})
+    v1 = _model_dir(tmp_path / "v1", seed=1)
+    v2 = _model_dir(tmp_path / "v2", seed=2)
+
+    async def run() -> None:
+        srv = LLMServer(settings.dump(), "canary", engine_cls=FAKE)
+        await srv.reconfigure({"model": "demo", "version": 2, "path": str(v2)})  # records v2's golden answers
+        await srv.reconfigure({"model": "demo", "version": 1, "path": str(v1)})
+        engine = srv._engine
+        swaps = srv.last_swap
+
+        await srv.reconfigure({"model": "demo", "version": 1, "path": str(v1), "parked": True})
+        info = await srv.info()
+        assert info["parked"] is True and info["version"] == 1
+        assert srv._engine is engine and srv.last_swap is swaps  # nothing reloaded, nothing rebuilt
+
+        await srv.reconfigure({"model": "demo", "version": 1, "path": str(v1)})  # active again, same version
+        assert (await srv.info())["parked"] is False and srv._engine is engine and srv.last_swap is swaps
+
+        await srv.reconfigure({"model": "demo", "version": 1, "path": str(v1), "parked": True})
+        await srv.reconfigure({"model": "demo", "version": 2, "path": str(v2)})  # the next rollout's version
+        info = await srv.info()
+        assert info["parked"] is False and info["version"] == 2
+        assert srv._engine is engine and srv.last_swap.mode == "in_place" and srv.last_swap.golden_ok
+
+    asyncio.run(run())
+
+
 def test_golden_mismatch_rebuilds(tmp_path: Path) -> None:
     settings = Settings.model_validate({"home": str(tmp_path / "home")})
     v1 = _model_dir(tmp_path / "v1", seed=1)
