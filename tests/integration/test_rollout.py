@@ -117,6 +117,14 @@ def _slot_info(slot: str) -> dict[str, Any]:
     return info
 
 
+def _full_load_at_step(load: Load) -> Any:
+    def on_event(e: dict[str, Any]) -> None:
+        if e["event"] == "step":
+            load.resize(load.threads)
+
+    return on_event
+
+
 def _no_failures(load: Load) -> None:
     bad = load.failures()
     assert not bad, f"{len(bad)} of {len(load.samples)} requests failed, e.g. {bad[:3]}"
@@ -141,8 +149,11 @@ def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, 
     # Users dislike every v2 answer and like every v1 answer.
     with Load(env["url"], threads=3, sticky_threads=1, rate=lambda v: -1 if v == 2 else 1) as load:
         time.sleep(2)
+        load.resize(1)  # one client while the canary's engine starts (it shares the two cores), all three after
         # A 10 s step: the verdict waits for min_requests/min_ratings (20/10) on the canary anyway.
-        rec = deploy(env["settings"], "demo@2", "canary", steps=[20, 50, 100], interval_s=10)
+        rec = deploy(
+            env["settings"], "demo@2", "canary", steps=[20, 50, 100], interval_s=10, on_event=_full_load_at_step(load)
+        )
         time.sleep(3)
     print(timeline(rec))
     assert rec["status"] == "rolled_back", rec["state"]
@@ -274,7 +285,13 @@ def test_shadow_mirrors_without_changing_answers(env: dict[str, Any]) -> None:
 
     with Load(env["url"], threads=2, sticky_threads=0) as load:
         time.sleep(1)
-        rec = deploy(env["settings"], "demo@3", "shadow", interval_s=8)
+        load.resize(1)  # one client while the shadow slot's engine starts, both while it mirrors
+
+        def on_event(e: dict[str, Any]) -> None:
+            if e["event"] == "slot_ready":
+                load.resize(2)
+
+        rec = deploy(env["settings"], "demo@3", "shadow", interval_s=8, on_event=on_event)
         time.sleep(1)
     print(timeline(rec))
     assert rec["status"] == "succeeded"
