@@ -22,14 +22,7 @@ def main() -> None:
     ap.add_argument("--base", required=True, type=Path, help="Demo base model directory (tokenizer source).")
     ap.add_argument("--rows", type=int, default=20000)
     ap.add_argument("--every", type=float, default=3.0, help="Seconds between samples.")
-    ap.add_argument(
-        "--tracemalloc", action="store_true", help="Also trace Python allocations (slower) and print the top sites."
-    )
     a = ap.parse_args()
-    if a.tracemalloc:
-        import tracemalloc
-
-        tracemalloc.start(8)
 
     import pyarrow as pa
     import ray
@@ -57,13 +50,9 @@ def main() -> None:
             for f in traceback.extract_stack(frame):
                 if f.filename.endswith("rayloop/data/preprocess.py"):
                     where = f"{f.lineno}: {f.line}"[:100]
-            # Arrow's pool (blocks and scans in this process) and, when traced, Python's own allocations:
-            # what USS adds beyond both is native memory of something else (Ray's core worker, libraries).
+            # Arrow's pool: what this process holds of blocks and scans. (tracemalloc would split the rest
+            # further, but it slows transformers' imports and tokenizer load ~20x.)
             extra = f"arrow {pa.total_allocated_bytes() >> 20:5d}"
-            if a.tracemalloc:
-                import tracemalloc
-
-                extra += f"  py {tracemalloc.get_traced_memory()[0] >> 20:5d}"
             print(
                 f"{time.time() - t0:7.1f}s  rss {m.rss >> 20:5d}  pss {m.pss >> 20:5d}  uss {m.uss >> 20:5d}  "
                 f"{extra} MB  {where}",
@@ -76,14 +65,6 @@ def main() -> None:
         preprocess(settings, model_dir=a.base)
     finally:
         done.set()
-        if a.tracemalloc:
-            import tracemalloc
-
-            top = tracemalloc.take_snapshot().statistics("traceback")[:8]
-            for stat in top:
-                print(f"{stat.size >> 20} MB in {stat.count} blocks")
-                for line in stat.traceback.format()[-6:]:
-                    print("    " + line)
         ray.shutdown()
 
 
