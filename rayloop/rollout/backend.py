@@ -139,18 +139,23 @@ class ServeBackend:
             if cfg is not None and cfg.parked:
                 warm[slot], cfg = cfg.version, None
             slots[slot] = cfg
-        deps = {d["name"]: d for d in mine.get("deployments", [])}
-        table = RouteTable.model_validate(deps.get(ROUTER_DEPLOYMENT, {}).get("user_config") or {})
+        table = RouteTable.model_validate(self._deployed_user_config(ROUTER_DEPLOYMENT) or {})
         return AppState(model=mine["args"]["model"].partition("@")[0], slots=slots, table=table, warm=warm)
+
+    def _deployed_user_config(self, deployment: str) -> dict[str, Any] | None:
+        if self._deployed is None:
+            return None
+        for dep in self._deployed.get("deployments", []):
+            if dep["name"] == deployment:
+                uc: dict[str, Any] | None = dep.get("user_config")
+                return uc
+        return None
 
     def _deployed_slot(self, slot: str) -> ModelConfig | None:
         """The version the deployed app gives ``slot`` (active or parked); None when idle."""
         from rayloop.rollout.app import slot_deployment
 
-        if self._deployed is None:
-            return None
-        deps = {d["name"]: d for d in self._deployed.get("deployments", [])}
-        uc = deps.get(slot_deployment(slot), {}).get("user_config")
+        uc = self._deployed_user_config(slot_deployment(slot))
         return ModelConfig.model_validate(uc) if uc else None
 
     def app_settings(self) -> Settings:

@@ -217,7 +217,7 @@ def _print_status(st: dict[str, Any]) -> None:
             m = st["live"].get(slot) or {}
             t.add_row(
                 slot,
-                _slot_state(version, serve.get("warm", {}).get(slot)),
+                _slot_state(version, serve["warm"].get(slot)),
                 str(m.get("requests", 0)),
                 "" if not m else f"{m['error_rate']:.1%}",
                 str(m.get("p95_ms") or ""),

@@ -113,13 +113,17 @@ def env(
 def _slot_info(slot: str) -> dict[str, Any]:
     from ray import serve
 
-    info: dict[str, Any] = serve.get_deployment_handle(f"llm-{slot}", APP).info.remote().result(timeout_s=30)
+    from rayloop.rollout.app import slot_deployment
+
+    info: dict[str, Any] = serve.get_deployment_handle(slot_deployment(slot), APP).info.remote().result(timeout_s=30)
     return info
 
 
-def _full_load_at_step(load: Load) -> Any:
+def _full_load_on(load: Load, event: str) -> Any:
+    """An ``on_event`` that sets every client of ``load`` sending once the rollout emits ``event``."""
+
     def on_event(e: dict[str, Any]) -> None:
-        if e["event"] == "step":
+        if e["event"] == event:
             load.resize(load.threads)
 
     return on_event
@@ -152,7 +156,7 @@ def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, 
         load.resize(1)  # one client while the canary's engine starts (it shares the two cores), all three after
         # A 10 s step: the verdict waits for min_requests/min_ratings (20/10) on the canary anyway.
         rec = deploy(
-            env["settings"], "demo@2", "canary", steps=[20, 50, 100], interval_s=10, on_event=_full_load_at_step(load)
+            env["settings"], "demo@2", "canary", steps=[20, 50, 100], interval_s=10, on_event=_full_load_on(load, "step")
         )
         time.sleep(3)
     print(timeline(rec))
@@ -286,12 +290,7 @@ def test_shadow_mirrors_without_changing_answers(env: dict[str, Any]) -> None:
     with Load(env["url"], threads=2, sticky_threads=0) as load:
         time.sleep(1)
         load.resize(1)  # one client while the shadow slot's engine starts, both while it mirrors
-
-        def on_event(e: dict[str, Any]) -> None:
-            if e["event"] == "slot_ready":
-                load.resize(2)
-
-        rec = deploy(env["settings"], "demo@3", "shadow", interval_s=8, on_event=on_event)
+        rec = deploy(env["settings"], "demo@3", "shadow", interval_s=8, on_event=_full_load_on(load, "slot_ready"))
         time.sleep(1)
     print(timeline(rec))
     assert rec["status"] == "succeeded"
