@@ -202,6 +202,13 @@ class ServingSettings(_Model):
         "0: no limit.",
     )
     max_queued_requests: int = Field(default=256, ge=1, description="Requests waiting beyond that before 503.")
+    grpc_handles: bool = Field(
+        default=True,
+        description="The ingress calls engine replicas over Ray Serve's inter-deployment gRPC (handles with "
+        "_by_reference=False) instead of Ray actor calls: less CPU per request and per streamed message in the "
+        "ingress and the engine replica, which on a CPU-bound machine is CPU the engine gets back "
+        "(benchmarks/serve/bench_serve.py, variants default vs actor-calls).",
+    )
     api_keys_env: str = Field(default="RAYLOOP_API_KEYS", description="Env var with comma-separated bearer tokens.")
     api_keys_file: str | None = Field(default=None, description="File with one bearer token per line.")
     capture: bool = Field(default=True, description="Record every interaction to the interaction store.")

@@ -3,10 +3,15 @@
     flock /tmp/rayloop-heavy.lock nice -n -10 .venv/bin/python benchmarks/serve/bench_serve.py --model DIR
 
 Both servers get the same engine settings (bf16, max_model_len 256, 1 GiB KV
-cache, eager). One asyncio client streams chat completions of exactly
-``--tokens`` output tokens (``ignore_eos``) at each concurrency for
-``--seconds``, and reports output tokens/s, TTFT p50/p99 and peak memory
-growth of the machine. Then it times an in-place upgrade (weights swap +
+cache, eager) and run side by side; one is loaded at a time. At each
+concurrency the same asyncio client streams chat completions of exactly
+``--tokens`` output tokens (``ignore_eos``) for ``--seconds``, alternating
+vLLM and rayloop ``--rounds`` times: the shared VM's speed drifts by tens of
+percent between minutes, and alternating puts both sides on the same drift.
+Each ``--variants`` entry is a rayloop configuration redeployed against the
+same vLLM server. Reports output tokens/s (mean of the rounds), TTFT p50/p99
+(median of the rounds), messages per answer and the machine's memory growth
+at each server's start. Then it times an in-place upgrade (weights swap +
 golden check) against an engine rebuild with the new version. Prints JSON and
 a Markdown table.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -24,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +149,19 @@ def wait_ready(url: str, timeout: float = 300) -> None:
     raise RuntimeError(f"{url} did not become ready")
 
 
-def bench_vllm(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
+VARIANTS: dict[str, dict[str, Any]] = {
+    # rayloop's defaults: paced streams, ingress -> engine over Serve's gRPC.
+    "default": {},
+    # Ray actor calls between the ingress and the engine (rayloop before serving.grpc_handles).
+    "actor-calls": {"grpc_handles": False},
+    # One message per engine step.
+    "pacing-off": {"stream_interval_ms": 0, "stream_messages_per_s": 0},
+}
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir: str) -> Iterator[tuple[str, float, float]]:
+    """vLLM's own OpenAI server: (url, start seconds, machine memory growth in GiB)."""
     port = 18731
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     cmd = [
@@ -156,27 +175,18 @@ def bench_vllm(model_dir: str, args: argparse.Namespace) -> dict[str, Any]:
     try:
         url = f"http://127.0.0.1:{port}"
         wait_ready(url)
-        out: dict[str, Any] = {"start_s": time.monotonic() - t0, "runs": []}
-        for c in args.concurrency:
-            out["runs"].append(asyncio.run(run_load(url, "demo", c, args.seconds, args.tokens)))
+        start_s = time.monotonic() - t0
+        time.sleep(3)
+        yield url, start_s, mem.stop()
     finally:
         proc.terminate()
         proc.wait(60)
-        out["peak_mem_gib"] = mem.stop()
-    return out
 
 
-def bench_rayloop(
-    model_dir: str, v2_dir: str, args: argparse.Namespace, stream_interval_ms: float, upgrades: bool
-) -> dict[str, Any]:
-    import ray
-    from ray import serve
-
+def rayloop_settings(home: str, args: argparse.Namespace, **serving: Any) -> Any:
     from rayloop.config import load_settings
-    from rayloop.serving.deploy import deploy, model_config_for_path
 
-    home = tempfile.mkdtemp(prefix="rl-bench-")
-    settings = load_settings(
+    return load_settings(
         env={"RAYLOOP_HOME": home},
         overrides={
             "serving": {
@@ -186,68 +196,109 @@ def bench_rayloop(
                 "replica_num_cpus": 0.5,
                 "capture": True,
                 "max_ongoing_requests": 64,
-                "stream_interval_ms": stream_interval_ms,
-                "stream_messages_per_s": args.stream_messages_per_s if stream_interval_ms else 0,
                 "engine": {
                     "kv_cache_gib": 1,
                     "max_model_len": 256,
                     "max_num_seqs": 64,
                     "cpu_threads": args.engine_threads,
                 },
+                **serving,
             }
         },
     )
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    mem = MemSampler()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    out: dict[str, Any] = {"runs": [], "stream_interval_ms": stream_interval_ms, "engine_threads": args.engine_threads}
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": 18732})
-        t0 = time.monotonic()
-        deploy(settings, model_config_for_path("demo", model_dir, 1), timeout_s=400)
-        out["start_s"] = time.monotonic() - t0
-        url = "http://127.0.0.1:18732"
-        wait_ready(url)
-        for c in args.concurrency:
-            out["runs"].append(asyncio.run(run_load(url, "demo", c, args.seconds, args.tokens)))
-        out["peak_mem_gib"] = mem.stop()
-        if not upgrades:
-            return out
-        # Upgrade timings, from the replicas' own reports (not the Serve control loop around them).
-        v2 = model_config_for_path("demo", v2_dir, 2)
-        r = deploy(settings, v2, timeout_s=400)
-        out["in_place_s"] = r.replicas[0]["last_swap"]["seconds"]
-        out["in_place_mode"] = r.replicas[0]["last_swap"]["mode"]
-        out["in_place_total_s"] = r.seconds
-        # A replica restart with the new version: a version without a golden record is rebuilt.
-        v3_dir = Path(home) / "v3"
-        shutil.copytree(v2_dir, v3_dir)
-        (v3_dir / "README.md").write_text("same weights, new fingerprint\n")
-        r = deploy(settings, model_config_for_path("demo", v3_dir, 3), timeout_s=400, record_golden=False)
-        out["rebuild_s"] = r.replicas[0]["last_swap"]["seconds"]
-        out["rebuild_mode"] = r.replicas[0]["last_swap"]["mode"]
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+
+
+def compare(vllm_url: str, rl_url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Both servers up, one loaded at a time, alternating ``--rounds`` times at each concurrency."""
+    runs = []
+    for c in args.concurrency:
+        v, r = [], []
+        for _ in range(args.rounds):
+            v.append(asyncio.run(run_load(vllm_url, "demo", c, args.seconds, args.tokens)))
+            r.append(asyncio.run(run_load(rl_url, "demo", c, args.seconds, args.tokens)))
+        runs.append({"concurrency": c, "vllm": v, "rayloop": r})
+        print(f"  c={c}: vLLM {_tok_s(v):.0f} tok/s, rayloop {_tok_s(r):.0f} tok/s", file=sys.stderr)
+    return runs
+
+
+def _tok_s(rounds: list[dict[str, Any]]) -> float:
+    return sum(x["output_tok_s"] for x in rounds) / len(rounds)
+
+
+def _ms(rounds: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(x[key] for x in rounds)
+
+
+def bench(model_dir: str, v2_dir: str, args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from rayloop.serving.deploy import deploy, model_config_for_path
+
+    out: dict[str, Any] = {"variants": []}
+    with vllm_server(model_dir) as (vllm_url, vllm_start, vllm_mem):
+        out["vllm"] = {"start_s": vllm_start, "mem_gib": vllm_mem}
+        home = tempfile.mkdtemp(prefix="rl-bench-")
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        mem = MemSampler()
+        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": 18732})
+            rl_url = "http://127.0.0.1:18732"
+            for i, name in enumerate(args.variants):
+                if i:
+                    serve.delete("bench")  # other settings: a new application, not an upgrade
+                settings = rayloop_settings(home, args, **VARIANTS[name])
+                t0 = time.monotonic()
+                deploy(settings, model_config_for_path("demo", model_dir, 1), timeout_s=400)
+                wait_ready(rl_url)
+                entry: dict[str, Any] = {"variant": name, "start_s": time.monotonic() - t0}
+                if i == 0:
+                    time.sleep(3)
+                    out["rayloop_mem_gib"] = mem.stop()
+                print(f"{name}:", file=sys.stderr)
+                entry["runs"] = compare(vllm_url, rl_url, args)
+                out["variants"].append(entry)
+                if i == 0:
+                    out.update(upgrade_timings(settings, home, v2_dir))
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+    return out
+
+
+def upgrade_timings(settings: Any, home: str, v2_dir: str) -> dict[str, Any]:
+    """In-place swap to v2 vs an engine rebuild with v3, from the replica's own reports."""
+    from rayloop.serving.deploy import deploy, model_config_for_path
+
+    out: dict[str, Any] = {}
+    r = deploy(settings, model_config_for_path("demo", v2_dir, 2), timeout_s=400)
+    out["in_place_s"] = r.replicas[0]["last_swap"]["seconds"]
+    out["in_place_mode"] = r.replicas[0]["last_swap"]["mode"]
+    # A replica restart with the new version: a version without a golden record is rebuilt.
+    v3_dir = Path(home) / "v3"
+    shutil.copytree(v2_dir, v3_dir)
+    (v3_dir / "README.md").write_text("same weights, new fingerprint\n")
+    r = deploy(settings, model_config_for_path("demo", v3_dir, 3), timeout_s=400, record_golden=False)
+    out["rebuild_s"] = r.replicas[0]["last_swap"]["seconds"]
+    out["rebuild_mode"] = r.replicas[0]["last_swap"]["mode"]
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Model directory (the demo base model).")
-    p.add_argument("--seconds", type=float, default=15.0)
+    p.add_argument("--seconds", type=float, default=10.0, help="Length of one load round.")
+    p.add_argument("--rounds", type=int, default=2, help="Alternating rounds per server and concurrency.")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--out", type=Path, help="Write the JSON result here.")
     p.add_argument(
-        "--stream-interval-ms",
-        type=float,
+        "--variants",
         nargs="+",
-        default=[0.0],
-        help="rayloop's serving.stream_interval_ms; one rayloop run per value (upgrade timings on the first).",
-    )
-    p.add_argument(
-        "--stream-messages-per-s", type=float, default=100.0, help="rayloop's serving.stream_messages_per_s."
+        choices=sorted(VARIANTS),
+        default=["default", "actor-calls"],
+        help="rayloop configurations, each measured against vLLM (upgrade timings with the defaults).",
     )
     p.add_argument(
         "--engine-threads",
@@ -262,31 +313,33 @@ def main() -> None:
     from serving_util import make_variant  # type: ignore[import-not-found]
 
     v2_dir = str(make_variant(Path(args.model), Path(tempfile.mkdtemp(prefix="rl-bench-v2-")), seed=1, scale=0.5))
-    vllm = bench_vllm(args.model, args)
-    rls = [bench_rayloop(args.model, v2_dir, args, ms, upgrades=i == 0) for i, ms in enumerate(args.stream_interval_ms)]
-    rl = rls[0]
-    result = {"vllm": vllm, "rayloop": rls, "tokens": args.tokens, "seconds": args.seconds, "cpus": os.cpu_count()}
+    result = bench(args.model, v2_dir, args)
+    result.update(tokens=args.tokens, seconds=args.seconds, rounds=args.rounds, cpus=os.cpu_count())
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     print(
-        "\n| stream interval | concurrency | vLLM tok/s | rayloop tok/s | ratio | TTFT p50 vLLM / rayloop (ms) "
-        "| TTFT p99 vLLM / rayloop (ms) | SSE events per request vLLM / rayloop |"
+        "\n| rayloop variant | concurrency | vLLM tok/s | rayloop tok/s | ratio | TTFT p50 vLLM / rayloop (ms) "
+        "| TTFT p99 vLLM / rayloop (ms) | messages per answer vLLM / rayloop |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for r in rls:
-        for a, b in zip(vllm["runs"], r["runs"], strict=True):
+    for entry in result["variants"]:
+        for run in entry["runs"]:
+            v, r = run["vllm"], run["rayloop"]
+            msgs = [sum(x["messages"] for x in side) / sum(x["requests"] for x in side) for side in (v, r)]
             print(
-                f"| {r['stream_interval_ms']:.0f} ms | {a['concurrency']} | {a['output_tok_s']:.0f} | {b['output_tok_s']:.0f} "
-                f"| {b['output_tok_s'] / a['output_tok_s']:.2f} "
-                f"| {a['ttft_p50_ms']:.0f} / {b['ttft_p50_ms']:.0f} | {a['ttft_p99_ms']:.0f} / {b['ttft_p99_ms']:.0f} "
-                f"| {a['messages'] / a['requests']:.1f} / {b['messages'] / b['requests']:.1f} |"
+                f"| {entry['variant']} | {run['concurrency']} | {_tok_s(v):.0f} | {_tok_s(r):.0f} "
+                f"| {_tok_s(r) / _tok_s(v):.2f} "
+                f"| {_ms(v, 'ttft_p50_ms'):.0f} / {_ms(r, 'ttft_p50_ms'):.0f} "
+                f"| {_ms(v, 'ttft_p99_ms'):.0f} / {_ms(r, 'ttft_p99_ms'):.0f} | {msgs[0]:.1f} / {msgs[1]:.1f} |"
             )
-    mems = ", ".join(f"{r['peak_mem_gib']:.2f}" for r in rls)
-    print(f"\npeak memory growth: vLLM {vllm['peak_mem_gib']:.2f} GiB, rayloop {mems} GiB")
     print(
-        f"upgrade: in place {rl['in_place_s'] * 1000:.0f} ms ({rl['in_place_mode']}), "
-        f"rebuild {rl['rebuild_s']:.1f} s ({rl['rebuild_mode']}): ratio {rl['in_place_s'] / rl['rebuild_s']:.3f}"
+        f"\nmemory growth at start: vLLM {result['vllm']['mem_gib']:.2f} GiB, rayloop {result['rayloop_mem_gib']:.2f} GiB"
+    )
+    print(
+        f"upgrade: in place {result['in_place_s'] * 1000:.0f} ms ({result['in_place_mode']}), "
+        f"rebuild {result['rebuild_s']:.1f} s ({result['rebuild_mode']}): "
+        f"ratio {result['in_place_s'] / result['rebuild_s']:.3f}"
     )
 
 

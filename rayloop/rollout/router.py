@@ -151,7 +151,7 @@ class RouterIngress(OpenAIIngress):
         rid = row["request_id"]
         try:
             body = replay_body(row, self.model)
-            handle = self.slots[SHADOW].options(stream=True)
+            handle = self.slot_handle(SHADOW, stream=True)
             method = handle.chat if row["endpoint"] == "chat" else handle.completion
             t0 = time.monotonic()
             head: ReplyHead | None = None

@@ -160,6 +160,13 @@ class OpenAIIngress:
                 self.settings, on_drop=lambda table, n: self.metrics.dropped.inc(n, tags={"table": table})
             )
 
+    def slot_handle(self, slot: str, *, stream: bool = False) -> Any:
+        """The handle of ``slot``'s engine deployment, over gRPC when ``serving.grpc_handles`` is on."""
+        handle = self.slots[slot]
+        if self.settings.serving.grpc_handles:
+            return handle.options(stream=stream, _by_reference=False)
+        return handle.options(stream=stream)
+
     # -- hooks for a router ------------------------------------------------
     def pick_slot(self, endpoint: str, body: dict[str, Any], request: Request) -> str:
         """Which slot answers. One slot today; a router overrides this."""
@@ -186,7 +193,7 @@ class OpenAIIngress:
         if not self.keys.allows(request.headers.get("authorization")):
             return _error(401, "missing or invalid API key", "AuthenticationError", rid)
         try:
-            listing = await self.slots["stable"].models.remote()
+            listing = await self.slot_handle("stable").models.remote()
         except Exception as e:
             return self._serve_error(e, rid)
         return JSONResponse(listing, headers={REQUEST_ID_HEADER: rid})
@@ -314,7 +321,7 @@ class OpenAIIngress:
                 )
             body["model"] = self.model
         slot = self.pick_slot(endpoint, body, request)
-        handle = self.slots[slot].options(stream=True)
+        handle = self.slot_handle(slot, stream=True)
         gen = (handle.chat if endpoint == "chat" else handle.completion).remote(body, rid)
         try:
             head = await gen.__anext__()

@@ -156,7 +156,12 @@ def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, 
         load.resize(1)  # one client while the canary's engine starts (it shares the two cores), all three after
         # A 10 s step: the verdict waits for min_requests/min_ratings (20/10) on the canary anyway.
         rec = deploy(
-            env["settings"], "demo@2", "canary", steps=[20, 50, 100], interval_s=10, on_event=_full_load_on(load, "step")
+            env["settings"],
+            "demo@2",
+            "canary",
+            steps=[20, 50, 100],
+            interval_s=10,
+            on_event=_full_load_on(load, "step"),
         )
         time.sleep(3)
     print(timeline(rec))

@@ -27,7 +27,8 @@ class _Serve:
                 "name": settings.serving.app_name,
                 "import_path": ROUTER_IMPORT_PATH,
                 "args": {"model": "demo", "settings": settings.dump()},
-                "deployments": [slot_options(settings, s, slots.get(s)) for s in SLOTS] + [router_options(RouteTable())],
+                "deployments": [slot_options(settings, s, slots.get(s)) for s in SLOTS]
+                + [router_options(RouteTable())],
             }
         ]
 

@@ -481,3 +481,29 @@ def test_replica_stream_interval_grows_with_its_streams(tmp_path: Path) -> None:
     assert interval(32) == pytest.approx(0.32)  # 32 streams share 100 messages/s
     assert interval(32, stream_messages_per_s=0) == 0.1  # no budget: the floor only
     assert interval(32, stream_interval_ms=0, stream_messages_per_s=0) == 0.0  # per engine step
+
+
+class _RecordingHandle:
+    """Stands in for a DeploymentHandle: records the options it was given."""
+
+    def __init__(self, opts: dict[str, Any] | None = None) -> None:
+        self.opts = opts or {}
+
+    def options(self, **kw: Any) -> _RecordingHandle:
+        return _RecordingHandle({**self.opts, **kw})
+
+
+@pytest.mark.parametrize("grpc", [True, False])
+def test_ingress_calls_engine_slots_over_grpc_unless_turned_off(grpc: bool) -> None:
+    from types import SimpleNamespace
+
+    from rayloop.serving.ingress import OpenAIIngress
+
+    settings = Settings.model_validate({"serving": {"grpc_handles": grpc}})
+    assert Settings().serving.grpc_handles  # the default
+    ing = SimpleNamespace(slots={"stable": _RecordingHandle()}, settings=settings)
+    got = OpenAIIngress.slot_handle(ing, "stable", stream=True).opts  # type: ignore[arg-type]
+    assert got["stream"] is True
+    # _by_reference=False is Serve's switch from Ray actor calls to its inter-deployment gRPC.
+    assert got.get("_by_reference", True) is (not grpc)
+    assert OpenAIIngress.slot_handle(ing, "stable").opts["stream"] is False  # type: ignore[arg-type]
