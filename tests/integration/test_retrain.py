@@ -107,7 +107,7 @@ def test_zero3_worker_kill_resumes_and_export_loads_in_vllm(
     # must restore all shards and the export must gather them into one consolidated model.
     settings: Settings = snap["settings"].model_copy(deep=True)
     settings.training.checkpoint_every = 4
-    settings.training.epochs = 6
+    settings.training.epochs = 4
     out: dict[str, Any] = {}
 
     def run() -> None:
@@ -131,8 +131,8 @@ def test_zero3_worker_kill_resumes_and_export_loads_in_vllm(
     # checkpoint_manager_snapshot.json. Files on disk are not enough: a worker's report waits in a
     # one-slot queue until the controller polls it (every 2 s), so a kill can lose the reports of the
     # last checkpoints whose files were already written.
-    # Kill a third of the way in (120 steps in all), when the loss is well below where it started.
-    kill_after = 40
+    # Kill 30% of the way in (80 steps in all), when the loss is well below where it started.
+    kill_after = 24
 
     def latest() -> int:
         return max((int(n.removeprefix("step-")) for n in _registered_checkpoints(ckroot, earlier_runs)), default=0)
