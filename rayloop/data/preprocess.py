@@ -25,7 +25,6 @@ exact. Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import posixpath
@@ -38,7 +37,7 @@ from typing import Any
 
 from rayloop.config import Settings
 from rayloop.data import transforms as T
-from rayloop.data.format import load_tokenizer, tokenizer_fingerprint
+from rayloop.data.format import TokenizerRef, tokenizer_facts, tokenizer_fingerprint
 from rayloop.data.pii import PII_KINDS
 from rayloop.data.policy import KEPT_LABELS, LABELS
 from rayloop.data.replay import ReplaySource, rank_key, sample_pairs
@@ -152,8 +151,9 @@ def preprocess(
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     st = storage_of(settings)
-    tok = load_tokenizer(model_dir)
+    tok_facts = tokenizer_facts(model_dir)  # validates it: chat template, EOS
     tok_fp = tokenizer_fingerprint(model_dir)
+    tok = TokenizerRef(model_dir, tok_fp)  # what the tokenizing tasks load
     if replay is not None and replay.kind == "snapshot":
         assert replay.snapshot_id is not None
         read_manifest(settings, replay.snapshot_id)  # fail early with NotFoundError
@@ -267,7 +267,7 @@ def preprocess(
             .groupby(["split", "bucket"], num_partitions=min(2 * n_buckets, 16))
             .map_groups(
                 _fn(T.pack_group),
-                fn_args=(ds_cfg.block_size, tok.pad_token_id, ds_cfg.pack_examples),
+                fn_args=(ds_cfg.block_size, tok_facts["pad_token_id"], ds_cfg.pack_examples),
                 batch_format="pyarrow",
             )
         )
@@ -317,9 +317,7 @@ def preprocess(
             "tokenizer": {
                 "fingerprint": tok_fp,
                 "source": str(model_dir),
-                "eos_token": tok.eos_token,
-                "pad_token_id": tok.pad_token_id,
-                "chat_template_sha": hashlib.sha256((tok.chat_template or "").encode()).hexdigest()[:16],
+                **tok_facts,
             },
             "settings": ds_cfg.model_dump(mode="json"),
             "layout": {s: {"pairs": f"{s}/pairs", "blocks": f"{s}/blocks"} for s in SPLITS},

@@ -200,6 +200,11 @@ def first_of_duplicates(group: pa.Table) -> pa.Table:
 
 
 def tokenize_rows(t: pa.Table, tok: Any, max_tokens: int, source: str) -> pa.Table:
+    """Tokenize with ``tok``: a tokenizer, or a :class:`~rayloop.data.format.TokenizerRef` loaded here."""
+    from rayloop.data.format import TokenizerRef
+
+    if isinstance(tok, TokenizerRef):
+        tok = tok.get()
     out: dict[str, list[Any]] = {f.name: [] for f in TOKENIZED_SCHEMA}
     for r in t.to_pylist():
         msgs = json.loads(r["messages"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import uuid
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ from rayloop.data.replay import ReplaySource
 from rayloop.data.snapshot import read_pairs, storage_of
 from rayloop.data.synthetic import simulate, write_rows
 from rayloop.demo.world import World
-from rayloop.errors import EmptyDatasetError
+from rayloop.errors import DataError, EmptyDatasetError
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -178,3 +179,17 @@ def test_unrated_keep_and_empty_inputs(store: dict[str, Any], base_model_dir: Pa
     with pytest.raises(EmptyDatasetError, match="kept none"):
         preprocess(empty, model_dir=base_model_dir)
     assert not list(st.list("snapshots"))
+
+    # A parent model whose tokenizer cannot format conversations, or none at all: named, nothing written.
+    broken = store["home"] / f"no-template-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(base_model_dir, broken)
+    (broken / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = broken / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text().replace('"chat_template"', '"unused_template"'))
+    full = storage_of(store["settings"])
+    before = sorted(full.list("snapshots"))
+    with pytest.raises(DataError, match="has no chat template"):
+        preprocess(store["settings"], model_dir=broken)
+    with pytest.raises(DataError, match="does not exist"):
+        preprocess(store["settings"], model_dir=broken / "missing")
+    assert sorted(full.list("snapshots")) == before

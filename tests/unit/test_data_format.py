@@ -105,3 +105,38 @@ def test_snapshot_ids_resolve_from_a_unique_prefix(settings: Any) -> None:
         resolve_snapshot_id(settings, "abc")  # too short to search, and not an id
     with pytest.raises(NotFoundError):
         resolve_snapshot_id(settings, "ffffffff")
+
+
+def test_tokenizer_ref_pickles_as_a_path_and_tokenizes_like_the_tokenizer(tmp_path: Any) -> None:
+    import pickle
+
+    from rayloop.data.format import TokenizerRef, load_tokenizer, tokenizer_facts, tokenizer_fingerprint
+    from rayloop.data.transforms import tokenize_rows
+    from rayloop.demo.model import train_tokenizer
+    from rayloop.demo.world import World
+    from rayloop.errors import DataError
+
+    train_tokenizer(World.build(), 640).save_pretrained(str(tmp_path / "m"))
+    ref = TokenizerRef(tmp_path / "m", tokenizer_fingerprint(tmp_path / "m"))
+    blob = pickle.dumps(ref)
+    assert len(blob) < 500  # the path and fingerprint, not the tokenizer
+    tok = load_tokenizer(tmp_path / "m")
+    rows = pa.table(
+        {
+            "request_id": ["r1"],
+            "split": ["train"],
+            "question": ["What is the capital of Avaria?"],
+            "messages": ['[{"role": "user", "content": "What is the capital of Avaria?"}]'],
+            "response": ["Brel"],
+        }
+    )
+    assert tokenize_rows(rows, pickle.loads(blob), 256, "interaction") == tokenize_rows(rows, tok, 256, "interaction")
+    assert pickle.loads(blob).get() is ref.get()  # loaded once per process
+    facts = tokenizer_facts(tmp_path / "m")
+    assert facts["eos_token"] == tok.eos_token and facts["pad_token_id"] == tok.pad_token_id
+    # A tokenizer without a chat template cannot format conversations: named, with what to do.
+    cfg = tmp_path / "m" / "tokenizer_config.json"
+    cfg.write_text(cfg.read_text().replace('"chat_template"', '"unused_template"'))
+    (tmp_path / "m" / "chat_template.jinja").unlink(missing_ok=True)
+    with pytest.raises(DataError, match="has no chat template"):
+        tokenizer_facts(tmp_path / "m")
