@@ -1,7 +1,8 @@
 """The validation gate: a candidate is compared with production before any rollout.
 
-Both models answer the same evaluation sets greedily (vLLM, one engine per
-Ray Data actor); the gate policy (:class:`rayloop.config.GateSettings`) then
+Both models answer the same evaluation sets greedily with one vLLM engine on
+a Ray Data actor (production's weights are swapped in after the candidate's,
+see :mod:`rayloop.evaluation.inference`); the gate policy (:class:`rayloop.config.GateSettings`) then
 decides:
 
 - the mean accuracy over the ``improve_on`` sets must rise by at least
@@ -20,10 +21,10 @@ refuses candidates whose decision is not ``accepted``.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,22 @@ def _rows(sets: dict[str, list[EvalItem]]) -> list[dict[str, Any]]:
     return [asdict(item) for items in sets.values() for item in items]
 
 
-def _predict(model_dir: Path, rows: list[dict[str, Any]], settings: Settings, use_ray: bool) -> list[dict[str, Any]]:
+def _predict(
+    model_dirs: list[Path],
+    rows: list[dict[str, Any]],
+    settings: Settings,
+    use_ray: bool,
+    golden: list[dict[str, Any] | None],
+) -> list[dict[str, Any]]:
     from rayloop.evaluation.inference import VLLMPredictor
 
     engine = settings.serving.engine.model_dump()
-    kwargs = {"model_dir": str(model_dir), "engine": engine, "max_tokens": settings.gate.max_tokens}
+    kwargs = {
+        "model_dir": [str(d) for d in model_dirs],
+        "engine": engine,
+        "max_tokens": settings.gate.max_tokens,
+        "golden": golden,
+    }
     if not use_ray:
         p = VLLMPredictor(**kwargs)  # type: ignore[arg-type]
         try:
@@ -66,6 +78,67 @@ def _predict(model_dir: Path, rows: list[dict[str, Any]], settings: Settings, us
     return list(ds.take_all())
 
 
+def _report(results: list[dict[str, Any]], i: int, model_dir: Path, label: str) -> dict[str, Any]:
+    by_set: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        by_set[str(r["set"])].append(r)
+    report_sets: dict[str, Any] = {}
+    for name, rs in by_set.items():
+        items = [EvalItem(**{k: r[k] for k in ("set", "prompt", "reference", "match", "target")}) for r in rs]
+        outputs = [str(r[f"output_{i}"]) for r in rs]
+        correct = [it.is_correct(o) for it, o in zip(items, outputs, strict=True)]
+        nlls = [v for v in (float(r[f"nll_{i}"]) for r in rs) if not math.isnan(v)]
+        report_sets[name] = {
+            "n": len(rs),
+            "correct": sum(correct),
+            "accuracy": sum(correct) / len(rs),
+            "loss": sum(nlls) / len(nlls) if nlls else None,
+            "perplexity": math.exp(sum(nlls) / len(nlls)) if nlls else None,
+            "failures": [
+                {"prompt": r["prompt"], "expected": r["reference"], "output": o}
+                for r, o, ok in zip(rs, outputs, correct, strict=True)
+                if not ok
+            ][:5],
+        }
+    seconds = sum(float(r[f"seconds_{i}"]) for r in results)
+    return {
+        "model": label,
+        "model_dir": str(model_dir),
+        "sets": report_sets,
+        "items": len(results),
+        "seconds": round(seconds, 2),
+        "items_per_s": round(len(results) / seconds, 2) if seconds else None,
+        # How this version got into the evaluation engine (fresh, or swapped in place and verified).
+        "engine": max((json.loads(r[f"load_{i}"]) for r in results), key=len),
+    }
+
+
+def evaluate_models(
+    model_dirs: list[str | Path],
+    sets: dict[str, list[EvalItem]],
+    settings: Settings,
+    *,
+    use_ray: bool = True,
+    labels: list[str] | None = None,
+    golden: list[dict[str, Any] | None] | None = None,
+) -> list[dict[str, Any]]:
+    """Accuracy, loss and throughput of each model on every set, all answered by one vLLM engine.
+
+    ``golden`` (per model, optional) are a fresh engine's answers to the golden prompts; a model with
+    them is swapped into the engine in place and checked against them, else it gets a fresh engine.
+    """
+    rows = _rows(sets)
+    if not rows:
+        raise EvaluationError(
+            "no evaluation items: the snapshot has no eval split and no fixed sets are stored",
+            hint="Store a regression set (rayloop.evaluation.evalset.save_eval_set) or preprocess more data.",
+        )
+    dirs = [Path(d) for d in model_dirs]
+    names = labels or [""] * len(dirs)
+    results = _predict(dirs, rows, settings, use_ray, golden or [None] * len(dirs))
+    return [_report(results, i, d, names[i]) for i, d in enumerate(dirs)]
+
+
 def evaluate_model(
     model_dir: str | Path,
     sets: dict[str, list[EvalItem]],
@@ -75,43 +148,7 @@ def evaluate_model(
     label: str = "",
 ) -> dict[str, Any]:
     """Accuracy, loss and throughput of one model on every set."""
-    rows = _rows(sets)
-    if not rows:
-        raise EvaluationError(
-            "no evaluation items: the snapshot has no eval split and no fixed sets are stored",
-            hint="Store a regression set (rayloop.evaluation.evalset.save_eval_set) or preprocess more data.",
-        )
-    t0 = time.perf_counter()
-    results = _predict(Path(model_dir), rows, settings, use_ray)
-    seconds = time.perf_counter() - t0
-    by_set: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in results:
-        by_set[str(r["set"])].append(r)
-    report_sets: dict[str, Any] = {}
-    for name, rs in by_set.items():
-        items = [EvalItem(**{k: r[k] for k in ("set", "prompt", "reference", "match", "target")}) for r in rs]
-        correct = [it.is_correct(str(r["output"])) for it, r in zip(items, rs, strict=True)]
-        nlls = [float(r["nll"]) for r in rs if r.get("nll") is not None and not math.isnan(float(r["nll"]))]
-        report_sets[name] = {
-            "n": len(rs),
-            "correct": sum(correct),
-            "accuracy": sum(correct) / len(rs),
-            "loss": sum(nlls) / len(nlls) if nlls else None,
-            "perplexity": math.exp(sum(nlls) / len(nlls)) if nlls else None,
-            "failures": [
-                {"prompt": r["prompt"], "expected": r["reference"], "output": r["output"]}
-                for r, ok in zip(rs, correct, strict=True)
-                if not ok
-            ][:5],
-        }
-    return {
-        "model": label,
-        "model_dir": str(model_dir),
-        "sets": report_sets,
-        "items": len(rows),
-        "seconds": round(seconds, 2),
-        "items_per_s": round(len(rows) / seconds, 2) if seconds else None,
-    }
+    return evaluate_models([model_dir], sets, settings, use_ray=use_ray, labels=[label])[0]
 
 
 def _mean_acc(report: dict[str, Any], names: list[str]) -> float | None:
@@ -159,6 +196,15 @@ def decide(candidate: dict[str, Any], production: dict[str, Any], policy: GateSe
     return {"decision": decision, "reasons": reasons, "checks": checks, "policy": policy.model_dump()}
 
 
+def _golden_answers(storage: Any, fingerprint: str, settings: Settings) -> dict[str, Any] | None:
+    from rayloop.serving import golden
+
+    rec = golden.load_golden(storage, fingerprint, settings.serving.engine)
+    if rec is None:
+        return None
+    return {"prompts": rec.prompts, "outputs": rec.outputs, "max_tokens": golden.MAX_TOKENS}
+
+
 def run_gate(
     settings: Settings,
     candidate: str,
@@ -180,15 +226,17 @@ def run_gate(
     storage = Storage(settings.storage_root, s3_endpoint=settings.storage.s3_endpoint)
     sets = load_eval_sets(storage, cand.name)
     sets.update(extra_sets or {})
-    jobs = [(reg.fetch(f"{mv.name}@{mv.version}"), f"{mv.name}@{mv.version}") for mv in (cand, prod)]
-    if use_ray:
-        # Both models at once, each in its own Ray Data actor: engine start-up dominates on small
-        # eval sets and overlaps, and both are measured under the same conditions.
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gate-eval") as pool:
-            futures = [pool.submit(evaluate_model, d, sets, settings, use_ray=True, label=lbl) for d, lbl in jobs]
-            cand_report, prod_report = (f.result() for f in futures)
-    else:
-        cand_report, prod_report = (evaluate_model(d, sets, settings, use_ray=False, label=lbl) for d, lbl in jobs)
+    # The candidate first, on a fresh engine; production is then swapped into the same engine when a
+    # fresh engine's golden answers for it are on record (it was served), and checked against them.
+    versions = [cand, prod]
+    cand_report, prod_report = evaluate_models(
+        [reg.fetch(f"{mv.name}@{mv.version}") for mv in versions],
+        sets,
+        settings,
+        use_ray=use_ray,
+        labels=[f"{mv.name}@{mv.version}" for mv in versions],
+        golden=[_golden_answers(storage, mv.fingerprint, settings) for mv in versions],
+    )
     gate = decide(cand_report, prod_report, settings.gate)
     report = {
         "candidate": cand_report,

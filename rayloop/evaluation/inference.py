@@ -1,17 +1,29 @@
-"""Greedy batch inference with vLLM, in-process or spread over Ray Data actors.
+"""Greedy batch inference with vLLM, in-process or on a Ray Data actor.
 
-``VLLMPredictor`` is a callable class for ``Dataset.map_batches``: each actor
-owns one vLLM engine and answers a batch of chat prompts greedily. The same
-class runs in-process through :func:`greedy_chat` for small jobs and tests.
+``VLLMPredictor`` is a callable class for ``Dataset.map_batches``: its actor
+owns one vLLM engine and answers a batch of chat prompts greedily with one or
+several model versions. Versions after the first are swapped into the same
+engine in place (the serving replicas' procedure: ``reload_weights``,
+re-packed CPU GEMM weights, prefix cache reset) when their architecture,
+tensor set and tokenizer match and a fresh engine's golden answers for them
+are known; the swap is checked against those answers and the engine is
+rebuilt on any difference. So the gate needs one engine, not two, and a
+version is never scored on weights it does not hold.
+
+The same class runs in-process through :func:`greedy_chat` for small jobs and tests.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from rayloop.config import EngineSettings
 from rayloop.serving.cpu_env import cpu_engine_env_applied
+from rayloop.serving.worker_ext import WORKER_EXTENSION
 
 
 def engine_kwargs(engine: EngineSettings) -> dict[str, Any]:
@@ -22,31 +34,128 @@ def engine_kwargs(engine: EngineSettings) -> dict[str, Any]:
         "tensor_parallel_size": engine.tensor_parallel_size,
         "max_num_seqs": engine.max_num_seqs,
         "enforce_eager": engine.enforce_eager,
+        "worker_extension_cls": WORKER_EXTENSION,
         "seed": 0,
     }
 
 
+@dataclass(frozen=True)
+class GoldenAnswers:
+    """A fresh engine's greedy answers for one version (see :mod:`rayloop.serving.golden`)."""
+
+    prompts: list[str]
+    outputs: list[str]
+    max_tokens: int
+
+
+@dataclass
+class LoadReport:
+    """How a version got into the engine: ``fresh`` (engine built on it) or ``in_place`` (weights swapped)."""
+
+    mode: str
+    seconds: float
+    reason: str = ""
+
+
 class VLLMPredictor:
-    """Answers chat prompts greedily; ``batch["messages"]`` holds one user question per row."""
+    """Answers chat prompts greedily with each of ``model_dir``'s versions in turn; one engine.
 
-    def __init__(self, model_dir: str, engine: dict[str, Any], max_tokens: int = 32) -> None:
-        settings = EngineSettings.model_validate(engine)
+    Args:
+        model_dir: one model directory, or several (answered in this order on the first batch).
+        engine: :class:`EngineSettings` as a dict.
+        max_tokens: answer length.
+        golden: per model, a fresh engine's :class:`GoldenAnswers` (as a dict) or None; a version
+            without them is never swapped in, it gets a fresh engine.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | list[str],
+        engine: dict[str, Any],
+        max_tokens: int = 32,
+        golden: list[dict[str, Any] | None] | None = None,
+    ) -> None:
+        self.model_dirs = [model_dir] if isinstance(model_dir, str) else [str(d) for d in model_dir]
+        if not self.model_dirs:
+            raise ValueError("VLLMPredictor needs at least one model directory")
+        self.golden = [GoldenAnswers(**g) if g else None for g in (golden or [None] * len(self.model_dirs))]
+        if len(self.golden) != len(self.model_dirs):
+            raise ValueError(f"{len(self.golden)} golden entries for {len(self.model_dirs)} models")
+        self.settings = EngineSettings.model_validate(engine)
+        self.max_tokens = max_tokens
+        self.llm: Any = None
+        self.current: int | None = None
+        self.loads: list[list[LoadReport]] = [[] for _ in self.model_dirs]
+        self._build(0, "first model")
+
+    # -- engine ------------------------------------------------------------
+    def _build(self, i: int, reason: str) -> None:
         import torch
-        from vllm import LLM, SamplingParams
+        from vllm import LLM
 
+        t0 = time.monotonic()
+        self.close()  # one engine at a time: on a GPU two would not fit
         # vLLM's CPU worker replaces torch.set_num_threads with a no-op in the process it runs in; with
         # one shard that is this process, whose other users (training, tests) must keep the real one.
         set_num_threads = torch.set_num_threads
         try:
-            with cpu_engine_env_applied(settings):
-                self.llm = LLM(model=str(model_dir), **engine_kwargs(settings))
+            with cpu_engine_env_applied(self.settings):
+                self.llm = LLM(model=self.model_dirs[i], **engine_kwargs(self.settings))
         finally:
             torch.set_num_threads = set_num_threads
-        self.params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        self.current = i
+        self.loads[i].append(LoadReport("fresh", round(time.monotonic() - t0, 3), reason))
 
-    def answer(self, prompts: list[str]) -> list[str]:
+    def _swappable(self, i: int) -> str | None:
+        """Why version ``i`` cannot be swapped into the engine now (None: it can)."""
+        from rayloop.serving import checkpoint
+
+        if self.current is None or self.llm is None:
+            return "no engine"
+        if self.golden[i] is None:
+            return "no golden answers from a fresh engine of this version to check a swap against"
+        if self.settings.tensor_parallel_size > 1:
+            return "tensor-parallel engine"
+        cur = checkpoint.check_model_dir(self.model_dirs[self.current])
+        if diffs := cur.differences(checkpoint.check_model_dir(self.model_dirs[i])):
+            return "; ".join(diffs)
+        return None
+
+    def use(self, i: int) -> None:
+        """Make version ``i`` the engine's weights: in place when possible and verified, else a fresh engine."""
+        if self.current == i:
+            return
+        if why := self._swappable(i):
+            self._build(i, why)
+            return
+        t0 = time.monotonic()
+        golden = self.golden[i]
+        assert golden is not None
+        try:
+            self.llm.collective_rpc(
+                "reload_weights", kwargs={"weights_path": self.model_dirs[i], "is_checkpoint_format": True}
+            )
+            self.llm.collective_rpc("rayloop_redispatch_cpu_gemm")
+            # Without this, KV blocks computed with the old weights are reused for matching prefixes.
+            self.llm.reset_prefix_cache()
+            self.current = i
+            got = [self.answer([p], golden.max_tokens)[0] for p in golden.prompts]
+        except Exception as e:
+            self._build(i, f"in-place swap failed: {type(e).__name__}: {e}")
+            return
+        if got != golden.outputs:
+            bad = [n for n, (a, b) in enumerate(zip(got, golden.outputs, strict=True)) if a != b]
+            self._build(i, f"golden prompts {bad} differ after the in-place swap")
+            return
+        self.loads[i].append(LoadReport("in_place", round(time.monotonic() - t0, 3), "golden answers match"))
+
+    # -- inference ---------------------------------------------------------
+    def answer(self, prompts: list[str], max_tokens: int | None = None) -> list[str]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens or self.max_tokens)
         convs = [[{"role": "user", "content": p}] for p in prompts]
-        outs = self.llm.chat(convs, self.params, use_tqdm=False)  # type: ignore[arg-type]
+        outs = self.llm.chat(convs, params, use_tqdm=False)
         return [o.outputs[0].text for o in outs]
 
     def target_nll(self, prompts: list[str], targets: list[str]) -> list[float]:
@@ -61,7 +170,7 @@ class VLLMPredictor:
             t_ids = tok(t + (tok.eos_token or ""), add_special_tokens=False)["input_ids"]
             seqs.append({"prompt_token_ids": p_ids + t_ids})
             starts.append(len(p_ids))
-        outs = self.llm.generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)  # type: ignore[arg-type]
+        outs = self.llm.generate(seqs, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
         nll = []
         for o, seq, start in zip(outs, seqs, starts, strict=True):
             ids = seq["prompt_token_ids"]
@@ -71,24 +180,32 @@ class VLLMPredictor:
         return nll
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        import time
-
+        """Adds ``output_{i}``, ``nll_{i}``, ``seconds_{i}`` and ``load_{i}`` (JSON) per model ``i``."""
         prompts = [str(p) for p in batch["prompt"]]
-        t0 = time.perf_counter()
-        batch["output"] = self.answer(prompts)
-        batch["batch_seconds"] = [time.perf_counter() - t0] * len(prompts)
         targets = [str(t) if t else "" for t in batch.get("target", [""] * len(prompts))]
-        has = [i for i, t in enumerate(targets) if t]
-        nll = [float("nan")] * len(prompts)
-        if has:
-            for i, v in zip(has, self.target_nll([prompts[i] for i in has], [targets[i] for i in has]), strict=True):
-                nll[i] = v
-        batch["nll"] = nll
+        has = [n for n, t in enumerate(targets) if t]
+        # The loaded version first: consecutive batches do not swap back and forth.
+        order = sorted(range(len(self.model_dirs)), key=lambda i: i != self.current)
+        for i in order:
+            self.use(i)
+            t0 = time.perf_counter()
+            batch[f"output_{i}"] = self.answer(prompts)
+            nll = [float("nan")] * len(prompts)
+            if has:
+                for n, v in zip(
+                    has, self.target_nll([prompts[n] for n in has], [targets[n] for n in has]), strict=True
+                ):
+                    nll[n] = v
+            batch[f"nll_{i}"] = nll
+            batch[f"seconds_{i}"] = [time.perf_counter() - t0] * len(prompts)
+            batch[f"load_{i}"] = [json.dumps([asdict(r) for r in self.loads[i]])] * len(prompts)
         return batch
 
     def close(self) -> None:
-        # Drop the engine so its processes exit now, not at interpreter teardown.
-        del self.llm
+        """Drop the engine so its processes and memory go now, not at interpreter teardown."""
+        if self.llm is None:
+            return
+        self.llm, self.current = None, None
         import gc
 
         gc.collect()

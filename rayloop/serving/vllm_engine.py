@@ -25,6 +25,7 @@ from typing import Any
 from rayloop.config import EngineSettings
 from rayloop.errors import EngineError
 from rayloop.serving.engine import EngineReply, Greedy, RequestStats
+from rayloop.serving.worker_ext import WORKER_EXTENSION
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +33,6 @@ logger = logging.getLogger(__name__)
 # it. A contextvar (not a dict keyed by vLLM's request id) because vLLM derives
 # sub-request ids (``chatcmpl-<id>_<i>``) that we would have to re-parse.
 _CURRENT: contextvars.ContextVar[RequestStats | None] = contextvars.ContextVar("rayloop_request_stats", default=None)
-
-WORKER_EXTENSION = "rayloop.serving.worker_ext.RayloopWorkerExtension"
 
 
 class _ObservedEngineClient:

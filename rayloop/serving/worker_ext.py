@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+# What vLLM's ``worker_extension_cls`` names: serving engines and the gate's evaluation engine.
+WORKER_EXTENSION = "rayloop.serving.worker_ext.RayloopWorkerExtension"
+
 
 class RayloopWorkerExtension:
     """Extra worker RPCs rayloop needs for in-place weight swaps."""

@@ -91,3 +91,7 @@ def test_demo_improves_production(base_model_dir: Path, tmp_path: Path) -> None:
     assert {"new_facts", "known_facts", "golden", "eval_split"} <= set(cand_sets)
     assert cand_sets["new_facts"]["loss"] < prod_sets["new_facts"]["loss"]
     assert cand_sets["new_facts"]["accuracy"] == cand["new_accuracy"]
+    # One evaluation engine: production's weights were swapped in after the candidate's, and matched the
+    # golden answers its serving replica recorded on a fresh engine.
+    assert [e["mode"] for e in report["candidate"]["engine"]] == ["fresh"], report["candidate"]["engine"]
+    assert [e["mode"] for e in report["production"]["engine"]] == ["in_place"], report["production"]["engine"]

@@ -1,9 +1,11 @@
+import json
 from typing import Any
 
 from rayloop.config import GateSettings
 from rayloop.demo.world import World
 from rayloop.evaluation.evalset import EvalItem, demo_eval_sets, load_eval_sets, save_eval_set
 from rayloop.evaluation.gate import ACCEPTED, REJECTED, decide
+from rayloop.evaluation.inference import LoadReport, VLLMPredictor
 from rayloop.storage import Storage
 
 
@@ -58,3 +60,75 @@ def test_eval_sets_round_trip_through_storage(tmp_path: Any) -> None:
     loaded = load_eval_sets(st, "demo")
     assert loaded == sets
     assert len(loaded["golden"]) == 3 and all(i.target for i in loaded["new_facts"])
+
+
+class _FakeLLM:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+
+    def collective_rpc(self, method: str, kwargs: dict[str, Any] | None = None) -> None:
+        self.log.append(method + (f"({kwargs['weights_path']})" if kwargs else ""))
+
+    def reset_prefix_cache(self) -> None:
+        self.log.append("reset_prefix_cache")
+
+
+class _NoVLLM(VLLMPredictor):
+    """The predictor's swap logic on a fake engine: model ``i`` answers ``m{i}:<prompt>``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.log: list[str] = []
+        super().__init__(*args, **kwargs)
+
+    def _build(self, i: int, reason: str) -> None:
+        self.log.append(f"build({self.model_dirs[i]})")
+        self.llm, self.current = _FakeLLM(self.log), i
+        self.loads[i].append(LoadReport("fresh", 0.0, reason))
+
+    def answer(self, prompts: list[str], max_tokens: int | None = None) -> list[str]:
+        return [f"m{self.current}:{p}" for p in prompts]
+
+    def target_nll(self, prompts: list[str], targets: list[str]) -> list[float]:
+        return [float(self.current or 0)] * len(prompts)
+
+
+def _golden(i: int) -> dict[str, Any]:
+    return {"prompts": ["g"], "outputs": [f"m{i}:g"], "max_tokens": 4}
+
+
+def _same_shapes(monkeypatch: Any, shapes: dict[str, str] | None = None) -> None:
+    from rayloop.serving import checkpoint
+
+    def check(d: str, **_: Any) -> checkpoint.Signature:
+        return checkpoint.Signature((shapes or {}).get(str(d), "{}"), "t", "tok", 1)
+
+    monkeypatch.setattr(checkpoint, "check_model_dir", check)
+
+
+def test_evaluation_engine_swaps_a_checked_version_in_place(monkeypatch: Any) -> None:
+    _same_shapes(monkeypatch)
+    p = _NoVLLM(["a", "b"], {}, golden=[None, _golden(1)])
+    out = p({"prompt": ["q1", "q2"], "target": ["x", ""]})
+    assert out["output_0"] == ["m0:q1", "m0:q2"] and out["output_1"] == ["m1:q1", "m1:q2"]
+    assert out["nll_1"][0] == 1.0 and out["nll_1"][1] != out["nll_1"][1]  # no target: NaN
+    assert p.log == ["build(a)", "reload_weights(b)", "rayloop_redispatch_cpu_gemm", "reset_prefix_cache"]
+    assert [r["mode"] for r in json.loads(out["load_1"][0])] == ["in_place"]
+    # The next batch starts with the loaded version; going back to `a` needs a fresh engine (no golden for it).
+    out = p({"prompt": ["q3"]})
+    assert out["output_0"] == ["m0:q3"] and out["output_1"] == ["m1:q3"]
+    assert p.log[-1] == "build(a)" and p.current == 0
+    assert "no golden answers" in p.loads[0][-1].reason
+
+
+def test_evaluation_engine_rebuilds_when_a_swap_cannot_be_trusted(monkeypatch: Any) -> None:
+    _same_shapes(monkeypatch, {"big": '{"hidden_size": 256}'})
+    wrong = {"prompts": ["g"], "outputs": ["something else"], "max_tokens": 4}
+    p = _NoVLLM(["a", "b", "big"], {}, golden=[None, wrong, _golden(2)])
+    p.use(1)
+    assert p.loads[1][-1].mode == "fresh" and "golden prompts [0] differ" in p.loads[1][-1].reason
+    assert p.answer(["q"]) == ["m1:q"]
+    p.use(2)
+    assert p.loads[2][-1].mode == "fresh" and "architecture/shape config differs" in p.loads[2][-1].reason
+    tp = _NoVLLM(["a", "b"], {"tensor_parallel_size": 2}, golden=[None, _golden(1)])
+    tp.use(1)
+    assert tp.loads[1][-1].reason == "tensor-parallel engine"
