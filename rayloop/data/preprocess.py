@@ -182,10 +182,14 @@ def preprocess(
             "feedback_rows_read": fb_scan.rows,
         }
         # 1. join + policy + scrub + split -------------------------------------
-        inter = ray.data.read_parquet(inter_scan.files, filesystem=st.fs, partitioning=None)
+        inter = ray.data.read_parquet(
+            inter_scan.files, filesystem=st.fs, partitioning=None, override_num_blocks=_partitions(inter_scan.rows)
+        )
         joined = inter.map_batches(_fn(T.interactions_to_common), batch_format="pyarrow")
         if fb_scan.files:
-            fb = ray.data.read_parquet(fb_scan.files, filesystem=st.fs, partitioning=None)
+            fb = ray.data.read_parquet(
+                fb_scan.files, filesystem=st.fs, partitioning=None, override_num_blocks=_partitions(fb_scan.rows)
+            )
             joined = joined.union(fb.map_batches(_fn(T.feedback_to_common), batch_format="pyarrow"))
         labeled = joined.groupby("request_id", num_partitions=_partitions(inter_scan.rows + fb_scan.rows)).map_groups(
             _fn(T.resolve_request), fn_args=(ds_cfg, since), batch_format="pyarrow"
@@ -214,7 +218,9 @@ def preprocess(
             )
 
         # 2. dedupe + tokenize --------------------------------------------------
-        kept = _read(st, f"{staging}/labeled").filter(lambda r: r["label"] in KEPT_LABELS)
+        kept = _read(st, f"{staging}/labeled", override_num_blocks=_partitions(counts["requests"])).filter(
+            lambda r: r["label"] in KEPT_LABELS
+        )
         deduped = kept.groupby("dedupe_key", num_partitions=_partitions(counts["selected"])).map_groups(
             _fn(T.first_of_duplicates), batch_format="pyarrow"
         )
@@ -262,7 +268,13 @@ def preprocess(
         # 4. pack into blocks, per (split, content-hash bucket) -------------------
         n_buckets = max(1, math.ceil(max(counts["train_pairs"], counts["eval_pairs"]) / ROWS_PER_PACK_BUCKET))
         blocks = (
-            _read(st, f"{staging}/pairs", columns=["split", "row_hash", "input_ids", "labels"], partitioning="hive")
+            _read(
+                st,
+                f"{staging}/pairs",
+                columns=["split", "row_hash", "input_ids", "labels"],
+                partitioning="hive",
+                override_num_blocks=min(2 * n_buckets, 16),
+            )
             .map_batches(_fn(T.add_bucket), fn_args=(n_buckets,), batch_format="pyarrow")
             .groupby(["split", "bucket"], num_partitions=min(2 * n_buckets, 16))
             .map_groups(
@@ -346,8 +358,14 @@ def _fn(f: Any) -> Any:
 
 
 def _partitions(rows: int) -> int:
-    # Few partitions on small inputs: each one is a task with fixed overhead.
-    return max(1, min(32, rows // 20_000 + 1))
+    """Blocks into (and out of) a groupby: one per ~5k rows, at most 32.
+
+    Few on small inputs: each is a task with fixed overhead. And never what a read splits files into
+    by default: the groupby's sort-shuffle cuts each of its M input blocks into M pieces, M * M objects
+    that the driver owns, and it holds the small ones in its own memory (100k rows read as 234 blocks
+    grew the driver by ~400 MB in that stage, benchmarks/data/driver_memory_by_stage.py).
+    """
+    return max(1, min(32, rows // 5_000 + 1))
 
 
 def _replay(

@@ -101,6 +101,7 @@ def skip_shm_comm_build() -> None:
 
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Ray Train entry point; ``cfg`` is the resolved config built by :mod:`rayloop.training.retrain`."""
+    entered = time.monotonic()
     if not cfg["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -141,7 +142,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if restored is None and eval_shard is not None:
         base_eval = _evaluate(engine, eval_shard, cfg)
 
+    checkpoint_s = 0.0
+
     def save(metrics: dict[str, Any]) -> None:
+        nonlocal checkpoint_s
+        t_save = time.monotonic()
         with tempfile.TemporaryDirectory() as d:
             engine.save_checkpoint(d, tag=CKPT_TAG)
             if rank == 0:
@@ -152,9 +157,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=f"step-{step:06d}"
             )
+        checkpoint_s += time.monotonic() - t_save
 
     spe, accum, total = cfg["steps_per_epoch"], cfg["gradient_accumulation_steps"], cfg["total_steps"]
     t0 = time.monotonic()
+    setup_s = t0 - entered  # imports, model load, DeepSpeed init, restore, the base eval loss
     tokens = 0
     window: list[float] = []
     engine.train()
@@ -194,6 +201,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         "base_eval_loss": base_eval,
         "train_seconds": elapsed,
         "tokens_per_s": tokens * ctx.get_world_size() / elapsed if elapsed > 0 else 0.0,
+        # Where this attempt's time went (train_seconds includes the periodic checkpoints).
+        "setup_seconds": round(setup_s, 2),
+        "checkpoint_seconds": round(checkpoint_s, 2),
         "done": True,
     }
     save(final)

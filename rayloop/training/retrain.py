@@ -202,6 +202,7 @@ def retrain(
                 worker_runtime_env={"env_vars": env},
             ),
         )
+        t_fit = time.monotonic()
         try:
             result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors; keep the cause in the message
@@ -211,6 +212,7 @@ def retrain(
         if result.checkpoint is None:
             raise TrainingError(f"training run {name} reported no checkpoint")
         metrics = dict(result.metrics or {})
+        metrics["fit_seconds"] = round(time.monotonic() - t_fit, 2)
         ckpt = result.checkpoint
         with ckpt.as_directory() as d:
             import json
@@ -223,7 +225,9 @@ def retrain(
                 "config": cfg["resolved"],
                 "checkpoint": ckpt.path,
             }
+            t_export = time.monotonic()
             model_dir = export_hf(d, CKPT_TAG, base_dir, output_dir, extra)
+            metrics["export_seconds"] = round(time.monotonic() - t_export, 2)
         return RetrainResult(
             model_dir=model_dir,
             train_loss=float(metrics.get("loss", math.nan)),
