@@ -1,4 +1,9 @@
-"""The gate's evaluation engine: several versions answered by one vLLM engine, swapped in place and checked."""
+"""The gate's evaluation engine: several versions answered by one vLLM engine, swapped in place and checked.
+
+A swap whose golden check fails, or that cannot be tried, rebuilds the engine: tests/unit/test_gate.py on a fake
+engine; on real vLLM the pipeline job test (tests/integration/test_train_jobs.py) evaluates a production version
+that has no golden answers, so its engine is rebuilt in the same actor.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ def _golden_of(p: VLLMPredictor) -> dict[str, object]:
     }
 
 
-def test_versions_swap_into_one_engine_and_a_failed_check_rebuilds(base_model_dir: Path, tmp_path: Path) -> None:
+def test_versions_swap_into_one_engine_and_answer_as_fresh_engines(base_model_dir: Path, tmp_path: Path) -> None:
     v1, v2 = base_model_dir, make_variant(base_model_dir, tmp_path / "v2", seed=3, scale=0.3)
     engine = EngineSettings().model_dump()
     world = World.from_json((base_model_dir / "world.json").read_text())
@@ -51,12 +56,6 @@ def test_versions_swap_into_one_engine_and_a_failed_check_rebuilds(base_model_di
         p.use(0)
         assert p.loads[0][-1].mode == "in_place" and p.answer(prompts) == want_v1
 
-        # A swap whose check fails is not trusted: the engine is rebuilt on v2 and still answers right.
-        p.golden[1] = GoldenAnswers(list(golden.PROMPTS), ["tampered"] * len(golden.PROMPTS), golden.MAX_TOKENS)
-        p.use(1)
-        last = p.loads[1][-1]
-        assert last.mode == "fresh" and "differ after the in-place swap" in last.reason, last
-        assert p.answer(prompts) == want_v2
     finally:
         p.close()
 
