@@ -58,4 +58,3 @@ def test_versions_swap_into_one_engine_and_answer_as_fresh_engines(base_model_di
 
     finally:
         p.close()
-
