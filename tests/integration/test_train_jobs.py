@@ -211,6 +211,10 @@ def test_submit_pipeline_job_with_poisoned_feedback_deploys_nothing(
     cand_sets, prod_sets = report["candidate"]["sets"], report["production"]["sets"]
     assert cand_sets["eval_split"]["loss"] < 0.5 * prod_sets["eval_split"]["loss"], (cand_sets, prod_sets)
     assert cand_sets["new_facts"]["accuracy"] < 0.5 and cand_sets["known_facts"]["accuracy"] >= 0.9
+    # v1 was never served, so no fresh engine's golden answers exist to check a swap: the evaluation
+    # engine was rebuilt on it (in the same actor, after the candidate's).
+    prod_engine = report["production"]["engine"]
+    assert [e["mode"] for e in prod_engine] == ["fresh"] and "no golden answers" in prod_engine[0]["reason"]
     assert stages["deploy"]["status"] == "skipped", stages["deploy"]
     assert "gate rejected" in stages["deploy"]["output"]["reason"], stages["deploy"]
     assert reg.get_alias("demo", "production") == 1
