@@ -39,6 +39,7 @@ class PeakRSS:
         self.peak = 0
         self.peak_pss = 0
         self.peak_driver_pss = 0
+        self.at_peak: dict[str, int] = {}  # PSS by process kind when the summed PSS peaked
         self._interval = interval
         self._pss = pss
         self._stop = threading.Event()
@@ -48,12 +49,16 @@ class PeakRSS:
         me = psutil.Process()
         while not self._stop.is_set():
             total = total_pss = 0
+            kinds: dict[str, int] = {}
             for p in [me, *me.children(recursive=True)]:
                 try:
                     if self._pss:
                         full = p.memory_full_info()
                         total += full.rss
                         total_pss += full.pss
+                        kind = "driver" if p.pid == me.pid else _kind(p)
+                        kinds[kind] = kinds.get(kind, 0) + full.pss
+                        kinds[f"{kind} (processes)"] = kinds.get(f"{kind} (processes)", 0) + 1
                         if p.pid == me.pid:
                             self.peak_driver_pss = max(self.peak_driver_pss, full.pss)
                     else:
@@ -61,7 +66,8 @@ class PeakRSS:
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
-            self.peak_pss = max(self.peak_pss, total_pss)
+            if total_pss > self.peak_pss:
+                self.peak_pss, self.at_peak = total_pss, kinds
             time.sleep(self._interval)
 
     def __enter__(self) -> PeakRSS:
@@ -71,6 +77,15 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._t.join()
+
+
+def _kind(p: psutil.Process) -> str:
+    """``ray::IDLE``-style worker titles and Ray's own daemons, by name; the rest by executable."""
+    cmd = p.cmdline()
+    first = cmd[0] if cmd else p.name()
+    if first.startswith("ray::"):
+        return "ray workers"
+    return Path(first).name[:24]
 
 
 def pandas_pipeline(root: Path, model_dir: Path) -> int:
@@ -122,6 +137,10 @@ def _ray_side(home: Path, model_dir: Path) -> dict[str, Any]:
         "peak_rss_mb": round(mem.peak / 2**20),
         "peak_pss_mb": round(mem.peak_pss / 2**20),
         "driver_peak_pss_mb": round(mem.peak_driver_pss / 2**20),
+        "at_peak_pss_mb": {
+            k: v if k.endswith("(processes)") else round(v / 2**20)
+            for k, v in sorted(mem.at_peak.items(), key=lambda kv: -kv[1])
+        },
         "blocks": info.counts["train_blocks"] + info.counts["eval_blocks"],
     }
 
@@ -172,6 +191,7 @@ def run_size(n: int, model_dir: Path) -> dict[str, Any]:
         "ray_peak_rss_mb": r["peak_rss_mb"],
         "ray_peak_pss_mb": r["peak_pss_mb"],
         "ray_driver_peak_pss_mb": r["driver_peak_pss_mb"],
+        "ray_at_peak_pss_mb": r["at_peak_pss_mb"],
         "pandas_seconds": round(p["seconds"], 2),
         "pandas_rows_per_s": round(n / p["seconds"], 1),
         "pandas_peak_rss_growth_mb": p["peak_rss_growth_mb"],
