@@ -197,7 +197,8 @@ class VLLMPredictor:
                 ):
                     nll[n] = v
             batch[f"nll_{i}"] = nll
-            batch[f"seconds_{i}"] = [time.perf_counter() - t0] * len(prompts)
+            # Each row carries its share of the batch's time: summed over rows, the model's inference time.
+            batch[f"seconds_{i}"] = [(time.perf_counter() - t0) / len(prompts)] * len(prompts)
             batch[f"load_{i}"] = [json.dumps([asdict(r) for r in self.loads[i]])] * len(prompts)
         return batch
 

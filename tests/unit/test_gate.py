@@ -1,3 +1,4 @@
+import itertools
 import json
 from typing import Any
 
@@ -132,3 +133,21 @@ def test_evaluation_engine_rebuilds_when_a_swap_cannot_be_trusted(monkeypatch: A
     tp = _NoVLLM(["a", "b"], {"tensor_parallel_size": 2}, golden=[None, _golden(1)])
     tp.use(1)
     assert tp.loads[1][-1].reason == "tensor-parallel engine"
+
+
+def test_report_sums_the_rows_shares_of_inference_time(monkeypatch: Any) -> None:
+    from pathlib import Path
+
+    import rayloop.evaluation.inference as inference
+    from rayloop.evaluation.gate import _report
+
+    _same_shapes(monkeypatch)
+    p = _NoVLLM(["a"], {})
+    clock = itertools.count(10.0)  # every reading 1 s later: the batch took 1 s
+    monkeypatch.setattr(inference.time, "perf_counter", lambda: next(clock))
+    item = {"set": "new_facts", "reference": "x", "match": "exact", "target": ""}
+    out = p({"prompt": ["q1", "q2", "q3", "q4"], **{k: [v] * 4 for k, v in item.items()}})
+    assert out["seconds_0"] == [0.25] * 4
+    rep = _report([{k: out[k][n] for k in out} for n in range(4)], 0, Path("a"), "demo@1")
+    assert rep["seconds"] == 1.0 and rep["items_per_s"] == 4.0
+    assert rep["sets"]["new_facts"]["n"] == 4 and rep["engine"][0]["mode"] == "fresh"
