@@ -139,18 +139,6 @@ def evaluate_models(
     return [_report(results, i, d, names[i]) for i, d in enumerate(dirs)]
 
 
-def evaluate_model(
-    model_dir: str | Path,
-    sets: dict[str, list[EvalItem]],
-    settings: Settings,
-    *,
-    use_ray: bool = True,
-    label: str = "",
-) -> dict[str, Any]:
-    """Accuracy, loss and throughput of one model on every set."""
-    return evaluate_models([model_dir], sets, settings, use_ray=use_ray, labels=[label])[0]
-
-
 def _mean_acc(report: dict[str, Any], names: list[str]) -> float | None:
     accs = [report["sets"][n]["accuracy"] for n in names if n in report["sets"]]
     return sum(accs) / len(accs) if accs else None

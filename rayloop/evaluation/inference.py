@@ -86,6 +86,7 @@ class VLLMPredictor:
         self.llm: Any = None
         self.current: int | None = None
         self.loads: list[list[LoadReport]] = [[] for _ in self.model_dirs]
+        self._signatures: dict[int, Any] = {}
         self._build(0, "first model")
 
     # -- engine ------------------------------------------------------------
@@ -108,18 +109,23 @@ class VLLMPredictor:
 
     def _swappable(self, i: int) -> str | None:
         """Why version ``i`` cannot be swapped into the engine now (None: it can)."""
-        from rayloop.serving import checkpoint
-
         if self.current is None or self.llm is None:
             return "no engine"
         if self.golden[i] is None:
             return "no golden answers from a fresh engine of this version to check a swap against"
         if self.settings.tensor_parallel_size > 1:
             return "tensor-parallel engine"
-        cur = checkpoint.check_model_dir(self.model_dirs[self.current])
-        if diffs := cur.differences(checkpoint.check_model_dir(self.model_dirs[i])):
+        if diffs := self._signature(self.current).differences(self._signature(i)):
             return "; ".join(diffs)
         return None
+
+    def _signature(self, i: int) -> Any:
+        """Version ``i``'s :class:`~rayloop.serving.checkpoint.Signature`, read once."""
+        from rayloop.serving import checkpoint
+
+        if i not in self._signatures:
+            self._signatures[i] = checkpoint.check_model_dir(self.model_dirs[i])
+        return self._signatures[i]
 
     def use(self, i: int) -> None:
         """Make version ``i`` the engine's weights: in place when possible and verified, else a fresh engine."""
