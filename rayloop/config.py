@@ -209,6 +209,13 @@ class ServingSettings(_Model):
         "ingress and the engine replica, which on a CPU-bound machine is CPU the engine gets back "
         "(benchmarks/serve/bench_serve.py, variants default vs actor-calls).",
     )
+    ingress_in_engine: bool = Field(
+        default=True,
+        description="The plain serving app (rayloop serve, serve_apps/llm.py) is one deployment whose engine "
+        "replicas answer HTTP themselves: one process fewer on every request's way in and every streamed message's "
+        "way out (benchmarks/serve/bench_serve.py, variants default vs separate-ingress). Off: a separate "
+        "OpenAIIngress deployment forwards to the engine replicas. The rollout router always has its own ingress.",
+    )
     api_keys_env: str = Field(default="RAYLOOP_API_KEYS", description="Env var with comma-separated bearer tokens.")
     api_keys_file: str | None = Field(default=None, description="File with one bearer token per line.")
     capture: bool = Field(default=True, description="Record every interaction to the interaction store.")

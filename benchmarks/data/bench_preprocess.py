@@ -59,6 +59,8 @@ class PeakRSS:
                         kind = "driver" if p.pid == me.pid else _kind(p)
                         kinds[kind] = kinds.get(kind, 0) + full.pss
                         kinds[f"{kind} (processes)"] = kinds.get(f"{kind} (processes)", 0) + 1
+                        # Private pages; PSS minus this is the share of shared ones (libraries, object store).
+                        kinds[f"{kind} (private)"] = kinds.get(f"{kind} (private)", 0) + full.uss
                         if p.pid == me.pid:
                             self.peak_driver_pss = max(self.peak_driver_pss, full.pss)
                     else:

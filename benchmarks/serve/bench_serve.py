@@ -150,10 +150,12 @@ def wait_ready(url: str, timeout: float = 300) -> None:
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    # rayloop's defaults: paced streams, ingress -> engine over Serve's gRPC.
+    # rayloop's defaults: paced streams, the engine replicas answer HTTP themselves (serving.ingress_in_engine).
     "default": {},
-    # Ray actor calls between the ingress and the engine (rayloop before serving.grpc_handles).
-    "actor-calls": {"grpc_handles": False},
+    # A separate OpenAIIngress deployment in front of the engine, called over Serve's gRPC.
+    "separate-ingress": {"ingress_in_engine": False},
+    # ... and over Ray actor calls (rayloop before serving.grpc_handles).
+    "actor-calls": {"ingress_in_engine": False, "grpc_handles": False},
     # One message per engine step.
     "pacing-off": {"stream_interval_ms": 0, "stream_messages_per_s": 0},
 }
@@ -297,7 +299,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         choices=sorted(VARIANTS),
-        default=["default", "actor-calls"],
+        default=["default", "separate-ingress"],
         help="rayloop configurations, each measured against vLLM (upgrade timings with the defaults).",
     )
     p.add_argument(

@@ -324,9 +324,16 @@ class CaptureClient:
         except Exception as e:
             logger.warning("capture: final flush failed (%s)", e)
 
-    async def flush(self) -> None:
-        """Ship queued rows and have the writer write them now (tests, and before reading back)."""
+    async def flush(self, *, peers: bool = False) -> None:
+        """Ship queued rows and have the writer write them now (tests, and before reading back).
+
+        ``peers``: other clients (other replicas of the deployment) may hold rows too. Each ships what
+        it has at least every ``flush_s``, so the writer writes after that long: every row recorded
+        anywhere before this call is then on disk.
+        """
         await self._ship()
+        if peers:
+            await asyncio.sleep(self._flush_s + 0.5)
         await self._writer.flush.remote()
 
     async def lookup(self, request_id: str) -> dict[str, Any] | None:

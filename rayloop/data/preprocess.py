@@ -1,15 +1,18 @@
 """Interactions + feedback -> a content-addressed training snapshot, with Ray Data.
 
-Steps (each streams; memory does not grow with the number of rows)::
+Steps (each streams: a task holds one block or one bucket of ~5k rows; no step sorts the
+whole dataset)::
 
     read interactions, feedback (Parquet; corrupt files skipped and named)
-    -> union + group by request id (one shuffle joins them, folds repeated feedback)
-    -> policy (corrections replace, positive keeps, negative drops, unrated per setting)
-    -> PII scrub (counted) -> split by prompt hash          => staging/labeled
-    -> dedupe (normalised prompt+response hash) -> chat template + tokenize
-       -> mark over-long rows                                => staging/tokenized
+    -> union, hash-bucketed by request id                 => staging/joined/bucket=K
+    -> per bucket: group by request id (joins them, folds repeated feedback)
+       -> policy (corrections replace, positive keeps, negative drops, unrated per setting)
+       -> PII scrub (counted) -> split by prompt hash     => staging/labeled/dbucket=K
+    -> per dedupe bucket: dedupe (normalised prompt+response hash)
+       -> chat template + tokenize -> mark over-long rows => staging/tokenized
     -> + replay sample of the parent's training data (train side only)
-    -> train/pairs, eval/pairs -> pack into blocks -> train/blocks, eval/blocks
+    -> train/pairs, eval/pairs -> per content-hash bucket: pack into blocks
+                                                           => train/blocks, eval/blocks
     -> snapshot id = hash(content, tokenizer, block size); manifest.json
 
 Row counts at every step are read back from the staged Parquet, so they are
@@ -182,19 +185,27 @@ def preprocess(
             "feedback_rows_read": fb_scan.rows,
         }
         # 1. join + policy + scrub + split -------------------------------------
+        # A hash join through files: interactions and feedback go to request-id buckets (one Parquet
+        # directory each), then one task per bucket resolves its requests. Memory is one bucket per
+        # task, whatever the number of rows; Ray's groupby would sort the whole stage in the object store.
+        join_buckets = _buckets(inter_scan.rows + fb_scan.rows)
         inter = ray.data.read_parquet(
-            inter_scan.files, filesystem=st.fs, partitioning=None, override_num_blocks=_partitions(inter_scan.rows)
+            inter_scan.files, filesystem=st.fs, partitioning=None, override_num_blocks=_read_blocks(inter_scan.rows)
         )
         joined = inter.map_batches(_fn(T.interactions_to_common), batch_format="pyarrow")
         if fb_scan.files:
             fb = ray.data.read_parquet(
-                fb_scan.files, filesystem=st.fs, partitioning=None, override_num_blocks=_partitions(fb_scan.rows)
+                fb_scan.files, filesystem=st.fs, partitioning=None, override_num_blocks=_read_blocks(fb_scan.rows)
             )
             joined = joined.union(fb.map_batches(_fn(T.feedback_to_common), batch_format="pyarrow"))
-        labeled = joined.groupby("request_id", num_partitions=_partitions(inter_scan.rows + fb_scan.rows)).map_groups(
-            _fn(T.resolve_request), fn_args=(ds_cfg, since), batch_format="pyarrow"
+        joined.map_batches(
+            _fn(T.add_key_bucket), fn_args=("request_id", join_buckets), batch_format="pyarrow"
+        ).write_parquet(st.path(f"{staging}/joined"), filesystem=st.fs, partition_cols=["bucket"])
+        # The labeled rows land in dedupe-key buckets, ready for step 2.
+        _per_bucket(st, f"{staging}/joined", T.resolve_bucket, (ds_cfg, since, join_buckets)).write_parquet(
+            st.path(f"{staging}/labeled"), filesystem=st.fs, partition_cols=["dbucket"]
         )
-        labeled.write_parquet(st.path(f"{staging}/labeled"), filesystem=st.fs)
+        st.delete(f"{staging}/joined")
 
         by_label = _value_counts(st, f"{staging}/labeled", "label")
         for lab in (*LABELS, "orphan_feedback", "before_since"):
@@ -218,13 +229,7 @@ def preprocess(
             )
 
         # 2. dedupe + tokenize --------------------------------------------------
-        kept = _read(st, f"{staging}/labeled", override_num_blocks=_partitions(counts["requests"])).filter(
-            lambda r: r["label"] in KEPT_LABELS
-        )
-        deduped = kept.groupby("dedupe_key", num_partitions=_partitions(counts["selected"])).map_groups(
-            _fn(T.first_of_duplicates), batch_format="pyarrow"
-        )
-        tokenized = deduped.map_batches(
+        tokenized = _per_bucket(st, f"{staging}/labeled", T.dedupe_bucket, (KEPT_LABELS,)).map_batches(
             _fn(T.tokenize_rows), fn_args=(tok, ds_cfg.max_tokens, "interaction"), batch_format="pyarrow"
         )
         tokenized.write_parquet(st.path(f"{staging}/tokenized"), filesystem=st.fs)
@@ -267,21 +272,21 @@ def preprocess(
 
         # 4. pack into blocks, per (split, content-hash bucket) -------------------
         n_buckets = max(1, math.ceil(max(counts["train_pairs"], counts["eval_pairs"]) / ROWS_PER_PACK_BUCKET))
-        blocks = (
-            _read(
-                st,
-                f"{staging}/pairs",
-                columns=["split", "row_hash", "input_ids", "labels"],
-                partitioning="hive",
-                override_num_blocks=min(2 * n_buckets, 16),
-            )
-            .map_batches(_fn(T.add_bucket), fn_args=(n_buckets,), batch_format="pyarrow")
-            .groupby(["split", "bucket"], num_partitions=min(2 * n_buckets, 16))
-            .map_groups(
-                _fn(T.pack_group),
-                fn_args=(ds_cfg.block_size, tok_facts["pad_token_id"], ds_cfg.pack_examples),
-                batch_format="pyarrow",
-            )
+        _read(
+            st,
+            f"{staging}/pairs",
+            columns=["split", "row_hash", "input_ids", "labels"],
+            partitioning="hive",
+            override_num_blocks=min(2 * n_buckets, 16),
+        ).map_batches(_fn(T.add_bucket), fn_args=(n_buckets,), batch_format="pyarrow").write_parquet(
+            st.path(f"{staging}/packing"), filesystem=st.fs, partition_cols=["split", "bucket"]
+        )
+        blocks = _per_bucket(
+            st,
+            f"{staging}/packing",
+            T.pack_group,
+            (ds_cfg.block_size, tok_facts["pad_token_id"], ds_cfg.pack_examples),
+            with_partition_values=True,
         )
         blocks.write_parquet(st.path(f"{staging}/blocks"), filesystem=st.fs, partition_cols=["split"])
         for split in SPLITS:
@@ -357,15 +362,70 @@ def _fn(f: Any) -> Any:
     return f
 
 
-def _partitions(rows: int) -> int:
-    """Blocks into (and out of) a groupby: one per ~5k rows, at most 32.
+ROWS_PER_BUCKET = 5_000  # what one join or dedupe task holds
+ROWS_PER_READ_BLOCK = 20_000
 
-    Few on small inputs: each is a task with fixed overhead. And never what a read splits files into
-    by default: the groupby's sort-shuffle cuts each of its M input blocks into M pieces, M * M objects
-    that the driver owns, and it holds the small ones in its own memory (100k rows read as 234 blocks
-    grew the driver by ~400 MB in that stage, benchmarks/data/driver_memory_by_stage.py).
+
+def _buckets(rows: int) -> int:
+    """Hash buckets for ``rows`` rows: ~5k rows each, however many rows there are."""
+    return rows // ROWS_PER_BUCKET + 1
+
+
+def _read_blocks(rows: int) -> int:
+    """Read blocks of a bucketed stage's input: few (each writes a file into every bucket it has rows for)."""
+    return rows // ROWS_PER_READ_BLOCK + 1
+
+
+def _bucket_dirs(st: Storage, key: str) -> list[dict[str, Any]]:
+    """The partition directories of a bucketed write under ``key``: their files and hive values."""
+    by_dir: dict[str, list[str]] = {}
+    for path in parquet_files(st, key):
+        by_dir.setdefault(posixpath.dirname(path), []).append(path)
+    base = st.path(key).rstrip("/")
+    out = []
+    for d, files in sorted(by_dir.items()):
+        rel = posixpath.relpath(d, base)
+        values = dict(seg.split("=", 1) for seg in rel.split("/") if "=" in seg)
+        out.append({"files": files, "values": json.dumps(values, sort_keys=True)})
+    return out
+
+
+def _per_bucket(
+    st: Storage, key: str, fn: Any, fn_args: tuple[Any, ...] = (), *, with_partition_values: bool = False
+) -> Any:
+    """A dataset of ``fn(bucket_table, *fn_args)``, one task per partition directory under ``key``.
+
+    The streaming half of a hash shuffle through files: each task holds one bucket, the driver holds
+    one reference per bucket. ``with_partition_values`` appends the directory's hive values
+    (``split=train/bucket=3``) as string columns.
     """
-    return max(1, min(32, rows // 5_000 + 1))
+    import ray.data
+
+    items = _bucket_dirs(st, key)
+    if not items:
+        raise DataError(f"no staged rows under {st.uri_of(key)} (an earlier step wrote nothing)")
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        _fn(_bucket_task), fn_args=(st.fs, fn, fn_args, with_partition_values), batch_size=1, batch_format="pyarrow"
+    )
+
+
+def _bucket_task(batch: Any, fs: Any, fn: Any, fn_args: tuple[Any, ...], with_values: bool) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    outs = []
+    for files, values in zip(batch["files"].to_pylist(), batch["values"].to_pylist(), strict=True):
+        tables = []
+        for path in files:
+            # A file object, not the path: pyarrow would add the hive directories as columns.
+            with fs.open_input_file(path) as f:
+                tables.append(pq.read_table(f))
+        t = pa.concat_tables(tables, promote_options="default")
+        if with_values:
+            for name, value in json.loads(values).items():
+                t = t.append_column(name, pa.array([value] * t.num_rows, pa.string()))
+        outs.append(fn(t, *fn_args))
+    return pa.concat_tables(outs)
 
 
 def _replay(

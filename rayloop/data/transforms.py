@@ -258,8 +258,51 @@ def pack_group(group: pa.Table, block_size: int, pad_id: int, share_blocks: bool
 
 
 def add_bucket(t: pa.Table, n_buckets: int) -> pa.Table:
+    """The packing bucket of each example, from its content hash."""
     buckets = [int(h[:8], 16) % n_buckets for h in t["row_hash"].to_pylist()]
     return t.append_column("bucket", pa.array(buckets, pa.int32()))
+
+
+def add_key_bucket(t: pa.Table, column: str, n_buckets: int, name: str = "bucket") -> pa.Table:
+    """Append ``name``: a stable hash of ``column`` modulo ``n_buckets`` (equal keys, equal bucket)."""
+    buckets = [
+        int.from_bytes(hashlib.blake2b((v or "").encode(), digest_size=4).digest(), "big") % n_buckets
+        for v in t[column].to_pylist()
+    ]
+    return t.append_column(name, pa.array(buckets, pa.int32()))
+
+
+def map_key_groups(t: pa.Table, key: str, fn: Any, *args: Any) -> pa.Table:
+    """``fn(group, *args)`` for each group of rows with equal ``key``, concatenated (in key order)."""
+    import pyarrow.compute as pc
+
+    if t.num_rows == 0:
+        raise ValueError("map_key_groups needs at least one row")
+    t = t.take(pc.sort_indices(t, sort_keys=[(key, "ascending")]))
+    keys = t[key].to_pylist()
+    outs: list[pa.Table] = []
+    start = 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            outs.append(fn(t.slice(start, i - start), *args))
+            start = i
+    return pa.concat_tables(outs)
+
+
+def resolve_bucket(t: pa.Table, settings: DataSettings, since: datetime | None, n_dedupe_buckets: int) -> pa.Table:
+    """One request-id bucket of unioned interactions and feedback -> labeled rows with their dedupe bucket."""
+    if t.num_rows == 0:
+        return add_key_bucket(LABELED_SCHEMA.empty_table(), "dedupe_key", n_dedupe_buckets, "dbucket")
+    labeled = map_key_groups(t, "request_id", resolve_request, settings, since)
+    return add_key_bucket(labeled, "dedupe_key", n_dedupe_buckets, "dbucket")
+
+
+def dedupe_bucket(t: pa.Table, kept_labels: tuple[str, ...]) -> pa.Table:
+    """One dedupe-key bucket of labeled rows -> the kept rows, one per dedupe key."""
+    import pyarrow.compute as pc
+
+    t = t.select(LABELED_SCHEMA.names).filter(pc.is_in(t["label"], pa.array(kept_labels, pa.string())))
+    return map_key_groups(t, "dedupe_key", first_of_duplicates) if t.num_rows else t
 
 
 def as_train_rows(t: pa.Table) -> pa.Table:

@@ -1,4 +1,8 @@
-"""Build the Serve application: ``OpenAIIngress`` over one ``LLMServer`` slot.
+"""Build the plain Serve application: one ``llm-stable`` deployment of engine replicas.
+
+By default (``serving.ingress_in_engine``) the engine replicas answer HTTP themselves
+(:class:`~rayloop.serving.engine_ingress.EngineIngress`); otherwise ``OpenAIIngress``
+forwards to an ``LLMServer`` deployment.
 
 ``build_openai_app(args)`` is what ``serve_apps/llm.py:build_app`` hands off
 to, so ``serve run``/``serve deploy`` YAML ``args:``, ``rayloop serve`` and
@@ -113,6 +117,19 @@ def build_openai_app(args: ServeArgs | dict[str, Any]) -> Any:
     if uc is not None:
         opts["user_config"] = uc
     settings_dict = s.dump()
+    if s.serving.ingress_in_engine:
+        from rayloop.serving.engine_ingress import EngineIngress
+
+        # The replica admits max_ongoing + max_queued requests itself and answers an OpenAI-style 503 with
+        # Retry-After beyond that. Serve's own limits must never be reached first: its proxy answers a
+        # plain-text 503, and with a bounded queue it drops requests of a burst that are only waiting for
+        # a replica to be picked. So: headroom above the admission limit (health, feedback and listing
+        # calls count too) and no proxy queue limit; a replica refuses what it cannot take at once.
+        admitted = s.serving.max_ongoing_requests + s.serving.max_queued_requests
+        opts["max_ongoing_requests"] = admitted + 32
+        opts["max_queued_requests"] = -1
+        direct = serve.deployment(EngineIngress).options(**opts)  # type: ignore[attr-defined]
+        return direct.bind(settings_dict, a.name, a.api_key_hashes, a.engine_cls)
     server = serve.deployment(LLMServer).options(**opts).bind(settings_dict, STABLE_SLOT, a.engine_cls)  # type: ignore[attr-defined]
     ingress = serve.deployment(OpenAIIngress).options(  # type: ignore[attr-defined]
         name=INGRESS_NAME,

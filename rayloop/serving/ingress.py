@@ -131,6 +131,11 @@ class _RequestCtx:
             if tail is None:
                 tail = ReplyTail(error="client disconnected")
             self.finish(200, tail)
+            # A local slot's generator (EngineIngress) must be closed here to stop the engine's work on a
+            # disconnect; Serve's response generators have no aclose and are cancelled by Serve itself.
+            aclose = getattr(gen, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 @serve.ingress(app)
@@ -159,6 +164,9 @@ class OpenAIIngress:
             self.capture = CaptureClient.for_settings(
                 self.settings, on_drop=lambda table, n: self.metrics.dropped.inc(n, tags={"table": table})
             )
+
+    # Whether other replicas of this deployment record capture rows too (flush waits for theirs).
+    capture_peers = False
 
     def slot_handle(self, slot: str, *, stream: bool = False) -> Any:
         """The handle of ``slot``'s engine deployment, over gRPC when ``serving.grpc_handles`` is on."""
@@ -283,7 +291,7 @@ class OpenAIIngress:
         if not self.keys.allows(request.headers.get("authorization")):
             return _error(401, "missing or invalid API key", "AuthenticationError", rid)
         if self.capture is not None:
-            await self.capture.flush()
+            await self.capture.flush(peers=self.capture_peers)
         return JSONResponse({"status": "flushed"})
 
     # -- the OpenAI path ----------------------------------------------------

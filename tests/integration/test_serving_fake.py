@@ -29,17 +29,22 @@ def _tiny_model(d: Path) -> Path:
     return d
 
 
-@pytest.fixture(scope="module")
-def fake_app(ray_cluster: dict[str, object], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module", params=[True, False], ids=["engine-ingress", "separate-ingress"])
+def fake_app(
+    request: pytest.FixtureRequest, ray_cluster: dict[str, object], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """The plain app both ways: engine replicas answering HTTP (default) and behind an OpenAIIngress."""
     from ray import serve
 
     home = tmp_path_factory.mktemp("fake-home")
+    app = f"{APP}-{int(request.param)}"
     settings = load_settings(
         env={"RAYLOOP_HOME": str(home)},
         overrides={
             "serving": {
-                "app_name": APP,
-                "route_prefix": "/fake",
+                "app_name": app,
+                "route_prefix": f"/fake{int(request.param)}",
+                "ingress_in_engine": request.param,
                 "http_port": free_port(),
                 "replicas": 1,
                 "replica_num_cpus": 0.1,
@@ -51,10 +56,12 @@ def fake_app(ray_cluster: dict[str, object], tmp_path_factory: pytest.TempPathFa
     serve.start(http_options={"host": "127.0.0.1", "port": settings.serving.http_port})
     cfg = model_config_for_path("demo", _tiny_model(home / "m"), 1)
     deploy(settings, cfg, engine_cls=FAKE, timeout_s=120)
+    deployments = set(serve.status().applications[app].deployments)
+    assert deployments == ({"llm-stable"} if request.param else {"llm-stable", "OpenAIIngress"})
     try:
-        yield {"url": serve_http_url() + "/fake", "settings": settings}
+        yield {"url": serve_http_url() + settings.serving.route_prefix, "settings": settings}
     finally:
-        serve.delete(APP)
+        serve.delete(app)
 
 
 def _chat(url: str, content: str) -> httpx.Response:
@@ -79,6 +86,7 @@ def test_overload_is_a_503_with_retry_after(fake_app: dict[str, Any]) -> None:
     assert 200 in codes and 503 in codes, codes
     for r in results:
         if r.status_code == 503:
+            assert "retry-after" in r.headers, (r.headers, r.text)
             assert r.headers["retry-after"] and r.json()["error"]["type"] == "ServiceUnavailableError"
     assert _chat(fake_app["url"], "after the storm").status_code == 200
 

@@ -507,3 +507,50 @@ def test_ingress_calls_engine_slots_over_grpc_unless_turned_off(grpc: bool) -> N
     # _by_reference=False is Serve's switch from Ray actor calls to its inter-deployment gRPC.
     assert got.get("_by_reference", True) is (not grpc)
     assert OpenAIIngress.slot_handle(ing, "stable").opts["stream"] is False  # type: ignore[arg-type]
+
+
+async def _replies(*items: Any, log: list[str]) -> Any:
+    try:
+        for item in items:
+            yield item
+    finally:
+        log.append("closed")
+
+
+def test_engine_ingress_admits_up_to_its_limit_and_counts_each_answer_while_it_runs() -> None:
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.serve.exceptions import BackPressureError
+
+    from rayloop.serving.engine_ingress import EngineIngress
+    from rayloop.serving.protocol import ReplyHead, ReplyTail
+
+    rep = SimpleNamespace(in_flight=0, admit_limit=2)
+
+    async def scenario() -> None:
+        log: list[str] = []
+        streamed = EngineIngress._admit(
+            rep, _replies(ReplyHead(200, "m", 1, streaming=True), "data: a\n\n", ReplyTail(), log=log)
+        )
+        assert isinstance(await streamed.__anext__(), ReplyHead)
+        assert rep.in_flight == 1  # a stream counts until its end
+        whole = EngineIngress._admit(rep, _replies(ReplyHead(200, "m", 1, body={"x": 1}), log=log))
+        assert (await whole.__anext__()).body == {"x": 1}
+        assert rep.in_flight == 1  # the whole answer was in the head: no longer counted
+        third = EngineIngress._admit(rep, _replies(ReplyHead(200, "m", 1, streaming=True), log=log))
+        await third.__anext__()
+        assert rep.in_flight == 2
+        refused = _replies(ReplyHead(200, "m", 1), log=log)
+        over = EngineIngress._admit(rep, refused)
+        with pytest.raises(BackPressureError):
+            await over.__anext__()
+        assert rep.in_flight == 2 and refused.ag_frame is None  # refused: its engine generator is closed
+        await third.aclose()  # a client that disconnects mid-stream
+        assert rep.in_flight == 1
+        assert [item async for item in streamed][-1] == ReplyTail()
+        assert rep.in_flight == 0
+        await whole.aclose()
+        assert rep.in_flight == 0 and log.count("closed") == 3  # every started engine generator was closed
+
+    asyncio.run(scenario())
