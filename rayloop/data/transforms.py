@@ -286,7 +286,7 @@ def map_key_groups(t: pa.Table, key: str, fn: Any, *args: Any) -> pa.Table:
         if i == len(keys) or keys[i] != keys[start]:
             outs.append(fn(t.slice(start, i - start), *args))
             start = i
-    return pa.concat_tables(outs)
+    return pa.concat_tables(outs).combine_chunks()
 
 
 def resolve_bucket(t: pa.Table, settings: DataSettings, since: datetime | None, n_dedupe_buckets: int) -> pa.Table:

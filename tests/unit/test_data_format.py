@@ -140,3 +140,55 @@ def test_tokenizer_ref_pickles_as_a_path_and_tokenizes_like_the_tokenizer(tmp_pa
     (tmp_path / "m" / "chat_template.jinja").unlink(missing_ok=True)
     with pytest.raises(DataError, match="has no chat template"):
         tokenizer_facts(tmp_path / "m")
+
+
+def test_map_key_groups_sees_each_key_once_and_returns_one_chunk() -> None:
+    from rayloop.data.transforms import map_key_groups
+
+    t = pa.table({"k": ["b", "a", "b", "c", "a", "b"], "v": [1, 2, 3, 4, 5, 6]}).slice(0)
+    t = pa.concat_tables([t.slice(0, 3), t.slice(3)])  # two chunks in, as a bucket read from two files
+    seen: list[tuple[str, list[int]]] = []
+
+    def fn(g: pa.Table) -> pa.Table:
+        seen.append((g["k"][0].as_py(), sorted(g["v"].to_pylist())))
+        return pa.table({"k": [g["k"][0].as_py()], "n": [g.num_rows]})
+
+    out = map_key_groups(t, "k", fn)
+    assert sorted(seen) == [("a", [2, 5]), ("b", [1, 3, 6]), ("c", [4])]
+    assert out.to_pylist() == [{"k": "a", "n": 2}, {"k": "b", "n": 3}, {"k": "c", "n": 1}]
+    # One chunk per column: thousands of one-row chunks made every later step slow and memory-hungry.
+    assert out["k"].num_chunks == 1
+    with pytest.raises(ValueError, match="at least one row"):
+        map_key_groups(t.slice(0, 0), "k", fn)
+
+
+def test_key_buckets_are_stable_and_equal_keys_share_one() -> None:
+    from rayloop.data.transforms import add_key_bucket
+
+    keys = [f"req-{i}" for i in range(200)] + ["req-7", None]
+    a = add_key_bucket(pa.table({"id": keys}), "id", 7)["bucket"].to_pylist()
+    b = add_key_bucket(pa.table({"id": list(reversed(keys))}), "id", 7)["bucket"].to_pylist()[::-1]
+    assert a == b and a[7] == a[200] and set(a) == set(range(7))
+
+
+def test_dedupe_bucket_keeps_the_smallest_request_id_of_each_kept_key() -> None:
+    from rayloop.data.policy import KEPT_LABELS
+    from rayloop.data.transforms import LABELED_SCHEMA, dedupe_bucket
+
+    def row(rid: str, label: str, key: str | None) -> dict[str, Any]:
+        r: dict[str, Any] = dict.fromkeys(LABELED_SCHEMA.names)
+        r.update({n: 0 for n in LABELED_SCHEMA.names if n.startswith("pii_")})
+        r.update(request_id=rid, label=label, dedupe_key=key)
+        return r
+
+    t = pa.Table.from_pylist(
+        [
+            row("r3", "positive", "k1"),
+            row("r1", "corrected", "k1"),
+            row("r2", "negative", None),
+            row("r4", "unrated", "k2"),
+        ],
+        schema=LABELED_SCHEMA,
+    )
+    out = dedupe_bucket(t, KEPT_LABELS)
+    assert sorted(out["request_id"].to_pylist()) == ["r1", "r4"]  # r3 duplicates r1; r2 was dropped by the policy
