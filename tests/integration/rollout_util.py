@@ -165,7 +165,10 @@ def timeline(record: dict[str, Any]) -> str:
     lines = []
     for e in record["history"]:
         t = datetime.fromisoformat(e["time"]).timestamp() - t0
-        extra = e.get("percent", e.get("reason", ""))
+        extra = str(e.get("percent", e.get("reason", "")))
+        c, st = e.get("canary"), e.get("stable")
+        if isinstance(c, dict) and isinstance(st, dict):
+            extra += f" (p95 canary {c.get('p95_ms')} ms / stable {st.get('p95_ms')} ms, {c.get('requests')} requests)"
         lines.append(f"  +{t:6.1f}s {e['event']} {extra}")
     return "\n".join(lines)
 

@@ -184,10 +184,14 @@ def test_slow_canary_is_rolled_back_automatically(env: dict[str, Any]) -> None:
     reg: Registry = env["reg"]
     slow = make_larger(env["base"], env["home"] / "slow", hidden=512, layers=6, intermediate=1408)
     version = reg.register("demo", slow, parent=1).version
-    # 8 output tokens per request, so the per-token cost shows in the latency, not only the fixed costs.
-    with Load(env["url"], threads=3, sticky_threads=1, max_tokens=8) as load:
+    # 16 output tokens per request, so the per-token cost shows in the latency, not only the fixed costs; and
+    # the ratio alone judges: the default +50 ms jitter floor is more than the slow model adds on a fast CPU
+    # (this VM on a fast day: the slow canary passed every step with it).
+    rollout = env["settings"].rollout.model_copy(update={"latency_slack_ms": 5.0})
+    settings = env["settings"].model_copy(update={"rollout": rollout})
+    with Load(env["url"], threads=3, sticky_threads=1, max_tokens=16) as load:
         time.sleep(2)
-        rec = deploy(env["settings"], f"demo@{version}", "canary", steps=[20, 50, 100], interval_s=10)
+        rec = deploy(settings, f"demo@{version}", "canary", steps=[20, 50, 100], interval_s=10)
         time.sleep(3)
     print(timeline(rec))
     assert rec["status"] == "rolled_back", rec["state"]
