@@ -122,9 +122,6 @@ class EngineIngress(OpenAIIngress):
     async def info(self) -> dict[str, Any]:
         return await self.server.info()
 
-    async def models(self) -> dict[str, Any]:
-        return await self.server.models()
-
     async def __del__(self) -> None:
         try:
             await super().__del__()
