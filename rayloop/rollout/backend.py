@@ -20,6 +20,7 @@ from rayloop.config import Settings
 from rayloop.errors import RolloutError
 from rayloop.rollout.analysis import SlotWindow
 from rayloop.rollout.routing import SLOTS, STABLE, RouteTable
+from rayloop.serving.control import Control
 from rayloop.serving.protocol import ModelConfig
 
 
@@ -96,27 +97,21 @@ class ServeBackend:
         app_name: str | None = None,
         engine_cls: str | None = None,
         api_key_hashes: list[str] | None = None,
+        control: Control | None = None,
     ) -> None:
-        from rayloop.serving.deploy import dashboard_url
+        from rayloop.serving.control import ServeControl
 
         self.settings = settings
         self.app_name = app_name or settings.serving.app_name
         self.engine_cls = engine_cls
         self.api_key_hashes = sorted(api_key_hashes or [])
-        self._url = dashboard_url(settings)
+        self.control: Control = control or ServeControl(settings)
         self._deployed: dict[str, Any] | None = None
         self._since = 0.0
 
     # -- reading -------------------------------------------------------------
     def _apps(self) -> list[dict[str, Any]]:
-        from rayloop.serving.deploy import current_apps
-
-        try:
-            return current_apps(self._url)
-        except Exception as e:
-            if "Serve is not running" in str(e) or type(e).__name__ in ("ClusterError", "RayServeException"):
-                return []
-            raise
+        return self.control.apps()
 
     def read(self) -> AppState | None:
         from rayloop.rollout.app import ROUTER_DEPLOYMENT, ROUTER_IMPORT_PATH
@@ -166,11 +161,8 @@ class ServeBackend:
 
     # -- changing ------------------------------------------------------------
     def apply(self, state: AppState) -> None:
-        from ray import serve
-
         from rayloop.rollout.app import ROUTER_IMPORT_PATH, router_options, slot_options
         from rayloop.serving.app import ServeArgs
-        from rayloop.serving.deploy import apply_apps, deploy_schema
 
         apps = self._apps()
         mine = next((a for a in apps if a["name"] == self.app_name), None)
@@ -188,7 +180,6 @@ class ServeBackend:
                 "args": args.model_dump(mode="json", exclude_none=True),
             }
             app_settings = self.settings
-            serve.start(http_options={"host": self.settings.serving.http_host, "port": self.settings.serving.http_port})
         else:
             # Same args/import_path/runtime_env as deployed: only user_config and slot resources change.
             app = {k: v for k, v in mine.items() if k != "deployments"}
@@ -199,7 +190,7 @@ class ServeBackend:
         ]
         others = [a for a in apps if a["name"] != self.app_name]
         self._since = time.time()
-        apply_apps(self._url, deploy_schema(self.settings, [*others, app]))
+        self.control.apply([*others, app])
         self._deployed = app
 
     def _slot_config(self, slot: str, state: AppState) -> ModelConfig | None:

@@ -16,19 +16,16 @@ version are recorded, so replicas can verify their in-place swap.
 
 from __future__ import annotations
 
-import json
-import os
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rayloop.config import Settings
-from rayloop.errors import ClusterError, ConfigError, ServingError
+from rayloop.errors import ConfigError, ServingError
 from rayloop.serving import checkpoint, golden
 from rayloop.serving.app import STABLE_SLOT, ServeArgs, engine_actor_options, slot_deployment_name
+from rayloop.serving.control import Control, ServeControl
 from rayloop.serving.protocol import ModelConfig, parse_ref
 from rayloop.storage import Storage
 
@@ -76,18 +73,6 @@ def app_config(
     }
 
 
-def deploy_schema(settings: Settings, apps: list[dict[str, Any]]) -> dict[str, Any]:
-    """A ``ServeDeploySchema`` dict (validated by Ray's own model)."""
-    from ray.serve.schema import ServeDeploySchema
-
-    doc = {
-        "http_options": {"host": settings.serving.http_host, "port": settings.serving.http_port},
-        "applications": apps,
-    }
-    ServeDeploySchema.model_validate(doc)
-    return doc
-
-
 @dataclass
 class DeployResult:
     app: str
@@ -96,69 +81,6 @@ class DeployResult:
     upgraded_from: int | None
     seconds: float
     replicas: list[dict[str, Any]]
-
-
-def dashboard_url(settings: Settings) -> str | None:
-    """The Ray dashboard (Serve REST API) address from the environment, or None: use the driver's controller."""
-    url = os.environ.get("RAY_DASHBOARD_ADDRESS") or os.environ.get("RAYLOOP_DASHBOARD_URL")
-    if url:
-        return url if "://" in url else f"http://{url}"
-    return None
-
-
-def serve_rest(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """One call to Serve's REST API on the dashboard (with the cluster's auth token when it has one)."""
-    headers = {"Content-Type": "application/json"}
-    token_file = Path.home() / ".ray" / "auth_token"
-    if os.environ.get("RAY_AUTH_MODE") != "disabled" and token_file.is_file():
-        # Ray 2.60 local clusters require their token on REST calls.
-        headers["Authorization"] = f"Bearer {token_file.read_text().strip()}"
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            raw = r.read()
-    except urllib.error.HTTPError as e:
-        raise ServingError(f"Serve REST API {method} {path} failed: HTTP {e.code}: {e.read()[:300]!r}") from None
-    except OSError as e:
-        raise ClusterError(f"cannot reach the Ray dashboard at {url}: {e}") from None
-    return json.loads(raw) if raw else None
-
-
-def current_apps(url: str | None) -> list[dict[str, Any]]:
-    """Declaratively deployed apps (their deployed configs), so applying ours keeps them."""
-    if url is not None:
-        details = serve_rest(url, "GET", "/api/serve/applications/")
-    else:
-        details = _controller_client().get_serve_details()
-    out = []
-    for name, app in (details.get("applications") or {}).items():
-        cfg = app.get("deployed_app_config")
-        if cfg and app.get("status") != "DELETING":
-            out.append({**cfg, "name": name})
-    return out
-
-
-def apply_apps(url: str | None, doc: dict[str, Any]) -> None:
-    """Apply a whole ``ServeDeploySchema`` document declaratively (the path that calls ``reconfigure``)."""
-    if url is not None:
-        serve_rest(url, "PUT", "/api/serve/applications/", doc)
-        return
-    from ray.serve.schema import ServeDeploySchema
-
-    _controller_client().deploy_apps(ServeDeploySchema.model_validate(doc))
-
-
-def _controller_client() -> Any:
-    """Serve's controller client of this driver (what the dashboard REST API calls into)."""
-    from ray.serve._private.api import _get_global_client
-
-    client = _get_global_client()
-    if client is None:
-        raise ClusterError(
-            "Serve is not running on this Ray cluster", hint="Start it with `serve.start()` or `rayloop serve`."
-        )
-    return client
 
 
 def ensure_golden(settings: Settings, cfg: ModelConfig, *, engine_cls: str | None = None) -> golden.GoldenRecord:
@@ -248,14 +170,16 @@ def deploy(
     record_golden: bool = True,
     wait: bool = True,
     timeout_s: float = 600,
+    control: Control | None = None,
 ) -> DeployResult:
-    """Deploy ``cfg``'s version, or move a running app to it in place. Needs a connected Ray driver."""
-    from ray import serve
+    """Deploy ``cfg``'s version, or move a running app to it in place. Needs a connected Ray driver.
 
+    On a cluster where Serve is not running yet, the apply starts it.
+    """
     name = app_name or settings.serving.app_name
     t0 = time.monotonic()
-    url = dashboard_url(settings)
-    current = current_apps(url)
+    control = control or ServeControl(settings)
+    current = control.apps()
     mine = next((a for a in current if a["name"] == name), None)
     previous: int | None = None
     if mine is not None:
@@ -287,9 +211,7 @@ def deploy(
         )
     apps = [a for a in current if a["name"] != name] + [new_app]
     since = time.time()
-    if mine is None:
-        serve.start(http_options={"host": settings.serving.http_host, "port": settings.serving.http_port})
-    apply_apps(url, deploy_schema(settings, apps))
+    control.apply(apps)
     replicas: list[dict[str, Any]] = []
     if wait:
         wait_for_version(name, cfg, timeout_s=timeout_s, since=since)

@@ -22,7 +22,7 @@ class _Serve:
     """The deployed app as Serve's REST API returns it; ``apply_apps`` replaces it."""
 
     def __init__(self, settings: Settings, slots: dict[str, ModelConfig | None]) -> None:
-        self.apps = [
+        self._apps = [
             {
                 "name": settings.serving.app_name,
                 "import_path": ROUTER_IMPORT_PATH,
@@ -32,26 +32,22 @@ class _Serve:
             }
         ]
 
-    def current_apps(self, url: str | None) -> list[dict[str, Any]]:
-        return self.apps
+    def apps(self) -> list[dict[str, Any]]:
+        return self._apps
 
-    def apply_apps(self, url: str | None, doc: dict[str, Any]) -> None:
-        self.apps = doc["applications"]
+    def apply(self, apps: list[dict[str, Any]]) -> None:
+        self._apps = apps
 
     def slot(self, slot: str) -> dict[str, Any]:
-        return next(d for d in self.apps[0]["deployments"] if d["name"] == slot_deployment(slot))
+        return next(d for d in self._apps[0]["deployments"] if d["name"] == slot_deployment(slot))
 
 
 @pytest.fixture
-def serve_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Any:
-    import rayloop.serving.deploy as deploy_mod
-
+def serve_app(tmp_path: Path) -> Any:
     def make(keep_warm: bool, slots: dict[str, ModelConfig | None]) -> tuple[ServeBackend, _Serve]:
         settings = Settings.model_validate({"home": str(tmp_path), "rollout": {"keep_warm_slots": keep_warm}})
         fake = _Serve(settings, slots)
-        monkeypatch.setattr(deploy_mod, "current_apps", fake.current_apps)
-        monkeypatch.setattr(deploy_mod, "apply_apps", fake.apply_apps)
-        return ServeBackend(settings), fake
+        return ServeBackend(settings, control=fake), fake
 
     return make
 

@@ -367,19 +367,21 @@ def test_rayloop_serve_cli_rejects_bad_arguments(rayloop_home: Path) -> None:
     assert r.exit_code == 1 and "NAME@REF" in r.output
 
 
-def test_rayloop_serve_on_a_router_app_points_at_the_rollout_controller(
-    settings: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_rayloop_serve_on_a_router_app_points_at_the_rollout_controller(settings: Any) -> None:
     from rayloop.errors import ServingError
     from rayloop.rollout.app import ROUTER_IMPORT_PATH
     from rayloop.serving import deploy as deploy_mod
     from rayloop.serving.protocol import ModelConfig
 
-    running = [{"name": settings.serving.app_name, "import_path": ROUTER_IMPORT_PATH, "deployments": []}]
-    monkeypatch.setattr(deploy_mod, "current_apps", lambda url: running)
-    monkeypatch.setattr(deploy_mod, "apply_apps", lambda url, doc: pytest.fail("must not touch the app"))
+    class Running:
+        def apps(self) -> list[dict[str, Any]]:
+            return [{"name": settings.serving.app_name, "import_path": ROUTER_IMPORT_PATH, "deployments": []}]
+
+        def apply(self, apps: list[dict[str, Any]]) -> None:
+            pytest.fail("must not touch the app")
+
     with pytest.raises(ServingError) as e:
-        deploy_mod.deploy(settings, ModelConfig(model="demo", version=3, path="/nowhere"))
+        deploy_mod.deploy(settings, ModelConfig(model="demo", version=3, path="/nowhere"), control=Running())
     assert "runs the rayloop router" in e.value.message
     assert "rayloop deploy demo@3 --strategy rolling" in (e.value.hint or "")
 

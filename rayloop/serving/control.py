@@ -1,0 +1,134 @@
+"""The one seam through which rayloop reads and changes what Ray Serve runs.
+
+Serve moves replicas to a new ``user_config`` in place only on its declarative
+path (a whole ``ServeDeploySchema`` applied through the dashboard's REST API or
+the controller's ``deploy_apps``), and applying a document deletes every app it
+does not list. So every change rayloop makes, whether ``rayloop serve`` or a
+rollout step, is: read the declaratively deployed apps, replace one, apply the
+whole document. :class:`ServeControl` is that seam on a live cluster; unit tests
+pass an object with the same methods (:class:`Control`) instead of patching.
+
+A cluster on which nobody has started Serve yet simply has no apps: reading it
+never raises, and the first :meth:`ServeControl.apply` starts Serve with the
+configured HTTP options.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Protocol
+
+from rayloop.config import Settings
+from rayloop.errors import ClusterError, ServingError
+
+
+class Control(Protocol):
+    """What serving and rollouts need from Serve."""
+
+    def apps(self) -> list[dict[str, Any]]:
+        """Declaratively deployed apps (their deployed configs, ``name`` included); [] when Serve is not running."""
+
+    def apply(self, apps: list[dict[str, Any]]) -> None:
+        """Apply ``apps`` as the whole declarative config (starting Serve first when needed)."""
+
+
+def dashboard_url() -> str | None:
+    """The Ray dashboard (Serve REST API) address from the environment, or None: use the driver's controller."""
+    url = os.environ.get("RAY_DASHBOARD_ADDRESS") or os.environ.get("RAYLOOP_DASHBOARD_URL")
+    if url:
+        return url if "://" in url else f"http://{url}"
+    return None
+
+
+def serve_rest(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    """One call to Serve's REST API on the dashboard (with the cluster's auth token when it has one)."""
+    headers = {"Content-Type": "application/json"}
+    token_file = Path.home() / ".ray" / "auth_token"
+    if os.environ.get("RAY_AUTH_MODE") != "disabled" and token_file.is_file():
+        # Ray 2.60 local clusters require their token on REST calls.
+        headers["Authorization"] = f"Bearer {token_file.read_text().strip()}"
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as e:
+        raise ServingError(f"Serve REST API {method} {path} failed: HTTP {e.code}: {e.read()[:300]!r}") from None
+    except OSError as e:
+        raise ClusterError(f"cannot reach the Ray dashboard at {url}: {e}") from None
+    return json.loads(raw) if raw else None
+
+
+def deploy_schema(settings: Settings, apps: list[dict[str, Any]]) -> dict[str, Any]:
+    """A ``ServeDeploySchema`` dict for ``apps`` (validated by Ray's own model)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = {
+        "http_options": {"host": settings.serving.http_host, "port": settings.serving.http_port},
+        "applications": apps,
+    }
+    ServeDeploySchema.model_validate(doc)
+    return doc
+
+
+def deployed_apps(details: dict[str, Any]) -> list[dict[str, Any]]:
+    """The deployed configs in a Serve details document (``GET /api/serve/applications/``)."""
+    out = []
+    for name, app in (details.get("applications") or {}).items():
+        cfg = app.get("deployed_app_config")
+        if cfg and app.get("status") != "DELETING":
+            out.append({**cfg, "name": name})
+    return out
+
+
+class ServeControl:
+    """:class:`Control` on a live cluster: the dashboard REST API when its address is known, else this
+    driver's Serve controller client (the same calls the REST API makes). Needs a connected Ray driver
+    for the controller path."""
+
+    def __init__(self, settings: Settings, *, url: str | None = None) -> None:
+        self.settings = settings
+        self.url = url if url is not None else dashboard_url()
+
+    def apps(self) -> list[dict[str, Any]]:
+        if self.url is not None:
+            return deployed_apps(serve_rest(self.url, "GET", "/api/serve/applications/") or {})
+        client = _controller_client(required=False)
+        if client is None:
+            return []  # Serve has not been started on this cluster: nothing runs yet
+        details: dict[str, Any] = client.get_serve_details()
+        return deployed_apps(details)
+
+    def apply(self, apps: list[dict[str, Any]]) -> None:
+        doc = deploy_schema(self.settings, apps)
+        if self.url is not None:
+            # The dashboard starts Serve itself when the cluster has none yet.
+            serve_rest(self.url, "PUT", "/api/serve/applications/", doc)
+            return
+        from ray.serve.schema import ServeDeploySchema
+
+        client = _controller_client(required=False)
+        if client is None:
+            from ray import serve
+
+            sv = self.settings.serving
+            serve.start(http_options={"host": sv.http_host, "port": sv.http_port})
+            client = _controller_client(required=True)
+        client.deploy_apps(ServeDeploySchema.model_validate(doc))
+
+
+def _controller_client(*, required: bool) -> Any:
+    """Serve's controller client of this driver, or None when Serve is not running (``required=False``)."""
+    from ray.serve._private.api import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None and required:
+        raise ClusterError(
+            "Serve is not running on this Ray cluster and could not be started",
+            hint="Check `ray status` and the head's logs (`rayloop up` starts a head).",
+        )
+    return client
