@@ -36,7 +36,7 @@ from typing import Any
 from rayloop.config import Settings, Strategy
 from rayloop.errors import AliasConflictError, ConfigError, NotFoundError, RolloutError, RolloutInProgressError
 from rayloop.registry import Registry
-from rayloop.rollout.analysis import FAIL, PASS, SlotWindow, Verdict, judge
+from rayloop.rollout.analysis import FAIL, INCONCLUSIVE, PASS, SlotWindow, Verdict, judge
 from rayloop.rollout.backend import AppState, Backend
 from rayloop.rollout.routing import CANARY, SHADOW, SLOTS, STABLE, RouteTable
 from rayloop.serving.protocol import ModelConfig
@@ -291,11 +291,15 @@ class Rollout:
         baseline_since: float | None = None,
         baseline: SlotWindow | None = None,
         max_seconds: float | None = None,
+        require_samples: bool = True,
     ) -> Verdict | None:
         """Wait ``seconds`` judging ``slot`` against stable; raise :class:`Breach` on a failed check.
 
         Returns the last verdict (None if nothing was judged). An inconclusive
-        verdict (too little traffic) extends the wait up to ``max_seconds``.
+        verdict (too little traffic) extends the wait up to ``max_seconds``; still
+        inconclusive then, it fails closed: :class:`Breach` (roll back), never a pass.
+        ``require_samples=False`` is for strategies judged by the golden check
+        (rolling, blue-green): live traffic, when there is some, can only fail them.
         """
         t0 = self.now()
         end, hard = t0 + seconds, t0 + max(seconds, max_seconds or seconds)
@@ -311,6 +315,13 @@ class Rollout:
                 raise Breach(verdict)
             now = self.now()
             if now >= end and (verdict.decision == PASS or now >= hard):
+                if verdict.decision == INCONCLUSIVE and require_samples:
+                    why = [f"inconclusive after {now - t0:.0f}s: too little traffic to judge", *verdict.reasons]
+                    verdict = verdict.model_copy(update={"reasons": why})
+                    self.emit(
+                        "inconclusive", slot=slot, reasons=verdict.reasons, canary=verdict.canary, stable=verdict.stable
+                    )
+                    raise Breach(verdict)
                 return verdict
 
     def _judge(

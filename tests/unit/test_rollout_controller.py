@@ -184,10 +184,54 @@ def test_shadow_reports_and_changes_nothing_served(env: dict[str, Any]) -> None:
     assert rec["status"] == "succeeded"
     report = rec["state"]["report"]
     assert report["pairs"] > 0 and report["exact_match_rate"] == 0.75 and report["shadow_versions"] == [2]
+    assert report["verdict"] == "measured"
     assert all(a.table.canary_percent == 0 for a in env["backend"].applied)
     assert _final_app(env["backend"]) == (1, None, None, 0)
     assert env["reg"].aliases("demo") == {"production": 1}
     assert env["reg"].resolve("demo@2").annotations["shadow"]["rollout_id"] == rec["id"]
+
+
+def test_canary_that_sees_no_traffic_is_inconclusive_and_rolls_back(env: dict[str, Any]) -> None:
+    env["backend"].rps = 0  # nobody sends a request (or the stats actor lost every sample)
+    rec = deploy(env["settings"], "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"])
+    assert rec["status"] == "rolled_back"
+    assert rec["state"]["reason"].startswith("inconclusive after"), rec["state"]["reason"]
+    assert _events(rec, "step_passed") == [] and _events(rec, "promote") == []
+    (inc,) = _events(rec, "inconclusive")
+    assert inc["canary"]["requests"] == 0 and any("< 20 needed" in r for r in inc["reasons"])
+    assert _final_app(env["backend"]) == (1, None, None, 0)
+    assert env["reg"].aliases("demo") == {"production": 1}
+
+
+def test_canary_step_waits_for_samples_before_judging(env: dict[str, Any]) -> None:
+    # 10 requests/s at 10% canary: 1 canary request per second, 20 needed; the step waits past its
+    # interval (up to max_step_wait_factor intervals), then fails closed instead of passing.
+    env["backend"].rps = 10
+    rec = deploy(env["settings"], "demo@2", "canary", steps=[10, 100], interval_s=1.0, backend=env["backend"])
+    assert rec["status"] == "rolled_back" and "inconclusive" in rec["state"]["reason"]
+    assert env["reg"].get_alias("demo", "production") == 1
+
+
+def test_rolling_and_blue_green_without_traffic_rely_on_the_golden_check(env: dict[str, Any]) -> None:
+    env["backend"].rps = 0
+    rec = deploy(env["settings"], "demo@2", "rolling", interval_s=0.3, backend=env["backend"])
+    assert rec["status"] == "succeeded" and env["reg"].get_alias("demo", "production") == 2
+    rec = deploy(env["settings"], "demo@1", "blue-green", force=True, hold_s=0.3, backend=env["backend"])
+    assert rec["status"] == "succeeded" and env["reg"].get_alias("demo", "production") == 1
+    # Without traffic the golden check is all that judges them: a failing one stops the switch.
+    env["backend"].smoke_problems = ["slot canary: golden prompt 0 got status 500"]
+    with pytest.raises(RolloutError, match="failed its smoke test"):
+        deploy(env["settings"], "demo@2", "blue-green", hold_s=0.3, backend=env["backend"])
+    assert env["reg"].get_alias("demo", "production") == 1
+
+
+def test_shadow_without_traffic_is_inconclusive(env: dict[str, Any]) -> None:
+    env["backend"].rps = 0
+    rec = deploy(env["settings"], "demo@2", "shadow", interval_s=0.3, backend=env["backend"])
+    assert rec["status"] == "rolled_back"
+    assert rec["state"]["report"]["verdict"] == "inconclusive" and rec["state"]["report"]["pairs"] == 0
+    assert _final_app(env["backend"]) == (1, None, None, 0)
+    assert env["reg"].aliases("demo") == {"production": 1}
 
 
 def test_abort_command_reaches_a_running_controller(env: dict[str, Any]) -> None:

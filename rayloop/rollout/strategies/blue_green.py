@@ -35,7 +35,7 @@ class BlueGreen:
         ro.set_app(canary_percent=100)
         ro.move_production(ro.to_cfg.version, "blue-green switch")
         ro.emit("switch", to=ro.to_cfg.version)
-        verdict = ro.watch(ro.plan["hold_s"], baseline_since=ro.started)
+        verdict = ro.watch(ro.plan["hold_s"], baseline_since=ro.started, require_samples=False)
         ro.emit("hold_passed", verdict=None if verdict is None else verdict.model_dump())
         ro.promote("hold passed")
         return "succeeded"

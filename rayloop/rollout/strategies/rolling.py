@@ -30,7 +30,7 @@ class Rolling:
         ro.save(phase="rolling")
         ro.set_app(stable=ro.to_cfg)
         ro.emit("slot_ready", slot=STABLE, version=ro.to_cfg.version)
-        verdict = ro.watch(ro.plan["interval_s"], slot=STABLE, baseline=baseline)
+        verdict = ro.watch(ro.plan["interval_s"], slot=STABLE, baseline=baseline, require_samples=False)
         ro.emit("watch_passed", verdict=None if verdict is None else verdict.model_dump())
         ro.promote("rolled out to every stable replica")
         return "succeeded"

@@ -6,7 +6,13 @@ primary. At the end the pairs are summarised (agreement with production,
 latency deltas, errors), the report is stored on the rollout and on the
 version (annotation ``shadow``), the shadow slot is released, and production
 is left as it was.
+
+Fewer than ``min_requests_per_step`` mirrored pairs is *inconclusive*: the
+mirroring goes on up to ``max_step_wait_factor`` times the duration, and if
+the pairs are still too few the report says ``verdict: inconclusive`` and the
+rollout ends ``rolled_back`` (nothing was judged, so nothing may be concluded).
 """
+
 
 from __future__ import annotations
 
@@ -29,11 +35,22 @@ class Shadow:
         ro.emit("slot_ready", slot=SHADOW, version=ro.to_cfg.version)
         ro.save(phase="mirroring")
         started = ro.now()
-        ro.sleep(ro.plan["duration_s"])
+        duration = ro.plan["duration_s"]
+        needed = ro.settings.rollout.min_requests_per_step
+        deadline = started + duration * ro.settings.rollout.max_step_wait_factor
+        ro.sleep(duration)
         report = ro.shadow_report(started)
+        while int(report.get("pairs") or 0) < needed and ro.now() < deadline:
+            ro.sleep(min(max(duration / 4, 0.05), max(deadline - ro.now(), 0.0)))
+            report = ro.shadow_report(started)
+        enough = int(report.get("pairs") or 0) >= needed
+        report["verdict"] = "measured" if enough else "inconclusive"
         ro.emit("shadow_report", **report)
         ro.save(phase="releasing", report=report)
         ro.set_app(shadow=None, shadow_percent=0)
         ro.annotate("shadow", {"rollout_id": ro.rid, **report})
         ro.finish_without_promotion()
+        if not enough:
+            ro.emit("inconclusive", slot=SHADOW, reasons=[f"{report.get('pairs') or 0} shadow pairs < {needed} needed"])
+            return "rolled_back"
         return "succeeded"
