@@ -202,6 +202,12 @@ class ServingSettings(_Model):
         "0: no limit.",
     )
     max_queued_requests: int = Field(default=256, ge=1, description="Requests waiting beyond that before 503.")
+    max_body_bytes: int = Field(
+        default=4 << 20,
+        ge=1,
+        description="Largest request body the ingress reads, in bytes; a larger one is answered 413 before it is "
+        "parsed (by its Content-Length, or once that many bytes have arrived).",
+    )
     grpc_handles: bool = Field(
         default=True,
         description="The ingress calls engine replicas over Ray Serve's inter-deployment gRPC (handles with "
@@ -218,12 +224,55 @@ class ServingSettings(_Model):
     )
     api_keys_env: str = Field(default="RAYLOOP_API_KEYS", description="Env var with comma-separated bearer tokens.")
     api_keys_file: str | None = Field(default=None, description="File with one bearer token per line.")
+    auth: Literal["api_keys", "none"] = Field(
+        default="api_keys",
+        description="'api_keys': requests need a configured bearer key; with no key configured the API only "
+        "starts on a loopback http_host (127.0.0.1, ::1, localhost). 'none': no authentication on any address "
+        "(said explicitly; every start logs a warning when the address is not loopback).",
+    )
     capture: bool = Field(default=True, description="Record every interaction to the interaction store.")
     capture_batch_rows: int = Field(
         default=256, ge=1, description="Rows per Parquet file written by the capture writer."
     )
     capture_flush_s: float = Field(default=2.0, gt=0, description="Flush the capture buffer at least this often.")
     capture_max_buffer: int = Field(default=10_000, ge=1, description="Rows buffered before new ones are dropped.")
+    capture_batch_bytes: int = Field(
+        default=8 << 20,
+        ge=1,
+        description="Bytes (UTF-8 size of a row's strings, 8 per other value) buffered for one partition before "
+        "the capture writer writes them, even below capture_batch_rows; each replica's client ships at this size.",
+    )
+    capture_max_buffer_bytes: int = Field(
+        default=64 << 20,
+        ge=1,
+        description="Bytes buffered at each end of capture. A replica's client drops (and counts) new rows past "
+        "it; the writer writes every partition it holds (to storage, or to the journal) instead.",
+    )
+    capture_write_attempts: int = Field(
+        default=5,
+        ge=1,
+        description="Attempts per storage write of the capture writer (disk full, S3 5xx, timeout) before the rows "
+        "go to the local journal. While storage is down, each later write gets one attempt.",
+    )
+    capture_retry_base_s: float = Field(
+        default=0.2, ge=0, description="Seconds before the capture writer's first retry; doubled each attempt."
+    )
+    capture_retry_max_s: float = Field(
+        default=5.0, ge=0, description="Upper bound, in seconds, of one backoff between capture write attempts."
+    )
+    capture_journal_dir: str | None = Field(
+        default=None,
+        description="Local directory, on the capture writer's node, holding rows that storage refused; they are "
+        "written to storage on the next successful flush. One subdirectory per storage root. "
+        "Default: $RAYLOOP_HOME/capture-journal if RAYLOOP_HOME is an absolute path, else "
+        "<temp dir>/rayloop-capture-journal. On a multi-node cluster, a persistent volume keeps it past a node.",
+    )
+    capture_journal_max_bytes: int = Field(
+        default=1 << 30,
+        ge=0,
+        description="Bytes (compressed Parquet) the capture journal may hold; rows that would pass it are dropped "
+        "and counted. 0: no journal, rows storage refused are dropped.",
+    )
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
     @property

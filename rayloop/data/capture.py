@@ -5,14 +5,34 @@ Three pieces:
 - :class:`CaptureWriter`: one Ray actor per storage root (named, detached, so
   every ingress replica and every app share it and feedback can find any
   request id). It buffers rows per table and writes one Parquet file per
-  partition and batch (``capture_batch_rows`` rows, or every
-  ``capture_flush_s``), under the layout of :mod:`rayloop.data.schema`.
+  partition and batch (``capture_batch_rows`` rows or ``capture_batch_bytes``
+  bytes, or every ``capture_flush_s``), under the layout of
+  :mod:`rayloop.data.schema`.
 - :class:`CaptureClient`: what a replica holds. ``record()`` only appends to a
   bounded local buffer (a full buffer drops the row and counts it); a
   background task ships batches to the writer. A request never waits for
   storage and never fails because of it. ``close()`` flushes both ends.
 - :func:`read_interactions` / :func:`read_feedback`: ``pyarrow.dataset``
   readers for tests and the data team.
+
+Capture is at least once, and one bad row never costs the others:
+
+- Strings that UTF-8 cannot encode (lone UTF-16 surrogates) are made safe when
+  the writer takes the row (see :func:`_safe_str`); a row that still does not
+  fit its table's schema goes alone to ``quarantine/<table>/date=D/part-*.jsonl``
+  (one JSON object a line: table, reason, a JSON-safe copy of the row) and the
+  rest of its batch is written.
+- A storage write that fails (disk full, S3 5xx, timeout) is retried with
+  exponential backoff (``capture_write_attempts``); then the encoded file goes to
+  a bounded journal on the writer's node (``capture_journal_dir``) and is written
+  to storage on the next successful flush (also after a writer restart on the
+  same node). Only rows past ``capture_journal_max_bytes`` are dropped.
+- Every file is written under a hidden name (``.tmp-<uuid>``, no ``.parquet``
+  suffix) and moved into place: ``pyarrow.dataset`` ignores names starting with
+  ``.``/``_`` and :mod:`rayloop.data.sources` lists ``*.parquet`` only, so
+  readers never see half a file.
+- ``CaptureWriter.stats()`` counts written, sanitised, quarantined, spilled,
+  replayed and dropped rows per table.
 
     >>> # inside a Serve replica
     >>> # client = CaptureClient.for_settings(settings); client.record("interactions", row)
@@ -24,11 +44,20 @@ import asyncio
 import collections
 import hashlib
 import itertools
+import json
 import logging
+import math
+import os
+import posixpath
+import random
+import re
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rayloop.config import Settings
@@ -52,6 +81,16 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "rayloop"
 RECENT_IDS = 100_000  # request ids the writer remembers for feedback lookups without a disk scan
+QUARANTINE_DIR = "quarantine"  # quarantine/<table>/date=YYYY-MM-DD/part-<uuid>.jsonl
+TMP_PREFIX = ".tmp-"  # files being written; hidden from every reader (no .parquet suffix either)
+_DEFAULTS = {  # the Settings defaults, for writers built without settings (tests, scripts)
+    "batch_bytes": 8 << 20,
+    "max_buffer_bytes": 64 << 20,
+    "write_attempts": 5,
+    "retry_base_s": 0.2,
+    "retry_max_s": 5.0,
+    "journal_max_bytes": 1 << 30,
+}
 
 
 def _date(row: dict[str, Any]) -> str:
@@ -59,13 +98,21 @@ def _date(row: dict[str, Any]) -> str:
     return (ts if isinstance(ts, datetime) else datetime.fromtimestamp(float(ts), UTC)).strftime("%Y-%m-%d")
 
 
+def _seg(value: Any) -> str:
+    """A partition value as a path segment; a value that would make more segments is refused."""
+    text = str(value)
+    if not text or "/" in text or "\\" in text or text in (".", ".."):
+        raise ValueError(f"partition value {text!r} is empty or holds a path separator")
+    return text
+
+
 _TABLES: dict[str, tuple[Any, Callable[[dict[str, Any]], str]]] = {
     "interactions": (
         INTERACTION_SCHEMA,
-        lambda r: interaction_partition(_date(r), r["model_name"], int(r["model_version"])),
+        lambda r: interaction_partition(_date(r), _seg(r["model_name"]), int(r["model_version"])),
     ),
     "feedback": (FEEDBACK_SCHEMA, lambda r: feedback_partition(_date(r))),
-    "shadow": (SHADOW_SCHEMA, lambda r: shadow_partition(_date(r), r["model_name"])),
+    "shadow": (SHADOW_SCHEMA, lambda r: shadow_partition(_date(r), _seg(r["model_name"]))),
 }
 
 
@@ -78,22 +125,322 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# -- making rows safe -----------------------------------------------------------
+_SURROGATE_PAIR = re.compile(r"[\ud800-\udbff][\udc00-\udfff]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _safe_str(text: str) -> tuple[str, int]:
+    """``text`` in a form UTF-8 (so Parquet) can hold, and its UTF-8 size.
+
+    A Python ``str`` fails to encode as UTF-8 only when it holds UTF-16 surrogates
+    (``"\\ud800"``: from ``surrogateescape`` decoding, JSON ``"\\ud800"`` escapes,
+    a client that split an emoji). A pair of halves is joined into the character it
+    encodes; a lone one becomes the six characters ``\\ud800``. Why this form:
+    ``surrogatepass`` would store bytes that are not valid UTF-8 (pyarrow, Ray Data,
+    DuckDB and Spark reject or mangle such strings, so the row would break readers
+    instead of the writer); ``replace`` would keep only ``?`` and lose which code
+    unit it was. The escape keeps the content visible and recoverable, and inside
+    the JSON-encoded columns (``messages``, ``sampling_params``) it is JSON's own
+    escape for that code unit, so ``json.loads`` gives back the original string.
+    """
+    try:
+        return text, len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        pass
+    text = _SURROGATE_PAIR.sub(lambda m: m.group().encode("utf-16-le", "surrogatepass").decode("utf-16-le"), text)
+    text = _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text, len(text.encode("utf-8"))
+
+
+def _sanitise_row(row: Any) -> tuple[dict[str, Any], int, bool]:
+    """``(row, approximate bytes, changed)``: strings made UTF-8 safe, a numeric timestamp made a datetime.
+
+    The caller's dict is copied only when something changes. Raises TypeError for a row that is not a mapping.
+    """
+    if not isinstance(row, dict):
+        raise TypeError(f"a row must be a dict, not {type(row).__name__}")
+    nbytes = 0
+    out: dict[str, Any] | None = None
+    for k, v in row.items():
+        if isinstance(v, str):
+            safe, n = _safe_str(v)
+            nbytes += n + 8
+            if safe is not v:
+                out = dict(row) if out is None else out
+                out[k] = safe
+        else:
+            nbytes += 16
+    changed = out is not None
+    ts = row.get("timestamp")
+    if isinstance(ts, int | float) and not isinstance(ts, bool):  # epoch seconds, as _date() reads them
+        out = dict(row) if out is None else out
+        out["timestamp"] = datetime.fromtimestamp(float(ts), UTC)
+    return (row if out is None else out), nbytes, changed
+
+
+def _row_bytes(row: Any) -> int:
+    """Cheap size estimate for the client's buffer (characters, not encoded bytes)."""
+    if not isinstance(row, dict):
+        return 64
+    return sum(len(v) + 8 if isinstance(v, str) else 16 for v in row.values())
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, str):
+        return _safe_str(value)[0]
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, dict):
+        return {_safe_str(str(k))[0]: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return _safe_str(repr(value))[0]
+
+
+def _reason(e: BaseException) -> str:
+    return _safe_str(f"{type(e).__name__}: {e}")[0][:500]
+
+
+def _quarantine_line(table: str, row: Any, reason: str) -> bytes:
+    rec = {"table": table, "reason": reason, "quarantined_at": utcnow().isoformat(), "row": _jsonable(row)}
+    return (json.dumps(rec, ensure_ascii=True) + "\n").encode("ascii")
+
+
+def _quarantine_date(row: Any) -> str:
+    try:
+        return _date(row)
+    except Exception:
+        return utcnow().strftime("%Y-%m-%d")
+
+
+def _to_table(schema: pa.Schema, rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows as a table of ``schema``; raises for a value that does not convert or a required field left empty."""
+    import pyarrow as pa
+
+    tbl = pa.Table.from_pylist(rows, schema=schema)
+    missing = [f.name for f in schema if not f.nullable and tbl.column(f.name).null_count]
+    if missing:
+        raise ValueError(f"required field(s) {', '.join(missing)} missing or null")
+    return tbl
+
+
+def _encode(schema: pa.Schema, rows: list[dict[str, Any]]) -> tuple[bytes | None, int, list[tuple[Any, str]]]:
+    """``(parquet bytes or None, rows in them, [(bad row, reason)])``.
+
+    The whole batch converts in one go; only when that fails is each row converted on its own, so the bad
+    ones are found and every other row is still written.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    bad: list[tuple[Any, str]] = []
+    try:
+        tbl = _to_table(schema, rows)
+    except Exception:
+        good = []
+        for row in rows:
+            try:
+                _to_table(schema, [row])
+            except Exception as e:
+                bad.append((row, _reason(e)))
+            else:
+                good.append(row)
+        if not good:
+            return None, 0, bad
+        rows = good
+        try:
+            tbl = _to_table(schema, rows)
+        except Exception as e:  # each row converts alone but not together: keep them all, in quarantine
+            return None, 0, bad + [(r, _reason(e)) for r in rows]
+    sink = pa.BufferOutputStream()
+    try:
+        pq.write_table(tbl, sink, compression="zstd")
+    except Exception as e:
+        return None, 0, bad + [(r, _reason(e)) for r in rows]
+    return sink.getvalue().to_pybytes(), tbl.num_rows, bad
+
+
+# -- the local journal ------------------------------------------------------------
+class _Journal:
+    """Files storage refused, kept on the writer's node until storage takes them (bounded in bytes).
+
+    One file per refused write: ``<ns>-<uuid>.entry`` holding a JSON header line (target key, table, kind,
+    rows) and then the payload, exactly the bytes meant for storage. Entries are written under a hidden name,
+    fsynced and renamed, so a crash leaves whole entries only; a new writer on the same node and directory
+    finds them and replays them.
+    """
+
+    SUFFIX = ".entry"
+
+    def __init__(self, directory: Path, max_bytes: int) -> None:
+        self.dir = directory
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.rows = 0
+        self.entries = 0
+        self._lock = threading.Lock()
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                if p.name.startswith(TMP_PREFIX):
+                    p.unlink(missing_ok=True)  # a spill cut short by a crash: the entry was never complete
+                elif p.name.endswith(self.SUFFIX):
+                    try:
+                        header = self._header(p)
+                    except Exception:
+                        logger.exception("capture journal: unreadable entry %s left aside", p)
+                        p.rename(p.with_suffix(".corrupt"))
+                        continue
+                    self.bytes += p.stat().st_size
+                    self.rows += int(header["rows"])
+                    self.entries += 1
+
+    @staticmethod
+    def _header(path: Path) -> dict[str, Any]:
+        with open(path, "rb") as f:
+            header: dict[str, Any] = json.loads(f.readline())
+        return header
+
+    def add(self, header: dict[str, Any], payload: bytes) -> bool:
+        """Keep one entry; False (nothing kept) if it would pass ``max_bytes``. Raises OSError (disk)."""
+        head = (json.dumps(header, ensure_ascii=True) + "\n").encode("ascii")
+        size = len(head) + len(payload)
+        with self._lock:
+            if self.bytes + size > self.max_bytes:
+                return False
+            self.bytes += size  # reserved: concurrent adds cannot pass the bound together
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            name = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}{self.SUFFIX}"
+            tmp = self.dir / f"{TMP_PREFIX}{name}"
+            with open(tmp, "wb") as f:
+                f.write(head)
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.dir / name)
+        except BaseException:
+            with self._lock:
+                self.bytes -= size
+            raise
+        with self._lock:
+            self.rows += int(header["rows"])
+            self.entries += 1
+        return True
+
+    def paths(self) -> list[Path]:
+        if not self.dir.is_dir():
+            return []
+        return sorted(p for p in self.dir.iterdir() if p.name.endswith(self.SUFFIX))
+
+    def read(self, path: Path) -> tuple[dict[str, Any], bytes]:
+        with open(path, "rb") as f:
+            header: dict[str, Any] = json.loads(f.readline())
+            return header, f.read()
+
+    def remove(self, path: Path, header: dict[str, Any]) -> None:
+        size = path.stat().st_size
+        path.unlink()
+        with self._lock:
+            self.bytes -= size
+            self.rows -= int(header["rows"])
+            self.entries -= 1
+
+    def set_aside(self, path: Path) -> None:
+        """An entry that cannot be read: renamed ``*.corrupt`` (kept for an operator), no longer counted."""
+        size = path.stat().st_size
+        path.rename(path.with_suffix(".corrupt"))
+        with self._lock:
+            self.bytes -= size
+            self.entries -= 1
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "dir": str(self.dir),
+            "entries": self.entries,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "max_bytes": self.max_bytes,
+        }
+
+
+def default_journal_dir(home: str | None = None) -> str:
+    """``<home>/capture-journal`` (``home`` or ``$RAYLOOP_HOME``) if that is an absolute path, else
+    ``<temp dir>/rayloop-capture-journal``.
+
+    A relative home is not used: it would resolve against the writer process's working directory, which
+    under Ray is not the one the user started from.
+    """
+    home = home or os.environ.get("RAYLOOP_HOME")
+    if home and Path(home).expanduser().is_absolute():
+        return str(Path(home).expanduser() / "capture-journal")
+    return os.path.join(tempfile.gettempdir(), "rayloop-capture-journal")
+
+
 class CaptureWriter:
-    """Buffers rows per table and partition; writes Parquet files in batches (a Ray actor)."""
+    """Buffers rows per table and partition; writes Parquet files in batches (a Ray actor).
+
+    ``storage_root`` may be a :class:`~rayloop.storage.Storage` (tests pass one that fails on purpose).
+    Keyword arguments default to the ``serving.capture_*`` settings' defaults; ``journal_dir`` to
+    :func:`default_journal_dir`, with a subdirectory per storage root.
+    """
 
     def __init__(
-        self, storage_root: str, s3_endpoint: str | None, batch_rows: int, flush_s: float, max_buffer: int
+        self,
+        storage_root: str | Storage,
+        s3_endpoint: str | None,
+        batch_rows: int,
+        flush_s: float,
+        max_buffer: int,
+        *,
+        batch_bytes: int | None = None,
+        max_buffer_bytes: int | None = None,
+        write_attempts: int | None = None,
+        retry_base_s: float | None = None,
+        retry_max_s: float | None = None,
+        journal_dir: str | None = None,
+        journal_max_bytes: int | None = None,
     ) -> None:
-        self._storage = Storage(storage_root, s3_endpoint=s3_endpoint)
+        if isinstance(storage_root, Storage):
+            self._storage = storage_root
+        else:
+            self._storage = Storage(storage_root, s3_endpoint=s3_endpoint)
         self._batch_rows = batch_rows
         self._flush_s = flush_s
         self._max_buffer = max_buffer
+
+        def opt(value: Any, name: str) -> Any:
+            return _DEFAULTS[name] if value is None else value
+
+        self._batch_bytes = int(opt(batch_bytes, "batch_bytes"))
+        self._max_buffer_bytes = int(opt(max_buffer_bytes, "max_buffer_bytes"))
+        self._attempts = max(1, int(opt(write_attempts, "write_attempts")))
+        self._retry_base_s = float(opt(retry_base_s, "retry_base_s"))
+        self._retry_max_s = float(opt(retry_max_s, "retry_max_s"))
+        self._journal = _Journal(
+            Path(journal_dir or default_journal_dir()).expanduser().absolute() / writer_name(self._storage.uri),
+            int(opt(journal_max_bytes, "journal_max_bytes")),
+        )
         self._buffers: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
+        self._buffer_bytes: collections.Counter[tuple[str, str]] = collections.Counter()
         self._buffered = 0
+        self._buffered_bytes = 0
         self._recent: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()
         self._written = collections.Counter[str]()
         self._dropped = collections.Counter[str]()
+        self._sanitised = collections.Counter[str]()
+        self._quarantined = collections.Counter[str]()
+        self._spilled = collections.Counter[str]()
+        self._replayed = collections.Counter[str]()
+        self._write_errors = 0
+        self._storage_down = False  # set when a write ran out of attempts; the next success clears it
         self._lock = asyncio.Lock()
+        self._replay_lock = asyncio.Lock()
+        self._replay_task: asyncio.Task[int] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._last_flush = time.monotonic()
 
@@ -106,71 +453,187 @@ class CaptureWriter:
             await asyncio.sleep(self._flush_s / 2)
             if time.monotonic() - self._last_flush >= self._flush_s:
                 try:
-                    await self.flush()
+                    await self.flush()  # also replays the journal
                 except Exception:  # keep the loop alive; the next round retries
                     logger.exception("capture flush failed")
 
     async def append(self, table: str, rows: list[dict[str, Any]]) -> int:
-        """Buffer rows; returns how many were dropped because the buffer is full."""
+        """Buffer rows; returns how many were dropped because the buffer is full.
+
+        Rows that cannot be placed (not a dict, no usable timestamp or model) are quarantined, not dropped.
+        """
         self._ensure_loop()
         _, part = _TABLES[table]
         dropped = 0
         full: list[tuple[str, str]] = []
+        bad: list[tuple[Any, str]] = []
         for row in rows:
             if self._buffered >= self._max_buffer:
                 dropped += 1
                 continue
-            key = (table, part(row))
-            self._buffers[key].append(row)
+            try:
+                clean, nbytes, changed = _sanitise_row(row)
+                key = (table, part(clean))
+                recent = (
+                    (str(clean["request_id"]), (clean["model_name"], int(clean["model_version"])))
+                    if table == "interactions"
+                    else None
+                )
+            except Exception as e:
+                bad.append((row, _reason(e)))
+                continue
+            if changed:
+                self._sanitised[table] += 1
+            self._buffers[key].append(clean)
+            self._buffer_bytes[key] += nbytes
             self._buffered += 1
-            if len(self._buffers[key]) >= self._batch_rows:
+            self._buffered_bytes += nbytes
+            if len(self._buffers[key]) >= self._batch_rows or self._buffer_bytes[key] >= self._batch_bytes:
                 full.append(key)
-            if table == "interactions":
-                self._recent[row["request_id"]] = (row["model_name"], int(row["model_version"]))
+            if recent is not None:
+                self._recent[recent[0]] = recent[1]
                 if len(self._recent) > RECENT_IDS:
                     self._recent.popitem(last=False)
         self._dropped[table] += dropped
+        if bad:
+            async with self._lock:
+                await self._quarantine(table, bad)
+        if self._buffered_bytes >= self._max_buffer_bytes:  # many partitions, none full: write them all
+            full.extend(sorted(self._buffers, key=lambda k: -self._buffer_bytes[k]))
         for key in dict.fromkeys(full):
             await self._write_key(key)
+        self._maybe_replay()
         return dropped
 
     async def _write_key(self, key: tuple[str, str]) -> int:
+        """Write one partition's buffer; returns the rows now in storage (not those quarantined or spilled)."""
         async with self._lock:
             rows = self._buffers.pop(key, [])
+            self._buffered_bytes -= self._buffer_bytes.pop(key, 0)
             if not rows:
                 return 0
             self._buffered -= len(rows)
             table, prefix = key
             schema, _ = _TABLES[table]
-            try:
-                await asyncio.to_thread(self._write_file, schema, prefix, rows)
-            except Exception:
-                self._dropped[table] += len(rows)
-                logger.exception("capture: writing %d %s rows to %s failed; rows dropped", len(rows), table, prefix)
+            payload, n, bad = await asyncio.to_thread(_encode, schema, rows)
+            if bad:
+                logger.warning("capture: %d of %d %s rows for %s quarantined", len(bad), len(rows), table, prefix)
+                await self._quarantine(table, bad)
+            if payload is None:
                 return 0
-            self._written[table] += len(rows)
-            return len(rows)
+            ok = await self._deliver(table, "parquet", f"{prefix}/part-{uuid.uuid4().hex}.parquet", payload, n)
+            return n if ok else 0
 
-    def _write_file(self, schema: pa.Schema, prefix: str, rows: list[dict[str, Any]]) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    async def _quarantine(self, table: str, bad: list[tuple[Any, str]]) -> None:
+        """Each bad row alone, with its reason, to ``quarantine/<table>/date=D/`` (caller holds the lock)."""
+        self._quarantined[table] += len(bad)
+        by_date: dict[str, list[bytes]] = collections.defaultdict(list)
+        for row, reason in bad:
+            by_date[_quarantine_date(row)].append(_quarantine_line(table, row, reason))
+        for day, lines in by_date.items():
+            key = f"{QUARANTINE_DIR}/{table}/date={day}/part-{uuid.uuid4().hex}.jsonl"
+            await self._deliver(table, "quarantine", key, b"".join(lines), len(lines))
 
-        tbl = pa.Table.from_pylist(rows, schema=schema)
-        key = f"{prefix}/part-{uuid.uuid4().hex}.parquet"
-        self._storage.makedirs(prefix)
-        # Write under a hidden name, then rename: readers never see half a file.
-        tmp = f"{prefix}/.tmp-{uuid.uuid4().hex}.parquet"
-        with self._storage.fs.open_output_stream(self._storage.path(tmp)) as f:
-            pq.write_table(tbl, f, compression="zstd")
-        self._storage.fs.move(self._storage.path(tmp), self._storage.path(key))
+    async def _deliver(self, table: str, kind: str, key: str, payload: bytes, rows: int) -> bool:
+        """Put ``payload`` at ``key`` (retrying); else into the journal; else drop and count. True: stored."""
+        if await self._put(key, payload):
+            if kind == "parquet":
+                self._written[table] += rows
+            return True
+        header = {"key": key, "table": table, "kind": kind, "rows": rows, "storage": self._storage.uri}
+        try:
+            kept = await asyncio.to_thread(self._journal.add, header, payload)
+        except OSError:
+            logger.exception("capture: cannot write the journal under %s", self._journal.dir)
+            kept = False
+        if kept:
+            self._spilled[table] += rows
+            logger.warning("capture: storage refused %d %s rows (%s); kept in the journal", rows, table, key)
+        else:
+            self._dropped[table] += rows
+            logger.error(
+                "capture: storage refused %d %s rows (%s) and the journal (%s, %d of %d bytes) cannot take them; "
+                "rows dropped",
+                rows,
+                table,
+                key,
+                self._journal.dir,
+                self._journal.bytes,
+                self._journal.max_bytes,
+            )
+        return False
+
+    async def _put(self, key: str, payload: bytes) -> bool:
+        """Write ``payload`` at ``key`` with backoff; one attempt only while storage is known to be down."""
+        attempts = 1 if self._storage_down else self._attempts
+        for i in range(attempts):
+            if i:
+                delay = min(self._retry_max_s, self._retry_base_s * 2 ** (i - 1))
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+            try:
+                await asyncio.to_thread(self._put_sync, key, payload)
+            except Exception as e:
+                self._write_errors += 1
+                logger.warning("capture: writing %s failed (attempt %d of %d): %s", key, i + 1, attempts, _reason(e))
+                continue
+            self._storage_down = False
+            return True
+        self._storage_down = True
+        return False
+
+    def _put_sync(self, key: str, payload: bytes) -> None:
+        # Under a hidden name, then moved into place: readers never see half a file.
+        tmp = f"{posixpath.dirname(key)}/{TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            self._storage.write_bytes(tmp, payload)
+            self._storage.fs.move(self._storage.path(tmp), self._storage.path(key))
+        except BaseException:
+            try:
+                self._storage.delete(tmp)
+            except Exception:
+                pass
+            raise
+
+    def _maybe_replay(self) -> None:
+        """Start replaying the journal in the background when storage looks up (never on the caller's time)."""
+        if self._journal.entries and not self._storage_down and (self._replay_task is None or self._replay_task.done()):
+            self._replay_task = asyncio.get_running_loop().create_task(self._replay())
+
+    async def _replay(self) -> int:
+        """Write journal entries to storage, oldest first, until storage refuses one; returns rows replayed."""
+        n = 0
+        async with self._replay_lock:
+            for path in await asyncio.to_thread(self._journal.paths):
+                async with self._lock:
+                    try:
+                        header, payload = await asyncio.to_thread(self._journal.read, path)
+                        table, rows = str(header["table"]), int(header["rows"])
+                    except FileNotFoundError:
+                        continue
+                    except Exception:
+                        logger.exception("capture journal: unreadable entry %s set aside", path)
+                        await asyncio.to_thread(self._journal.set_aside, path)
+                        continue
+                    if not await self._put(str(header["key"]), payload):
+                        return n  # still down: the next flush tries again
+                    await asyncio.to_thread(self._journal.remove, path, header)
+                    self._replayed[table] += rows
+                    if header.get("kind") == "parquet":
+                        self._written[table] += rows
+                    n += rows
+        if n:
+            logger.info("capture: replayed %d journaled rows to storage", n)
+        return n
 
     async def flush(self) -> int:
-        """Write every buffered row now; returns the number written."""
+        """Write every buffered row now, then replay the journal; returns the buffered rows written."""
         self._ensure_loop()
         self._last_flush = time.monotonic()
         n = 0
         for key in list(self._buffers):
             n += await self._write_key(key)
+        if self._journal.entries:
+            await self._replay()
         return n
 
     async def lookup(self, request_id: str) -> dict[str, Any] | None:
@@ -180,7 +643,26 @@ class CaptureWriter:
         return await asyncio.to_thread(_scan_for, self._storage, request_id)
 
     async def stats(self) -> dict[str, Any]:
-        return {"written": dict(self._written), "dropped": dict(self._dropped), "buffered": self._buffered}
+        """Row counts per table since this writer started, and the journal on this node.
+
+        ``written``: rows in storage (replayed ones included); ``sanitised``: rows whose strings were made
+        UTF-8 safe (and written); ``quarantined``: rows set aside with their reason; ``spilled``/``replayed``:
+        rows (data or quarantine) into / out of the journal; ``dropped``: rows lost (a full buffer, or storage
+        down with a full journal).
+        """
+        return {
+            "written": dict(self._written),
+            "dropped": dict(self._dropped),
+            "sanitised": dict(self._sanitised),
+            "quarantined": dict(self._quarantined),
+            "spilled": dict(self._spilled),
+            "replayed": dict(self._replayed),
+            "buffered": self._buffered,
+            "buffered_bytes": self._buffered_bytes,
+            "write_errors": self._write_errors,
+            "storage_down": self._storage_down,
+            "journal": self._journal.describe(),
+        }
 
 
 def _scan_for(storage: Storage, request_id: str) -> dict[str, Any] | None:
@@ -211,6 +693,10 @@ def get_or_create_writer(settings: Settings) -> Any:
             get_if_exists=True,
             num_cpus=0,
             max_concurrency=64,
+            # A crashed writer comes back (and replays its journal); appends in flight are sent again, so a
+            # row may be written twice (at least once: readers count distinct request ids).
+            max_restarts=-1,
+            max_task_retries=3,
         )
         .remote(
             settings.storage_root,
@@ -218,6 +704,13 @@ def get_or_create_writer(settings: Settings) -> Any:
             s.capture_batch_rows,
             s.capture_flush_s,
             s.capture_max_buffer,
+            batch_bytes=s.capture_batch_bytes,
+            max_buffer_bytes=s.capture_max_buffer_bytes,
+            write_attempts=s.capture_write_attempts,
+            retry_base_s=s.capture_retry_base_s,
+            retry_max_s=s.capture_retry_max_s,
+            journal_dir=s.capture_journal_dir or default_journal_dir(settings.home),
+            journal_max_bytes=s.capture_journal_max_bytes,
         )
     )
 
@@ -233,13 +726,21 @@ class CaptureClient:
         flush_s: float,
         max_buffer: int,
         on_drop: Callable[[str, int], None] | None = None,
+        batch_bytes: int | None = None,
+        max_buffer_bytes: int | None = None,
+        resolve: Callable[[], Any] | None = None,
     ) -> None:
         self._writer = writer
         self._batch_rows = batch_rows
         self._flush_s = flush_s
         self._max_buffer = max_buffer
+        self._batch_bytes = _DEFAULTS["batch_bytes"] if batch_bytes is None else batch_bytes
+        self._max_buffer_bytes = _DEFAULTS["max_buffer_bytes"] if max_buffer_bytes is None else max_buffer_bytes
         self._on_drop = on_drop
+        self._resolve = resolve
         self._pending: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self._pending_sizes: collections.deque[int] = collections.deque()  # estimated bytes, one per pending row
+        self._pending_bytes = 0
         # Rows handed to the writer but not yet acknowledged: lookups must still find them.
         self._shipping: list[tuple[str, dict[str, Any]]] = []
         self._wake = asyncio.Event()
@@ -256,20 +757,34 @@ class CaptureClient:
             flush_s=s.capture_flush_s,
             max_buffer=s.capture_max_buffer,
             on_drop=on_drop,
+            batch_bytes=s.capture_batch_bytes,
+            max_buffer_bytes=s.capture_max_buffer_bytes,
+            resolve=lambda: get_or_create_writer(settings),
         )
 
     def record(self, table: str, row: dict[str, Any]) -> bool:
-        """Queue one row; False (and counted) if the buffer is full. Never blocks, never raises."""
-        if len(self._pending) >= self._max_buffer or self._closed:
+        """Queue one row; False (and counted) if the buffer is full. Never blocks, never raises.
+
+        The row is taken as it is: the writer makes its strings safe and quarantines what still does not fit
+        (that work stays off the request's process).
+        """
+        size = _row_bytes(row)
+        if (
+            len(self._pending) >= self._max_buffer
+            or (self._pending and self._pending_bytes + size > self._max_buffer_bytes)
+            or self._closed
+        ):
             self._drop(table, 1)
             return False
         self._pending.append((table, row))
+        self._pending_sizes.append(size)
+        self._pending_bytes += size
         if self._task is None:
             try:
                 self._task = asyncio.get_running_loop().create_task(self._run())
             except RuntimeError:  # no loop (sync caller): rows go out on close()
                 pass
-        if len(self._pending) >= self._batch_rows:
+        if len(self._pending) >= self._batch_rows or self._pending_bytes >= self._batch_bytes:
             self._wake.set()
         return True
 
@@ -293,25 +808,62 @@ class CaptureClient:
     async def _ship(self) -> None:
         while self._pending:
             batch: dict[str, list[dict[str, Any]]] = collections.defaultdict(list)
-            taken = [self._pending.popleft() for _ in range(min(len(self._pending), self._batch_rows * 4))]
+            taken: list[tuple[str, dict[str, Any]]] = []
+            nbytes = 0
+            while self._pending and len(taken) < self._batch_rows * 4 and (not taken or nbytes < self._batch_bytes * 4):
+                taken.append(self._pending.popleft())
+                size = self._pending_sizes.popleft()
+                nbytes += size
+                self._pending_bytes -= size
             self._shipping.extend(taken)
             for table, row in taken:
                 batch[table].append(row)
             try:
-                await self._send(batch)
+                delivered = await self._send(batch)
             finally:
                 sent = {id(t) for t in taken}
                 self._shipping = [t for t in self._shipping if id(t) not in sent]
+            if not delivered:
+                return  # the writer is away: the kept rows go with the next round, not in a tight loop
 
-    async def _send(self, batch: dict[str, list[dict[str, Any]]]) -> None:
+    async def _send(self, batch: dict[str, list[dict[str, Any]]]) -> bool:
+        """Hand ``batch`` to the writer; False when some rows were kept back for a later round."""
+        delivered = True
         for table, rows in batch.items():
             try:
                 dropped = await asyncio.wait_for(self._writer.append.remote(table, rows), timeout=30)
-            except Exception as e:  # writer gone or slow: drop, count, carry on serving
-                logger.warning("capture: %d %s rows dropped (%s)", len(rows), table, type(e).__name__)
-                dropped = len(rows)
+            except Exception as e:  # writer restarting, gone or slow: keep the rows for the next round
+                logger.warning("capture: writer unavailable (%s); %d %s rows kept", type(e).__name__, len(rows), table)
+                self._reresolve()
+                self._requeue(table, rows)
+                delivered = False
+                continue
             if dropped:
                 self._drop(table, int(dropped))
+        return delivered
+
+    def _reresolve(self) -> None:
+        """Look the writer up again (a writer that exhausted its restarts is created anew)."""
+        if self._resolve is None:
+            return
+        try:
+            self._writer = self._resolve()
+        except Exception as e:
+            logger.warning("capture: cannot resolve the writer (%s)", type(e).__name__)
+
+    def _requeue(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Put unsent rows back in front of the queue, within the buffer bounds; what does not fit is counted."""
+        kept = 0
+        for row in reversed(rows):
+            size = _row_bytes(row)
+            if len(self._pending) >= self._max_buffer or self._pending_bytes + size > self._max_buffer_bytes:
+                break
+            self._pending.appendleft((table, row))
+            self._pending_sizes.appendleft(size)
+            self._pending_bytes += size
+            kept += 1
+        if kept < len(rows):
+            self._drop(table, len(rows) - kept)
 
     async def close(self) -> None:
         """Ship what is queued and make the writer write everything (graceful shutdown)."""
@@ -319,6 +871,14 @@ class CaptureClient:
         if self._task is not None:
             self._task.cancel()
         await self._ship()
+        if self._pending:  # the writer stayed away: these rows are lost, and counted
+            lost = collections.Counter(table for table, _ in self._pending)
+            self._pending.clear()
+            self._pending_sizes.clear()
+            self._pending_bytes = 0
+            for table, n in lost.items():
+                logger.warning("capture: %d %s rows lost at shutdown (writer unavailable)", n, table)
+                self._drop(table, n)
         try:
             await asyncio.wait_for(self._writer.flush.remote(), timeout=60)
         except Exception as e:

@@ -55,8 +55,8 @@ def scan(
     since_day = since.date().isoformat() if since else None
     parts: set[str] = set()
     for key in sorted(st.list(root)):
-        if not key.endswith(".parquet"):
-            continue
+        if not key.endswith(".parquet") or key.rsplit("/", 1)[-1].startswith((".", "_")):
+            continue  # a writer's temporary file (or another tool's hidden one): never training data
         hive = _hive(key)
         if since_day and hive.get("date", "9999") < since_day:
             continue
