@@ -71,11 +71,12 @@ def build_router_app(args: Any) -> Any:
     from ray import serve
 
     from rayloop.rollout.router import RouterIngress
-    from rayloop.serving.app import ServeArgs, engine_actor_options, initial_user_config
+    from rayloop.serving.app import ServeArgs, check_app_auth, engine_actor_options, initial_user_config
     from rayloop.serving.server import LLMServer
 
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     s = a.settings
+    check_app_auth(a)
     es = s.serving.engine
     settings_dict = s.dump()
     handles: dict[str, Any] = {}

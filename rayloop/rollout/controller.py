@@ -455,7 +455,10 @@ def _default_backend(settings: Settings, *, start_local: bool = True) -> Backend
             from rayloop import cluster
 
             cluster.connect(settings)  # ClusterError when there is none: status works without Serve
-    return ServeBackend(settings)
+    from rayloop.serving.auth import load_key_hashes
+
+    # Keys given to this process reach a new app as hashes (never in clear in the Serve config).
+    return ServeBackend(settings, api_key_hashes=sorted(load_key_hashes(settings.serving)))
 
 
 def _plan(
@@ -494,7 +497,11 @@ def _check_gate(mv: Any, force: bool) -> dict[str, Any] | None:
 def preflight(
     settings: Settings, ref: str, force: bool, *, reg: Registry | None = None
 ) -> tuple[Any, dict[str, Any] | None]:
-    """Resolve ``ref`` and apply the gate check (no cluster needed); return the version and its gate record."""
+    """Check the API's auth policy, resolve ``ref`` and apply the gate check (no cluster needed); return the
+    version and its gate record."""
+    from rayloop.serving.auth import check_auth_policy, load_key_hashes
+
+    check_auth_policy(settings.serving, load_key_hashes(settings.serving))
     mv = (reg or Registry.from_settings(settings)).resolve(ref)
     return mv, _check_gate(mv, force)
 

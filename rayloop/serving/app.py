@@ -77,6 +77,13 @@ def initial_user_config(args: ServeArgs) -> dict[str, Any] | None:
     return None
 
 
+def check_app_auth(args: ServeArgs) -> None:
+    """Fail the app's build (DEPLOY_FAILED, with the reason) rather than serve an open API beyond loopback."""
+    from rayloop.serving.auth import check_auth_policy, load_key_hashes
+
+    check_auth_policy(args.settings.serving, set(args.api_key_hashes) | load_key_hashes(args.settings.serving))
+
+
 def engine_actor_options(settings: Settings) -> dict[str, Any]:
     """Resources and env of an engine replica (``VLLM_*`` reach replicas only through runtime_env)."""
     es = settings.serving.engine
@@ -98,6 +105,7 @@ def build_openai_app(args: ServeArgs | dict[str, Any]) -> Any:
 
     a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     s = a.settings
+    check_app_auth(a)
     es = s.serving.engine
     opts: dict[str, Any] = {
         "name": slot_deployment_name(STABLE_SLOT),

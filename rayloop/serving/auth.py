@@ -4,18 +4,55 @@ Keys come from the env var named by ``settings.serving.api_keys_env``
 (comma-separated), from ``settings.serving.api_keys_file`` (one per line, ``#``
 comments), or as sha256 hashes in the app's args (what ``rayloop serve`` passes,
 so plain keys never appear in a Serve config). Only hashes are kept in memory
-and keys are never logged. No keys configured means no authentication.
+and keys are never logged.
+
+Closed by default: with no key configured the API starts only on a loopback
+address (a developer's own machine). Anywhere else it refuses to start unless
+``serving.auth: none`` says so explicitly (:func:`check_auth_policy`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 import os
 from pathlib import Path
 
 from rayloop.config import ServingSettings
 from rayloop.errors import ConfigError
+
+logger = logging.getLogger("ray.serve")
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (``127.0.0.0/8``, ``::1``, ``localhost``)."""
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_auth_policy(serving: ServingSettings, hashes: set[str] | list[str]) -> None:
+    """Refuse an open API beyond loopback: raise :class:`ConfigError` unless keys exist or auth is ``none``."""
+    if hashes or is_loopback(serving.http_host):
+        return
+    if serving.auth == "none":
+        logger.warning(
+            "rayloop API on %s without authentication (serving.auth: none): anyone who reaches it may use it",
+            serving.http_host,
+        )
+        return
+    raise ConfigError(
+        f"no API key is configured and serving.http_host is {serving.http_host!r}, which other machines can "
+        "reach: rayloop will not serve an open API there",
+        hint=f"Set keys in ${serving.api_keys_env} (comma-separated) or serving.api_keys_file, bind "
+        "serving.http_host to 127.0.0.1, or set serving.auth: none to run without authentication on purpose.",
+    )
 
 
 def hash_key(key: str) -> str:

@@ -35,13 +35,14 @@ def serve_model(
 ) -> dict[str, Any]:
     """Deploy ``model_ref`` on the configured cluster (upgrading the app in place if it runs)."""
     from rayloop import cluster
-    from rayloop.serving.auth import load_key_hashes
+    from rayloop.serving.auth import check_auth_policy, load_key_hashes
     from rayloop.serving.deploy import deploy
 
-    cfg = model_config(settings, model_ref, path, version)
-    cluster.connect(settings)
     # Keys are hashed here, so the Serve config (visible in the dashboard) never holds them.
     hashes = sorted(load_key_hashes(settings.serving))
+    check_auth_policy(settings.serving, hashes)
+    cfg = model_config(settings, model_ref, path, version)
+    cluster.connect(settings)
     res = deploy(settings, cfg, app_name=app_name, api_key_hashes=hashes, wait=wait, timeout_s=timeout_s)
     out = asdict(res)
     out["url"] = f"{settings.serving.base_url}/v1"

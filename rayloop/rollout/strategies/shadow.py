@@ -13,7 +13,6 @@ the pairs are still too few the report says ``verdict: inconclusive`` and the
 rollout ends ``rolled_back`` (nothing was judged, so nothing may be concluded).
 """
 
-
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
