@@ -4,6 +4,10 @@ Every byte is hashed exactly once per copy, in the same pass that copies it:
 the sha256 of one chunk runs while a helper thread writes the previous one
 (both release the GIL), and several files move at once. Downloads are
 verified against the manifest in the database before they become visible.
+
+What a model directory may contain (no links, no pickle, complete
+safetensors) and the fingerprint definition live in :mod:`rayloop.modelfiles`,
+shared with the serving replica's checks.
 """
 
 from __future__ import annotations
@@ -13,26 +17,26 @@ import json
 import os
 import posixpath
 import shutil
-import struct
+import stat
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from rayloop import modelfiles
 from rayloop.errors import IntegrityError, NotFoundError, UnsafeArtifactError
 from rayloop.registry.models import FileEntry
 from rayloop.storage import Storage
 
-CHUNK = 8 << 20
-MANIFEST_FILE = "manifest.json"
+CHUNK = modelfiles.CHUNK
+MANIFEST_FILE = modelfiles.MANIFEST_FILE
 """Written next to the files in storage: the version is self-describing."""
 MARKER_FILE = ".rayloop-verified.json"
 """Written into a fetched directory once every hash matched."""
 
 # Formats that unpickle on load (arbitrary code execution): refused.
-UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
-_MAX_SAFETENSORS_HEADER = 100 << 20
+UNSAFE_SUFFIXES = modelfiles.UNSAFE_SUFFIXES
 
 
 def version_prefix(name: str, version: int) -> str:
@@ -41,34 +45,21 @@ def version_prefix(name: str, version: int) -> str:
 
 def fingerprint(manifest: dict[str, FileEntry]) -> str:
     """sha256 of the manifest's canonical JSON: identical files give an identical fingerprint."""
-    canon = json.dumps({k: [v["sha256"], int(v["size"])] for k, v in sorted(manifest.items())}, separators=(",", ":"))
-    return hashlib.sha256(canon.encode()).hexdigest()
+    return modelfiles.fingerprint(manifest)
 
 
 # -- checking a model directory ----------------------------------------------
 def _check_safetensors(path: Path, rel: str) -> None:
-    """Parse the header: a .safetensors file must be one (8-byte length + JSON)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if n <= 1 or n > _MAX_SAFETENSORS_HEADER or 8 + n > size:
-            raise UnsafeArtifactError(
-                f"{rel} is not a valid safetensors file (bad header length)", hint="Re-save it with safetensors."
-            )
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise UnsafeArtifactError(f"{rel} is not a valid safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise UnsafeArtifactError(f"{rel} is not a valid safetensors file (header is not a mapping)")
+    """A .safetensors file must be one, and complete: header parsed, size equal to what it promises."""
+    modelfiles.read_safetensors_header(path, name=rel, error=UnsafeArtifactError)
 
 
 def scan_model_dir(model_dir: str | Path) -> list[tuple[str, Path]]:
     """List ``(relative posix path, absolute path)`` of the files to register, after checking them.
 
     Hidden files and directories (``.git``, ``.cache``) are skipped. Refuses
-    pickle weights, and requires ``config.json`` and at least one valid
+    symbolic links and special files (:func:`rayloop.modelfiles.list_files`),
+    pickle weights, and requires ``config.json`` and at least one complete
     ``*.safetensors``.
     """
     root = Path(model_dir).expanduser()
@@ -76,22 +67,13 @@ def scan_model_dir(model_dir: str | Path) -> list[tuple[str, Path]]:
         raise NotFoundError(
             f"model directory {str(root)!r} does not exist or is not a directory", hint="Pass an HF model directory."
         )
-    files: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in sorted(filenames):
-            if fn.startswith("."):
-                continue
-            p = Path(dirpath) / fn
-            rel = p.relative_to(root).as_posix()
-            if p.suffix.lower() in UNSAFE_SUFFIXES:
-                raise UnsafeArtifactError(
-                    f"{rel} in {str(root)!r} is a pickle-based weights file ({p.suffix}); "
-                    "only safetensors weights are accepted"
-                )
-            if not p.is_file():
-                continue
-            files.append((rel, p.resolve()))
+    files = modelfiles.list_files(root)
+    for rel, p in files:
+        if p.suffix.lower() in UNSAFE_SUFFIXES:
+            raise UnsafeArtifactError(
+                f"{rel} in {str(root)!r} is a pickle-based weights file ({p.suffix}); "
+                "only safetensors weights are accepted"
+            )
     rels = {r for r, _ in files}
     if MANIFEST_FILE in rels:
         raise UnsafeArtifactError(
@@ -146,17 +128,6 @@ def _pipe(src: Any, write: Callable[[Any], Any], writer: ThreadPoolExecutor, *, 
     return {"sha256": h.hexdigest(), "size": size}
 
 
-def _hash_stream(src: Any) -> FileEntry:
-    h = hashlib.sha256()
-    size = 0
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    while n := src.readinto(buf):
-        h.update(view[:n])
-        size += n
-    return {"sha256": h.hexdigest(), "size": size}
-
-
 def _parallel(jobs: Iterable[Any], fn: Callable[[Any, ThreadPoolExecutor], Any], workers: int) -> list[Any]:
     jobs = list(jobs)
     n = max(1, min(workers, len(jobs)))
@@ -171,8 +142,7 @@ def hash_files(files: list[tuple[str, Path]], *, workers: int = 4) -> dict[str, 
     """Manifest of local files without copying them."""
 
     def one(job: tuple[str, Path], _wr: ThreadPoolExecutor) -> tuple[str, FileEntry]:
-        with open(job[1], "rb", buffering=0) as f:
-            return job[0], _hash_stream(f)
+        return job[0], modelfiles.hash_file(job[1], job[0])
 
     return dict(_parallel(files, one, workers))
 
@@ -186,7 +156,11 @@ def upload_files(
 
     def one(job: tuple[str, Path], wr: ThreadPoolExecutor) -> tuple[str, FileEntry]:
         rel, src = job
-        with open(src, "rb", buffering=0) as fin, storage.fs.open_output_stream(storage.path(f"{prefix}/{rel}")) as out:
+        # O_NOFOLLOW: a file swapped for a link after scan_model_dir is refused, not followed.
+        with (
+            modelfiles.open_regular(src, rel) as fin,
+            storage.fs.open_output_stream(storage.path(f"{prefix}/{rel}")) as out,
+        ):
             return rel, _pipe(fin, out.write, wr, reuse_buffers=storage.is_local)
 
     return dict(_parallel(files, one, workers))
@@ -255,7 +229,7 @@ def verify_stored(storage: Storage, prefix: str, manifest: dict[str, FileEntry],
 
     def one(rel: str, _wr: ThreadPoolExecutor) -> None:
         with storage.fs.open_input_stream(storage.path(f"{prefix}/{rel}")) as src:
-            got = _hash_stream(src)
+            got = modelfiles.hash_stream(src)
         if got != manifest[rel]:
             raise _mismatch(ref, rel, manifest[rel], got, "stored")
 
@@ -273,27 +247,47 @@ def write_marker(directory: Path, manifest: dict[str, FileEntry]) -> None:
 
 
 def local_copy_ok(directory: Path, manifest: dict[str, FileEntry], *, rehash: bool = False) -> bool:
-    """True if ``directory`` holds exactly the manifest's files, unchanged since they were verified."""
+    """True if ``directory`` holds exactly the manifest's files, unchanged since they were verified.
+
+    Without ``rehash`` a cache hit costs one ``lstat`` per file: every file
+    must be a regular file (a link is a miss, as is a linked directory), its
+    size must equal the manifest's (so a copy cut short or grown never
+    reaches an engine, whatever the marker says) and its size and mtime must
+    equal what the marker recorded right after the hashes matched.
+
+    Size + mtime may stand in for re-hashing only while the cache is private
+    to this node (written by rayloop alone, on a local disk): anyone else who
+    can write to it can edit a file in place and put its mtime back with
+    ``os.utime``. For a shared or network cache directory pass ``rehash=True``.
+    """
     try:
         marker = json.loads((directory / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return False
-    if marker.get("fingerprint") != fingerprint(manifest):
+    if marker.get("fingerprint") != fingerprint(manifest) or not isinstance(marker.get("files"), dict):
         return False
-    present = {
-        Path(dp, f).relative_to(directory).as_posix()
-        for dp, _, fs in os.walk(directory)
-        for f in fs
-        if not (dp == str(directory) and f == MARKER_FILE)
-    }
+    present: set[str] = set()
+    for dp, dirnames, fs in os.walk(directory):
+        if any(os.path.islink(os.path.join(dp, d)) for d in dirnames):
+            return False
+        present.update(Path(dp, f).relative_to(directory).as_posix() for f in fs)
+    present.discard(MARKER_FILE)
     if present != set(manifest):
         return False
     for rel, want in manifest.items():
-        st = (directory / rel).stat()
-        if [st.st_size, st.st_mtime_ns] != marker["files"].get(rel) or st.st_size != want["size"]:
+        try:
+            st = os.lstat(directory / rel)
+        except OSError:
+            return False
+        if not stat.S_ISREG(st.st_mode) or st.st_size != want["size"]:
+            return False
+        if [st.st_size, st.st_mtime_ns] != marker["files"].get(rel):
             return False
         if rehash:
-            with open(directory / rel, "rb", buffering=0) as f:
-                if _hash_stream(f) != want:
-                    return False
+            try:
+                with modelfiles.open_regular(directory / rel, rel) as f:
+                    if modelfiles.hash_stream(f) != want:
+                        return False
+            except (OSError, UnsafeArtifactError):
+                return False
     return True

@@ -2,25 +2,28 @@
 
 A bad ``weights_path`` kills a running vLLM engine, and a checkpoint missing
 some tensors silently yields a mixed model after ``reload_weights``. So before
-an in-place swap the replica checks: files present, only safetensors, every
-safetensors header readable, the fingerprint (the registry's definition: sha256
+an in-place swap the replica checks: files present, no symbolic links or
+special files, only safetensors, every safetensors file complete (its size is
+what its header promises), the fingerprint (the registry's definition: sha256
 of the canonical JSON manifest of file hashes) as expected, and the same
 tensor names, shapes and dtypes as the loaded version (see :class:`Signature`).
+
+Listing, safetensors checks and the fingerprint come from :mod:`rayloop.modelfiles`,
+which the registry uses too.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rayloop import modelfiles
 from rayloop.errors import IntegrityError, NotFoundError, UnsafeArtifactError
 
-UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+UNSAFE_SUFFIXES = modelfiles.UNSAFE_SUFFIXES
 # Config keys that fix the tensor shapes and the graph; a change needs a new engine.
 _SHAPE_KEYS = (
     "architectures",
@@ -39,64 +42,26 @@ _SHAPE_KEYS = (
 )
 # Files that change what the engine does outside the weights.
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-_MAX_HEADER = 100 << 20
 
 
 def _files(root: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".")]
-    return out
+    """Every non-hidden file under ``root``; a symbolic link or special file raises :class:`UnsafeArtifactError`."""
+    return [p for _, p in modelfiles.list_files(root)]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def manifest(model_dir: str | Path) -> dict[str, dict[str, Any]]:
+def manifest(model_dir: str | Path) -> dict[str, modelfiles.FileDigest]:
     """``{relative path: {sha256, size}}`` of every non-hidden file (the registry's manifest)."""
-    root = Path(model_dir)
-    return {
-        p.relative_to(root).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
-        for p in _files(root)
-        if p.name != "manifest.json" or p.parent != root
-    }
+    return modelfiles.manifest(model_dir)
 
 
 def fingerprint(model_dir: str | Path) -> str:
     """Content fingerprint of a model directory, equal to the registry's for the same files."""
-    m = manifest(model_dir)
-    canon = json.dumps({k: [v["sha256"], int(v["size"])] for k, v in sorted(m.items())}, separators=(",", ":"))
-    return hashlib.sha256(canon.encode()).hexdigest()
+    return modelfiles.dir_fingerprint(model_dir)
 
 
-def read_safetensors_header(path: Path) -> dict[str, Any]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if n <= 1 or n > _MAX_HEADER or 8 + n > size:
-            raise IntegrityError(f"{path.name} is not a valid safetensors file (bad header length)", path=str(path))
-        try:
-            header = json.loads(f.read(n))
-        except ValueError:
-            raise IntegrityError(
-                f"{path.name} is not a valid safetensors file (header is not JSON)", path=str(path)
-            ) from None
-    header.pop("__metadata__", None)
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
-    if 8 + n + end > size:
-        raise IntegrityError(
-            f"{path.name} is truncated: {size} bytes, its header needs {8 + n + end}",
-            path=str(path),
-            hint="Copy the checkpoint again; a partial checkpoint would give a mixed model.",
-        )
-    return dict(header)
+def read_safetensors_header(path: Path, name: str | None = None) -> dict[str, Any]:
+    """Tensor entries (``__metadata__`` removed) of a complete safetensors file, else :class:`IntegrityError`."""
+    return modelfiles.read_safetensors_header(path, name=name).tensors
 
 
 @dataclass(frozen=True)
@@ -142,15 +107,17 @@ def check_model_dir(model_dir: str | Path, *, expected_fingerprint: str | None =
     """Validate a model directory and return its :class:`Signature`.
 
     Raises :class:`NotFoundError` (missing dir/files), :class:`UnsafeArtifactError`
-    (pickle weights) or :class:`IntegrityError` (bad header, truncation, shard
-    missing, fingerprint mismatch).
+    (symbolic link, special file, pickle weights) or :class:`IntegrityError`
+    (bad header, truncated or padded safetensors, shard missing, fingerprint
+    mismatch).
     """
     root = Path(model_dir)
     if not root.is_dir():
         raise NotFoundError(
             f"model directory {str(root)!r} does not exist", hint="Check the path or `rayloop models show`."
         )
-    files = _files(root)
+    listed = modelfiles.list_files(root)
+    files = [p for _, p in listed]
     if bad := [p.name for p in files if p.suffix.lower() in UNSAFE_SUFFIXES]:
         raise UnsafeArtifactError(f"{str(root)!r} holds pickle-based weights {bad}; only safetensors are accepted")
     cfg_path = root / "config.json"
@@ -160,18 +127,18 @@ def check_model_dir(model_dir: str | Path, *, expected_fingerprint: str | None =
         cfg = json.loads(cfg_path.read_text())
     except ValueError as e:
         raise IntegrityError(f"{cfg_path} is not valid JSON: {e}", path=str(cfg_path)) from None
-    weights = sorted(p for p in files if p.suffix == ".safetensors")
+    weights = sorted((p, rel) for rel, p in listed if p.suffix == ".safetensors")
     if not weights:
         raise NotFoundError(f"{str(root)!r} holds no *.safetensors weights")
     index = root / "model.safetensors.index.json"
     if index.is_file():
         wanted = set(json.loads(index.read_text()).get("weight_map", {}).values())
-        if missing := sorted(wanted - {p.name for p in weights}):
+        if missing := sorted(wanted - {p.name for p, _ in weights}):
             raise IntegrityError(f"{str(root)!r} lacks shards {missing} listed in its index", path=str(index))
     # Names and shapes, not dtypes: the engine casts to its own dtype on load.
     tensors: list[tuple[str, list[int]]] = []
-    for p in weights:
-        for name, meta in read_safetensors_header(p).items():
+    for p, rel in weights:
+        for name, meta in read_safetensors_header(p, rel).items():
             tensors.append((name, list(meta["shape"])))
     if expected_fingerprint is not None:
         got = fingerprint(root)

@@ -25,8 +25,10 @@ from rayloop.storage import Storage
 FAKE = "rayloop.serving.fake_engine:FakeEngine"
 
 
-def _safetensors(path: Path, tensors: dict[str, list[int]], truncate: int = 0) -> None:
-    header: dict[str, Any] = {}
+def _safetensors(
+    path: Path, tensors: dict[str, list[int]], truncate: int = 0, metadata: dict[str, str] | None = None
+) -> None:
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     off = 0
     for name, shape in tensors.items():
         n = 4
@@ -47,10 +49,8 @@ def _model_dir(root: Path, *, seed: int = 0, tie: bool = False, hidden: int = 4)
     tensors = {"embed.weight": [8, hidden]}
     if not tie:
         tensors["lm_head.weight"] = [8, hidden]
-    _safetensors(root / "model.safetensors", tensors)
-    # Different seeds -> different bytes (the fake engine's answers depend on them).
-    with open(root / "model.safetensors", "ab") as f:
-        f.write(bytes([seed]))
+    # Different seeds -> different bytes (the fake engine's answers depend on them), in a complete file.
+    _safetensors(root / "model.safetensors", tensors, metadata={"seed": str(seed)})
     return root
 
 
