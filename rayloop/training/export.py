@@ -11,7 +11,9 @@ as it loaded the parent.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +61,20 @@ def export_hf(ckpt_dir: str | Path, tag: str, base_dir: str | Path, out_dir: str
         raise TrainingError(
             f"checkpoint does not match the base model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    model.save_pretrained(str(out), safe_serialization=True)
-    for name in COPY_FROM_BASE:
-        if (base / name).is_file():
-            shutil.copy2(base / name, out / name)
-    (out / "rayloop_training.json").write_text(json.dumps(extra, indent=1, sort_keys=True, default=str))
+    # Written beside the target and renamed into place: a crash mid-export never leaves a directory that
+    # looks like a finished model.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        for name in COPY_FROM_BASE:
+            if (base / name).is_file():
+                shutil.copy2(base / name, tmp / name)
+        (tmp / "rayloop_training.json").write_text(json.dumps(extra, indent=1, sort_keys=True, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rayloop.errors import TrainingError
+
 CKPT_TAG = "ds"
 STATE_FILE = "train_state.json"
 CONFIG_FILE = "training_config.json"
@@ -123,7 +125,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
-            engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=True)
+            loaded, _ = engine.load_checkpoint(d, tag=CKPT_TAG, load_module_strict=True)
+            if loaded is None:
+                # DeepSpeed only warns and returns None when it cannot load: training on would start from the
+                # base weights while the step counter says otherwise. Stop instead.
+                raise TrainingError(
+                    f"cannot load the checkpoint to resume from ({restored.path}, tag {CKPT_TAG!r})",
+                    hint="Check the run's storage; delete the run's checkpoints to start it over.",
+                )
             state = json.loads((Path(d) / STATE_FILE).read_text())
         step, history, base_eval = state["step"], state["history"], state.get("base_eval_loss")
         history.append({"step": step, "event": "resumed", "attempt": state.get("attempt", 0) + 1})
