@@ -17,17 +17,19 @@ ids that were never captured).
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ray import serve
 
 from rayloop.config import Settings
@@ -60,9 +62,17 @@ class FeedbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     request_id: str = Field(min_length=1, max_length=200, description="x-rayloop-request-id (or the response's id).")
-    rating: int | None = Field(default=None, ge=-1, le=1, description="-1 bad, 0 neutral, +1 good.")
+    # Strict: only a JSON integer; "1", 1.0 and true are refused rather than converted.
+    rating: int | None = Field(default=None, ge=-1, le=1, strict=True, description="-1 bad, 0 neutral, +1 good.")
     correction: str | None = Field(default=None, max_length=100_000, description="What the answer should have been.")
     user_id: str | None = Field(default=None, max_length=200, description="Who gave the feedback.")
+
+    @field_validator("correction")
+    @classmethod
+    def _not_blank(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("a correction must not be empty or only white space (leave it out instead)")
+        return v
 
     @model_validator(mode="after")
     def _something(self) -> FeedbackRequest:
@@ -77,6 +87,117 @@ def _error(
     return JSONResponse(
         openai_error(status, message, err_type, param), status_code=status, headers={REQUEST_ID_HEADER: rid, **headers}
     )
+
+
+# Request bodies. Every refusal is an OpenAI-style error naming the problem, never an exception (a 500).
+MAX_JSON_DEPTH = 100  # arrays/objects nested in a body; Python's json itself stops near 1000 with RecursionError
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # how a lone surrogate gets into a strict-UTF-8 body
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_DIGITS = re.compile(r"[0-9]+")
+
+
+@dataclass(frozen=True)
+class BodyError:
+    """Why a request body was refused: the HTTP status and the OpenAI error's message, type and param."""
+
+    status: int
+    message: str
+    err_type: str = "BadRequestError"
+    param: str | None = None
+
+
+def _too_large(limit: int) -> BodyError:
+    return BodyError(413, f"request body is larger than {limit} bytes (serving.max_body_bytes)", "PayloadTooLargeError")
+
+
+def check_content_length(value: str | None, limit: int) -> BodyError | None:
+    """Refuse a request by its ``Content-Length`` header alone (none: the body is read up to ``limit``)."""
+    if value is None:
+        return None
+    if not _DIGITS.fullmatch(value.strip()):
+        return BodyError(400, "the Content-Length header is not a byte count")
+    digits = value.strip().lstrip("0")  # its length first: int() refuses more than 4300 digits
+    return _too_large(limit) if len(digits) > len(str(limit)) or int(digits or "0") > limit else None
+
+
+async def read_body(request: Request, limit: int) -> bytes | BodyError:
+    """The body of ``request``, reading no more than ``limit`` (plus one chunk) bytes of it."""
+    refused = check_content_length(request.headers.get("content-length"), limit)
+    if refused is not None:
+        return refused
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            return _too_large(limit)
+    return bytes(raw)
+
+
+def _path(parts: tuple[str | int, ...]) -> str:
+    return ".".join(str(p) for p in parts)
+
+
+def _check_nodes(body: Any) -> BodyError | None:
+    """The first string (or key) holding a lone UTF-16 surrogate, or container nested too deeply, in ``body``."""
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(body, ())]
+    while stack:
+        node, path = stack.pop()
+        if isinstance(node, str):
+            if _SURROGATE.search(node):
+                where = _path(path) or None
+                return BodyError(
+                    400, f"request body holds a lone UTF-16 surrogate escape in {where or 'the body'}", param=where
+                )
+            continue
+        if not isinstance(node, dict | list):
+            continue
+        if len(path) >= MAX_JSON_DEPTH:
+            return BodyError(400, f"request body nests arrays/objects more than {MAX_JSON_DEPTH} deep")
+        if isinstance(node, dict):
+            for key in node:
+                if _SURROGATE.search(key):
+                    where = _path(path) or None
+                    return BodyError(
+                        400,
+                        f"request body holds a lone UTF-16 surrogate escape in a key of {where or 'the body'}",
+                        param=where,
+                    )
+            children: list[tuple[str | int, Any]] = list(node.items())
+        else:
+            children = list(enumerate(node))
+        stack.extend((v, (*path, k)) for k, v in reversed(children))
+    return None
+
+
+def parse_json_body(raw: bytes, limit: int) -> dict[str, Any] | BodyError:
+    """A request body as a JSON object, or why it is refused.
+
+    Refused: more than ``limit`` bytes (413); not UTF-8 (UTF-8-encoded surrogates included); not JSON; arrays
+    or objects nested more than :data:`MAX_JSON_DEPTH` deep; a string or key with a lone UTF-16 surrogate
+    escape (``"\\ud800"``: it cannot be encoded again, in a reply, a log or a captured row); not an object.
+    """
+    if len(raw) > limit:
+        return _too_large(limit)
+    try:
+        # Strict UTF-8 (a BOM allowed, as before): json.loads(bytes) would also take UTF-16/32 and let
+        # UTF-8-encoded surrogates through ("surrogatepass").
+        text = raw.removeprefix(codecs.BOM_UTF8).decode("utf-8")
+    except UnicodeDecodeError as e:
+        return BodyError(400, f"request body is not valid UTF-8 ({e.reason} at byte {e.start})")
+    try:
+        body = json.loads(text)
+    except RecursionError:
+        return BodyError(400, f"request body nests arrays/objects more than {MAX_JSON_DEPTH} deep")
+    except ValueError as e:
+        return BodyError(400, f"request body is not valid JSON: {e}")
+    # Walked only where the raw bytes allow a problem: enough brackets to nest too deep, or a surrogate escape.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH or _SURROGATE_ESCAPE.search(raw):
+        refused = _check_nodes(body)
+        if refused is not None:
+            return refused
+    if not isinstance(body, dict):
+        return BodyError(400, f"request body must be a JSON object, not {type(body).__name__}")
+    return body
 
 
 def _strip_request_id(rid: str) -> str:
@@ -296,13 +417,12 @@ class OpenAIIngress:
 
     # -- the OpenAI path ----------------------------------------------------
     async def _json(self, request: Request, rid: str) -> dict[str, Any] | Response:
-        raw = await request.body()
-        try:
-            body = json.loads(raw)
-        except ValueError as e:
-            return _error(400, f"request body is not valid JSON: {e}", "BadRequestError", rid)
-        if not isinstance(body, dict):
-            return _error(400, f"request body must be a JSON object, not {type(body).__name__}", "BadRequestError", rid)
+        """The request's body as a JSON object, or the error response (see :func:`parse_json_body`)."""
+        limit = self.settings.serving.max_body_bytes
+        raw = await read_body(request, limit)
+        body = raw if isinstance(raw, BodyError) else parse_json_body(raw, limit)
+        if isinstance(body, BodyError):
+            return _error(body.status, body.message, body.err_type, rid, body.param)
         return body
 
     async def _openai(self, endpoint: str, request: Request) -> Response:
