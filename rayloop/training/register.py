@@ -7,6 +7,7 @@ Registry.from_settings(settings).resolve("demo@candidate").version == mv.version
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rayloop.config import Settings
@@ -47,14 +48,16 @@ def register_candidate(
     }
     if job_id:
         lineage["job_id"] = job_id
-    mv = reg.register(
-        name,
-        result.model_dir,
-        parent=parent_version,
-        metadata={"source": "retrain", "parent_version": parent_version},
-        lineage=lineage,
-        actor="retrain",
-    )
+    mv = _already_registered(reg, name, result.model_dir, snapshot_id, parent_version)
+    if mv is None:
+        mv = reg.register(
+            name,
+            result.model_dir,
+            parent=parent_version,
+            metadata={"source": "retrain", "parent_version": parent_version},
+            lineage=lineage,
+            actor="retrain",
+        )
     reg.set_alias(
         name,
         CANDIDATE_ALIAS,
@@ -63,3 +66,22 @@ def register_candidate(
         reason=f"retrained on snapshot {snapshot_id} from version {parent_version}",
     )
     return reg.resolve(f"{name}@{mv.version}")
+
+
+def _already_registered(
+    reg: Any, name: str, model_dir: Path, snapshot_id: str, parent_version: int | None
+) -> ModelVersion | None:
+    """The version these very files were registered as by an earlier attempt of the same run, if any.
+
+    A pipeline resumed after a crash between registering and recording that it did must not register the
+    same candidate twice: same files (fingerprint), same snapshot and parent means the same candidate.
+    """
+    from rayloop.modelfiles import dir_fingerprint
+
+    fp = dir_fingerprint(model_dir)
+    for mv in reversed(reg.list_versions(name)):
+        if mv.fingerprint == fp and mv.parent == parent_version and mv.lineage.get("snapshot_id") == snapshot_id:
+            found: ModelVersion = mv
+            return found
+    return None
+
