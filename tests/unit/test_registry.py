@@ -430,3 +430,24 @@ def test_times_share_one_format(reg: Registry, model: Path) -> None:
     reg.set_alias("demo", "production", 1)
     assert mv.to_json()["created_at"].endswith("Z")
     assert reg.alias_history("demo")[0]["time"].endswith("Z")
+
+
+def test_registering_the_same_candidate_twice_gives_one_version(tmp_path: Path) -> None:
+    """A pipeline resumed after registering (but before recording it) must not make a second version."""
+    from rayloop.config import load_settings
+    from rayloop.training.register import register_candidate
+    from rayloop.training.retrain import RetrainResult
+
+    settings = load_settings(env={"RAYLOOP_HOME": str(tmp_path / "home")})
+    reg = Registry.from_settings(settings)
+    reg.register("demo", make_model_dir(tmp_path / "base", seed=1))
+    out = make_model_dir(tmp_path / "trained", seed=2)
+    res = RetrainResult(model_dir=out, train_loss=0.1, eval_loss=None, steps=3, checkpoint_uri="file:///ckpt")
+    first = register_candidate(settings, res, name="demo", parent_version=1, snapshot_id="snap-a")
+    again = register_candidate(settings, res, name="demo", parent_version=1, snapshot_id="snap-a")
+    assert first.version == again.version == 2
+    assert [v.version for v in reg.list_versions("demo")] == [1, 2]
+    assert reg.get_alias("demo", "candidate") == 2
+    # Other data: a new candidate, even from the same files.
+    other = register_candidate(settings, res, name="demo", parent_version=1, snapshot_id="snap-b")
+    assert other.version == 3
