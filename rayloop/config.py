@@ -217,10 +217,8 @@ class ServingSettings(_Model):
     )
     ingress_in_engine: bool = Field(
         default=True,
-        description="The plain serving app (rayloop serve, serve_apps/llm.py) is one deployment whose engine "
-        "replicas answer HTTP themselves: one process fewer on every request's way in and every streamed message's "
-        "way out (benchmarks/serve/bench_serve.py, variants default vs separate-ingress). Off: a separate "
-        "OpenAIIngress deployment forwards to the engine replicas. The rollout router always has its own ingress.",
+        description="No longer used: the stable slot's engine replicas always answer HTTP and route (one app "
+        "layout for serving and every rollout strategy). Accepted so that existing rayloop.yaml files load.",
     )
     api_keys_env: str = Field(default="RAYLOOP_API_KEYS", description="Env var with comma-separated bearer tokens.")
     api_keys_file: str | None = Field(default=None, description="File with one bearer token per line.")
@@ -374,7 +372,7 @@ class RolloutSettings(_Model):
         default=3.0, ge=1, description="A step short of data waits up to this many intervals, then moves on."
     )
     shadow_max_in_flight: int = Field(
-        default=8, ge=1, description="Shadow copies in flight per router replica; more are skipped, never queued."
+        default=8, ge=1, description="Shadow copies in flight per stable replica; more are skipped, never queued."
     )
     ready_timeout_s: float = Field(
         default=600.0, gt=0, description="How long a slot may take to load a version before the rollout fails."

@@ -1,4 +1,4 @@
-"""Serve application: rayloop's OpenAI-compatible LLM server.
+"""Serve application: rayloop's OpenAI-compatible LLM server (one layout for serving and every rollout).
 
 ``import_path: serve_apps.llm:build_app`` in a Serve config; ``args`` are
 validated into :class:`rayloop.serving.app.ServeArgs`::
@@ -10,6 +10,10 @@ validated into :class:`rayloop.serving.app.ServeArgs`::
         deployments:
           - name: llm-stable
             user_config: {model: demo, version: 3, fingerprint: "<sha256>"}
+
+``llm-canary`` and ``llm-shadow`` (idle unless a rollout uses them) and the
+route table (``routes`` in ``llm-stable``'s ``user_config``) are written by
+`rayloop serve` and `rayloop deploy` (see :mod:`rayloop.serving.app`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from ray.serve import Application
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    from rayloop.serving.app import ServeArgs, build_openai_app
+    from rayloop.serving.app import ServeArgs
+    from rayloop.serving.app import build_app as build
 
-    app: Application = build_openai_app(ServeArgs.model_validate(args))
+    app: Application = build(ServeArgs.model_validate(args))
     return app

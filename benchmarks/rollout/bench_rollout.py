@@ -53,8 +53,8 @@ def main() -> None:
     from rayloop.config import load_settings
     from rayloop.registry import Registry
     from rayloop.rollout.controller import deploy, send_command
-    from rayloop.rollout.routing import Picker, RouteTable
     from rayloop.serving.protocol import ReplyHead
+    from rayloop.serving.routing import Picker, RouteTable
     from tests.integration.rollout_util import Load
     from tests.integration.serving_util import free_port, make_variant, serve_http_url
 

@@ -150,12 +150,8 @@ def wait_ready(url: str, timeout: float = 300) -> None:
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    # rayloop's defaults: paced streams, the engine replicas answer HTTP themselves (serving.ingress_in_engine).
+    # rayloop's defaults: paced streams, the stable engine replicas answer HTTP themselves.
     "default": {},
-    # A separate OpenAIIngress deployment in front of the engine, called over Serve's gRPC.
-    "separate-ingress": {"ingress_in_engine": False},
-    # ... and over Ray actor calls (rayloop before serving.grpc_handles).
-    "actor-calls": {"ingress_in_engine": False, "grpc_handles": False},
     # One message per engine step.
     "pacing-off": {"stream_interval_ms": 0, "stream_messages_per_s": 0},
 }
@@ -299,7 +295,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         choices=sorted(VARIANTS),
-        default=["default", "separate-ingress"],
+        default=["default"],
         help="rayloop configurations, each measured against vLLM (upgrade timings with the defaults).",
     )
     p.add_argument(

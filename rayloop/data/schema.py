@@ -41,7 +41,7 @@ INTERACTION_SCHEMA = pa.schema(
         pa.field("completion_tokens", pa.int32()),
         pa.field("latency_ms", pa.float64()),
         pa.field("ttft_ms", pa.float64()),
-        pa.field("status", pa.string(), nullable=False),  # "ok" or "error"
+        pa.field("status", pa.string(), nullable=False),  # "ok", "client_error" or "error" (serving.ingress.row_status)
         pa.field("error", pa.string()),
         pa.field("finish_reason", pa.string()),
     ]

@@ -13,6 +13,9 @@ once, even mid-step), ``pass`` when the canary has enough requests and nothing
 failed, else ``inconclusive``.
 
     >>> from rayloop.config import RolloutSettings
+from rayloop.serving.stats import SlotWindow, percentile
+
+__all__ = ["FAIL", "INCONCLUSIVE", "PASS", "Decision", "SlotWindow", "Verdict", "judge", "percentile"]
     >>> ok = SlotWindow(requests=100, latencies_ms=[10.0] * 100, ratings=[1] * 20)
     >>> judge(ok, ok, RolloutSettings()).decision
     'pass'
@@ -20,74 +23,19 @@ failed, else ``inconclusive``.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from rayloop.config import RolloutSettings
+from rayloop.serving.stats import SlotWindow, percentile
+
+__all__ = ["FAIL", "INCONCLUSIVE", "PASS", "Decision", "SlotWindow", "Verdict", "judge", "percentile"]
 
 Decision = Literal["pass", "fail", "inconclusive"]
 PASS: Decision = "pass"
 FAIL: Decision = "fail"
 INCONCLUSIVE: Decision = "inconclusive"
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (``q`` in 0..100); None for no values."""
-    if not values:
-        return None
-    s = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(s)))
-    return s[rank - 1]
-
-
-class SlotWindow(BaseModel):
-    """What one slot did over a window (built by the stats actor from router observations)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    requests: int = Field(default=0, ge=0, description="Answered requests.")
-    errors: int = Field(default=0, ge=0, description="Requests that ended in an error.")
-    latencies_ms: list[float] = Field(default_factory=list, description="Latency samples (ok requests).")
-    ratings: list[int] = Field(default_factory=list, description="Feedback ratings joined by request id.")
-    versions: list[int] = Field(default_factory=list, description="Versions that answered.")
-
-    @property
-    def error_rate(self) -> float:
-        return self.errors / self.requests if self.requests else 0.0
-
-    @property
-    def p95_ms(self) -> float | None:
-        return percentile(self.latencies_ms, 95)
-
-    @property
-    def mean_rating(self) -> float | None:
-        return sum(self.ratings) / len(self.ratings) if self.ratings else None
-
-    def merged(self, other: SlotWindow) -> SlotWindow:
-        return SlotWindow(
-            requests=self.requests + other.requests,
-            errors=self.errors + other.errors,
-            latencies_ms=self.latencies_ms + other.latencies_ms,
-            ratings=self.ratings + other.ratings,
-            versions=sorted(set(self.versions) | set(other.versions)),
-        )
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-friendly numbers for events and status (no raw samples)."""
-        p95 = self.p95_ms
-        mean = self.mean_rating
-        return {
-            "requests": self.requests,
-            "errors": self.errors,
-            "error_rate": round(self.error_rate, 4),
-            "p50_ms": None if not self.latencies_ms else round(percentile(self.latencies_ms, 50) or 0.0, 2),
-            "p95_ms": None if p95 is None else round(p95, 2),
-            "ratings": len(self.ratings),
-            "mean_rating": None if mean is None else round(mean, 4),
-            "versions": self.versions,
-        }
 
 
 class Verdict(BaseModel):

@@ -1,12 +1,13 @@
-"""How the rollout controller reads and changes the router app on Ray Serve.
+"""How the rollout controller reads and changes the serving app on Ray Serve.
 
 :class:`Backend` is the seam: the controller and the strategies only see an
-:class:`AppState` (which version each slot serves, and the route table) and a
-few operations on it. :class:`ServeBackend` implements it on a live Ray Serve
-through the declarative path (``ServeDeploySchema`` applied by the controller
-or the dashboard REST API), so version changes of an active slot and every
-route-table change are in-place ``user_config`` updates. Unit tests pass a
-fake backend to the controller instead.
+:class:`~rayloop.serving.app.AppState` (which version each slot serves, and the
+route table) and a few operations on it. :class:`ServeBackend` implements it
+on a live Ray Serve through the same app layout (:mod:`rayloop.serving.app`)
+and Serve seam (:mod:`rayloop.serving.control`) as `rayloop serve`, so version
+changes of an active slot and every route-table change are in-place
+``user_config`` updates. Unit tests pass a fake backend to the controller
+instead.
 """
 
 from __future__ import annotations
@@ -14,43 +15,14 @@ from __future__ import annotations
 import time
 from typing import Any, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from rayloop.config import Settings
 from rayloop.errors import RolloutError
-from rayloop.rollout.analysis import SlotWindow
-from rayloop.rollout.routing import SLOTS, STABLE, RouteTable
+from rayloop.serving.app import AppState, idle_state
 from rayloop.serving.control import Control
 from rayloop.serving.protocol import ModelConfig
+from rayloop.serving.stats import SlotWindow
 
-
-class AppState(BaseModel):
-    """The router app as the controller sees it: slot -> version (None: idle), and the route table."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field(description="Model name the app serves.")
-    slots: dict[str, ModelConfig | None] = Field(description="slot -> the version it serves; None when idle.")
-    table: RouteTable = Field(default_factory=RouteTable, description="The router's route table.")
-    warm: dict[str, int] = Field(
-        default_factory=dict,
-        description="Idle slots whose engine is kept loaded (rollout.keep_warm_slots): slot -> the version it holds.",
-    )
-
-    def version(self, slot: str) -> int | None:
-        cfg = self.slots.get(slot)
-        return None if cfg is None else cfg.version
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "slots": {s: self.version(s) for s in SLOTS},
-            "warm": dict(self.warm),
-            "canary_percent": self.table.canary_percent,
-            "shadow_percent": self.table.shadow_percent,
-            "rollout_id": self.table.rollout_id,
-            "epoch": self.table.epoch,
-        }
+__all__ = ["AppState", "Backend", "ServeBackend", "idle_state"]
 
 
 class Backend(Protocol):
@@ -65,13 +37,13 @@ class Backend(Protocol):
         """Ask for ``state`` (returns at once)."""
 
     def wait(self, state: AppState, timeout_s: float) -> None:
-        """Block until every slot serves its version and every router replica applies the table."""
+        """Block until every slot serves its version and every stable replica applies the table."""
 
     def ensure_golden(self, cfg: ModelConfig) -> None:
         """Make sure a fresh engine's golden answers of ``cfg`` exist (in-place swaps verify against them)."""
 
     def smoke(self, slot: str) -> list[str]:
-        """Ask the golden prompts to ``slot`` directly (not through the router); return problems found."""
+        """Ask the golden prompts to ``slot`` directly (not through the ingress); return problems found."""
 
     def window(self, since: float, until: float | None = None) -> dict[str, SlotWindow]:
         """Live per-slot metrics of requests answered in ``[since, until)``."""
@@ -88,6 +60,7 @@ class ServeBackend:
         app_name: Serve application name (default ``settings.serving.app_name``).
         engine_cls: ``module:Class`` engine for a new app (tests).
         api_key_hashes: extra accepted key hashes for a new app.
+        control: the Serve seam (default: the live cluster's).
     """
 
     def __init__(
@@ -110,48 +83,25 @@ class ServeBackend:
         self._since = 0.0
 
     # -- reading -------------------------------------------------------------
-    def _apps(self) -> list[dict[str, Any]]:
-        return self.control.apps()
+    def _mine(self, apps: list[dict[str, Any]]) -> dict[str, Any] | None:
+        from rayloop.serving.app import IMPORT_PATH
+
+        mine = next((a for a in apps if a["name"] == self.app_name), None)
+        if mine is not None and mine.get("import_path") != IMPORT_PATH:
+            raise RolloutError(
+                f"Serve app {self.app_name!r} runs {mine.get('import_path')!r}, not the rayloop serving app "
+                f"({IMPORT_PATH})",
+                hint="Pick another app name (serving.app_name), or delete that app (`serve delete`) and deploy "
+                "with `rayloop serve` or `rayloop deploy NAME@REF`.",
+            )
+        return mine
 
     def read(self) -> AppState | None:
-        from rayloop.rollout.app import ROUTER_DEPLOYMENT, ROUTER_IMPORT_PATH
+        from rayloop.serving.app import read_state
 
-        mine = next((a for a in self._apps() if a["name"] == self.app_name), None)
+        mine = self._mine(self.control.apps())
         self._deployed = mine
-        if mine is None:
-            return None
-        if mine.get("import_path") != ROUTER_IMPORT_PATH:
-            raise RolloutError(
-                f"Serve app {self.app_name!r} runs {mine.get('import_path')!r}, not the rayloop router "
-                f"({ROUTER_IMPORT_PATH}); rollouts need the router in front of the version slots",
-                hint="Upgrade it in place with `rayloop serve` (rolling), or delete it (`serve delete`) and "
-                "deploy with `rayloop deploy NAME@REF`.",
-            )
-        slots: dict[str, ModelConfig | None] = {}
-        warm: dict[str, int] = {}
-        for slot in SLOTS:
-            cfg = self._deployed_slot(slot)
-            if cfg is not None and cfg.parked:
-                warm[slot], cfg = cfg.version, None
-            slots[slot] = cfg
-        table = RouteTable.model_validate(self._deployed_user_config(ROUTER_DEPLOYMENT) or {})
-        return AppState(model=mine["args"]["model"].partition("@")[0], slots=slots, table=table, warm=warm)
-
-    def _deployed_user_config(self, deployment: str) -> dict[str, Any] | None:
-        if self._deployed is None:
-            return None
-        for dep in self._deployed.get("deployments", []):
-            if dep["name"] == deployment:
-                uc: dict[str, Any] | None = dep.get("user_config")
-                return uc
-        return None
-
-    def _deployed_slot(self, slot: str) -> ModelConfig | None:
-        """The version the deployed app gives ``slot`` (active or parked); None when idle."""
-        from rayloop.rollout.app import slot_deployment
-
-        uc = self._deployed_user_config(slot_deployment(slot))
-        return ModelConfig.model_validate(uc) if uc else None
+        return None if mine is None else read_state(mine)
 
     def app_settings(self) -> Settings:
         """Settings the running app was built with (its replicas use these, not the caller's)."""
@@ -161,11 +111,10 @@ class ServeBackend:
 
     # -- changing ------------------------------------------------------------
     def apply(self, state: AppState) -> None:
-        from rayloop.rollout.app import ROUTER_IMPORT_PATH, router_options, slot_options
-        from rayloop.serving.app import ServeArgs
+        from rayloop.serving.app import ServeArgs, app_config, parked_slots
 
-        apps = self._apps()
-        mine = next((a for a in apps if a["name"] == self.app_name), None)
+        apps = self.control.apps()
+        mine = self._mine(apps)
         if mine is None:
             args = ServeArgs(
                 model=state.model,
@@ -173,81 +122,39 @@ class ServeBackend:
                 api_key_hashes=self.api_key_hashes,
                 engine_cls=self.engine_cls,
             )
-            app: dict[str, Any] = {
-                "name": self.app_name,
-                "route_prefix": self.settings.serving.route_prefix,
-                "import_path": ROUTER_IMPORT_PATH,
-                "args": args.model_dump(mode="json", exclude_none=True),
-            }
-            app_settings = self.settings
         else:
             # Same args/import_path/runtime_env as deployed: only user_config and slot resources change.
-            app = {k: v for k, v in mine.items() if k != "deployments"}
-            app_settings = Settings.model_validate(mine["args"].get("settings") or {})
+            args = ServeArgs.model_validate(mine["args"])
+        # With keep_warm_slots (this caller's setting), released slots keep their engine and version, parked.
+        keep = parked_slots(mine) if mine is not None and self.settings.rollout.keep_warm_slots else {}
+        app = app_config(args.settings, args, state, app_name=self.app_name, parked=keep)
+        if mine is not None:
+            app["route_prefix"] = mine.get("route_prefix", app["route_prefix"])
+            app.update({k: v for k, v in mine.items() if k == "runtime_env"})
         self._deployed = mine
-        app["deployments"] = [slot_options(app_settings, s, self._slot_config(s, state)) for s in SLOTS] + [
-            router_options(state.table)
-        ]
         others = [a for a in apps if a["name"] != self.app_name]
         self._since = time.time()
         self.control.apply([*others, app])
         self._deployed = app
 
-    def _slot_config(self, slot: str, state: AppState) -> ModelConfig | None:
-        """What ``slot`` is given: its version in ``state``; when that is idle and
-        ``rollout.keep_warm_slots`` is on, the version its engine holds now, parked."""
-        cfg = state.slots.get(slot)
-        if cfg is not None or not self.settings.rollout.keep_warm_slots:
-            return cfg
-        held = self._deployed_slot(slot)
-        return None if held is None else held.model_copy(update={"parked": True})
+    def wait(self, state: AppState, timeout_s: float) -> None:
+        from rayloop.serving.control import wait_for_state
+
+        try:
+            wait_for_state(
+                self.app_name,
+                state,
+                since=self._since,
+                timeout_s=timeout_s,
+                replicas=self.app_settings().serving.replicas,
+            )
+        except Exception as e:
+            raise RolloutError(str(getattr(e, "message", e)), hint=getattr(e, "hint", None)) from e
 
     def _handle(self, deployment: str) -> Any:
         from ray import serve
 
         return serve.get_deployment_handle(deployment, self.app_name)
-
-    def wait(self, state: AppState, timeout_s: float) -> None:
-        from ray import serve
-
-        deadline = time.monotonic() + timeout_s
-        last = "no status yet"
-        while time.monotonic() < deadline:
-            st = serve.status().applications.get(self.app_name)
-            if st is not None:
-                last = f"{st.status}: {st.message}"[:500]
-                if st.status == "DEPLOY_FAILED":
-                    raise RolloutError(f"Serve app {self.app_name!r} failed to deploy: {st.message}")
-                healthy = st.status == "RUNNING" and all(d.status == "HEALTHY" for d in st.deployments.values())
-                if healthy and st.last_deployed_time_s >= self._since - 1 and self._converged(state):
-                    return
-            time.sleep(0.5)
-        raise RolloutError(
-            f"Serve app {self.app_name!r} did not reach the wanted state within {timeout_s:.0f}s ({last})",
-            hint="Check `serve status` and the replica logs; raise rollout.ready_timeout_s for slow engine starts.",
-        )
-
-    def _converged(self, state: AppState) -> bool:
-        from rayloop.rollout.app import ROUTER_DEPLOYMENT, slot_deployment
-
-        n = max(2, 2 * self.app_settings().serving.replicas)
-        try:
-            for slot in SLOTS:
-                h = self._handle(slot_deployment(slot))
-                want = state.version(slot)
-                for _ in range(n if want is not None else 2):
-                    info = h.info.remote().result(timeout_s=30)
-                    # An idle slot has no version, or a parked one (kept warm, routed nothing).
-                    got = None if info.get("parked") else info["version"]
-                    if got != want:
-                        return False
-            r = self._handle(ROUTER_DEPLOYMENT)
-            for _ in range(2):
-                if r.routing.remote().result(timeout_s=30)["table"]["epoch"] != state.table.epoch:
-                    return False
-        except Exception:
-            return False
-        return True
 
     def ensure_golden(self, cfg: ModelConfig) -> None:
         from rayloop.serving.deploy import ensure_golden
@@ -261,12 +168,12 @@ class ServeBackend:
         return ec
 
     def smoke(self, slot: str) -> list[str]:
-        from rayloop.rollout.app import slot_deployment
         from rayloop.serving import golden
+        from rayloop.serving.app import slot_deployment_name
         from rayloop.serving.protocol import ReplyHead
 
         problems: list[str] = []
-        h = self._handle(slot_deployment(slot))
+        h = self._handle(slot_deployment_name(slot))
         info = h.info.remote().result(timeout_s=30)
         if (info.get("last_swap") or {}).get("golden_ok") is False:
             problems.append(f"slot {slot}: a fresh engine disagrees with the version's golden record")
@@ -292,7 +199,7 @@ class ServeBackend:
 
     # -- metrics -------------------------------------------------------------
     def _stats(self) -> Any:
-        from rayloop.rollout.stats import get_stats_actor
+        from rayloop.serving.stats import get_stats_actor
 
         return get_stats_actor(self.app_name, self.app_settings(), create=False)
 
@@ -315,10 +222,3 @@ def _get(ref: Any) -> Any:
     import ray
 
     return ray.get(ref, timeout=60)
-
-
-def idle_state(model: str, stable: ModelConfig | None, table: RouteTable | None = None) -> AppState:
-    """Only ``stable`` serves; nothing routed elsewhere."""
-    slots: dict[str, ModelConfig | None] = dict.fromkeys(SLOTS)
-    slots[STABLE] = stable
-    return AppState(model=model, slots=slots, table=table or RouteTable())

@@ -88,7 +88,7 @@ def deploy_cmd(
     force: bool,
     as_json: bool,
 ) -> None:
-    """Roll NAME@REF out to the router app (first deploy: start it).
+    """Roll NAME@REF out on the serving app (first deploy: start it).
 
     Exits 2 when the rollout ends rolled back or aborted. Running it again
     after a crash first finishes or rolls back the orphaned rollout.

@@ -38,8 +38,8 @@ from rayloop.errors import AliasConflictError, ConfigError, NotFoundError, Rollo
 from rayloop.registry import Registry
 from rayloop.rollout.analysis import FAIL, INCONCLUSIVE, PASS, SlotWindow, Verdict, judge
 from rayloop.rollout.backend import AppState, Backend
-from rayloop.rollout.routing import CANARY, SHADOW, SLOTS, STABLE, RouteTable
 from rayloop.serving.protocol import ModelConfig
+from rayloop.serving.routing import CANARY, SHADOW, SLOTS, STABLE, RouteTable
 
 PRODUCTION = "production"
 CANARY_ALIAS = "canary"
@@ -238,8 +238,12 @@ class Rollout:
         shadow: ModelConfig | None = _KEEP,
         canary_percent: float | None = None,
         shadow_percent: float | None = None,
+        observe: bool = True,
     ) -> AppState:
-        """Ask Serve for a new state (changing only what is given) and wait until it is there."""
+        """Ask Serve for a new state (changing only what is given) and wait until it is there.
+
+        ``observe``: the ingress sends live per-slot observations to the stats actor (while the rollout
+        judges traffic; the rollout's last change turns it off, back to the lean layout)."""
         cur = self.app or self.backend.read()
         if cur is None:
             raise RolloutError(f"Serve app {self.backend.app_name!r} does not exist")
@@ -256,6 +260,7 @@ class Rollout:
             versions={s: c.version for s, c in slots.items() if c is not None},
             rollout_id=self.rid,
             epoch=t.epoch + 1,
+            observe=observe,
         )
         new = AppState(model=self.name, slots=slots, table=table)
         self.save(desired=new.summary())
@@ -265,7 +270,7 @@ class Rollout:
         self.app = new
         self._mark(new)
         if (t.canary_percent, t.shadow_percent) != (table.canary_percent, table.shadow_percent):
-            # How long the traffic change took to reach every router replica (switch/rollback time).
+            # How long the traffic change took to reach every stable replica (switch/rollback time).
             self.emit(
                 "traffic",
                 canary_percent=table.canary_percent,
@@ -394,7 +399,7 @@ class Rollout:
         self.move_production(self.to_cfg.version, reason)
         cur = self.app or self.backend.read()
         if cur is None:  # crashed before the first deploy reached Serve
-            from rayloop.rollout.backend import idle_state
+            from rayloop.serving.app import idle_state
 
             first = idle_state(self.name, self.to_cfg, RouteTable(epoch=1))
             self.backend.apply(first)
@@ -407,7 +412,7 @@ class Rollout:
             # All traffic is on the canary slot (or nowhere new yet): stable swaps in place unseen.
             self.set_app(stable=self.to_cfg)
         self.set_app(canary_percent=0, shadow_percent=0)
-        self.set_app(canary=None, shadow=None)
+        self.set_app(canary=None, shadow=None, observe=False)
         self._alias(CANARY_ALIAS, None, reason)
         self.save(phase="done")
 
@@ -422,7 +427,7 @@ class Rollout:
                 self.backend.ensure_golden(old)
             # Traffic first (one route-table change), then free the new version's engines.
             self.set_app(stable=old, canary_percent=0, shadow_percent=0)
-            self.set_app(canary=None, shadow=None)
+            self.set_app(canary=None, shadow=None, observe=False)
         before = self.state.get("aliases_before", {})
         if old is not None and self.reg.get_alias(self.name, PRODUCTION) == self.to_cfg.version:
             self._alias(PRODUCTION, before.get(PRODUCTION, old.version), f"rollback: {reason}")
@@ -623,7 +628,7 @@ def _run(ro: Rollout, kind: Strategy) -> dict[str, Any]:
 
 def _first_deploy(ro: Rollout) -> str:
     """Nothing runs yet: start the app with ``to`` on stable."""
-    from rayloop.rollout.backend import idle_state
+    from rayloop.serving.app import idle_state
 
     ro.save(phase="starting")
     ro.emit("first_deploy", version=ro.to_cfg.version)

@@ -15,8 +15,8 @@ from typing import Any
 
 from rayloop.rollout.analysis import SlotWindow
 from rayloop.rollout.backend import AppState
-from rayloop.rollout.routing import CANARY, SHADOW, STABLE
 from rayloop.serving.protocol import ModelConfig
+from rayloop.serving.routing import CANARY, SHADOW, STABLE
 
 
 @dataclass

@@ -10,13 +10,15 @@ pass an object with the same methods (:class:`Control`) instead of patching.
 
 A cluster on which nobody has started Serve yet simply has no apps: reading it
 never raises, and the first :meth:`ServeControl.apply` starts Serve with the
-configured HTTP options.
+configured HTTP options. :func:`wait_for_state` is the one way to wait until an
+applied layout serves.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +26,8 @@ from typing import Any, Protocol
 
 from rayloop.config import Settings
 from rayloop.errors import ClusterError, ServingError
+from rayloop.serving.app import AppState, slot_deployment_name
+from rayloop.serving.routing import SLOTS, STABLE
 
 
 class Control(Protocol):
@@ -132,3 +136,51 @@ def _controller_client(*, required: bool) -> Any:
             hint="Check `ray status` and the head's logs (`rayloop up` starts a head).",
         )
     return client
+
+
+def wait_for_state(app_name: str, state: AppState, *, since: float, timeout_s: float, replicas: int) -> None:
+    """Block until ``app_name`` runs ``state``: every slot's replicas serve its version (idle ones none) and
+    every stable replica applies its route table. Needs a connected Ray driver.
+
+    ``since``: when the config was applied (Serve's status must be at least that new); ``replicas``: replicas per
+    active slot (each is asked twice as many times, so every replica is likely asked at least once).
+    """
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    last = "no status yet"
+    while time.monotonic() < deadline:
+        st = serve.status().applications.get(app_name)
+        if st is not None:
+            last = f"{st.status}: {st.message}"[:500]
+            if st.status == "DEPLOY_FAILED":
+                raise ServingError(f"Serve app {app_name!r} failed to deploy: {st.message}")
+            healthy = st.status == "RUNNING" and all(d.status == "HEALTHY" for d in st.deployments.values())
+            if healthy and st.last_deployed_time_s >= since - 1 and _converged(app_name, state, replicas):
+                return
+        time.sleep(0.5)
+    raise ServingError(
+        f"Serve app {app_name!r} did not reach {state.summary()} within {timeout_s:.0f}s ({last})",
+        hint="Check `serve status` and the replica logs; raise rollout.ready_timeout_s for slow engine starts.",
+    )
+
+
+def _converged(app_name: str, state: AppState, replicas: int) -> bool:
+    from ray import serve
+
+    n = max(2, 2 * replicas)
+    try:
+        for slot in SLOTS:
+            h = serve.get_deployment_handle(slot_deployment_name(slot), app_name)
+            want = state.version(slot)
+            for _ in range(n if want is not None or slot == STABLE else 2):
+                info = h.info.remote().result(timeout_s=30)
+                # An idle slot has no version, or a parked one (kept warm, routed nothing).
+                got = None if info.get("parked") else info.get("version")
+                if got != want:
+                    return False
+                if slot == STABLE and (info.get("table") or {}).get("epoch") != state.table.epoch:
+                    return False
+    except Exception:
+        return False
+    return True

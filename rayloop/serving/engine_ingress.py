@@ -1,31 +1,48 @@
-"""``EngineIngress``: the plain app's one deployment, HTTP ingress and engine replica in one process.
+"""``EngineIngress``: the stable slot's replicas, HTTP ingress, router and engine in one process.
 
-The plain serving app (one slot, no router) does not need a separate ingress
-deployment: every request would otherwise cross the Serve proxy, the ingress
-replica and the engine replica, and on a CPU-bound machine those hops cost
-TTFT and tokens/s (``benchmarks/serve/bench_serve.py``, variant
-``separate-ingress``). Here each engine replica serves the OpenAI routes
-itself: :class:`~rayloop.serving.ingress.OpenAIIngress`'s code (auth, capture,
-feedback, metrics, headers) over a local slot that calls this replica's own
-:class:`~rayloop.serving.server.LLMServer` directly.
+Every request of the serving app reaches a stable replica first (Serve proxy ->
+replica): with nothing routed elsewhere, this replica's own
+:class:`~rayloop.serving.server.LLMServer` answers through a local slot, so
+auth, capture, feedback, metrics and headers are
+:class:`~rayloop.serving.ingress.OpenAIIngress`'s code and a request crosses no
+other process (``benchmarks/serve/bench_serve.py``). During a rollout the
+replica applies its :class:`~rayloop.serving.routing.RouteTable` (``routes`` in
+the deployment's ``user_config``, so a new table is applied in place):
 
-The deployment keeps the engine deployment's name (``llm-stable``), so
-upgrades are the same ``user_config`` change (``reconfigure`` delegates to the
-server). The queue limit moves into the replica: Serve's proxy would answer an
-overflow with its own plain-text 503, so the deployment admits
-``max_ongoing_requests + max_queued_requests`` and the replica answers an
-OpenAI-style 503 with ``Retry-After`` beyond that (vLLM's scheduler queues
-what exceeds ``max_num_seqs``).
+- **weighted and sticky**: a share of requests (of sessions) goes to the
+  ``canary`` slot (blue-green's green) through a deployment handle;
+- **shadow**: a sampled share of answered requests is copied to the ``shadow``
+  slot after the primary answered; the result is stored as a pair row
+  (``shadow/`` in storage) and never reaches the user;
+- **observe**: while a rollout judges live traffic, each answer (and each
+  feedback rating, joined by request id) goes to the app's stats actor
+  (:mod:`rayloop.serving.stats`) for the controller's analysis. Client errors
+  (4xx, disconnects) are not held against a version.
+
+The queue limit is in the replica: Serve's proxy would answer an overflow with
+its own plain-text 503, so the deployment admits ``max_ongoing_requests +
+max_queued_requests`` and the replica answers an OpenAI-style 503 with
+``Retry-After`` beyond that (vLLM's scheduler queues what exceeds
+``max_num_seqs``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from fastapi import Request
+
 from rayloop.serving.ingress import OpenAIIngress
 from rayloop.serving.protocol import ReplyHead, ReplyTail
+from rayloop.serving.routing import CANARY, SHADOW, STABLE, Picker, RouteTable, session_key
 from rayloop.serving.server import LLMServer
+from rayloop.serving.shadow import TappedCapture, mirror
+from rayloop.serving.stats import StatsClient, get_stats_actor
+
+logger = logging.getLogger("ray.serve")
 
 
 class _LocalMethod:
@@ -60,13 +77,14 @@ class _LocalSlot:
 
 
 class EngineIngress(OpenAIIngress):
-    """The plain app's deployment (see the module docstring).
+    """The serving app's stable deployment (see the module docstring).
 
     Args:
         settings: ``Settings`` as a dict.
         model: the model name clients use.
         api_key_hashes: sha256 hashes of accepted bearer keys (besides those in env/file).
         engine_cls: ``"module:Class"`` of the engine (default vLLM).
+        slots: handles of the other slots' deployments (``canary``, ``shadow``).
     """
 
     async def __init__(  # type: ignore[misc]  # Serve's ingress wrapper has an async __init__
@@ -75,19 +93,32 @@ class EngineIngress(OpenAIIngress):
         model: str,
         api_key_hashes: list[str] | None = None,
         engine_cls: str | None = None,
+        slots: dict[str, Any] | None = None,
     ) -> None:
-        from rayloop.serving.app import STABLE_SLOT
-
-        self.server = LLMServer(settings, STABLE_SLOT, engine_cls)
+        self.server = LLMServer(settings, STABLE, engine_cls)
         self.in_flight = 0
-        await super().__init__({STABLE_SLOT: _LocalSlot(self)}, settings, model, api_key_hashes)  # type: ignore[misc]
+        await super().__init__({STABLE: _LocalSlot(self), **(slots or {})}, settings, model, api_key_hashes)  # type: ignore[misc]
         sv = self.settings.serving
         self.admit_limit = sv.max_ongoing_requests + sv.max_queued_requests
         self.capture_peers = sv.replicas > 1  # every replica is an ingress with its own capture buffer
         self.server._metrics = self.metrics  # one set of metric handles per process
+        self.table = RouteTable()
+        self.picker = Picker(self.table)
+        self.stats = StatsClient(self._stats_actor)
+        self._shadow_tasks: set[asyncio.Task[None]] = set()
+        self.shadow_skipped = 0
+        if self.capture is not None:
+            self.capture = TappedCapture(self.capture, self.stats, lambda: self.table.observe)  # type: ignore[assignment]
+
+    def _stats_actor(self) -> Any:
+        from ray import serve
+
+        return get_stats_actor(serve.get_replica_context().app_name, self.settings)
 
     def slot_handle(self, slot: str, *, stream: bool = False) -> Any:
-        return self.slots[slot]
+        if slot == STABLE:
+            return self.slots[STABLE]
+        return super().slot_handle(slot, stream=stream)
 
     async def _admit(
         self, gen: AsyncIterator[ReplyHead | str | ReplyTail]
@@ -112,17 +143,89 @@ class EngineIngress(OpenAIIngress):
                 self.in_flight -= 1
             await gen.aclose()  # type: ignore[attr-defined]
 
+    # -- routing hooks ----------------------------------------------------------
+    def pick_slot(self, endpoint: str, body: dict[str, Any], request: Request) -> str:
+        slot = self.picker.pick(session_key(request.headers, body))
+        if slot == CANARY and CANARY not in self.table.versions:
+            return STABLE  # nothing loaded there: never send users to an empty slot
+        return slot
+
+    def after_response(self, slot: str, row: dict[str, Any]) -> None:
+        t = self.table
+        if t.observe:
+            self.stats.observe(slot, row)
+        if row["status"] != "ok" or SHADOW not in t.versions or not self.picker.mirror(row["request_id"]):
+            return
+        if len(self._shadow_tasks) >= self.settings.rollout.shadow_max_in_flight:
+            self.shadow_skipped += 1  # shadow must never pile up work beside the user path
+            return
+        task = asyncio.get_running_loop().create_task(self._mirror(dict(row)))
+        self._shadow_tasks.add(task)
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    def on_failure(self, slot: str, request_id: str, error: Exception, latency_ms: float) -> None:
+        # A slot that cannot answer at all (dead replica, overload) counts against its version.
+        if self.table.observe:
+            version = self.table.versions.get(slot, 0)
+            self.stats.observe(
+                slot,
+                {"request_id": request_id, "model_version": version, "status": "error", "latency_ms": latency_ms},
+            )
+
+    async def _mirror(self, row: dict[str, Any]) -> None:
+        pair, shadow_row = await mirror(self.slot_handle(SHADOW, stream=True), row, self.model, self.table)
+        self.stats.shadow(pair)
+        if self.capture is not None:
+            self.capture.record("shadow", shadow_row)
+
     # -- what Serve and rayloop call on the deployment ------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
-        await self.server.reconfigure(user_config)
+        """Serve calls this with the deployment's ``user_config``: the route table, then the version."""
+        from rayloop.serving.app import ROUTES_KEY
+
+        uc = dict(user_config)
+        routes = uc.pop(ROUTES_KEY, None)
+        if routes is not None:
+            table = RouteTable.model_validate(routes)
+            if table != self.table:
+                self.table, self.picker = table, Picker(table)
+                logger.info(
+                    "route table epoch %d: canary %.1f%%, shadow %.1f%%, observe %s",
+                    table.epoch,
+                    table.canary_percent,
+                    table.shadow_percent,
+                    table.observe,
+                )
+        if uc:
+            await self.server.reconfigure(uc)
 
     async def check_health(self) -> None:
         await self.server.check_health()
 
     async def info(self) -> dict[str, Any]:
-        return await self.server.info()
+        """What this replica serves, and the route table it applies."""
+        return {**(await self.server.info()), "table": self.table.model_dump(mode="json")}
+
+    async def routing(self) -> dict[str, Any]:
+        """The table this replica applies now, and its shadow bookkeeping (for the controller)."""
+        return {
+            "table": self.table.model_dump(mode="json"),
+            "shadow_in_flight": len(self._shadow_tasks),
+            "shadow_skipped": self.shadow_skipped,
+            "stats_dropped": self.stats.dropped,
+        }
+
+    async def flush_stats(self) -> None:
+        """Ship buffered observations now (tests and the controller before judging)."""
+        await self.stats.flush()
 
     async def __del__(self) -> None:
+        for t in list(self._shadow_tasks):
+            t.cancel()
+        try:
+            await self.stats.close()
+        except Exception:
+            pass
         try:
             await super().__del__()
         finally:

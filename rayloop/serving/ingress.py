@@ -1,10 +1,11 @@
 """``OpenAIIngress``: the HTTP face of a served model (FastAPI on Serve).
 
-It holds a :class:`~ray.serve.handle.DeploymentHandle` per *slot* (today one,
-``"stable"``) and forwards OpenAI requests to the slot :meth:`pick_slot`
-chooses; a router adds weighted, sticky and shadow slots by overriding that
-and :meth:`after_response`. The ingress stays light (no vLLM import): bodies
-are forwarded as dicts and validated by vLLM in the engine replica.
+It holds a handle per *slot* (``stable``, ``canary``, ``shadow``) and forwards
+OpenAI requests to the slot :meth:`pick_slot` chooses;
+:class:`~rayloop.serving.engine_ingress.EngineIngress` (the deployment that
+runs it) answers ``stable`` itself and adds weighted, sticky and shadow routing
+through :meth:`pick_slot` and :meth:`after_response`. Bodies are forwarded as
+dicts and validated by vLLM in the engine.
 
 Every response carries ``x-rayloop-request-id`` and, once an engine answered,
 ``x-rayloop-model-version``; ``model`` in the body is ``NAME@vN``. Requests
@@ -51,6 +52,7 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="rayloop", docs_url=None, redoc_url=None)
 
 RETRY_AFTER_S = 1
+CLIENT_DISCONNECTED = "client disconnected"
 # Request ids this service issues (uuid4 hex); feedback for one may briefly precede its capture row.
 _ISSUED_ID = re.compile(r"[0-9a-f]{32}")
 _NOT_SAMPLING = {"messages", "prompt", "model", "stream", "user", "request_id"}
@@ -200,6 +202,17 @@ def parse_json_body(raw: bytes, limit: int) -> dict[str, Any] | BodyError:
     return body
 
 
+def row_status(status: int, tail: ReplyTail) -> str:
+    """An interaction row's status: ``ok``; ``client_error`` (a 4xx, or the client left: nothing the answering
+    version did); ``error`` (the server's fault: 5xx, an engine error, also one that came mid-stream after a 200).
+    Only ``ok`` rows become training data; only ``error`` counts against a version in a rollout."""
+    if status == 200 and tail.error is None:
+        return "ok"
+    if 400 <= status < 500 or tail.error == CLIENT_DISCONNECTED:
+        return "client_error"
+    return "error"
+
+
 def _strip_request_id(rid: str) -> str:
     for prefix in ("chatcmpl-", "cmpl-"):
         if rid.startswith(prefix):
@@ -250,7 +263,7 @@ class _RequestCtx:
             yield f"data: {msg}\n\n"
         finally:
             if tail is None:
-                tail = ReplyTail(error="client disconnected")
+                tail = ReplyTail(error=CLIENT_DISCONNECTED)
             self.finish(200, tail)
             # A local slot's generator (EngineIngress) must be closed here to stop the engine's work on a
             # disconnect; Serve's response generators have no aclose and are cancelled by Serve itself.
@@ -296,16 +309,16 @@ class OpenAIIngress:
             return handle.options(stream=stream, _by_reference=False)
         return handle.options(stream=stream)
 
-    # -- hooks for a router ------------------------------------------------
+    # -- routing hooks (EngineIngress implements them) ------------------------
     def pick_slot(self, endpoint: str, body: dict[str, Any], request: Request) -> str:
-        """Which slot answers. One slot today; a router overrides this."""
+        """Which slot answers (here: always stable)."""
         return "stable"
 
     def after_response(self, slot: str, row: dict[str, Any]) -> None:
-        """Called with every interaction row (a router mirrors to shadow slots here)."""
+        """Called with every interaction row (the router mirrors to the shadow slot here)."""
 
     def on_failure(self, slot: str, request_id: str, error: Exception, latency_ms: float) -> None:
-        """Called when ``slot`` failed before any engine answered (no row); a router counts it as an error."""
+        """Called when ``slot`` failed before any engine answered (no row); the router counts it as an error."""
 
     # -- routes ------------------------------------------------------------
     @app.post("/v1/chat/completions")
@@ -396,14 +409,15 @@ class OpenAIIngress:
         return found
 
     @app.get("/healthz")
-    async def healthz(self) -> Response:
-        out: dict[str, Any] = {}
-        for name, handle in self.slots.items():
-            try:
-                out[name] = await handle.info.remote()
-            except Exception as e:
-                return JSONResponse({"status": "unhealthy", "slot": name, "error": type(e).__name__}, status_code=503)
-        return JSONResponse({"status": "ok", "slots": out})
+    async def healthz(self, request: Request) -> Response:
+        """Liveness for probes (no key needed); what the replica serves only with a key (or when none is set)."""
+        try:
+            info = await self.slot_handle("stable").info.remote()
+        except Exception as e:
+            return JSONResponse({"status": "unhealthy", "error": type(e).__name__}, status_code=503)
+        if self.keys.enabled and not self.keys.allows(request.headers.get("authorization")):
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "slots": {"stable": info}})
 
     @app.post("/rayloop/flush")
     async def flush(self, request: Request) -> Response:
@@ -524,7 +538,7 @@ class OpenAIIngress:
             "completion_tokens": tail.completion_tokens,
             "latency_ms": latency_ms,
             "ttft_ms": tail.ttft_ms,
-            "status": "ok" if status == 200 and tail.error is None else "error",
+            "status": row_status(status, tail),
             "error": tail.error,
             "finish_reason": tail.finish_reason,
         }

@@ -1,8 +1,10 @@
 """The first commands a user types after the demo, on a fresh cluster, exactly as the README shows them.
 
 No fixture starts Ray or Serve here: `rayloop up` starts the head, `rayloop serve` must start
-Serve on it (Ray 2.60's controller client raises when Serve was never started), and the
-endpoint answers through the official `openai` client. `rayloop down` stops everything.
+Serve on it (Ray 2.60's controller client raises when Serve was never started), the endpoint
+answers through the official `openai` client, and every strategy of `rayloop deploy` then moves
+the app that `rayloop serve` started, under live traffic, with no failed request. `rayloop down`
+stops everything.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import openai
@@ -29,11 +32,46 @@ def _run(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) 
     )
 
 
-def test_serve_after_up_on_a_fresh_cluster(tmp_path: Path, base_model_dir: Path) -> None:
+class _Traffic:
+    """Chat requests in a loop from one thread, through the official client, until stopped."""
+
+    def __init__(self, url: str) -> None:
+        self.client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        self.models: list[str] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            try:
+                r = self.client.chat.completions.create(
+                    model="demo",
+                    messages=[{"role": "user", "content": f"What is the capital of Avaria? ({i})"}],
+                    max_tokens=4,
+                    user=f"user-{i % 50}",
+                )
+                self.models.append(r.model)
+            except Exception as e:
+                self.failures.append(f"{type(e).__name__}: {e}")
+
+    def __enter__(self) -> _Traffic:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=120)
+
+
+def test_serve_then_every_strategy_on_a_fresh_cluster(tmp_path: Path, base_model_dir: Path) -> None:
     http, gcs, dash, agent = free_port(), free_port(), free_port(), free_port()
     (tmp_path / "rayloop.yaml").write_text(
-        f"ray:\n  port: {gcs}\n  dashboard_port: {dash}\n  dashboard_agent_port: {agent}\n  num_cpus: 2\n"
-        f"serving:\n  http_port: {http}\n"
+        f"ray:\n  port: {gcs}\n  dashboard_port: {dash}\n  dashboard_agent_port: {agent}\n  num_cpus: 4\n"
+        f"serving:\n  http_port: {http}\n  engine:\n    kv_cache_gib: 1\n"
+        "rollout:\n  min_requests_per_step: 10\n  min_ratings_per_step: 10\n  ready_timeout_s: 300\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAYLOOP_", "RAY_DASHBOARD"))}
     env["RAYLOOP_HOME"] = str(tmp_path / ".rayloop")
@@ -64,6 +102,34 @@ def test_serve_after_up_on_a_fresh_cluster(tmp_path: Path, base_model_dir: Path)
         again = _run(["serve", "--model", "demo@production", "--json"], tmp_path, env)
         assert again.returncode == 0, again.stdout + again.stderr
         assert json.loads(again.stdout)["upgraded_from"] == 1
+
+        # A second version (the same weights registered again), then every strategy on the app `serve` made.
+        assert _run(["models", "register", "demo", str(base_model_dir)], tmp_path, env).returncode == 0
+        rollouts = [
+            (["demo@2", "--strategy", "canary", "--steps", "50,100", "--interval", "4s"], 2),
+            (["demo@1", "--strategy", "blue-green", "--hold", "3s"], 1),
+            (["demo@2", "--strategy", "shadow", "--interval", "4s"], 1),
+            (["demo@2", "--strategy", "rolling", "--interval", "3s"], 2),
+        ]
+        with _Traffic(out["url"]) as traffic:
+            for args, production in rollouts:
+                r = _run(["deploy", *args, "--json"], tmp_path, env)
+                assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+                record = json.loads(r.stdout)
+                assert record["status"] == "succeeded", (args, record["state"], record["history"][-5:])
+                listing = json.loads(_run(["models", "list", "--json"], tmp_path, env).stdout)
+                demo = next(m for m in listing if m["name"] == "demo")
+                assert demo["aliases"]["production"] == production, (args, demo)
+        assert not traffic.failures, traffic.failures[:5]
+        assert {"demo@v1", "demo@v2"} <= set(traffic.models), len(traffic.models)
+
+        # Back in the lean layout: `rayloop serve` of the production alias sees v2 already there.
+        final = _run(["serve", "--model", "demo@production", "--json"], tmp_path, env)
+        assert final.returncode == 0, final.stdout + final.stderr
+        assert (json.loads(final.stdout)["version"], json.loads(final.stdout)["upgraded_from"]) == (2, 2)
+        assert client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        ).model == "demo@v2"
     finally:
         down = _run(["down"], tmp_path, env, timeout=180)
     assert down.returncode == 0, down.stdout + down.stderr

@@ -113,9 +113,9 @@ def env(
 def _slot_info(slot: str) -> dict[str, Any]:
     from ray import serve
 
-    from rayloop.rollout.app import slot_deployment
+    from rayloop.serving.app import slot_deployment_name
 
-    info: dict[str, Any] = serve.get_deployment_handle(slot_deployment(slot), APP).info.remote().result(timeout_s=30)
+    info: dict[str, Any] = serve.get_deployment_handle(slot_deployment_name(slot), APP).info.remote().result(timeout_s=30)
     return info
 
 

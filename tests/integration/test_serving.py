@@ -188,7 +188,8 @@ def test_api_keys_required(serving: dict[str, Any]) -> None:
     bad = httpx.post(url + "/v1/chat/completions", json=body, headers={"Authorization": "Bearer wrong"})
     assert bad.status_code == 401 and bad.json()["error"]["type"] == "AuthenticationError"
     assert httpx.get(url + "/v1/models").status_code == 401
-    assert httpx.get(url + "/healthz").status_code == 200  # probes need no key
+    probe = httpx.get(url + "/healthz")  # probes need no key, and learn nothing else
+    assert probe.status_code == 200 and probe.json() == {"status": "ok"}
 
 
 @pytest.mark.parametrize(
@@ -226,7 +227,7 @@ def test_replicas_survive_bad_input(serving: dict[str, Any]) -> None:
     client = _client(serving["url"])
     out = client.completions.create(model="demo", prompt="Voubos is", max_tokens=4, temperature=0)
     assert out.choices[0].text is not None
-    health = httpx.get(serving["url"] + "/healthz").json()
+    health = httpx.get(serving["url"] + "/healthz", headers={"Authorization": f"Bearer {API_KEY}"}).json()
     assert health["status"] == "ok" and health["slots"]["stable"]["version"] == 1
 
 

@@ -29,22 +29,19 @@ def _tiny_model(d: Path) -> Path:
     return d
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["engine-ingress", "separate-ingress"])
-def fake_app(
-    request: pytest.FixtureRequest, ray_cluster: dict[str, object], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Any]]:
-    """The plain app both ways: engine replicas answering HTTP (default) and behind an OpenAIIngress."""
+@pytest.fixture(scope="module")
+def fake_app(ray_cluster: dict[str, object], tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The serving app with the fake engine: the stable replicas answer HTTP, canary and shadow idle."""
     from ray import serve
 
     home = tmp_path_factory.mktemp("fake-home")
-    app = f"{APP}-{int(request.param)}"
+    app = APP
     settings = load_settings(
         env={"RAYLOOP_HOME": str(home)},
         overrides={
             "serving": {
                 "app_name": app,
-                "route_prefix": f"/fake{int(request.param)}",
-                "ingress_in_engine": request.param,
+                "route_prefix": "/fake",
                 "http_port": free_port(),
                 "replicas": 1,
                 "replica_num_cpus": 0.1,
@@ -57,7 +54,7 @@ def fake_app(
     cfg = model_config_for_path("demo", _tiny_model(home / "m"), 1)
     deploy(settings, cfg, engine_cls=FAKE, timeout_s=120)
     deployments = set(serve.status().applications[app].deployments)
-    assert deployments == ({"llm-stable"} if request.param else {"llm-stable", "OpenAIIngress"})
+    assert deployments == {"llm-stable", "llm-canary", "llm-shadow"}
     try:
         yield {"url": serve_http_url() + settings.serving.route_prefix, "settings": settings}
     finally:

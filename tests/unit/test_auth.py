@@ -47,11 +47,11 @@ def test_keys_loopback_or_an_explicit_none_start(caplog: pytest.LogCaptureFixtur
 
 
 def test_the_serve_app_build_fails_closed(tmp_path: Path) -> None:
-    from rayloop.serving.app import ServeArgs, build_openai_app
+    from rayloop.serving.app import ServeArgs, build_app
 
     settings = Settings.model_validate({"home": str(tmp_path), "serving": {"http_host": "0.0.0.0"}})
     with pytest.raises(ConfigError, match="will not serve an open API"):
-        build_openai_app(ServeArgs(model="demo", settings=settings))
+        build_app(ServeArgs(model="demo", settings=settings))
 
 
 def test_rayloop_serve_and_deploy_refuse_before_touching_the_cluster(

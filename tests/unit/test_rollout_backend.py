@@ -1,4 +1,4 @@
-"""ServeBackend's Serve configs, with Serve's REST calls replaced by an in-memory app (no cluster)."""
+"""ServeBackend's Serve configs, with the Serve seam replaced by an in-memory app (no cluster)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from rayloop.config import Settings
-from rayloop.rollout.app import IDLE_NUM_CPUS, ROUTER_IMPORT_PATH, router_options, slot_deployment, slot_options
-from rayloop.rollout.backend import AppState, ServeBackend
-from rayloop.rollout.routing import CANARY, SHADOW, SLOTS, STABLE, RouteTable
+from rayloop.rollout.backend import ServeBackend
+from rayloop.serving.app import IDLE_NUM_CPUS, AppState, ServeArgs, app_config, slot_deployment_name
 from rayloop.serving.protocol import ModelConfig
+from rayloop.serving.routing import CANARY, SHADOW, STABLE, RouteTable
 
 
 def _cfg(version: int) -> ModelConfig:
@@ -22,15 +22,9 @@ class _Serve:
     """The deployed app as Serve's REST API returns it; ``apply_apps`` replaces it."""
 
     def __init__(self, settings: Settings, slots: dict[str, ModelConfig | None]) -> None:
-        self._apps = [
-            {
-                "name": settings.serving.app_name,
-                "import_path": ROUTER_IMPORT_PATH,
-                "args": {"model": "demo", "settings": settings.dump()},
-                "deployments": [slot_options(settings, s, slots.get(s)) for s in SLOTS]
-                + [router_options(RouteTable())],
-            }
-        ]
+        args = ServeArgs(model="demo", settings=settings)
+        state = AppState(model="demo", slots=slots, table=RouteTable())
+        self._apps = [app_config(settings, args, state)]
 
     def apps(self) -> list[dict[str, Any]]:
         return self._apps
@@ -39,7 +33,7 @@ class _Serve:
         self._apps = apps
 
     def slot(self, slot: str) -> dict[str, Any]:
-        return next(d for d in self._apps[0]["deployments"] if d["name"] == slot_deployment(slot))
+        return next(d for d in self._apps[0]["deployments"] if d["name"] == slot_deployment_name(slot))
 
 
 @pytest.fixture
@@ -106,3 +100,44 @@ def test_turning_keep_warm_off_releases_parked_slots(serve_app: Any, monkeypatch
     backend.apply(AppState(model="demo", slots=parked.slots, table=parked.table))
     canary = serve.slot(CANARY)
     assert "user_config" not in canary and canary["ray_actor_options"] == {"num_cpus": IDLE_NUM_CPUS}
+
+
+def test_rayloop_serve_and_rollouts_move_one_layout(tmp_path: Path) -> None:
+    """What `rayloop serve` starts, the rollout backend moves (and back): same import path and args throughout."""
+    from rayloop.errors import ServingError
+    from rayloop.serving.app import IMPORT_PATH
+    from rayloop.serving.deploy import deploy
+
+    settings = Settings.model_validate({"home": str(tmp_path)})
+    serve = _Serve.__new__(_Serve)
+    serve._apps = []
+    deploy(settings, _cfg(1), control=serve, wait=False, record_golden=False)
+    (app,) = serve._apps
+    assert app["import_path"] == IMPORT_PATH
+    assert [d["name"] for d in app["deployments"]] == ["llm-stable", "llm-canary", "llm-shadow"]
+    stable_uc = serve.slot(STABLE)["user_config"]
+    assert (stable_uc["version"], stable_uc["routes"]["epoch"], stable_uc["routes"]["canary_percent"]) == (1, 1, 0)
+    args = app["args"]
+
+    backend = ServeBackend(settings, control=serve)
+    state = backend.read()
+    assert state is not None and state.lean and state.version(STABLE) == 1
+    table = state.table.model_copy(update={"canary_percent": 10, "versions": {STABLE: 1, CANARY: 2}, "epoch": 2})
+    backend.apply(AppState(model="demo", slots={**state.slots, CANARY: _cfg(2)}, table=table))
+    assert serve._apps[0]["import_path"] == IMPORT_PATH and serve._apps[0]["args"] == args
+    assert serve.slot(STABLE)["user_config"]["routes"]["canary_percent"] == 10
+    assert serve.slot(CANARY)["user_config"] == {"model": "demo", "version": 2}
+
+    # Mid-rollout, `rayloop serve` leaves the app to the controller.
+    with pytest.raises(ServingError, match="in the middle of a rollout"):
+        deploy(settings, _cfg(3), control=serve, wait=False, record_golden=False)
+
+    back = backend.read()
+    assert back is not None
+    lean = back.table.model_copy(update={"canary_percent": 0, "versions": {STABLE: 1}, "epoch": 3})
+    backend.apply(AppState(model="demo", slots={**back.slots, CANARY: None}, table=lean))
+    res = deploy(settings, _cfg(3), control=serve, wait=False, record_golden=False)
+    assert (res.version, res.upgraded_from) == (3, 1)
+    assert serve._apps[0]["args"] == args
+    stable_uc = serve.slot(STABLE)["user_config"]
+    assert (stable_uc["version"], stable_uc["routes"]["epoch"]) == (3, 4)

@@ -28,8 +28,8 @@ from rayloop.rollout.controller import (
     status,
 )
 from rayloop.rollout.fake_backend import Behaviour, FakeBackend
-from rayloop.rollout.routing import CANARY, SHADOW, STABLE, RouteTable
 from rayloop.serving.protocol import ModelConfig
+from rayloop.serving.routing import CANARY, SHADOW, STABLE, RouteTable
 from tests.registry_util import make_model_dir
 
 FAST = {"interval_s": 0.3, "hold_s": 0.3}

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from rayloop.config import RolloutSettings
 from rayloop.rollout.analysis import FAIL, INCONCLUSIVE, PASS, SlotWindow, judge, percentile
-from rayloop.rollout.routing import CANARY, STABLE, Picker, RouteTable, bucket, session_key
+from rayloop.serving.routing import CANARY, STABLE, Picker, RouteTable, bucket, session_key
 
 SESSIONS = [f"session-{i}" for i in range(2000)]
 

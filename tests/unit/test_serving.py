@@ -367,23 +367,21 @@ def test_rayloop_serve_cli_rejects_bad_arguments(rayloop_home: Path) -> None:
     assert r.exit_code == 1 and "NAME@REF" in r.output
 
 
-def test_rayloop_serve_on_a_router_app_points_at_the_rollout_controller(settings: Any) -> None:
+def test_rayloop_serve_leaves_a_foreign_app_alone(settings: Any) -> None:
     from rayloop.errors import ServingError
-    from rayloop.rollout.app import ROUTER_IMPORT_PATH
     from rayloop.serving import deploy as deploy_mod
     from rayloop.serving.protocol import ModelConfig
 
     class Running:
         def apps(self) -> list[dict[str, Any]]:
-            return [{"name": settings.serving.app_name, "import_path": ROUTER_IMPORT_PATH, "deployments": []}]
+            return [{"name": settings.serving.app_name, "import_path": "someone.else:app", "deployments": []}]
 
         def apply(self, apps: list[dict[str, Any]]) -> None:
             pytest.fail("must not touch the app")
 
     with pytest.raises(ServingError) as e:
         deploy_mod.deploy(settings, ModelConfig(model="demo", version=3, path="/nowhere"), control=Running())
-    assert "runs the rayloop router" in e.value.message
-    assert "rayloop deploy demo@3 --strategy rolling" in (e.value.hint or "")
+    assert "is not a rayloop serving app" in e.value.message and "--app" in (e.value.hint or "")
 
 
 def test_cpu_engine_env_runs_single_shard_engines_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -556,3 +554,21 @@ def test_engine_ingress_admits_up_to_its_limit_and_counts_each_answer_while_it_r
         assert rep.in_flight == 0 and log.count("closed") == 3  # every started engine generator was closed
 
     asyncio.run(scenario())
+
+
+def test_row_status_keeps_client_errors_apart_from_the_versions_own() -> None:
+    from rayloop.serving.ingress import CLIENT_DISCONNECTED, row_status
+    from rayloop.serving.protocol import ReplyTail
+    from rayloop.serving.stats import StatsClient
+
+    assert row_status(200, ReplyTail()) == "ok"
+    assert row_status(400, ReplyTail(error="max_tokens must be at least 1")) == "client_error"
+    assert row_status(200, ReplyTail(error=CLIENT_DISCONNECTED)) == "client_error"
+    # A stream that started with 200 and then carried an engine error is the version's fault.
+    assert row_status(200, ReplyTail(error="EngineDeadError: engine core died")) == "error"
+    assert row_status(500, ReplyTail(error="boom")) == "error"
+
+    stats = StatsClient(lambda: None)
+    for i, status in enumerate(["ok", "client_error", "error", "client_error"]):
+        stats.observe("canary", {"request_id": f"r{i}", "model_version": 2, "status": status, "latency_ms": 5.0})
+    assert [(o[1], o[4]) for o in stats._obs] == [("r0", True), ("r2", False)]

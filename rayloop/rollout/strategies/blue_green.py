@@ -1,7 +1,7 @@
 """Blue-green: start green beside blue, smoke-test it, switch all traffic at once, hold, release blue.
 
 Green is the ``canary`` slot. The switch is one route-table change (100% to
-green), applied in place by every router replica. During the hold blue stays
+green), applied in place by every stable replica. During the hold blue stays
 warm: a breach or ``rayloop rollback`` sends traffic back at once. After the
 hold the stable slot takes green's version in place and green is released.
 """
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from rayloop.config import Strategy
 from rayloop.errors import RolloutError
-from rayloop.rollout.routing import CANARY
+from rayloop.serving.routing import CANARY
 
 if TYPE_CHECKING:
     from rayloop.rollout.controller import Rollout

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from rayloop.config import Strategy
-from rayloop.rollout.routing import CANARY
+from rayloop.serving.routing import CANARY
 
 if TYPE_CHECKING:
     from rayloop.rollout.controller import Rollout

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from rayloop.config import Strategy
-from rayloop.rollout.routing import STABLE
+from rayloop.serving.routing import STABLE
 
 if TYPE_CHECKING:
     from rayloop.rollout.controller import Rollout

@@ -1,6 +1,6 @@
 """Shadow: mirror a share of live traffic to the new version for a while; report; serve nothing.
 
-The shadow slot gets the new version; the router copies ``shadow_fraction`` of
+The shadow slot gets the new version; the stable replicas copy ``shadow_fraction`` of
 answered requests to it after the primary answered. Users only ever see the
 primary. At the end the pairs are summarised (agreement with production,
 latency deltas, errors), the report is stored on the rollout and on the
@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from rayloop.config import Strategy
-from rayloop.rollout.routing import SHADOW
+from rayloop.serving.routing import SHADOW
 
 if TYPE_CHECKING:
     from rayloop.rollout.controller import Rollout
@@ -46,7 +46,7 @@ class Shadow:
         report["verdict"] = "measured" if enough else "inconclusive"
         ro.emit("shadow_report", **report)
         ro.save(phase="releasing", report=report)
-        ro.set_app(shadow=None, shadow_percent=0)
+        ro.set_app(shadow=None, shadow_percent=0, observe=False)
         ro.annotate("shadow", {"rollout_id": ro.rid, **report})
         ro.finish_without_promotion()
         if not enough:

@@ -1,6 +1,7 @@
-"""Routing decisions of the router ingress: pure functions, no Ray, no I/O.
+"""Routing decisions of the serving app's ingress: pure functions, no Ray, no I/O.
 
-The router holds a :class:`RouteTable` (its Serve ``user_config``) and asks
+The stable slot's replicas answer HTTP and route: each holds a :class:`RouteTable`
+(under ``routes`` in the stable deployment's Serve ``user_config``) and asks
 :class:`Picker` which slot answers each request:
 
 - **Weighted**: ``canary_percent`` of the traffic goes to the ``canary`` slot
@@ -36,16 +37,16 @@ STABLE = "stable"
 CANARY = "canary"
 SHADOW = "shadow"
 SLOTS: tuple[str, ...] = (STABLE, CANARY, SHADOW)
-"""Version slots of the router app; ``canary`` doubles as blue-green's *green*."""
+"""Version slots of the serving app; ``canary`` doubles as blue-green's *green*."""
 
 SESSION_HEADERS: tuple[str, ...] = ("x-rayloop-session-id", "x-rayloop-session", "x-rayloop-user-id")
 
 
 class RouteTable(BaseModel):
-    """What the router does with traffic; the ``user_config`` of the router deployment.
+    """What the ingress does with traffic (``routes`` in the stable deployment's ``user_config``).
 
-    Changing it through Serve's declarative path reconfigures router replicas
-    in place: no restart, no dropped request.
+    Changing it through Serve's declarative path reconfigures the stable
+    replicas in place: no restart, no dropped request.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -62,6 +63,11 @@ class RouteTable(BaseModel):
         default_factory=dict, description="slot -> version it serves (for status and metrics; informational)."
     )
     rollout_id: int | None = Field(default=None, description="Registry rollout this table belongs to, if any.")
+    observe: bool = Field(
+        default=False,
+        description="Send per-request observations to the app's stats actor (on while a rollout judges live "
+        "traffic; off in the lean layout, so plain serving pays nothing for it).",
+    )
     epoch: int = Field(default=0, ge=0, description="Bumped on every change, so callers can tell it was applied.")
 
 

@@ -1,6 +1,6 @@
-"""Live per-slot metrics of a router app, for the rollout controller and ``rayloop status``.
+"""Live per-slot metrics of a serving app, for the rollout controller and ``rayloop status``.
 
-Router replicas send what they saw (one observation per answered request,
+While a rollout judges live traffic (``RouteTable.observe``), the ingress replicas send what they saw (one observation per answered request,
 one rating per feedback, one pair summary per shadow copy) in batches to one
 detached actor per app (:class:`RouterStats`); the controller asks it for a
 time window. Feedback is joined to requests by request id here, so a rating
@@ -18,11 +18,13 @@ import bisect
 import collections
 import hashlib
 import logging
+import math
 import time
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from rayloop.config import Settings
-from rayloop.rollout.analysis import SlotWindow
 
 logger = logging.getLogger("ray.serve")
 
@@ -36,6 +38,63 @@ REORDER_S = 30.0
 Observation = tuple[float, str, str, int, bool, float]
 # (ts, request_id, primary_version, shadow_version, ok, latency_ms, primary_latency_ms, exact, similarity)
 ShadowPair = tuple[float, str, int, int, bool, float, float, bool, float]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..100); None for no values."""
+    if not values:
+        return None
+    s = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(s)))
+    return s[rank - 1]
+
+
+class SlotWindow(BaseModel):
+    """What one slot did over a window (built by the stats actor from ingress observations)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: int = Field(default=0, ge=0, description="Answered requests.")
+    errors: int = Field(default=0, ge=0, description="Requests that ended in an error.")
+    latencies_ms: list[float] = Field(default_factory=list, description="Latency samples (ok requests).")
+    ratings: list[int] = Field(default_factory=list, description="Feedback ratings joined by request id.")
+    versions: list[int] = Field(default_factory=list, description="Versions that answered.")
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    @property
+    def p95_ms(self) -> float | None:
+        return percentile(self.latencies_ms, 95)
+
+    @property
+    def mean_rating(self) -> float | None:
+        return sum(self.ratings) / len(self.ratings) if self.ratings else None
+
+    def merged(self, other: SlotWindow) -> SlotWindow:
+        return SlotWindow(
+            requests=self.requests + other.requests,
+            errors=self.errors + other.errors,
+            latencies_ms=self.latencies_ms + other.latencies_ms,
+            ratings=self.ratings + other.ratings,
+            versions=sorted(set(self.versions) | set(other.versions)),
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly numbers for events and status (no raw samples)."""
+        p95 = self.p95_ms
+        mean = self.mean_rating
+        return {
+            "requests": self.requests,
+            "errors": self.errors,
+            "error_rate": round(self.error_rate, 4),
+            "p50_ms": None if not self.latencies_ms else round(percentile(self.latencies_ms, 50) or 0.0, 2),
+            "p95_ms": None if p95 is None else round(p95, 2),
+            "ratings": len(self.ratings),
+            "mean_rating": None if mean is None else round(mean, 4),
+            "versions": self.versions,
+        }
 
 
 def stats_actor_name(app_name: str, storage_root: str) -> str:
@@ -168,6 +227,8 @@ class StatsClient:
         return True
 
     def observe(self, slot: str, row: dict[str, Any]) -> None:
+        if row.get("status") == "client_error":
+            return  # a bad request or a client that left says nothing about the version that answered
         if self._room():
             ok = row.get("status") == "ok"
             self._obs.append(

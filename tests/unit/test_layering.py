@@ -1,0 +1,54 @@
+"""Dependencies point down (docs/architecture.md): checked on every import in the package, lazy ones included."""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import rayloop
+
+ROOT = Path(rayloop.__file__).parent
+
+
+def _imports() -> dict[str, set[str]]:
+    """Top-level part of rayloop (subpackage or module) -> the parts it imports anywhere in its code."""
+    out: dict[str, set[str]] = defaultdict(set)
+    for f in ROOT.rglob("*.py"):
+        part = f.relative_to(ROOT).parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = (
+                [node.module]
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            for name in names:
+                bits = name.split(".")
+                if bits[0] == "rayloop" and len(bits) > 1 and bits[1] != part:
+                    out[part].add(bits[1])
+    return out
+
+
+def test_serving_never_imports_rollout_or_anything_above_it() -> None:
+    above = {"rollout", "pipeline", "evaluation", "training", "demo", "cli"}
+    assert not _imports()["serving"] & above, _imports()["serving"]
+
+
+def test_the_foundation_imports_nothing_above_it() -> None:
+    imports = _imports()
+    for part, allowed in {
+        "errors": set(),
+        "config": {"errors"},
+        "storage": {"errors", "config"},
+        "modelfiles": {"errors"},
+    }.items():
+        assert imports[part] <= allowed, (part, imports[part])
+
+
+def test_rollout_reaches_serve_only_through_serving() -> None:
+    """The controller changes what Serve runs only through serving's app layout and control seam."""
+    for f in (ROOT / "rollout").rglob("*.py"):
+        src = f.read_text()
+        assert "deploy_apps" not in src and "/api/serve/applications" not in src, f
