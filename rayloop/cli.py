@@ -127,8 +127,8 @@ def config() -> None:
 @config.command("show")
 @click.pass_context
 def config_show(ctx: click.Context) -> None:
-    """Print the resolved settings as JSON."""
-    _print_json(_settings(ctx).dump())
+    """Print the resolved settings as JSON (passwords in URLs shown as ***)."""
+    _print_json(_settings(ctx).redacted())
 
 
 # --- cluster -------------------------------------------------------------

@@ -454,6 +454,31 @@ class Settings(_Model):
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def redacted(self) -> dict[str, Any]:
+        """:meth:`dump` with every password in a URL replaced by ``***`` (what `rayloop config show` prints)."""
+        out = self.dump()
+        for section, key in (("registry", "url"), ("storage", "root"), ("storage", "s3_endpoint"), ("ray", "address")):
+            value = out.get(section, {}).get(key)
+            if isinstance(value, str):
+                out[section][key] = redact_url(value)
+        return out
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:secret@host/...`` -> ``scheme://user:***@host/...``; anything else unchanged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username}:***" if parts.username else "***"
+    return urlunsplit(
+        parts._replace(netloc=f"{userinfo}@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else ""))
+    )
+
 
 def _format_validation_error(err: ValidationError, source: str) -> str:
     parts = []

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,21 @@ def test_head_port_inside_rays_worker_range_is_refused_before_start(tmp_path: Pa
         load_settings(p, env={})
     assert "port 16379 is inside the ports Ray keeps" in ei.value.message and "10001-19999" in ei.value.message
     assert load_settings(_write(tmp_path, "ray:\n  port: 26379\n"), env={}).ray.port == 26379
+
+
+def test_config_show_never_prints_a_password(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from rayloop.cli import cli
+    from rayloop.config import redact_url
+
+    assert (
+        redact_url("postgresql://rayloop:s3cr3t@db.internal:5432/rl") == "postgresql://rayloop:***@db.internal:5432/rl"
+    )
+    assert redact_url("postgresql://rayloop@db.internal/rl") == "postgresql://rayloop@db.internal/rl"
+    assert redact_url("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
+    cfg = tmp_path / "rayloop.yaml"
+    cfg.write_text(f"home: {tmp_path}\nregistry:\n  url: postgresql://rayloop:s3cr3t@db.internal/rl\n")
+    r = CliRunner().invoke(cli, ["--config", str(cfg), "config", "show"])
+    assert r.exit_code == 0 and "s3cr3t" not in r.output
+    assert json.loads(r.output)["registry"]["url"] == "postgresql://rayloop:***@db.internal/rl"
