@@ -134,8 +134,7 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
         f"--dashboard-agent-listen-port={agent_port}",
         "--disable-usage-stats",
     ]
-    env = dict(os.environ)
-    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env = head_env(settings)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     address = f"127.0.0.1:{port}"
@@ -153,6 +152,26 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
     )
     _state_path(settings).write_text(json.dumps(asdict(state), indent=1))
     return state
+
+
+def head_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the head `rayloop up` starts, which its jobs (``ray job submit``) inherit.
+
+    A job's ``python`` is this environment's (rayloop's venv first on ``PATH``), and its settings find this
+    head's storage and registry (absolute ``RAYLOOP_HOME``, ``RAYLOOP_STORAGE``, ``RAYLOOP_REGISTRY_URL``)
+    whatever its working directory: a relative ``.rayloop`` would otherwise resolve under the job's own.
+    """
+    env = dict(os.environ if environ is None else environ)
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    bin_dir = str(Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if path.split(os.pathsep)[0] != bin_dir:
+        env["PATH"] = os.pathsep.join([bin_dir, path]) if path else bin_dir
+    env["RAYLOOP_HOME"] = str(settings.home_path)
+    root = settings.storage_root
+    env["RAYLOOP_STORAGE"] = root if "://" in root else str(Path(root).expanduser().absolute())
+    env["RAYLOOP_REGISTRY_URL"] = settings.registry_url
+    return env
 
 
 def _kill_group(pid: int, timeout: float = 30.0) -> None:

@@ -25,13 +25,13 @@ def test_up_down_round_trip(tmp_path: Path) -> None:
     (tmp_path / "rayloop.yaml").write_text(
         f"ray:\n  port: {gcs}\n  dashboard_port: {dash}\n  dashboard_agent_port: {agent}\n  num_cpus: 1\n"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAYLOOP_CONFIG")}
-    env["RAYLOOP_HOME"] = str(tmp_path / "home")
+    # The embedded default, as after `rayloop demo`: RAYLOOP_HOME is ./.rayloop, relative to where `up` ran.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAYLOOP_")}
     cmd = [sys.executable, "-m", "rayloop.cli"]
 
     up = subprocess.run([*cmd, "up"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert up.returncode == 0, up.stderr
-    state = json.loads((tmp_path / "home" / "cluster.json").read_text())
+    state = json.loads((tmp_path / ".rayloop" / "cluster.json").read_text())
     try:
         assert state["address"] == f"127.0.0.1:{gcs}"
         # The CLI has exited; the head is still there and its dashboard answers.
@@ -51,17 +51,25 @@ def test_up_down_round_trip(tmp_path: Path) -> None:
         )
         assert res.returncode == 0, res.stderr
         assert json.loads(res.stdout.strip().splitlines()[-1])["CPU"] == 1.0
-        # `ray job submit` works against it: the Jobs API goes through the head's dashboard agent.
+        # `ray job submit` works against it: the Jobs API goes through the head's dashboard agent. The job's
+        # plain `python` is rayloop's environment, and its settings find this head's storage and registry
+        # although it runs in a working directory of its own.
+        probe_job = (
+            "import ray, rayloop; from rayloop.config import load_settings; s = load_settings(); "
+            "print(6 * 7, s.storage_root, s.registry_url)"
+        )
         job = subprocess.run(
             [
                 str(Path(sys.executable).with_name("ray")),
                 "job",
                 "submit",
                 f"--address=http://127.0.0.1:{dash}",
+                "--working-dir",
+                ".",
                 "--",
                 "python",
                 "-c",
-                "print(6 * 7)",
+                probe_job,
             ],
             cwd=tmp_path,
             env={**env, "RAY_AUTH_MODE": "disabled"},
@@ -69,7 +77,9 @@ def test_up_down_round_trip(tmp_path: Path) -> None:
             text=True,
             timeout=180,
         )
-        assert job.returncode == 0 and "42" in job.stdout and "succeeded" in job.stdout, job.stdout + job.stderr
+        assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout + job.stderr
+        home = tmp_path / ".rayloop"
+        assert f"42 {home / 'storage'} sqlite:///{home / 'registry.db'}" in job.stdout, job.stdout
     finally:
         down = subprocess.run([*cmd, "down"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0 and "stopped" in down.stdout
@@ -77,4 +87,4 @@ def test_up_down_round_trip(tmp_path: Path) -> None:
     while _group_alive(state["pid"]) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _group_alive(state["pid"]), "processes of the head are still running after `rayloop down`"
-    assert not (tmp_path / "home" / "cluster.json").exists()
+    assert not (tmp_path / ".rayloop" / "cluster.json").exists()
