@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rayloop.errors import ConfigError
 
@@ -359,8 +359,12 @@ class RolloutSettings(_Model):
     min_feedback_delta: float = Field(
         default=-0.1, description="Canary mean rating minus stable's must be at least this."
     )
-    min_requests_per_step: int = Field(
-        default=20, ge=1, description="Judge a step only after this many canary requests."
+    min_samples: int = Field(
+        default=20,
+        ge=1,
+        validation_alias=AliasChoices("min_samples", "min_requests_per_step"),
+        description="Requests (shadow: mirrored pairs) a step needs before it can pass; fewer is inconclusive. "
+        "Also read as min_requests_per_step.",
     )
     min_ratings_per_step: int = Field(
         default=10, ge=1, description="Compare feedback only with this many ratings on each side."
@@ -369,7 +373,43 @@ class RolloutSettings(_Model):
         default=50.0, ge=0, description="Canary p95 may also exceed stable's by this many ms (jitter floor)."
     )
     max_step_wait_factor: float = Field(
-        default=3.0, ge=1, description="A step short of data waits up to this many intervals, then moves on."
+        default=3.0,
+        ge=1,
+        description="A step short of samples waits up to this many intervals (its progress deadline unless "
+        "progress_deadline_s is set), then it is inconclusive.",
+    )
+    progress_deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Seconds a canary step or a shadow run may take while it waits for min_samples "
+        "(default: max_step_wait_factor x its interval); then it is inconclusive.",
+    )
+    initial_delay_s: float | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds after a traffic change before its requests count (queues settle); default: a tenth "
+        "of the step's interval, at most 5 s.",
+    )
+    failure_limit: int = Field(
+        default=0,
+        ge=0,
+        description="Failed judgements a step tolerates; one more rolls back (0: the first failed check does).",
+    )
+    consecutive_error_limit: int = Field(
+        default=4,
+        ge=0,
+        description="Measurements in a row that may fail (stats actor unreachable) before the step is "
+        "inconclusive; a successful one resets the count.",
+    )
+    inconclusive: Literal["rollback", "hold"] = Field(
+        default="rollback",
+        description="What an inconclusive step does: roll back, or hold where it is (traffic unchanged, never "
+        "promoted) until `rayloop promote` or `rayloop abort`.",
+    )
+    dry_run: bool = Field(
+        default=False,
+        description="Analyse and record every verdict, but act on none: failed and inconclusive steps are logged "
+        "(events dry_run_breach / dry_run_inconclusive) and the rollout goes on.",
     )
     shadow_max_in_flight: int = Field(
         default=8, ge=1, description="Shadow copies in flight per stable replica; more are skipped, never queued."

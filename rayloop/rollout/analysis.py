@@ -57,9 +57,9 @@ def judge(canary: SlotWindow, stable: SlotWindow, t: RolloutSettings, *, latency
     """
     failed: list[str] = []
     notes: list[str] = []
-    enough = canary.requests >= t.min_requests_per_step
+    enough = canary.requests >= t.min_samples
 
-    if enough and stable.requests >= t.min_requests_per_step:
+    if enough and stable.requests >= t.min_samples:
         delta = canary.error_rate - stable.error_rate
         if delta > t.max_error_rate_delta:
             failed.append(
@@ -73,12 +73,12 @@ def judge(canary: SlotWindow, stable: SlotWindow, t: RolloutSettings, *, latency
             f"(> {t.max_error_rate_delta:.1%} allowed)"
         )
     elif not enough:
-        notes.append(f"errors: {canary.requests} canary requests < {t.min_requests_per_step} needed")
+        notes.append(f"errors: {canary.requests} canary requests < {t.min_samples} needed")
 
     cp, sp = canary.p95_ms, stable.p95_ms
     if not latency:
         notes.append("latency: judged at the end of the step")
-    elif enough and cp is not None and sp is not None and len(stable.latencies_ms) >= t.min_requests_per_step:
+    elif enough and cp is not None and sp is not None and len(stable.latencies_ms) >= t.min_samples:
         limit = max(sp * t.max_p95_latency_ratio, sp + t.latency_slack_ms)
         if cp > limit:
             failed.append(

@@ -288,6 +288,13 @@ class Rollout:
                 self.reg.mark_deployed(self.name, cfg.version, slot, self.backend.app_name)
 
     # -- judging ---------------------------------------------------------------
+    def progress_deadline(self, interval: float) -> float:
+        """Seconds a step of ``interval`` may take while it waits for enough samples."""
+        r = self.settings.rollout
+        return max(
+            interval, r.progress_deadline_s if r.progress_deadline_s is not None else interval * r.max_step_wait_factor
+        )
+
     def watch(
         self,
         seconds: float,
@@ -298,36 +305,70 @@ class Rollout:
         max_seconds: float | None = None,
         require_samples: bool = True,
     ) -> Verdict | None:
-        """Wait ``seconds`` judging ``slot`` against stable; raise :class:`Breach` on a failed check.
+        """Wait ``seconds`` judging ``slot`` against stable; raise :class:`Breach` to roll back.
 
-        Returns the last verdict (None if nothing was judged). An inconclusive
-        verdict (too little traffic) extends the wait up to ``max_seconds``; still
-        inconclusive then, it fails closed: :class:`Breach` (roll back), never a pass.
-        ``require_samples=False`` is for strategies judged by the golden check
-        (rolling, blue-green): live traffic, when there is some, can only fail them.
+        Returns the last verdict (None if nothing was judged). A failed check rolls back once more than
+        ``rollout.failure_limit`` judgements failed. An inconclusive verdict (too few samples, or measurements
+        failing more than ``consecutive_error_limit`` times in a row) extends the wait up to ``max_seconds``;
+        still inconclusive then, it fails closed: it rolls back (or holds, ``rollout.inconclusive: hold``),
+        never passes. ``require_samples=False`` is for strategies judged by the golden check (rolling,
+        blue-green): live traffic, when there is some, can only fail them. With ``rollout.dry_run`` every
+        verdict is recorded and none is acted on.
         """
+        r = self.settings.rollout
         t0 = self.now()
         end, hard = t0 + seconds, t0 + max(seconds, max_seconds or seconds)
         verdict: Verdict | None = None
         # Requests queued across the traffic shift settle first; they would skew latency.
-        since = t0 + min(5.0, seconds * 0.1)
+        since = t0 + (r.initial_delay_s if r.initial_delay_s is not None else min(5.0, seconds * 0.1))
+        failures = errors = 0
         while True:
             self.sleep(min(0.5, max(0.05, seconds / 4)))
             final = self.now() >= end
-            verdict = self._judge(since, slot, baseline_since, baseline, latency=final)
+            try:
+                verdict = self._judge(since, slot, baseline_since, baseline, latency=final)
+                errors = 0
+            except Exception as e:  # the stats actor is gone or slow: no measurement this time
+                errors += 1
+                self.emit("measurement_error", slot=slot, error=f"{type(e).__name__}: {e}"[:300], in_a_row=errors)
+                if errors <= r.consecutive_error_limit and self.now() < hard:
+                    continue
+                verdict = Verdict(
+                    decision=INCONCLUSIVE,
+                    reasons=[f"{errors} measurements in a row failed ({type(e).__name__}: {e})"[:500]],
+                )
+                self._inconclusive(slot, verdict, self.now() - t0)
+                return verdict
             if verdict.decision == FAIL:
-                self.emit("breach", slot=slot, reasons=verdict.reasons, canary=verdict.canary, stable=verdict.stable)
-                raise Breach(verdict)
+                failures += 1
+                if failures > r.failure_limit:
+                    self._act("breach", slot, verdict)
+                    failures = 0  # dry run: go on judging
             now = self.now()
             if now >= end and (verdict.decision == PASS or now >= hard):
-                if verdict.decision == INCONCLUSIVE and require_samples:
-                    why = [f"inconclusive after {now - t0:.0f}s: too little traffic to judge", *verdict.reasons]
-                    verdict = verdict.model_copy(update={"reasons": why})
-                    self.emit(
-                        "inconclusive", slot=slot, reasons=verdict.reasons, canary=verdict.canary, stable=verdict.stable
-                    )
-                    raise Breach(verdict)
+                if verdict.decision == FAIL:  # tolerated so far, but the step ends failing
+                    self._act("breach", slot, verdict)
+                elif verdict.decision == INCONCLUSIVE and require_samples:
+                    self._inconclusive(slot, verdict, now - t0)
                 return verdict
+
+    def _act(self, event: str, slot: str, verdict: Verdict) -> None:
+        """Record ``verdict`` under ``event`` and roll back (:class:`Breach`); under dry_run only record it."""
+        name = f"dry_run_{event}" if self.settings.rollout.dry_run else event
+        self.emit(name, slot=slot, reasons=verdict.reasons, canary=verdict.canary, stable=verdict.stable)
+        if not self.settings.rollout.dry_run:
+            raise Breach(verdict)
+
+    def _inconclusive(self, slot: str, verdict: Verdict, waited: float) -> None:
+        """Fail closed on a step nobody could judge: roll back, or hold until a person decides."""
+        why = [f"inconclusive after {waited:.0f}s: too little traffic to judge", *verdict.reasons]
+        verdict = verdict.model_copy(update={"reasons": why})
+        if self.settings.rollout.inconclusive == "hold" and not self.settings.rollout.dry_run:
+            self.emit("hold", slot=slot, reasons=verdict.reasons, canary=verdict.canary, stable=verdict.stable)
+            self.save(phase="holding", reason=why[0])
+            while True:  # traffic stays as it is; `rayloop promote|abort|rollback` ends this (Interrupted)
+                self.sleep(1.0)
+        self._act("inconclusive", slot, verdict)
 
     def _judge(
         self,
@@ -341,7 +382,7 @@ class Rollout:
         w = self.backend.window(since)
         cand = w.get(slot, SlotWindow())
         base = baseline
-        enough = self.settings.rollout.min_requests_per_step
+        enough = self.settings.rollout.min_samples
         if base is None:
             base = w.get(STABLE, SlotWindow()) if slot != STABLE else SlotWindow()
             if base.requests >= enough and slot != STABLE:

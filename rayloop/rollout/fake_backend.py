@@ -50,6 +50,7 @@ class FakeBackend:
         self.golden: list[int] = []
         self.smoke_problems: list[str] = []
         self.fail_apply_when: Any = None  # callable(AppState) -> bool: raise on apply
+        self.window_errors = 0  # the next this many window() calls raise (a stats actor that is gone)
         self._timeline: list[tuple[float, AppState]] = []
         self._lock = threading.Lock()
 
@@ -88,6 +89,9 @@ class FakeBackend:
         return out
 
     def window(self, since: float, until: float | None = None) -> dict[str, SlotWindow]:
+        if self.window_errors > 0:
+            self.window_errors -= 1
+            raise ConnectionError("stats actor unreachable")
         end = self.clock() if until is None else until
         out: dict[str, SlotWindow] = {}
         with self._lock:

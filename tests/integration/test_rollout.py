@@ -218,7 +218,7 @@ def test_canary_steps_shares_sticky_sessions_and_promotion(env: dict[str, Any]) 
     # A step is judged only once the canary has answered enough requests: at 25% that is >= 1400 requests
     # in all, so the measured share rests on >= 1000 one-request sessions whatever the load manages. The
     # 100% step is held by its interval (50 s at ~24 fresh sessions/s) to >= 1000 sessions as well.
-    rollout = env["settings"].rollout.model_copy(update={"min_requests_per_step": 350, "max_step_wait_factor": 30})
+    rollout = env["settings"].rollout.model_copy(update={"min_samples": 350, "max_step_wait_factor": 30})
     settings = env["settings"].model_copy(update={"rollout": rollout})
     with Load(env["url"], threads=6, sticky_threads=1, fixed_sessions=30) as load:
         time.sleep(4)

@@ -378,3 +378,69 @@ def test_status_reports_slots_aliases_and_live_metrics(env: dict[str, Any]) -> N
     assert m["aliases"] == {"production": 2, "previous": 1}
     assert m["last_rollout"]["status"] == "succeeded" and m["active_rollout"] is None
     assert st["live"]["stable"]["requests"] > 0
+
+
+def test_argo_style_settings_and_their_old_names(tmp_path: Path) -> None:
+    from rayloop.config import RolloutSettings
+
+    assert RolloutSettings(min_requests_per_step=7).min_samples == 7  # an existing rayloop.yaml keeps working
+    assert RolloutSettings(min_samples=9).min_samples == 9
+    s = load_settings(env={"RAYLOOP_HOME": str(tmp_path)}, overrides={"rollout": {"min_requests_per_step": 5}})
+    assert s.rollout.min_samples == 5
+    with pytest.raises(ConfigError, match="inconclusive"):
+        load_settings(env={"RAYLOOP_HOME": str(tmp_path)}, overrides={"rollout": {"inconclusive": "promote"}})
+
+
+def test_dry_run_records_a_breach_and_acts_on_none(env: dict[str, Any]) -> None:
+    env["backend"].behaviours = {2: Behaviour(error_rate=0.2)}
+    settings = env["settings"].model_copy(
+        update={"rollout": env["settings"].rollout.model_copy(update={"dry_run": True})}
+    )
+    rec = deploy(settings, "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"])
+    assert rec["status"] == "succeeded" and env["reg"].get_alias("demo", "production") == 2
+    assert _events(rec, "dry_run_breach") and not _events(rec, "breach") and not _events(rec, "rollback")
+
+
+def test_failure_limit_tolerates_failed_judgements_but_not_a_failing_step(env: dict[str, Any]) -> None:
+    env["backend"].behaviours = {2: Behaviour(error_rate=0.2)}
+    lenient = env["settings"].rollout.model_copy(update={"failure_limit": 1000})
+    settings = env["settings"].model_copy(update={"rollout": lenient})
+    rec = deploy(settings, "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"])
+    # Every judgement failed: tolerated while the step ran, but it ended failing, so it rolls back.
+    assert rec["status"] == "rolled_back" and "error rate" in rec["state"]["reason"]
+    assert env["reg"].get_alias("demo", "production") == 1
+
+
+def test_measurement_errors_in_a_row_make_the_step_inconclusive(env: dict[str, Any]) -> None:
+    env["backend"].window_errors = 2  # a blip: within consecutive_error_limit (4), the rollout goes on
+    rec = deploy(env["settings"], "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"])
+    assert rec["status"] == "succeeded" and len(_events(rec, "measurement_error")) == 2
+    env["backend"].window_errors = 10**6  # the stats actor is gone for good
+    rec = deploy(env["settings"], "demo@1", "canary", steps=[50, 100], force=True, **FAST, backend=env["backend"])
+    assert rec["status"] == "rolled_back" and "measurements in a row failed" in rec["state"]["reason"]
+    assert env["reg"].get_alias("demo", "production") == 2
+
+
+def test_an_inconclusive_step_can_hold_until_a_person_decides(env: dict[str, Any]) -> None:
+    env["backend"].rps = 0
+    hold = env["settings"].rollout.model_copy(update={"inconclusive": "hold"})
+    settings = env["settings"].model_copy(update={"rollout": hold})
+    out: dict[str, Any] = {}
+    t = threading.Thread(
+        target=lambda: out.update(deploy(settings, "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"]))
+    )
+    t.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        active = env["reg"].active_rollout("demo")
+        if active is not None and active["state"].get("phase") == "holding":
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the rollout never held")
+    # Holding: canary keeps its share, nothing was promoted.
+    assert env["backend"].state.table.canary_percent == 50 and env["reg"].get_alias("demo", "production") == 1
+    send_command(settings, "demo", "abort", backend=env["backend"], wait_s=20)
+    t.join(timeout=20)
+    assert out["status"] == "aborted" and env["reg"].get_alias("demo", "production") == 1
+    assert _final_app(env["backend"]) == (1, None, None, 0)

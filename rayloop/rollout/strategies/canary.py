@@ -4,9 +4,11 @@ At each step (default 5, 25, 50, 100 %) the route table sends that share of
 sessions to the canary slot, then :meth:`~rayloop.rollout.controller.Rollout.watch`
 compares canary with stable over the step (error rate, p95 latency, feedback).
 A breach rolls back at once (all traffic to stable, aliases back, reason
-recorded); a step short of data waits up to ``max_step_wait_factor`` intervals,
-then rolls back as *inconclusive*: a step nobody judged is never passed. After
-the last step the new version is promoted.
+recorded); a step short of samples waits until its progress deadline
+(``progress_deadline_s``, default ``max_step_wait_factor`` intervals), then is
+*inconclusive*: it rolls back (or holds, ``rollout.inconclusive: hold``), a
+step nobody judged is never passed. After the last step the new version is
+promoted.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class Canary:
             verdict = ro.watch(
                 interval,
                 baseline_since=ro.started,
-                max_seconds=interval * ro.settings.rollout.max_step_wait_factor,
+                max_seconds=ro.progress_deadline(interval),
             )
             ro.emit(
                 "step_passed",

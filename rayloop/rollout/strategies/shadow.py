@@ -7,8 +7,9 @@ latency deltas, errors), the report is stored on the rollout and on the
 version (annotation ``shadow``), the shadow slot is released, and production
 is left as it was.
 
-Fewer than ``min_requests_per_step`` mirrored pairs is *inconclusive*: the
-mirroring goes on up to ``max_step_wait_factor`` times the duration, and if
+Fewer than ``min_samples`` mirrored pairs is *inconclusive*: the mirroring
+goes on until the progress deadline (``progress_deadline_s``, default
+``max_step_wait_factor`` times the duration), and if
 the pairs are still too few the report says ``verdict: inconclusive`` and the
 rollout ends ``rolled_back`` (nothing was judged, so nothing may be concluded).
 """
@@ -35,8 +36,8 @@ class Shadow:
         ro.save(phase="mirroring")
         started = ro.now()
         duration = ro.plan["duration_s"]
-        needed = ro.settings.rollout.min_requests_per_step
-        deadline = started + duration * ro.settings.rollout.max_step_wait_factor
+        needed = ro.settings.rollout.min_samples
+        deadline = started + ro.progress_deadline(duration)
         ro.sleep(duration)
         report = ro.shadow_report(started)
         while int(report.get("pairs") or 0) < needed and ro.now() < deadline:
