@@ -108,7 +108,12 @@ class ServeControl:
         return deployed_apps(details)
 
     def apply(self, apps: list[dict[str, Any]]) -> None:
+        from rayloop.serving.routing import routing_secret
+        from rayloop.storage import Storage
+
         doc = deploy_schema(self.settings, apps)
+        # The session-bucket key exists before any replica starts (they read it; see routing_secret).
+        routing_secret(Storage(self.settings.storage_root, s3_endpoint=self.settings.storage.s3_endpoint))
         if self.url is not None:
             # The dashboard starts Serve itself when the cluster has none yet.
             serve_rest(self.url, "PUT", "/api/serve/applications/", doc)

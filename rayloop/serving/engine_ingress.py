@@ -37,7 +37,7 @@ from fastapi import Request
 
 from rayloop.serving.ingress import OpenAIIngress
 from rayloop.serving.protocol import ReplyHead, ReplyTail
-from rayloop.serving.routing import CANARY, SHADOW, STABLE, Picker, RouteTable, session_key
+from rayloop.serving.routing import CANARY, SHADOW, STABLE, Picker, RouteTable, routing_secret, session_key
 from rayloop.serving.server import LLMServer
 from rayloop.serving.shadow import TappedCapture, mirror
 from rayloop.serving.stats import StatsClient, get_stats_actor
@@ -103,7 +103,11 @@ class EngineIngress(OpenAIIngress):
         self.capture_peers = sv.replicas > 1  # every replica is an ingress with its own capture buffer
         self.server._metrics = self.metrics  # one set of metric handles per process
         self.table = RouteTable()
-        self.picker = Picker(self.table)
+        from rayloop.storage import Storage
+
+        storage = Storage(self.settings.storage_root, s3_endpoint=self.settings.storage.s3_endpoint)
+        self.secret = routing_secret(storage)
+        self.picker = Picker(self.table, secret=self.secret)
         self.stats = StatsClient(self._stats_actor)
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self.shadow_skipped = 0
@@ -188,7 +192,7 @@ class EngineIngress(OpenAIIngress):
         if routes is not None:
             table = RouteTable.model_validate(routes)
             if table != self.table:
-                self.table, self.picker = table, Picker(table)
+                self.table, self.picker = table, Picker(table, secret=self.secret)
                 logger.info(
                     "route table epoch %d: canary %.1f%%, shadow %.1f%%, observe %s",
                     table.epoch,

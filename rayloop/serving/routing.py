@@ -8,7 +8,9 @@ The stable slot's replicas answer HTTP and route: each holds a :class:`RouteTabl
   (which is also the *green* slot of a blue-green switch), the rest to ``stable``.
 - **Sticky**: a request with a session key (``x-rayloop-session-id`` or
   ``x-rayloop-session`` header, ``x-rayloop-user-id`` header, or the OpenAI
-  ``user`` field) is hashed with the rollout's ``salt`` into a bucket in
+  ``user`` field) is hashed with the rollout's ``salt`` and the cluster's
+  secret key (:func:`routing_secret`, kept in storage, never in a Serve
+  config, so a client cannot compute or choose its bucket) into a bucket in
   ``[0, 100)``; it goes to canary iff its bucket is below ``canary_percent``.
   The bucket of a session never changes during a rollout (the salt is the
   rollout id), so raising the percentage only moves sessions from stable to
@@ -55,7 +57,11 @@ class RouteTable(BaseModel):
         default=0.0, ge=0, le=100, description="Share of traffic (sessions) on the canary slot."
     )
     sticky: bool = Field(default=True, description="Keep a session on one slot for the whole rollout.")
-    salt: str = Field(default="", max_length=200, description="Sticky hash salt; fixed for a whole rollout.")
+    salt: str = Field(
+        default="",
+        max_length=200,
+        description="Sticky hash salt, fixed for a whole rollout (public: buckets also depend on the secret key).",
+    )
     shadow_percent: float = Field(
         default=0.0, ge=0, le=100, description="Share of answered requests mirrored to shadow."
     )
@@ -71,10 +77,31 @@ class RouteTable(BaseModel):
     epoch: int = Field(default=0, ge=0, description="Bumped on every change, so callers can tell it was applied.")
 
 
-def bucket(key: str, salt: str) -> float:
-    """Stable position of ``key`` in ``[0, 100)`` for this ``salt`` (uniform, independent of Python's hash seed)."""
-    digest = hashlib.blake2b(f"{salt}\x00{key}".encode(), digest_size=8).digest()
+SECRET_KEY = "secrets/routing-key"
+
+
+def bucket(key: str, salt: str, secret: bytes = b"") -> float:
+    """Stable position of ``key`` in ``[0, 100)`` for this ``salt`` and ``secret`` (a keyed hash: uniform,
+    independent of Python's hash seed, and unknowable without the secret)."""
+    digest = hashlib.blake2b(f"{salt}\x00{key}".encode(), digest_size=8, key=secret[:64]).digest()
     return int.from_bytes(digest, "big") / 2**64 * 100.0
+
+
+def routing_secret(storage: Any) -> bytes:
+    """The cluster's key for session buckets, created in ``storage`` on first use.
+
+    It lives beside the data (``secrets/routing-key``), which every replica can read and no client can;
+    it never appears in a Serve config, a log or the dashboard. The controllers create it before they
+    deploy, so replicas starting together read one key.
+    """
+    import secrets
+
+    if storage.exists(SECRET_KEY):
+        data: bytes = storage.read_bytes(SECRET_KEY)
+        return data
+    storage.write_bytes(SECRET_KEY, secrets.token_hex(32).encode())
+    out: bytes = storage.read_bytes(SECRET_KEY)  # a concurrent first writer may have won: use what is stored
+    return out
 
 
 def session_key(headers: Mapping[str, str], body: Mapping[str, Any]) -> str | None:
@@ -92,9 +119,10 @@ def session_key(headers: Mapping[str, str], body: Mapping[str, Any]) -> str | No
 class Picker:
     """Applies a :class:`RouteTable`; ``rng`` draws for requests without a session key."""
 
-    def __init__(self, table: RouteTable, rng: random.Random | None = None) -> None:
+    def __init__(self, table: RouteTable, rng: random.Random | None = None, secret: bytes = b"") -> None:
         self.table = table
         self.rng = rng or random.Random()
+        self.secret = secret
 
     def pick(self, key: str | None) -> str:
         """``stable`` or ``canary`` for a request with sticky key ``key`` (None: no session)."""
@@ -103,7 +131,10 @@ class Picker:
             return STABLE
         if p >= 100:
             return CANARY
-        x = bucket(key, self.table.salt) if key is not None and self.table.sticky else self.rng.random() * 100.0
+        if key is not None and self.table.sticky:
+            x = bucket(key, self.table.salt, self.secret)
+        else:
+            x = self.rng.random() * 100.0
         return CANARY if x < p else STABLE
 
     def mirror(self, request_id: str) -> bool:
@@ -113,4 +144,4 @@ class Picker:
             return False
         if p >= 100:
             return True
-        return bucket(request_id, "shadow:" + self.table.salt) < p
+        return bucket(request_id, "shadow:" + self.table.salt, self.secret) < p

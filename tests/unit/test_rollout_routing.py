@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -159,3 +160,20 @@ def test_fail_is_reported_even_while_inconclusive_on_requests() -> None:
 def test_merged_windows_add_up() -> None:
     m = _w(10, errors=1, ratings=[1]).merged(_w(5, ratings=[-1]))
     assert (m.requests, m.errors, len(m.latencies_ms), m.mean_rating) == (15, 1, 14, 0.0)
+
+
+def test_session_buckets_need_the_secret_key(tmp_path: Path) -> None:
+    from rayloop.serving.routing import SECRET_KEY, routing_secret
+    from rayloop.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    key = routing_secret(storage)
+    assert len(key) == 64 and routing_secret(storage) == key and storage.exists(SECRET_KEY)
+    # A client that knows the (public) salt and its own session id still cannot tell its bucket.
+    table = RouteTable(canary_percent=50, salt="rollout-7")
+    with_key = [Picker(table, secret=key).pick(s) for s in SESSIONS]
+    without = [Picker(table).pick(s) for s in SESSIONS]
+    assert with_key != without
+    assert sum(a == b for a, b in zip(with_key, without, strict=True)) < 0.6 * len(SESSIONS)
+    # ... and the key is nowhere in the table a Serve config carries.
+    assert key.decode() not in table.model_dump_json()
