@@ -113,29 +113,28 @@ class ServeBackend:
     def apply(self, state: AppState) -> None:
         from rayloop.serving.app import ServeArgs, app_config, parked_slots
 
-        apps = self.control.apps()
-        mine = self._mine(apps)
-        if mine is None:
-            args = ServeArgs(
-                model=state.model,
-                settings=self.settings,
-                api_key_hashes=self.api_key_hashes,
-                engine_cls=self.engine_cls,
-            )
-        else:
-            # Same args/import_path/runtime_env as deployed: only user_config and slot resources change.
-            args = ServeArgs.model_validate(mine["args"])
-        # With keep_warm_slots (this caller's setting), released slots keep their engine and version, parked.
-        keep = parked_slots(mine) if mine is not None and self.settings.rollout.keep_warm_slots else {}
-        app = app_config(args.settings, args, state, app_name=self.app_name, parked=keep)
-        if mine is not None:
-            app["route_prefix"] = mine.get("route_prefix", app["route_prefix"])
-            app.update({k: v for k, v in mine.items() if k == "runtime_env"})
-        self._deployed = mine
-        others = [a for a in apps if a["name"] != self.app_name]
+        def build(mine: dict[str, Any] | None) -> dict[str, Any]:
+            mine = self._mine([mine] if mine is not None else [])
+            if mine is None:
+                args = ServeArgs(
+                    model=state.model,
+                    settings=self.settings,
+                    api_key_hashes=self.api_key_hashes,
+                    engine_cls=self.engine_cls,
+                )
+            else:
+                # Same args/import_path/runtime_env as deployed: only user_config and slot resources change.
+                args = ServeArgs.model_validate(mine["args"])
+            # With keep_warm_slots (this caller's setting), released slots keep their engine and version, parked.
+            keep = parked_slots(mine) if mine is not None and self.settings.rollout.keep_warm_slots else {}
+            app = app_config(args.settings, args, state, app_name=self.app_name, parked=keep)
+            if mine is not None:
+                app["route_prefix"] = mine.get("route_prefix", app["route_prefix"])
+                app.update({k: v for k, v in mine.items() if k == "runtime_env"})
+            return app
+
         self._since = time.time()
-        self.control.apply([*others, app])
-        self._deployed = app
+        self._deployed = self.control.update(self.app_name, build)
 
     def wait(self, state: AppState, timeout_s: float) -> None:
         from rayloop.serving.control import wait_for_state

@@ -96,7 +96,9 @@ class AppState(BaseModel):
     def lean(self) -> bool:
         """Only stable serves and nothing is routed or mirrored elsewhere."""
         t = self.table
-        return t.canary_percent == 0 and t.shadow_percent == 0 and all(self.slots.get(s) is None for s in (CANARY, SHADOW))
+        return (
+            t.canary_percent == 0 and t.shadow_percent == 0 and all(self.slots.get(s) is None for s in (CANARY, SHADOW))
+        )
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -4,9 +4,11 @@ Serve moves replicas to a new ``user_config`` in place only on its declarative
 path (a whole ``ServeDeploySchema`` applied through the dashboard's REST API or
 the controller's ``deploy_apps``), and applying a document deletes every app it
 does not list. So every change rayloop makes, whether ``rayloop serve`` or a
-rollout step, is: read the declaratively deployed apps, replace one, apply the
-whole document. :class:`ServeControl` is that seam on a live cluster; unit tests
-pass an object with the same methods (:class:`Control`) instead of patching.
+rollout step, is :meth:`Control.update`: read the declaratively deployed apps,
+replace one, apply the whole document, under one lock held in the registry
+database (so two controllers on two hosts never lose each other's change).
+:class:`ServeControl` is that seam on a live cluster; :class:`InMemoryControl`
+is the same seam over a list of app configs, for unit tests.
 
 A cluster on which nobody has started Serve yet simply has no apps: reading it
 never raises, and the first :meth:`ServeControl.apply` starts Serve with the
@@ -21,6 +23,8 @@ import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +33,9 @@ from rayloop.errors import ClusterError, ServingError
 from rayloop.serving.app import AppState, slot_deployment_name
 from rayloop.serving.routing import SLOTS, STABLE
 
+AppBuilder = Callable[[dict[str, Any] | None], dict[str, Any]]
+"""Given the deployed config of one app (None: not deployed), the config to deploy instead."""
+
 
 class Control(Protocol):
     """What serving and rollouts need from Serve."""
@@ -36,8 +43,30 @@ class Control(Protocol):
     def apps(self) -> list[dict[str, Any]]:
         """Declaratively deployed apps (their deployed configs, ``name`` included); [] when Serve is not running."""
 
-    def apply(self, apps: list[dict[str, Any]]) -> None:
-        """Apply ``apps`` as the whole declarative config (starting Serve first when needed)."""
+    def update(self, name: str, build: AppBuilder) -> dict[str, Any]:
+        """Replace app ``name`` with ``build(its deployed config)``, keeping every other app; atomic against
+        other controllers. Returns what was applied. Starts Serve first when needed."""
+
+
+class InMemoryControl:
+    """:class:`Control` over a list of app configs (unit tests); ``applied`` counts the updates."""
+
+    def __init__(self, apps: list[dict[str, Any]] | None = None) -> None:
+        self.deployed = list(apps or [])
+        self.applied = 0
+
+    def apps(self) -> list[dict[str, Any]]:
+        return list(self.deployed)
+
+    def update(self, name: str, build: AppBuilder) -> dict[str, Any]:
+        mine = next((a for a in self.deployed if a["name"] == name), None)
+        app = build(mine)
+        self.deployed = [a for a in self.deployed if a["name"] != name] + [app]
+        self.applied += 1
+        return app
+
+    def app(self, name: str) -> dict[str, Any]:
+        return next(a for a in self.deployed if a["name"] == name)
 
 
 def dashboard_url() -> str | None:
@@ -94,9 +123,23 @@ class ServeControl:
     driver's Serve controller client (the same calls the REST API makes). Needs a connected Ray driver
     for the controller path."""
 
-    def __init__(self, settings: Settings, *, url: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        url: str | None = None,
+        lock: Callable[[], AbstractContextManager[Any]] | None = None,
+    ) -> None:
         self.settings = settings
         self.url = url if url is not None else dashboard_url()
+        self._lock = lock or (lambda: serve_config_lock(settings))
+
+    def update(self, name: str, build: AppBuilder) -> dict[str, Any]:
+        with self._lock():
+            apps = self.apps()
+            app = build(next((a for a in apps if a["name"] == name), None))
+            self.apply([a for a in apps if a["name"] != name] + [app])
+            return app
 
     def apps(self) -> list[dict[str, Any]]:
         if self.url is not None:
@@ -128,6 +171,22 @@ class ServeControl:
             serve.start(http_options={"host": sv.http_host, "port": sv.http_port})
             client = _controller_client(required=True)
         client.deploy_apps(ServeDeploySchema.model_validate(doc))
+
+
+@contextmanager
+def serve_config_lock(settings: Settings) -> Iterator[None]:
+    """Hold the cluster's Serve-config lock: a write transaction on the registry database (SQLite's write lock;
+    a transaction-scoped advisory lock on PostgreSQL), so read-modify-apply runs one at a time across hosts."""
+    from rayloop.registry.sql import Database
+
+    db = Database(settings.registry_url)
+    with db.transaction(write=True) as tx:
+        if tx.dialect == "postgresql":
+            tx.execute("SELECT pg_advisory_xact_lock(?)", (SERVE_CONFIG_LOCK_KEY,))
+        yield
+
+
+SERVE_CONFIG_LOCK_KEY = 0x72617973  # "rays": PostgreSQL advisory lock around Serve config updates
 
 
 def _controller_client(*, required: bool) -> Any:

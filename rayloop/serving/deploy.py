@@ -23,6 +23,7 @@ from rayloop.errors import ConfigError, ServingError
 from rayloop.serving import checkpoint, golden
 from rayloop.serving.app import (
     IMPORT_PATH,
+    AppState,
     ServeArgs,
     app_config,
     engine_actor_options,
@@ -136,57 +137,68 @@ def deploy(
     name = app_name or settings.serving.app_name
     t0 = time.monotonic()
     control = control or ServeControl(settings)
-    current = control.apps()
-    mine = next((a for a in current if a["name"] == name), None)
     args = ServeArgs(
         model=cfg.model, settings=settings, api_key_hashes=sorted(api_key_hashes or []), engine_cls=engine_cls
     )
-    previous: int | None = None
-    if mine is None:
-        state = idle_state(cfg.model, cfg, RouteTable(versions={STABLE: cfg.version}, epoch=1))
-        app = app_config(settings, args, state, app_name=name)
-        app_settings = settings
-    else:
-        if mine.get("import_path") != IMPORT_PATH:
-            raise ServingError(
-                f"app {name!r} is not a rayloop serving app (import_path {mine.get('import_path')!r})",
-                hint="Pick another --app name, or delete that app first with `serve delete`.",
-            )
-        cur = read_state(mine)
-        if cur.model != cfg.model:
-            raise ServingError(
-                f"app {name!r} serves model {cur.model!r}, not {cfg.model!r}",
-                hint="Serve the other model under its own --app name.",
-            )
-        if not cur.lean:
-            raise ServingError(
-                f"app {name!r} is in the middle of a rollout ({cur.summary()}); `rayloop serve` leaves it to "
-                "its controller",
-                hint=f"See `rayloop status`; finish it with `rayloop promote {cfg.model}` or `rayloop abort "
-                f"{cfg.model}`, then serve again.",
-            )
-        if mine.get("args") != args.model_dump(mode="json", exclude_none=True):
-            # Changed args would restart every replica instead of reconfiguring them.
-            raise ServingError(
-                f"app {name!r} runs with other args (settings, model name or API keys differ); an in-place "
-                "upgrade needs equal args",
-                hint="Use the same settings as the running app, or delete it first with `serve delete`.",
-            )
-        previous = cur.version(STABLE)
+    running = next((a for a in control.apps() if a["name"] == name), None)
+    if running is not None:
+        _check_upgrade(name, running, cfg, args)
         if record_golden:
             # An upgrade: replicas verify their in-place swap against a fresh engine's answers.
             ensure_golden(settings, cfg, engine_cls=engine_cls)
+    plan: dict[str, Any] = {}
+
+    def build(mine: dict[str, Any] | None) -> dict[str, Any]:
+        """The app to apply, from what is deployed now (checked again: it may have changed meanwhile)."""
+        if mine is None:
+            state = idle_state(cfg.model, cfg, RouteTable(versions={STABLE: cfg.version}, epoch=1))
+            plan.update(state=state, previous=None, settings=settings)
+            return app_config(settings, args, state, app_name=name)
+        cur = _check_upgrade(name, mine, cfg, args)
         table = cur.table.model_copy(update={"versions": {STABLE: cfg.version}, "epoch": cur.table.epoch + 1})
         state = cur.model_copy(update={"slots": {**cur.slots, STABLE: cfg}, "table": table})
-        app_settings = args.settings
-        keep = parked_slots(mine) if app_settings.rollout.keep_warm_slots else {}
-        app = app_config(app_settings, args, state, app_name=name, parked=keep)
+        plan.update(state=state, previous=cur.version(STABLE), settings=args.settings)
+        keep = parked_slots(mine) if args.settings.rollout.keep_warm_slots else {}
+        app = app_config(args.settings, args, state, app_name=name, parked=keep)
         app["route_prefix"] = mine.get("route_prefix", app["route_prefix"])
+        return app
+
     since = time.time()
-    control.apply([a for a in current if a["name"] != name] + [app])
+    control.update(name, build)
+    previous: int | None = plan["previous"]
     replicas: list[dict[str, Any]] = []
     if wait:
-        n = app_settings.serving.replicas
-        wait_for_state(name, state, since=since, timeout_s=timeout_s, replicas=n)
+        n = plan["settings"].serving.replicas
+        wait_for_state(name, plan["state"], since=since, timeout_s=timeout_s, replicas=n)
         replicas = replica_infos(name, 2 * n)
     return DeployResult(name, cfg.model, cfg.version, previous, time.monotonic() - t0, replicas)
+
+
+def _check_upgrade(name: str, mine: dict[str, Any], cfg: ModelConfig, args: ServeArgs) -> AppState:
+    """The running app's state, if `rayloop serve` may move its stable slot to ``cfg`` in place; else why not."""
+    if mine.get("import_path") != IMPORT_PATH:
+        raise ServingError(
+            f"app {name!r} is not a rayloop serving app (import_path {mine.get('import_path')!r})",
+            hint="Pick another --app name, or delete that app first with `serve delete`.",
+        )
+    cur = read_state(mine)
+    if cur.model != cfg.model:
+        raise ServingError(
+            f"app {name!r} serves model {cur.model!r}, not {cfg.model!r}",
+            hint="Serve the other model under its own --app name.",
+        )
+    if not cur.lean:
+        raise ServingError(
+            f"app {name!r} is in the middle of a rollout ({cur.summary()}); `rayloop serve` leaves it to its "
+            "controller",
+            hint=f"See `rayloop status`; finish it with `rayloop promote {cfg.model}` or `rayloop abort "
+            f"{cfg.model}`, then serve again.",
+        )
+    if mine.get("args") != args.model_dump(mode="json", exclude_none=True):
+        # Changed args would restart every replica instead of reconfiguring them.
+        raise ServingError(
+            f"app {name!r} runs with other args (settings, model name or API keys differ); an in-place upgrade "
+            "needs equal args",
+            hint="Use the same settings as the running app, or delete it first with `serve delete`.",
+        )
+    return cur

@@ -10,6 +10,7 @@ import pytest
 from rayloop.config import Settings
 from rayloop.rollout.backend import ServeBackend
 from rayloop.serving.app import IDLE_NUM_CPUS, AppState, ServeArgs, app_config, slot_deployment_name
+from rayloop.serving.control import InMemoryControl
 from rayloop.serving.protocol import ModelConfig
 from rayloop.serving.routing import CANARY, SHADOW, STABLE, RouteTable
 
@@ -18,22 +19,17 @@ def _cfg(version: int) -> ModelConfig:
     return ModelConfig(model="demo", version=version)
 
 
-class _Serve:
-    """The deployed app as Serve's REST API returns it; ``apply_apps`` replaces it."""
+class _Serve(InMemoryControl):
+    """The deployed apps, in memory; ``slot`` reads one deployment of the rayloop app."""
 
-    def __init__(self, settings: Settings, slots: dict[str, ModelConfig | None]) -> None:
-        args = ServeArgs(model="demo", settings=settings)
-        state = AppState(model="demo", slots=slots, table=RouteTable())
-        self._apps = [app_config(settings, args, state)]
-
-    def apps(self) -> list[dict[str, Any]]:
-        return self._apps
-
-    def apply(self, apps: list[dict[str, Any]]) -> None:
-        self._apps = apps
+    def __init__(self, settings: Settings | None = None, slots: dict[str, ModelConfig | None] | None = None) -> None:
+        super().__init__()
+        if settings is not None:
+            args = ServeArgs(model="demo", settings=settings)
+            self.deployed = [app_config(settings, args, AppState(model="demo", slots=slots or {}, table=RouteTable()))]
 
     def slot(self, slot: str) -> dict[str, Any]:
-        return next(d for d in self._apps[0]["deployments"] if d["name"] == slot_deployment_name(slot))
+        return next(d for d in self.deployed[0]["deployments"] if d["name"] == slot_deployment_name(slot))
 
 
 @pytest.fixture
@@ -109,10 +105,9 @@ def test_rayloop_serve_and_rollouts_move_one_layout(tmp_path: Path) -> None:
     from rayloop.serving.deploy import deploy
 
     settings = Settings.model_validate({"home": str(tmp_path)})
-    serve = _Serve.__new__(_Serve)
-    serve._apps = []
+    serve = _Serve()
     deploy(settings, _cfg(1), control=serve, wait=False, record_golden=False)
-    (app,) = serve._apps
+    (app,) = serve.deployed
     assert app["import_path"] == IMPORT_PATH
     assert [d["name"] for d in app["deployments"]] == ["llm-stable", "llm-canary", "llm-shadow"]
     stable_uc = serve.slot(STABLE)["user_config"]
@@ -124,7 +119,7 @@ def test_rayloop_serve_and_rollouts_move_one_layout(tmp_path: Path) -> None:
     assert state is not None and state.lean and state.version(STABLE) == 1
     table = state.table.model_copy(update={"canary_percent": 10, "versions": {STABLE: 1, CANARY: 2}, "epoch": 2})
     backend.apply(AppState(model="demo", slots={**state.slots, CANARY: _cfg(2)}, table=table))
-    assert serve._apps[0]["import_path"] == IMPORT_PATH and serve._apps[0]["args"] == args
+    assert serve.deployed[0]["import_path"] == IMPORT_PATH and serve.deployed[0]["args"] == args
     assert serve.slot(STABLE)["user_config"]["routes"]["canary_percent"] == 10
     assert serve.slot(CANARY)["user_config"] == {"model": "demo", "version": 2}
 
@@ -138,6 +133,6 @@ def test_rayloop_serve_and_rollouts_move_one_layout(tmp_path: Path) -> None:
     backend.apply(AppState(model="demo", slots={**back.slots, CANARY: None}, table=lean))
     res = deploy(settings, _cfg(3), control=serve, wait=False, record_golden=False)
     assert (res.version, res.upgraded_from) == (3, 1)
-    assert serve._apps[0]["args"] == args
+    assert serve.deployed[0]["args"] == args
     stable_uc = serve.slot(STABLE)["user_config"]
     assert (stable_uc["version"], stable_uc["routes"]["epoch"]) == (3, 4)

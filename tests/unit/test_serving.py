@@ -370,18 +370,15 @@ def test_rayloop_serve_cli_rejects_bad_arguments(rayloop_home: Path) -> None:
 def test_rayloop_serve_leaves_a_foreign_app_alone(settings: Any) -> None:
     from rayloop.errors import ServingError
     from rayloop.serving import deploy as deploy_mod
+    from rayloop.serving.control import InMemoryControl
     from rayloop.serving.protocol import ModelConfig
 
-    class Running:
-        def apps(self) -> list[dict[str, Any]]:
-            return [{"name": settings.serving.app_name, "import_path": "someone.else:app", "deployments": []}]
-
-        def apply(self, apps: list[dict[str, Any]]) -> None:
-            pytest.fail("must not touch the app")
-
+    foreign = {"name": settings.serving.app_name, "import_path": "someone.else:app", "deployments": []}
+    running = InMemoryControl([foreign])
     with pytest.raises(ServingError) as e:
-        deploy_mod.deploy(settings, ModelConfig(model="demo", version=3, path="/nowhere"), control=Running())
+        deploy_mod.deploy(settings, ModelConfig(model="demo", version=3, path="/nowhere"), control=running)
     assert "is not a rayloop serving app" in e.value.message and "--app" in (e.value.hint or "")
+    assert running.deployed == [foreign] and running.applied == 0
 
 
 def test_cpu_engine_env_runs_single_shard_engines_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:

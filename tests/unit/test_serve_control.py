@@ -1,0 +1,67 @@
+"""The Serve seam's read-modify-apply holds one lock in the registry database, across processes."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from rayloop.config import Settings
+from rayloop.serving.control import ServeControl
+
+
+class _FileServe(ServeControl):
+    """ServeControl whose 'Serve' is a JSON file of app configs (the lock is the real one unless replaced)."""
+
+    def __init__(self, settings: Settings, path: Path, **kw: Any) -> None:
+        super().__init__(settings, url="", **kw)  # url="" is not None: never look for a dashboard
+        self.path = path
+
+    def apps(self) -> list[dict[str, Any]]:
+        return json.loads(self.path.read_text()) if self.path.exists() else []
+
+    def apply(self, apps: list[dict[str, Any]]) -> None:
+        self.path.write_text(json.dumps(apps))
+
+
+def _deploy_one(home: str, path: str, name: str, both_read: Any) -> None:
+    settings = Settings.model_validate({"home": home})
+    kw = {"lock": nullcontext} if both_read is not None else {}
+    control = _FileServe(settings, Path(path), **kw)
+
+    def build(mine: dict[str, Any] | None) -> dict[str, Any]:
+        if both_read is not None:
+            both_read.wait(timeout=30)  # without the lock: both have read before either applies
+        else:
+            time.sleep(0.3)  # with it: a slow read-modify-apply the other must wait for
+        return {"name": name, "import_path": "x:y"}
+
+    control.update(name, build)
+
+
+def _race(tmp_path: Path, local_lock_only: bool) -> set[str]:
+    path = tmp_path / "serve.json"
+    ctx = multiprocessing.get_context("fork")
+    both_read = ctx.Barrier(2) if local_lock_only else None
+    procs = [
+        ctx.Process(target=_deploy_one, args=(str(tmp_path / "home"), str(path), f"app-{i}", both_read))
+        for i in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return {a["name"] for a in json.loads(path.read_text())}
+
+
+def test_two_controllers_never_lose_each_others_app(tmp_path: Path) -> None:
+    assert _race(tmp_path, local_lock_only=False) == {"app-0", "app-1"}
+
+
+def test_without_the_database_lock_one_change_is_lost(tmp_path: Path) -> None:
+    """The race the lock prevents is real: the same two updates without it keep only one app."""
+    assert len(_race(tmp_path, local_lock_only=True)) == 1
