@@ -175,16 +175,31 @@ class LLMServer:
             outputs = await golden.run_prompts(self._engine, record.prompts, f"{cfg.model}-v{cfg.version}")
         except Exception as e:
             logger.exception("in-place swap to %s failed; rebuilding the engine", cfg.served_id)
+            await self._restore(cur)
             await self._fresh(target, t0, mode="rebuild", reason=f"in-place swap failed: {type(e).__name__}: {e}")
             return
         if outputs != record.outputs:
             bad = [i for i, (a, b) in enumerate(zip(outputs, record.outputs, strict=True)) if a != b]
             logger.error("golden prompts %s differ after in-place swap to %s; rebuilding", bad, cfg.served_id)
             self._count_swap(cfg, "in_place", "golden_mismatch")
+            await self._restore(cur)
             await self._fresh(target, t0, mode="rebuild", reason=f"golden prompts {bad} differ after in-place swap")
             return
         self._loaded = target
         self._report(SwapReport(cfg.model, cfg.version, "in_place", time.monotonic() - t0, golden_ok=True))
+
+    async def _restore(self, cur: _Loaded) -> None:
+        """After a failed in-place swap: the engine goes back to ``cur``'s weights before it answers anything
+        else (while the new version's engine is built, this one keeps answering, stamped ``cur``'s version).
+        If even that fails, the engine stops: requests get 503 until the rebuild is done, never wrong weights."""
+        assert self._engine is not None
+        try:
+            await self._engine.reload_weights(cur.model_dir)
+            self._engine.set_served_names([cur.cfg.served_id, cur.cfg.model])
+        except Exception:
+            logger.exception("could not restore %s after a failed swap; the engine stops", cur.cfg.served_id)
+            old, self._engine, self._loaded = self._engine, None, None
+            await old.shutdown()
 
     async def _fresh(self, target: _Loaded, t0: float, *, mode: str, reason: str) -> None:
         old = self._engine

@@ -225,7 +225,9 @@ def test_parked_slot_keeps_its_engine_and_takes_the_next_version_in_place(tmp_pa
     asyncio.run(run())
 
 
-def test_golden_mismatch_rebuilds(tmp_path: Path) -> None:
+def test_golden_mismatch_restores_the_old_weights_then_rebuilds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = Settings.model_validate({"home": str(tmp_path / "home")})
     v1 = _model_dir(tmp_path / "v1", seed=1)
     v2 = _model_dir(tmp_path / "v2", seed=2)
@@ -235,14 +237,29 @@ def test_golden_mismatch_rebuilds(tmp_path: Path) -> None:
     fp2 = checkpoint.fingerprint(v2)
     golden.save_golden(storage, golden.GoldenRecord(fp2, golden.engine_key(es), list(golden.PROMPTS), ["x"] * 4), es)
 
+    from rayloop.serving import fake_engine
+
+    during_rebuild: dict[str, Any] = {}
+    start = fake_engine.FakeEngine.start
+
+    async def spy(self: Any, model_dir: str, *args: Any) -> None:
+        old = srv._engine
+        if old is not None and old is not self:  # the rebuild's engine starts while the old one answers
+            during_rebuild.update(salt=old._salt, version=srv._loaded.cfg.version, names=list(old._names))
+        await start(self, model_dir, *args)
+
+    monkeypatch.setattr(fake_engine.FakeEngine, "start", spy)
+
     async def run() -> None:
-        srv = LLMServer(settings.dump(), "stable", engine_cls=FAKE)
         await srv.reconfigure({"model": "demo", "version": 1, "path": str(v1)})
         await srv.reconfigure({"model": "demo", "version": 2, "path": str(v2)})
         assert srv.last_swap is not None and srv.last_swap.mode == "rebuild"
         assert "golden prompts" in srv.last_swap.reason and srv.last_swap.golden_ok is False
 
+    srv = LLMServer(settings.dump(), "stable", engine_cls=FAKE)
     asyncio.run(run())
+    # While v2's engine was built, the old one answered with v1's weights again, stamped v1.
+    assert during_rebuild == {"salt": fake_engine._weights_salt(str(v1)), "version": 1, "names": ["demo@v1", "demo"]}
 
 
 # -- capture ---------------------------------------------------------------------
