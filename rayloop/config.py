@@ -406,6 +406,12 @@ class RolloutSettings(_Model):
         description="What an inconclusive step does: roll back, or hold where it is (traffic unchanged, never "
         "promoted) until `rayloop promote` or `rayloop abort`.",
     )
+    lease_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds a rollout controller's ownership lasts without renewal (it renews every third of "
+        "that); another controller takes a rollout over only after its lease expired.",
+    )
     dry_run: bool = Field(
         default=False,
         description="Analyse and record every verdict, but act on none: failed and inconclusive steps are logged "

@@ -116,3 +116,9 @@ class RolloutError(RayloopError):
 
 class RolloutInProgressError(RolloutError):
     default_hint = "Wait for it, or stop it with `rayloop abort NAME`."
+
+
+class LeaseLostError(RolloutError):
+    """Another controller took this rollout over (its lease had expired): this one must stop writing."""
+
+    default_hint = "Another controller owns the rollout now; see `rayloop status`."

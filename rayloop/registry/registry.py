@@ -34,7 +34,7 @@ from rayloop.errors import AliasConflictError, IntegrityError, InUseError, NotFo
 from rayloop.registry import artifacts
 from rayloop.registry.models import Lineage, ModelVersion, iso, ts
 from rayloop.registry.names import LATEST, Ref, parse_ref, validate_alias, validate_key, validate_name, validate_version
-from rayloop.registry.rollouts import RolloutBook
+from rayloop.registry.rollouts import Fence, RolloutBook, check_fence
 from rayloop.registry.sql import Database, Tx
 from rayloop.registry.tables import ensure_schema
 from rayloop.storage import Storage
@@ -399,6 +399,7 @@ class Registry(RolloutBook):
         expect: int | None = None,
         actor: str = "user",
         reason: str = "",
+        fence: Fence | None = None,
     ) -> int | None:
         """Point ``alias`` at ``version``, atomically, with compare-and-set; return where it pointed before.
 
@@ -410,6 +411,7 @@ class Registry(RolloutBook):
         validate_alias(alias)
         validate_version(version)
         with self.db.transaction(write=True) as tx:
+            check_fence(tx, fence)
             self._lock_model(tx, name)
             self._ready_row(tx, name, version)
             row = tx.one("SELECT version FROM rl_aliases WHERE name = ? AND alias = ?", (name, alias))
@@ -431,12 +433,20 @@ class Registry(RolloutBook):
         return current
 
     def delete_alias(
-        self, name: str, alias: str, *, expect: int | None = None, actor: str = "user", reason: str = ""
+        self,
+        name: str,
+        alias: str,
+        *,
+        expect: int | None = None,
+        actor: str = "user",
+        reason: str = "",
+        fence: Fence | None = None,
     ) -> int:
         """Remove an alias (compare-and-set like :meth:`set_alias`); the removal is logged. Return its old version."""
         validate_name(name)
         validate_alias(alias)
         with self.db.transaction(write=True) as tx:
+            check_fence(tx, fence)
             self._lock_model(tx, name)
             row = tx.one("SELECT version FROM rl_aliases WHERE name = ? AND alias = ?", (name, alias))
             if row is None:
@@ -470,7 +480,9 @@ class Registry(RolloutBook):
         ]
 
     # -- annotations ---------------------------------------------------------
-    def annotate(self, ref: str | Ref, key: str, value: Any, *, actor: str = "user") -> None:
+    def annotate(
+        self, ref: str | Ref, key: str, value: Any, *, actor: str = "user", fence: Fence | None = None
+    ) -> None:
         """Attach JSON to a version under ``key`` (replacing an earlier value); artifacts stay untouched.
 
         Used for the evaluation report, the gate decision, golden outputs.
@@ -480,6 +492,7 @@ class Registry(RolloutBook):
         value_json = _dumps(f"annotation {key!r}", value)
         r = parse_ref(ref)
         with self.db.transaction(write=True) as tx:
+            check_fence(tx, fence)
             self._lock_model(tx, r.name)
             version = self._resolve_version(tx, r)
             row = self._ready_row(tx, r.name, version)
@@ -492,12 +505,13 @@ class Registry(RolloutBook):
             )
 
     # -- deployments ---------------------------------------------------------
-    def mark_deployed(self, name: str, version: int, slot: str, app: str) -> None:
+    def mark_deployed(self, name: str, version: int, slot: str, app: str, *, fence: Fence | None = None) -> None:
         """Record that ``app``'s ``slot`` serves ``name@version`` (a deployed version cannot be deleted)."""
         validate_name(name)
         validate_key(slot)
         validate_key(app)
         with self.db.transaction(write=True) as tx:
+            check_fence(tx, fence)
             self._lock_model(tx, name)
             self._ready_row(tx, name, version)
             tx.execute("DELETE FROM rl_deployments WHERE name = ? AND app = ? AND slot = ?", (name, app, slot))
@@ -506,10 +520,11 @@ class Registry(RolloutBook):
                 (name, app, slot, version, time.time()),
             )
 
-    def unmark_deployed(self, name: str, slot: str, app: str) -> None:
+    def unmark_deployed(self, name: str, slot: str, app: str, *, fence: Fence | None = None) -> None:
         """Forget that ``app``'s ``slot`` serves ``name`` (no error if it did not)."""
         validate_name(name)
         with self.db.transaction(write=True) as tx:
+            check_fence(tx, fence)
             tx.execute("DELETE FROM rl_deployments WHERE name = ? AND app = ? AND slot = ?", (name, app, slot))
 
     def deployments(self, name: str) -> list[dict[str, Any]]:

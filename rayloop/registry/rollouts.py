@@ -11,6 +11,14 @@ rollout's ``history`` is an append-only list of events, each stamped with
 (times in ISO 8601 UTC; ``status`` is ``running`` or whatever
 :meth:`RolloutBook.update_rollout` set, and finally one of
 :data:`END_STATUSES`).
+
+Ownership is a lease with a fencing token (``rl_leases``): the controller that
+began a rollout holds token 1 and renews the lease while it runs; another
+controller may take the rollout over only once the lease expired, which bumps
+the token. Every write a controller makes passes its ``fence`` (rollout id,
+token) and is refused with :class:`LeaseLostError` in the same transaction when
+the token is no longer the current one, so a controller that wakes from a pause
+stops instead of writing over its successor.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import json
 import time
 from typing import TYPE_CHECKING, Any
 
-from rayloop.errors import NotFoundError, RolloutError, RolloutInProgressError
+from rayloop.errors import LeaseLostError, NotFoundError, RolloutError, RolloutInProgressError
 from rayloop.registry.models import iso
 from rayloop.registry.names import validate_name, validate_version
 
@@ -27,6 +35,21 @@ if TYPE_CHECKING:
     from rayloop.registry.sql import Database, Tx
 
 END_STATUSES = ("succeeded", "rolled_back", "aborted", "failed")
+DEFAULT_LEASE_S = 30.0
+
+Fence = tuple[int, int]
+"""(rollout id, fencing token) of the controller making a write."""
+
+
+def check_fence(tx: Tx, fence: Fence | None) -> None:
+    """Refuse the write in ``tx`` unless ``fence``'s token is the rollout's current one (None: not a controller)."""
+    if fence is None:
+        return
+    rid, token = fence
+    row = tx.lock_row("rl_leases", "rollout_id = ?", (rid,))
+    if row is None or int(row["token"]) != token:
+        now_held = "nobody" if row is None else f"{row['holder']} (token {row['token']})"
+        raise LeaseLostError(f"rollout {rid} is no longer ours (token {token}): it is held by {now_held}")
 
 
 def _rollout_dict(r: dict[str, Any]) -> dict[str, Any]:
@@ -67,9 +90,18 @@ class RolloutBook:
         raise NotImplementedError
 
     def begin_rollout(
-        self, name: str, *, from_version: int | None, to_version: int, strategy: str, plan: dict[str, Any], owner: str
+        self,
+        name: str,
+        *,
+        from_version: int | None,
+        to_version: int,
+        strategy: str,
+        plan: dict[str, Any],
+        owner: str,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> int:
-        """Take the model's rollout lock and record the plan; return the rollout id.
+        """Take the model's rollout lock and record the plan; return the rollout id. ``owner`` holds its lease
+        (fencing token 1) for ``lease_s`` seconds.
 
         Raises :class:`RolloutInProgressError` if another rollout of ``name`` is active.
         """
@@ -106,6 +138,10 @@ class RolloutBook:
                     ),
                 )
                 assert row is not None
+                tx.execute(
+                    "INSERT INTO rl_leases (rollout_id, holder, token, expires_at) VALUES (?, ?, 1, ?)",
+                    (int(row["id"]), owner, now + lease_s),
+                )
                 return int(row["id"])
         except RolloutInProgressError:
             raise
@@ -127,9 +163,11 @@ class RolloutBook:
         status: str | None = None,
         state: dict[str, Any] | None = None,
         event: dict[str, Any] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         """Set status and/or replace the state of an active rollout; append ``event`` (timestamped) to its history."""
         with self.db.transaction(write=True) as tx:
+            check_fence(tx, fence)
             row = self._active_row(tx, rid)
             if not row["active"]:
                 raise RolloutError(f"rollout {rid} already ended ({row['status']}); it cannot be updated")
@@ -150,7 +188,7 @@ class RolloutBook:
                 ),
             )
 
-    def end_rollout(self, rid: int, status: str) -> None:
+    def end_rollout(self, rid: int, status: str, *, fence: Fence | None = None) -> None:
         """Finish a rollout with one of :data:`END_STATUSES` and release the model's lock.
 
         Ending an already ended rollout with the same status is a no-op.
@@ -158,6 +196,7 @@ class RolloutBook:
         if status not in END_STATUSES:
             raise RolloutError(f"rollout end status {status!r} is not one of {', '.join(END_STATUSES)}")
         with self.db.transaction(write=True) as tx:
+            check_fence(tx, fence)
             row = self._active_row(tx, rid)
             if not row["active"]:
                 if row["status"] == status:
@@ -169,6 +208,53 @@ class RolloutBook:
                 "UPDATE rl_rollouts SET status = ?, active = 0, ended_at = ?, updated_at = ?, history = ? WHERE id = ?",
                 (status, now, now, json.dumps(history), rid),
             )
+
+    # -- leases ----------------------------------------------------------------
+    def lease(self, rid: int) -> dict[str, Any] | None:
+        """``{holder, token, expires_at}`` (UNIX seconds) of a rollout's lease; None for one without (older rows)."""
+        with self.db.transaction() as tx:
+            row = tx.one("SELECT holder, token, expires_at FROM rl_leases WHERE rollout_id = ?", (rid,))
+        if row is None:
+            return None
+        return {"holder": row["holder"], "token": int(row["token"]), "expires_at": float(row["expires_at"])}
+
+    def renew_lease(self, rid: int, token: int, lease_s: float = DEFAULT_LEASE_S) -> float:
+        """Extend the lease of the holder of ``token`` by ``lease_s``; return the new expiry.
+
+        Raises :class:`LeaseLostError` when another controller took the rollout over.
+        """
+        with self.db.transaction(write=True) as tx:
+            check_fence(tx, (rid, token))
+            expires = time.time() + lease_s
+            tx.execute("UPDATE rl_leases SET expires_at = ? WHERE rollout_id = ?", (expires, rid))
+        return expires
+
+    def take_lease(self, rid: int, holder: str, lease_s: float = DEFAULT_LEASE_S, *, force: bool = False) -> int:
+        """Take an active rollout over: a new fencing token for ``holder``. Only once its lease expired (or
+        ``force``: its holder is known to be dead); else :class:`RolloutInProgressError`."""
+        with self.db.transaction(write=True) as tx:
+            row = self._active_row(tx, rid)
+            if not row["active"]:
+                raise RolloutError(f"rollout {rid} already ended ({row['status']}); there is nothing to take over")
+            lease = tx.lock_row("rl_leases", "rollout_id = ?", (rid,))
+            now = time.time()
+            if lease is not None and float(lease["expires_at"]) > now and not force:
+                raise RolloutInProgressError(
+                    f"rollout {rid} is held by {lease['holder']} for {float(lease['expires_at']) - now:.0f}s more"
+                )
+            token = 1 if lease is None else int(lease["token"]) + 1
+            if lease is None:
+                tx.execute(
+                    "INSERT INTO rl_leases (rollout_id, holder, token, expires_at) VALUES (?, ?, ?, ?)",
+                    (rid, holder, token, now + lease_s),
+                )
+            else:
+                tx.execute(
+                    "UPDATE rl_leases SET holder = ?, token = ?, expires_at = ? WHERE rollout_id = ?",
+                    (holder, token, now + lease_s, rid),
+                )
+            tx.execute("UPDATE rl_rollouts SET owner = ?, updated_at = ? WHERE id = ?", (holder, now, rid))
+        return token
 
     def active_rollout(self, name: str) -> dict[str, Any] | None:
         validate_name(name)

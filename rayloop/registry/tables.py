@@ -10,6 +10,8 @@
     rl_deployments  (name, app, slot) -> version, written by the serving layer
     rl_rollouts     rollout bookkeeping; at most one active per model (unique
                     partial index), which is the rollout lock
+    rl_leases       rollout id -> the controller that owns it: holder, fencing
+                    token (bumped on every takeover), lease expiry
 
 Times are UNIX seconds (DOUBLE PRECISION); JSON lives in TEXT columns.
 """
@@ -87,6 +89,12 @@ _DDL = [
         active INTEGER NOT NULL
     )""",
     "CREATE UNIQUE INDEX IF NOT EXISTS rl_rollouts_one_active ON rl_rollouts (name) WHERE active = 1",
+    """CREATE TABLE IF NOT EXISTS rl_leases (
+        rollout_id BIGINT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        token BIGINT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+    )""",
     "CREATE TABLE IF NOT EXISTS rl_schema (version BIGINT NOT NULL)",
 ]
 

@@ -29,12 +29,20 @@ from __future__ import annotations
 import enum
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from rayloop.config import Settings, Strategy
-from rayloop.errors import AliasConflictError, ConfigError, NotFoundError, RolloutError, RolloutInProgressError
+from rayloop.errors import (
+    AliasConflictError,
+    ConfigError,
+    LeaseLostError,
+    NotFoundError,
+    RolloutError,
+    RolloutInProgressError,
+)
 from rayloop.registry import Registry
 from rayloop.rollout.analysis import FAIL, INCONCLUSIVE, PASS, SlotWindow, Verdict, judge
 from rayloop.rollout.backend import AppState, Backend
@@ -83,21 +91,57 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def owner_alive(record: dict[str, Any], now: float | None = None) -> bool:
-    """Is the process that runs this rollout still there? (Same host: by pid; else by heartbeat age.)"""
+def owner_dead(record: dict[str, Any]) -> bool:
+    """The owner runs on this host and its process is gone (a PID that is alive may be reused: not proof)."""
     host, _, pid = str(record.get("owner") or "").rpartition(":")
-    if host == socket.gethostname() and pid.isdigit():
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
         return True
+    except PermissionError:
+        return False
+    return False
+
+
+def owner_alive(record: dict[str, Any], now: float | None = None, *, lease: dict[str, Any] | None = None) -> bool:
+    """May the controller of this rollout still act? Not when its process is known dead; otherwise while its
+    lease has not expired (rollouts recorded before leases: while their heartbeat is fresh)."""
+    if owner_dead(record):
+        return False
+    now = now or time.time()
+    if lease is not None:
+        return float(lease["expires_at"]) > now
     from datetime import datetime
 
     updated = datetime.fromisoformat(record["updated_at"]).timestamp()
-    return (now or time.time()) - updated < OWNER_STALE_S
+    return now - updated < OWNER_STALE_S
+
+
+class _LeaseKeeper:
+    """Renews a rollout's lease from a thread (also while the controller waits on Serve); ``lost`` once another
+    controller took the rollout over."""
+
+    def __init__(self, reg: Registry, rid: int, token: int, lease_s: float) -> None:
+        self.reg, self.rid, self.token, self.lease_s = reg, rid, token, lease_s
+        self.lost = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"rayloop-lease-{rid}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                self.reg.renew_lease(self.rid, self.token, self.lease_s)
+            except LeaseLostError:
+                self.lost = True
+                return
+            except Exception:
+                pass  # the database is unreachable for a moment: the next try may work; expiry is the bound
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def parse_duration(value: str | float | int) -> float:
@@ -174,8 +218,11 @@ class Rollout:
         on_event: EventSink | None = None,
         clock: Callable[[], float] = time.time,
         sleeper: Callable[[float], None] = time.sleep,
+        token: int = 1,
     ) -> None:
         self.settings, self.reg, self.backend, self.rid = settings, reg, backend, rid
+        self.fence = (rid, token)
+        self.lease = _LeaseKeeper(reg, rid, token, settings.rollout.lease_s)
         self.name, self.from_cfg, self.to_cfg, self.plan = name, from_cfg, to_cfg, plan
         self.app = app
         self.state: dict[str, Any] = dict(state or {})
@@ -192,7 +239,7 @@ class Rollout:
     def emit(self, event: str, **data: Any) -> None:
         """Append a timestamped event to the rollout's history (and tell ``on_event``)."""
         payload = {"event": event, **data}
-        self.reg.update_rollout(self.rid, event=payload)
+        self.reg.update_rollout(self.rid, event=payload, fence=self.fence)
         self._last_beat = self.now()
         if self.on_event is not None:
             try:
@@ -203,13 +250,27 @@ class Rollout:
     def save(self, **updates: Any) -> None:
         """Merge ``updates`` into the persisted state (written before acting on it)."""
         self.state.update(updates)
-        self.reg.update_rollout(self.rid, state=self.state, status=self.state.get("phase", "running"))
+        self.reg.update_rollout(self.rid, state=self.state, status=self.state.get("phase", "running"), fence=self.fence)
         self._last_beat = self.now()
 
     def beat(self) -> None:
+        """Stop at once when another controller took over (the lease thread noticed); else keep updated_at fresh."""
+        if self.lease.lost:
+            raise LeaseLostError(f"rollout {self.rid} was taken over by another controller; this one stops")
         if self.now() - self._last_beat >= HEARTBEAT_S:
-            self.reg.update_rollout(self.rid)
+            self.reg.update_rollout(self.rid, fence=self.fence)
             self._last_beat = self.now()
+
+    def check_lease(self) -> None:
+        """Right before a Serve change: still ours? (Every registry write checks it in its own transaction.)"""
+        lease = self.reg.lease(self.rid)
+        if self.lease.lost or (lease is not None and lease["token"] != self.fence[1]):
+            raise LeaseLostError(f"rollout {self.rid} was taken over by another controller; this one stops")
+
+    def end(self, status: str) -> None:
+        """Record the outcome and release the lease."""
+        self.reg.end_rollout(self.rid, status, fence=self.fence)
+        self.lease.stop()
 
     def check_commands(self) -> None:
         """Raise :class:`Interrupted` if ``rayloop promote|abort|rollback`` was issued."""
@@ -265,6 +326,7 @@ class Rollout:
         new = AppState(model=self.name, slots=slots, table=table)
         self.save(desired=new.summary())
         t0 = self.now()
+        self.check_lease()
         self.backend.apply(new)
         self.backend.wait(new, self.settings.rollout.ready_timeout_s)
         self.app = new
@@ -283,9 +345,9 @@ class Rollout:
         for slot in SLOTS:
             cfg = state.slots.get(slot)
             if cfg is None:
-                self.reg.unmark_deployed(self.name, slot, self.backend.app_name)
+                self.reg.unmark_deployed(self.name, slot, self.backend.app_name, fence=self.fence)
             else:
-                self.reg.mark_deployed(self.name, cfg.version, slot, self.backend.app_name)
+                self.reg.mark_deployed(self.name, cfg.version, slot, self.backend.app_name, fence=self.fence)
 
     # -- judging ---------------------------------------------------------------
     def progress_deadline(self, interval: float) -> float:
@@ -409,9 +471,11 @@ class Rollout:
             return
         if version is None:
             if current is not None:
-                self.reg.delete_alias(self.name, alias, expect=current, actor=actor, reason=reason)
+                self.reg.delete_alias(self.name, alias, expect=current, actor=actor, reason=reason, fence=self.fence)
         else:
-            self.reg.set_alias(self.name, alias, version, expect=current or 0, actor=actor, reason=reason)
+            self.reg.set_alias(
+                self.name, alias, version, expect=current or 0, actor=actor, reason=reason, fence=self.fence
+            )
 
     def move_production(self, version: int, reason: str) -> None:
         """``production`` -> ``version`` and ``previous`` -> the old production (compare-and-set)."""
@@ -430,7 +494,9 @@ class Rollout:
         self.emit("alias", alias=PRODUCTION, version=version, was=cur)
 
     def annotate(self, key: str, value: Any) -> None:
-        self.reg.annotate(f"{self.name}@{self.to_cfg.version}", key, value, actor=f"rollout:{self.rid}")
+        self.reg.annotate(
+            f"{self.name}@{self.to_cfg.version}", key, value, actor=f"rollout:{self.rid}", fence=self.fence
+        )
 
     # -- endings ---------------------------------------------------------------
     def promote(self, reason: str) -> None:
@@ -443,6 +509,7 @@ class Rollout:
             from rayloop.serving.app import idle_state
 
             first = idle_state(self.name, self.to_cfg, RouteTable(epoch=1))
+            self.check_lease()
             self.backend.apply(first)
             self.backend.wait(first, self.settings.rollout.ready_timeout_s)
             self.app = cur = first
@@ -586,7 +653,7 @@ def deploy(
 
     active = reg.active_rollout(name)
     if active is not None:
-        if owner_alive(active):
+        if owner_alive(active, lease=reg.lease(active["id"])):
             raise RolloutInProgressError(
                 f"rollout {active['id']} of {name!r} (v{active['from_version']} -> v{active['to_version']}, "
                 f"{active['strategy']}) is running, owned by {active['owner']}"
@@ -609,22 +676,34 @@ def deploy(
         strategy=kind.value,
         plan=plan,
         owner=owner_id(),
+        lease_s=settings.rollout.lease_s,
     )
     ro = Rollout(
         settings, reg, be, rid, name=name, from_cfg=from_cfg, to_cfg=to_cfg, plan=plan, app=current, on_event=on_event
     )
-    ro.save(
-        phase="planned",
-        started=ro.started,
-        from_cfg=None if from_cfg is None else from_cfg.model_dump(),
-        to_cfg=to_cfg.model_dump(),
-        aliases_before={k: aliases.get(k) for k in (PRODUCTION, PREVIOUS, CANARY_ALIAS)},
-    )
-    ro.emit("plan", plan=plan, gate=None if gate is None else gate.get("decision"), app=be.app_name)
+    try:
+        ro.save(
+            phase="planned",
+            started=ro.started,
+            from_cfg=None if from_cfg is None else from_cfg.model_dump(),
+            to_cfg=to_cfg.model_dump(),
+            aliases_before={k: aliases.get(k) for k in (PRODUCTION, PREVIOUS, CANARY_ALIAS)},
+        )
+        ro.emit("plan", plan=plan, gate=None if gate is None else gate.get("decision"), app=be.app_name)
+    except BaseException:
+        ro.lease.stop()
+        raise
     return _run(ro, kind)
 
 
 def _run(ro: Rollout, kind: Strategy) -> dict[str, Any]:
+    try:
+        return _run_owned(ro, kind)
+    finally:
+        ro.lease.stop()
+
+
+def _run_owned(ro: Rollout, kind: Strategy) -> dict[str, Any]:
     from rayloop.rollout.strategies import strategy_for
 
     reg = ro.reg
@@ -651,19 +730,23 @@ def _run(ro: Rollout, kind: Strategy) -> dict[str, Any]:
     except Breach as b:
         ro.rollback("; ".join(b.verdict.reasons[:3]))
         status = "rolled_back"
+    except LeaseLostError:
+        raise  # another controller owns the rollout now: write nothing, not even a rollback
     except BaseException as e:
         reason = f"{type(e).__name__}: {e}"
         try:
             ro.rollback(f"error: {reason}")
+        except LeaseLostError:
+            raise
         except BaseException as e2:
             ro.emit("rollback_failed", reason=f"{type(e2).__name__}: {e2}")
-            reg.end_rollout(ro.rid, "failed")
+            ro.end("failed")
             raise
-        reg.end_rollout(ro.rid, "failed")
+        ro.end("failed")
         if isinstance(e, RolloutError | KeyboardInterrupt):
             raise
         raise RolloutError(f"rollout {ro.rid} failed and was rolled back: {reason}") from e
-    reg.end_rollout(ro.rid, status)
+    ro.end(status)
     return reg.rollout(ro.rid)
 
 
@@ -679,6 +762,7 @@ def _first_deploy(ro: Rollout) -> str:
         RouteTable(salt=f"rollout-{ro.rid}", versions={STABLE: ro.to_cfg.version}, rollout_id=ro.rid, epoch=1),
     )
     ro.save(phase="promoting", desired=state.summary())
+    ro.check_lease()
     ro.backend.apply(state)
     ro.backend.wait(state, ro.settings.rollout.ready_timeout_s)
     ro.app = state
@@ -692,6 +776,8 @@ def _first_deploy(ro: Rollout) -> str:
 def _resume(
     settings: Settings, reg: Registry, backend: Backend, record: dict[str, Any], on_event: EventSink | None
 ) -> Rollout:
+    """Take an orphaned rollout over (a new fencing token: its old controller can write nothing more)."""
+    token = reg.take_lease(record["id"], owner_id(), settings.rollout.lease_s, force=owner_dead(record))
     st = record["state"]
     to_cfg = (
         ModelConfig.model_validate(st["to_cfg"])
@@ -711,6 +797,7 @@ def _resume(
         app=None,
         state=st,
         on_event=on_event,
+        token=token,
     )
 
 
@@ -735,7 +822,7 @@ def reconcile(
     be = backend or _default_backend(settings)
     active = reg.active_rollout(name)
     if active is not None:
-        if intent is None and owner_alive(active):
+        if intent is None and owner_alive(active, lease=reg.lease(active["id"])):
             return {"action": "none", "reason": f"rollout {active['id']} is running (owner {active['owner']})"}
         ro = _resume(settings, reg, be, active, on_event)
         phase = active["state"].get("phase", "planned")
@@ -745,14 +832,17 @@ def reconcile(
             if intent is not None
             else f"controller {active['owner']} is gone (phase {phase})"
         )
-        ro.emit("reconcile", forward=forward, reason=why)
-        if forward:
-            ro.promote(why)
-            status = "succeeded"
-        else:
-            ro.rollback(why)
-            status = "aborted" if intent == Command.ABORT else "rolled_back"
-        reg.end_rollout(active["id"], status)
+        try:
+            ro.emit("reconcile", forward=forward, reason=why, token=ro.fence[1])
+            if forward:
+                ro.promote(why)
+                status = "succeeded"
+            else:
+                ro.rollback(why)
+                status = "aborted" if intent == Command.ABORT else "rolled_back"
+            ro.end(status)
+        finally:
+            ro.lease.stop()
         return {"action": "rolled_forward" if forward else "rolled_back", "rollout": reg.rollout(active["id"])}
 
     current = be.read()
@@ -778,18 +868,24 @@ def reconcile(
         strategy="reconcile",
         plan={},
         owner=owner_id(),
+        lease_s=settings.rollout.lease_s,
     )
     ro = Rollout(
         settings, reg, be, rid, name=name, from_cfg=stable, to_cfg=want, plan={}, app=current, on_event=on_event
     )
-    ro.save(phase="promoting", to_cfg=want.model_dump(), from_cfg=None if stable is None else stable.model_dump())
-    ro.emit("reconcile", reason="Serve differs from the registry", app=current.summary(), production=prod)
     try:
-        ro.promote("reconcile Serve with production")
-    except BaseException:
-        reg.end_rollout(rid, "failed")
-        raise
-    reg.end_rollout(rid, "succeeded")
+        ro.save(phase="promoting", to_cfg=want.model_dump(), from_cfg=None if stable is None else stable.model_dump())
+        ro.emit("reconcile", reason="Serve differs from the registry", app=current.summary(), production=prod)
+        try:
+            ro.promote("reconcile Serve with production")
+        except LeaseLostError:
+            raise
+        except BaseException:
+            ro.end("failed")
+            raise
+        ro.end("succeeded")
+    finally:
+        ro.lease.stop()
     return {"action": "repaired", "rollout": reg.rollout(rid)}
 
 
@@ -822,7 +918,7 @@ def send_command(
                 hint=f"Deploy an older version explicitly: `rayloop deploy {name}@VERSION`.",
             )
         return deploy(settings, f"{name}@{prev}", Strategy.ROLLING, interval_s=1.0, backend=backend)
-    if not owner_alive(active):
+    if not owner_alive(active, lease=reg.lease(active["id"])):
         out = reconcile(settings, name, backend=backend, intent=cmd, actor=by)
         rollout: dict[str, Any] = out["rollout"]
         return rollout
@@ -867,7 +963,9 @@ def status(
         models[n] = {
             "aliases": reg.aliases(n),
             "deployments": reg.deployments(n),
-            "active_rollout": None if active is None else _summary(active, alive=owner_alive(active)),
+            "active_rollout": None
+            if active is None
+            else _summary(active, alive=owner_alive(active, lease=reg.lease(active["id"]))),
             "last_rollout": None if last is None else _summary(last),
         }
     return {

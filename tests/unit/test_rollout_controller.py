@@ -444,3 +444,77 @@ def test_an_inconclusive_step_can_hold_until_a_person_decides(env: dict[str, Any
     t.join(timeout=20)
     assert out["status"] == "aborted" and env["reg"].get_alias("demo", "production") == 1
     assert _final_app(env["backend"]) == (1, None, None, 0)
+
+
+_PAUSED_CONTROLLER = """
+import sys
+from rayloop.config import load_settings
+from rayloop.registry import Registry
+from rayloop.rollout.controller import deploy
+from rayloop.rollout.fake_backend import FakeBackend
+from rayloop.serving.app import idle_state
+from rayloop.serving.protocol import ModelConfig
+from rayloop.serving.routing import STABLE, RouteTable
+
+settings = load_settings(env={"RAYLOOP_HOME": sys.argv[1]}, overrides={"rollout": {"lease_s": 1.5}})
+v1 = Registry.from_settings(settings).resolve("demo@1")
+cfg1 = ModelConfig(model="demo", version=1, fingerprint=v1.fingerprint)
+backend = FakeBackend(state=idle_state("demo", cfg1, RouteTable(versions={STABLE: 1})))
+try:
+    rec = deploy(settings, "demo@2", "canary", steps=[50, 100], interval_s=60, backend=backend)
+    print("RESULT", rec["status"], flush=True)
+except Exception as e:
+    print("ERROR", type(e).__name__, e, flush=True)
+"""
+
+
+def test_a_controller_paused_past_its_lease_stops_instead_of_writing(env: dict[str, Any]) -> None:
+    import signal
+
+    home = str(env["settings"].home_path)
+    a = subprocess.Popen([sys.executable, "-c", _PAUSED_CONTROLLER, home], stdout=subprocess.PIPE, text=True)
+    try:
+        reg: Registry = env["reg"]
+        deadline = time.monotonic() + 60
+        while (reg.active_rollout("demo") or {}).get("state", {}).get("phase") != "step":
+            assert time.monotonic() < deadline and a.poll() is None, "controller A never reached its first step"
+            time.sleep(0.05)
+        rid = reg.active_rollout("demo")["id"]
+        a.send_signal(signal.SIGSTOP)  # A is paused (a long GC, a stopped VM): its lease runs out
+        while reg.lease(rid)["expires_at"] > time.time():
+            time.sleep(0.05)
+        # B takes over (a new fencing token) and rolls the orphaned canary back.
+        settings = env["settings"].model_copy(
+            update={"rollout": env["settings"].rollout.model_copy(update={"lease_s": 1.5})}
+        )
+        out = reconcile(settings, "demo", backend=env["backend"])
+        assert out["action"] == "rolled_back" and reg.lease(rid)["token"] == 2
+        events_after_b = len(reg.rollout(rid)["history"])
+        a.send_signal(signal.SIGCONT)  # A wakes up: its next write is refused, and it stops
+        stdout, _ = a.communicate(timeout=60)
+    finally:
+        if a.poll() is None:
+            a.kill()
+    assert "ERROR LeaseLostError" in stdout, stdout
+    record = reg.rollout(rid)
+    assert record["status"] == "rolled_back" and len(record["history"]) == events_after_b
+    assert reg.aliases("demo") == {"production": 1}
+
+
+def test_a_reused_pid_cannot_keep_a_rollout_stuck(env: dict[str, Any]) -> None:
+    """The owner's PID now belongs to another live process (this one): its expired lease still frees the rollout."""
+    reg: Registry = env["reg"]
+    rid = reg.begin_rollout(
+        "demo",
+        from_version=1,
+        to_version=2,
+        strategy="canary",
+        plan={},
+        owner=f"{socket.gethostname()}:{os.getpid()}",
+        lease_s=0.3,
+    )
+    reg.update_rollout(rid, state={"phase": "step"})
+    while reg.lease(rid)["expires_at"] > time.time():
+        time.sleep(0.05)
+    assert not owner_alive(reg.rollout(rid), lease=reg.lease(rid))
+    assert reconcile(env["settings"], "demo", backend=env["backend"])["action"] == "rolled_back"
