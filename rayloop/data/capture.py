@@ -81,6 +81,9 @@ logger = logging.getLogger(__name__)
 
 NAMESPACE = "rayloop"
 RECENT_IDS = 100_000  # request ids the writer remembers for feedback lookups without a disk scan
+ID_INDEX_CAPACITY = 10_000_000  # request ids the Bloom filter holds at 1% false positives (~12 MB); more only
+# raise that rate (an unknown id then costs a scan), never hide a captured one
+MAX_SCANS = 2  # disk scans for ids the index may hold, at once
 QUARANTINE_DIR = "quarantine"  # quarantine/<table>/date=YYYY-MM-DD/part-<uuid>.jsonl
 TMP_PREFIX = ".tmp-"  # files being written; hidden from every reader (no .parquet suffix either)
 _DEFAULTS = {  # the Settings defaults, for writers built without settings (tests, scripts)
@@ -430,6 +433,16 @@ class CaptureWriter:
         self._buffered = 0
         self._buffered_bytes = 0
         self._recent: collections.OrderedDict[str, tuple[str, int]] = collections.OrderedDict()
+        # Every captured request id, so a feedback for an id never captured is answered without reading
+        # storage (a flood of made-up ids must not exhaust the writer). Built from storage in the
+        # background when the writer starts; until then lookups scan, two at a time.
+        from rbloom import Bloom
+
+        self._ids = Bloom(ID_INDEX_CAPACITY, 0.01)
+        self._ids_ready = False
+        self._index_task: asyncio.Task[None] | None = None
+        self._scans = asyncio.Semaphore(MAX_SCANS)
+        self._lookups = collections.Counter[str]()
         self._written = collections.Counter[str]()
         self._dropped = collections.Counter[str]()
         self._sanitised = collections.Counter[str]()
@@ -447,6 +460,18 @@ class CaptureWriter:
     def _ensure_loop(self) -> None:
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._periodic())
+        if self._index_task is None:
+            self._index_task = asyncio.get_running_loop().create_task(self._build_index())
+
+    async def _build_index(self) -> None:
+        """Add every request id already in storage to the id index (ids captured meanwhile are added as they come)."""
+        try:
+            stored = await asyncio.to_thread(_stored_ids, self._storage)
+        except Exception as e:  # lookups keep scanning storage: slower, never wrong
+            logger.warning("capture: cannot index stored request ids (%s); feedback lookups will scan", e)
+            return
+        self._ids |= stored
+        self._ids_ready = True
 
     async def _periodic(self) -> None:
         while True:
@@ -491,6 +516,7 @@ class CaptureWriter:
             if len(self._buffers[key]) >= self._batch_rows or self._buffer_bytes[key] >= self._batch_bytes:
                 full.append(key)
             if recent is not None:
+                self._ids.add(recent[0])
                 self._recent[recent[0]] = recent[1]
                 if len(self._recent) > RECENT_IDS:
                     self._recent.popitem(last=False)
@@ -638,9 +664,16 @@ class CaptureWriter:
 
     async def lookup(self, request_id: str) -> dict[str, Any] | None:
         """``{model_name, model_version}`` of a captured request, or None if it was never captured."""
+        self._ensure_loop()
         if hit := self._recent.get(request_id):
+            self._lookups["recent"] += 1
             return {"model_name": hit[0], "model_version": hit[1]}
-        return await asyncio.to_thread(_scan_for, self._storage, request_id)
+        if self._ids_ready and request_id not in self._ids:
+            self._lookups["unknown"] += 1  # never captured: no need to read storage
+            return None
+        self._lookups["scanned"] += 1
+        async with self._scans:
+            return await asyncio.to_thread(_scan_for, self._storage, request_id)
 
     async def stats(self) -> dict[str, Any]:
         """Row counts per table since this writer started, and the journal on this node.
@@ -662,7 +695,30 @@ class CaptureWriter:
             "write_errors": self._write_errors,
             "storage_down": self._storage_down,
             "journal": self._journal.describe(),
+            "lookups": dict(self._lookups),
+            "id_index_ready": self._ids_ready,
         }
+
+    async def wait_indexed(self) -> bool:
+        """Wait for the id index to be built (tests, and an operator after a restart); True when it is."""
+        self._ensure_loop()
+        if self._index_task is not None:
+            await asyncio.shield(self._index_task)
+        return self._ids_ready
+
+
+def _stored_ids(storage: Storage) -> Any:
+    """A Bloom filter of every request id in stored interactions (one column read)."""
+    from rbloom import Bloom
+
+    out = Bloom(ID_INDEX_CAPACITY, 0.01)
+    try:
+        dataset = _dataset(storage, INTERACTIONS_DIR, INTERACTION_SCHEMA, _INTERACTION_PARTS)
+    except FileNotFoundError:
+        return out
+    for batch in dataset.to_batches(columns=["request_id"]):
+        out.update(batch.column(0).to_pylist())
+    return out
 
 
 def _scan_for(storage: Storage, request_id: str) -> dict[str, Any] | None:

@@ -397,8 +397,10 @@ class OpenAIIngress:
         service issued but not yet found is looked up again until then.
         """
         assert self.capture is not None
+        if not _ISSUED_ID.fullmatch(request_id):
+            return None  # not an id this service issues: nothing to look up
         found = await self.capture.lookup(request_id)
-        if found is not None or not _ISSUED_ID.fullmatch(request_id):
+        if found is not None:
             return found
         deadline = time.monotonic() + self.settings.serving.capture_flush_s + 1.0
         delay = 0.05

@@ -391,3 +391,32 @@ def test_client_counts_what_it_cannot_deliver_at_shutdown() -> None:
         return client
 
     assert asyncio.run(run()).dropped == 7
+
+
+def test_feedback_for_ids_never_captured_is_answered_without_reading_storage(tmp_path: Path) -> None:
+    """A flood of made-up request ids costs an in-memory lookup each, not a scan of every stored file."""
+    import uuid
+
+    storage = str(tmp_path / "store")
+    real = [uuid.uuid4().hex for _ in range(50)]
+
+    async def first() -> None:
+        w = _writer(storage, tmp_path)
+        await w.append("interactions", [_chat(rid) for rid in real])
+        await w.flush()
+
+    asyncio.run(first())
+
+    async def restarted() -> dict[str, Any]:
+        w = _writer(storage, tmp_path)  # a new writer: its recent-id memory is empty, its index comes from storage
+        assert await w.wait_indexed()
+        unknown = [await w.lookup(uuid.uuid4().hex) for _ in range(2000)]
+        assert unknown == [None] * 2000
+        found = [await w.lookup(rid) for rid in real[:5]]
+        assert all(f == {"model_name": "demo", "model_version": 1} for f in found)
+        stats: dict[str, Any] = await w.stats()
+        return stats
+
+    lookups = asyncio.run(restarted())["lookups"]
+    # Bloom false positives (1%) may cost a few scans; a scan per made-up id would be 2000.
+    assert lookups["unknown"] >= 1950 and lookups.get("scanned", 0) <= 5 + 50, lookups

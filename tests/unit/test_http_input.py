@@ -283,3 +283,20 @@ def test_feedback_keeps_corrections_with_text() -> None:
         400,
         _error(400, "invalid feedback: (body): Value error, give a rating (-1, 0, 1) and/or a correction", None),
     )
+
+
+def test_feedback_for_an_id_this_service_never_issues_is_404_without_a_lookup() -> None:
+    class _NoLookups:
+        calls = 0
+
+        async def lookup(self, request_id: str) -> None:
+            _NoLookups.calls += 1
+
+    ing = _ingress()
+    ing.capture = _NoLookups()
+    ing._lookup = functools.partial(OpenAIIngress._lookup, ing)  # type: ignore[arg-type]
+    for rid in ("r", "chatcmpl-" + "z" * 32, "x" * 200):
+        request = _request([json.dumps({"request_id": rid, "rating": 1}).encode()], None)
+        resp: Response = asyncio.run(OpenAIIngress.feedback(ing, request))  # type: ignore[arg-type]
+        assert resp.status_code == 404, rid
+    assert _NoLookups.calls == 0
