@@ -470,7 +470,7 @@ class CaptureWriter:
         except Exception as e:  # lookups keep scanning storage: slower, never wrong
             logger.warning("capture: cannot index stored request ids (%s); feedback lookups will scan", e)
             return
-        self._ids |= stored
+        self._ids.update(stored)
         self._ids_ready = True
 
     async def _periodic(self) -> None:
