@@ -114,7 +114,7 @@ def main() -> None:
         with Load(url, threads=2, sticky_threads=0) as load:
             t = threading.Thread(
                 target=lambda: res.update(
-                    rec=deploy(settings, "demo@2", "blue-green", hold_s=600, on_event=events.append)
+                    rec=deploy(settings, "demo@2", "blue-green", hold_s=600, force=True, on_event=events.append)
                 )
             )
             t.start()
@@ -154,7 +154,7 @@ def main() -> None:
             with Load(url, threads=2, sticky_threads=1) as load:
                 t0 = time.monotonic()
                 # After the canary v2 is production: shadow evaluates v1 beside it, rolling goes back to v1.
-                rec = deploy(settings, "demo@2" if strategy == "canary" else "demo@1", strategy, **kw)
+                rec = deploy(settings, "demo@2" if strategy == "canary" else "demo@1", strategy, force=True, **kw)
                 secs = time.monotonic() - t0
             failed[strategy] = {
                 "status": rec["status"],

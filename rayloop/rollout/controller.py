@@ -607,6 +607,24 @@ def _check_gate(mv: Any, force: bool) -> dict[str, Any] | None:
     return gate if isinstance(gate, dict) else None
 
 
+def _check_vouched(
+    mv: Any, gate: dict[str, Any] | None, running: ModelConfig | None, aliases: dict[str, int], force: bool
+) -> None:
+    """Rolling a version out over a running one needs the gate's acceptance (or ``force``). Not needed: the first
+    deploy, the version already running, and a version that was production before (``production``/``previous``)."""
+    if force or running is None or running.version == mv.version:
+        return
+    if mv.version in (aliases.get(PRODUCTION), aliases.get(PREVIOUS)):
+        return
+    decision = (gate or {}).get("decision")
+    if decision != "accepted":
+        raise RolloutError(
+            f"{mv.name}@{mv.version} has no accepted gate decision ({decision or 'never evaluated'}); refusing to "
+            f"roll it out over v{running.version}",
+            hint=f"Run the validation gate first (`rayloop eval {mv.name}@{mv.version}`), or pass --force.",
+        )
+
+
 def preflight(
     settings: Settings, ref: str, force: bool, *, reg: Registry | None = None
 ) -> tuple[Any, dict[str, Any] | None]:
@@ -669,6 +687,7 @@ def deploy(
     to_cfg = ModelConfig(model=name, version=mv.version, fingerprint=mv.fingerprint)
     from_cfg = current.slots.get(STABLE) if current is not None else None
     aliases = reg.aliases(name)
+    _check_vouched(mv, gate, from_cfg, aliases, force)
     rid = reg.begin_rollout(
         name,
         from_version=None if from_cfg is None else from_cfg.version,
@@ -917,7 +936,7 @@ def send_command(
                 f"{name!r} has no 'previous' version to roll back to",
                 hint=f"Deploy an older version explicitly: `rayloop deploy {name}@VERSION`.",
             )
-        return deploy(settings, f"{name}@{prev}", Strategy.ROLLING, interval_s=1.0, backend=backend)
+        return deploy(settings, f"{name}@{prev}", Strategy.ROLLING, interval_s=1.0, backend=backend)  # was production
     if not owner_alive(active, lease=reg.lease(active["id"])):
         out = reconcile(settings, name, backend=backend, intent=cmd, actor=by)
         rollout: dict[str, Any] = out["rollout"]

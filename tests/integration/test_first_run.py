@@ -106,7 +106,8 @@ def test_serve_then_every_strategy_on_a_fresh_cluster(tmp_path: Path, base_model
         # A second version (the same weights registered again), then every strategy on the app `serve` made.
         assert _run(["models", "register", "demo", str(base_model_dir)], tmp_path, env).returncode == 0
         rollouts = [
-            (["demo@2", "--strategy", "canary", "--steps", "50,100", "--interval", "4s"], 2),
+            # Never evaluated by the gate: rolling it out over production takes --force.
+            (["demo@2", "--strategy", "canary", "--steps", "50,100", "--interval", "4s", "--force"], 2),
             (["demo@1", "--strategy", "blue-green", "--hold", "3s"], 1),
             (["demo@2", "--strategy", "shadow", "--interval", "4s"], 1),
             (["demo@2", "--strategy", "rolling", "--interval", "3s"], 2),

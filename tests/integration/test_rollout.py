@@ -91,6 +91,8 @@ def env(
     )
     reg.register("demo", home / "v2", parent=1)
     reg.register("demo", base_model_dir, parent=1)
+    for v in (2, 3):  # what `rayloop eval` records; rolling a version out over production needs it
+        reg.annotate(f"demo@{v}", "gate", {"decision": "accepted", "reasons": []})
     print(f"fine-tuned and registered 3 versions in {time.monotonic() - t0:.1f}s")
     t0 = time.monotonic()
     first = deploy(settings, "demo@1", "canary")

@@ -45,6 +45,7 @@ def env(tmp_path: Path) -> dict[str, Any]:
     v1 = reg.register("demo", make_model_dir(tmp_path / "m1", seed=1))
     v2 = reg.register("demo", make_model_dir(tmp_path / "m2", seed=2))
     reg.set_alias("demo", "production", 1)
+    reg.annotate("demo@2", "gate", {"decision": "accepted", "reasons": []})  # the gate vouched for v2
     cfg1 = ModelConfig(model="demo", version=1, fingerprint=v1.fingerprint)
     backend = FakeBackend(state=idle_state("demo", cfg1, RouteTable(versions={STABLE: 1})))
     return {"settings": settings, "reg": reg, "backend": backend, "v1": v1, "v2": v2}
@@ -518,3 +519,16 @@ def test_a_reused_pid_cannot_keep_a_rollout_stuck(env: dict[str, Any]) -> None:
         time.sleep(0.05)
     assert not owner_alive(reg.rollout(rid), lease=reg.lease(rid))
     assert reconcile(env["settings"], "demo", backend=env["backend"])["action"] == "rolled_back"
+
+
+def test_rolling_a_version_over_production_needs_the_gate_or_force(env: dict[str, Any], tmp_path: Path) -> None:
+    reg: Registry = env["reg"]
+    reg.register("demo", make_model_dir(tmp_path / "m3", seed=3))  # never evaluated
+    with pytest.raises(RolloutError, match=r"demo@3 has no accepted gate decision \(never evaluated\)") as e:
+        deploy(env["settings"], "demo@3", "rolling", interval_s=0.2, backend=env["backend"])
+    assert "rayloop eval demo@3" in (e.value.hint or "") and env["reg"].rollouts("demo") == []
+    rec = deploy(env["settings"], "demo@3", "rolling", interval_s=0.2, force=True, backend=env["backend"])
+    assert rec["status"] == "succeeded" and reg.get_alias("demo", "production") == 3
+    # Back to the version that was production before: it was vouched for then.
+    rec = deploy(env["settings"], "demo@1", "rolling", interval_s=0.2, backend=env["backend"])
+    assert rec["status"] == "succeeded" and reg.get_alias("demo", "production") == 1
