@@ -31,7 +31,7 @@ INTERACTION_SCHEMA = pa.schema(
         pa.field("user_id", pa.string()),
         pa.field("model_name", pa.string(), nullable=False),
         pa.field("model_version", pa.int64(), nullable=False),
-        pa.field("slot", pa.string()),  # stable / canary / green / shadow
+        pa.field("slot", pa.string()),  # stable / canary (also blue-green's green); shadow copies are in shadow/
         pa.field("endpoint", pa.string(), nullable=False),  # "chat" or "completion"
         pa.field("messages", pa.string()),  # chat: JSON list of {role, content}
         pa.field("prompt", pa.string()),  # completion: the raw prompt

@@ -7,7 +7,7 @@
                     lineage stays complete after its artifacts are gone
     rl_aliases      (name, alias) -> version
     rl_alias_log    every alias move: time, from, to, actor, reason
-    rl_deployments  (name, app, slot) -> version, written by the serving layer
+    rl_deployments  (name, app, slot) -> version, written by the rollout controller
     rl_rollouts     rollout bookkeeping; at most one active per model (unique
                     partial index), which is the rollout lock
     rl_leases       rollout id -> the controller that owns it: holder, fencing

@@ -18,7 +18,7 @@ Serve routes no traffic to a replica while ``reconfigure`` runs, and changes
 replicas one at a time, so the app keeps answering during an upgrade.
 
 A ``parked`` config keeps the engine and its version loaded for a slot the
-router sends nothing (``rollout.keep_warm_slots``); the next version given to
+ingress sends nothing (``rollout.keep_warm_slots``); the next version given to
 the slot then goes through the same steps, usually an in-place swap, instead of
 a new replica starting an engine.
 """
@@ -105,7 +105,7 @@ class LLMServer:
 
     Args:
         settings: ``Settings`` as a dict (what Serve configs carry).
-        slot: slot name in the ingress (``stable``; the router adds others).
+        slot: slot name in the ingress (``stable``, ``canary`` or ``shadow``).
         engine_cls: ``"module:Class"`` of the :class:`Engine` (default vLLM);
             tests pass ``"rayloop.serving.fake_engine:FakeEngine"``.
     """

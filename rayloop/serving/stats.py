@@ -4,7 +4,7 @@ While a rollout judges live traffic (``RouteTable.observe``), the ingress replic
 one rating per feedback, one pair summary per shadow copy) in batches to one
 detached actor per app (:class:`RouterStats`); the controller asks it for a
 time window. Feedback is joined to requests by request id here, so a rating
-counts for the slot and window of the request it rates, whichever router
+counts for the slot and window of the request it rates, whichever stable
 replica received it.
 
 Sending never blocks a request: :class:`StatsClient` buffers in memory (bounded)
@@ -31,7 +31,7 @@ logger = logging.getLogger("ray.serve")
 NAMESPACE = "rayloop"
 MAX_RECORDS = 500_000
 MAX_RATINGS = 500_000
-# Batches from several router replicas interleave; look this far back before `since`.
+# Batches from several stable replicas interleave; look this far back before `since`.
 REORDER_S = 30.0
 
 # (ts, request_id, slot, version, ok, latency_ms)
@@ -102,7 +102,7 @@ def stats_actor_name(app_name: str, storage_root: str) -> str:
 
 
 class RouterStats:
-    """In-memory, bounded store of router observations (a detached Ray actor)."""
+    """In-memory, bounded store of ingress observations (a detached Ray actor)."""
 
     def __init__(self, max_records: int = MAX_RECORDS) -> None:
         self._max = max_records
@@ -183,7 +183,7 @@ class RouterStats:
 
 
 def get_stats_actor(app_name: str, settings: Settings, *, create: bool = True) -> Any:
-    """The app's stats actor (created on first use, detached so a router restart keeps the history)."""
+    """The app's stats actor (created on first use, detached so a replica restart keeps the history)."""
     import ray
 
     name = stats_actor_name(app_name, settings.storage_root)
@@ -200,7 +200,7 @@ def get_stats_actor(app_name: str, settings: Settings, *, create: bool = True) -
 
 
 class StatsClient:
-    """What a router replica holds: buffer locally, ship in the background, never block or raise."""
+    """What a stable replica holds: buffer locally, ship in the background, never block or raise."""
 
     def __init__(self, actor_factory: Any, *, flush_s: float = 0.25, max_buffer: int = 50_000) -> None:
         self._factory = actor_factory
@@ -270,7 +270,7 @@ class StatsClient:
         except Exception as e:  # the actor died or is slow: lose these samples, find it again next time
             self.dropped += len(obs) + len(ratings) + len(shadow)
             self._actor = None
-            logger.warning("router stats: %d samples dropped (%s)", len(obs) + len(ratings) + len(shadow), e)
+            logger.warning("rollout stats: %d samples dropped (%s)", len(obs) + len(ratings) + len(shadow), e)
 
     async def close(self) -> None:
         if self._task is not None:
