@@ -456,6 +456,42 @@ class CaptureWriter:
         self._replay_task: asyncio.Task[int] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._last_flush = time.monotonic()
+        self._exported: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._metric: Any = None
+
+    def _export_metrics(self) -> None:
+        """Row counts by table and outcome as ``rayloop_capture_rows_total`` on Ray's Prometheus endpoint."""
+        try:
+            import ray
+
+            if not ray.is_initialized():
+                return  # a writer used outside Ray (unit tests): nothing to export to
+            if self._metric is None:
+                from ray.util import metrics
+
+                self._metric = metrics.Counter(
+                    "rayloop_capture_rows_total",
+                    "Captured rows by outcome: written, sanitised, quarantined, spilled, replayed, dropped.",
+                    tag_keys=("table", "outcome"),
+                )
+            for outcome, counts in self._outcomes().items():
+                for table, n in counts.items():
+                    delta = n - self._exported[(table, outcome)]
+                    if delta > 0:
+                        self._metric.inc(delta, tags={"table": table, "outcome": outcome})
+                        self._exported[(table, outcome)] = n
+        except Exception:
+            logger.exception("capture: exporting metrics failed")
+
+    def _outcomes(self) -> dict[str, collections.Counter[str]]:
+        return {
+            "written": self._written,
+            "sanitised": self._sanitised,
+            "quarantined": self._quarantined,
+            "spilled": self._spilled,
+            "replayed": self._replayed,
+            "dropped": self._dropped,
+        }
 
     def _ensure_loop(self) -> None:
         if self._loop_task is None:
@@ -476,6 +512,7 @@ class CaptureWriter:
     async def _periodic(self) -> None:
         while True:
             await asyncio.sleep(self._flush_s / 2)
+            self._export_metrics()
             if time.monotonic() - self._last_flush >= self._flush_s:
                 try:
                     await self.flush()  # also replays the journal
@@ -705,6 +742,18 @@ class CaptureWriter:
         if self._index_task is not None:
             await asyncio.shield(self._index_task)
         return self._ids_ready
+
+
+def writer_stats(settings: Settings, timeout_s: float = 10.0) -> dict[str, Any] | None:
+    """The capture writer's counts for ``settings``' storage (None when no writer runs). Needs a Ray driver."""
+    import ray
+
+    try:
+        actor = ray.get_actor(writer_name(settings.storage_root), namespace=NAMESPACE)
+    except ValueError:
+        return None
+    stats = ray.get(actor.stats.remote(), timeout=timeout_s)
+    return dict(stats)
 
 
 def _stored_ids(storage: Storage) -> Any:

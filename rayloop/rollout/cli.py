@@ -224,6 +224,9 @@ def _print_status(st: dict[str, Any]) -> None:
                 str(m.get("mean_rating") if m.get("mean_rating") is not None else ""),
             )
         con.print(t)
+    cap = st.get("capture")
+    if cap:
+        con.print(_capture_line(cap))
     for n, m in st["models"].items():
         aliases = ", ".join(f"{k}=v{v}" for k, v in sorted(m["aliases"].items())) or "no aliases"
         con.print(f"{n}: {aliases}")
@@ -238,6 +241,20 @@ def _print_status(st: dict[str, Any]) -> None:
                 f"  last rollout {lr['id']} {lr['strategy']} v{lr['from_version']} -> v{lr['to_version']}: "
                 f"{lr['status']}" + (f" ({lr['reason']})" if lr.get("reason") else "")
             )
+
+
+def _capture_line(cap: dict[str, Any]) -> str:
+    """One line of capture health: rows by outcome over all tables, and what waits in the journal."""
+    if "error" in cap:
+        return f"capture: unknown ({cap['error']})"
+    total = {k: sum((cap.get(k) or {}).values()) for k in ("written", "quarantined", "spilled", "replayed", "dropped")}
+    journal = cap.get("journal") or {}
+    line = "capture: " + ", ".join(f"{k} {v}" for k, v in total.items())
+    if journal.get("rows"):
+        line += f"; {journal['rows']} rows waiting in the journal ({journal.get('dir')})"
+    if cap.get("storage_down"):
+        line += "; STORAGE DOWN"
+    return line
 
 
 def _slot_state(version: int | None, warm: int | None) -> str:

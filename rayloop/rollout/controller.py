@@ -974,6 +974,16 @@ def status(
                 live["shadow_pairs"] = be.shadow_window(now - window_s)
     except Exception as e:  # status must work without a cluster
         app_error = f"{type(e).__name__}: {e}"
+    capture: dict[str, Any] | None = None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            from rayloop.data.capture import writer_stats
+
+            capture = writer_stats(settings)
+    except Exception as e:
+        capture = {"error": f"{type(e).__name__}: {e}"}
     models: dict[str, Any] = {}
     for n in names:
         active = reg.active_rollout(n)
@@ -993,6 +1003,7 @@ def status(
         "serve_error": app_error,
         "live_window_s": window_s,
         "live": live,
+        "capture": capture,
         "models": models,
     }
 

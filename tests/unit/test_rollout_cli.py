@@ -69,3 +69,22 @@ def test_abort_without_rollout_is_a_clear_error(rayloop_home: Path, tmp_path: Pa
     r = CliRunner().invoke(cli, ["abort", "demo"])
     assert r.exit_code == 1
     assert "no rollout of 'demo' is running" in r.output or "ClusterError" in r.output
+
+
+def test_status_shows_capture_health_in_one_line() -> None:
+    from rayloop.rollout.cli import _capture_line
+
+    cap = {
+        "written": {"interactions": 60, "feedback": 5},
+        "quarantined": {"interactions": 1},
+        "spilled": {"interactions": 10},
+        "replayed": {"interactions": 4},
+        "dropped": {},
+        "storage_down": True,
+        "journal": {"dir": "/tmp/j", "rows": 6},
+    }
+    assert _capture_line(cap) == (
+        "capture: written 65, quarantined 1, spilled 10, replayed 4, dropped 0; 6 rows waiting in the journal "
+        "(/tmp/j); STORAGE DOWN"
+    )
+    assert _capture_line({"error": "GetTimeoutError: slow"}) == "capture: unknown (GetTimeoutError: slow)"
