@@ -752,7 +752,7 @@ def writer_stats(settings: Settings, timeout_s: float = 10.0) -> dict[str, Any] 
         actor = ray.get_actor(writer_name(settings.storage_root), namespace=NAMESPACE)
     except ValueError:
         return None
-    stats = ray.get(actor.stats.remote(), timeout=timeout_s)
+    stats: Any = ray.get(actor.stats.remote(), timeout=timeout_s)
     return dict(stats)
 
 
