@@ -194,13 +194,51 @@ def _kill_group(pid: int, timeout: float = 30.0) -> None:
 
 
 def down(settings: Settings) -> bool:
-    """Stop the head that ``up`` started. Returns False when there was none."""
+    """Stop the head that ``up`` started. Returns False when there was none.
+
+    Before the processes stop, Serve is shut down gracefully (each replica ships the capture rows it
+    holds) and the capture writer writes everything it buffers: nothing recorded is lost to ``down``.
+    """
     state = read_state(settings)
     if state is None:
         return False
+    if state.alive():
+        drain(settings, state.address)
     _kill_group(state.pid)
     _state_path(settings).unlink(missing_ok=True)
     return True
+
+
+def drain(settings: Settings, address: str, timeout_s: float = 120.0) -> None:
+    """Best effort before a head stops: Serve's graceful shutdown, then a final capture flush (logged, never
+    raised: ``down`` must stop the head even when the cluster is unhealthy)."""
+    import logging
+
+    log = logging.getLogger("rayloop")
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(address=address, log_to_driver=False)
+        try:
+            from ray import serve
+
+            serve.shutdown()  # replicas' graceful shutdown closes their capture clients (rows shipped)
+        except Exception as e:
+            log.warning("rayloop down: Serve did not shut down cleanly (%s)", e)
+        try:
+            from rayloop.data.capture import NAMESPACE, writer_name
+
+            writer = ray.get_actor(writer_name(settings.storage_root), namespace=NAMESPACE)
+            ray.get(writer.flush.remote(), timeout=timeout_s)
+        except ValueError:
+            pass  # no writer: nothing was captured
+        except Exception as e:
+            log.warning("rayloop down: the capture writer did not flush (%s)", e)
+        ray.shutdown()
+    except Exception as e:
+        log.warning("rayloop down: could not drain the cluster first (%s)", e)
 
 
 def address_for(settings: Settings) -> str:

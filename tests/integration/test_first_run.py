@@ -132,5 +132,12 @@ def test_serve_then_every_strategy_on_a_fresh_cluster(tmp_path: Path, base_model
             model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2
         ).model == "demo@v2"
     finally:
-        down = _run(["down"], tmp_path, env, timeout=180)
+        down = _run(["down"], tmp_path, env, timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr
+    # At least once and nothing lost to `down`: every answered request is a captured row (distinct ids:
+    # a retried append may write one twice).
+    from rayloop.data.capture import read_interactions
+
+    rows = read_interactions(str(tmp_path / ".rayloop" / "storage"))
+    ids = set(rows.column("request_id").to_pylist())
+    assert len(ids) == len(traffic.models) + 2, (len(ids), len(traffic.models))
