@@ -229,6 +229,17 @@ class ServingSettings(_Model):
         "(said explicitly; every start logs a warning when the address is not loopback).",
     )
     capture: bool = Field(default=True, description="Record every interaction to the interaction store.")
+    capture_scrub_pii: bool = Field(
+        default=False,
+        description="Replace e-mail addresses, phone numbers and API-key-like strings in messages, prompts, "
+        "completions and corrections before they are stored (preprocessing scrubs training data either way).",
+    )
+    no_capture_api_keys_env: str = Field(
+        default="RAYLOOP_NO_CAPTURE_API_KEYS",
+        description="Env var with comma-separated bearer keys that are accepted like the others but whose "
+        "requests are never recorded (nor their feedback). A request opts out alone with the header "
+        "x-rayloop-capture: off.",
+    )
     capture_batch_rows: int = Field(
         default=256, ge=1, description="Rows per Parquet file written by the capture writer."
     )

@@ -182,6 +182,25 @@ def _sanitise_row(row: Any) -> tuple[dict[str, Any], int, bool]:
     return (row if out is None else out), nbytes, changed
 
 
+PII_COLUMNS = ("messages", "prompt", "completion", "correction", "primary_completion", "shadow_completion")
+
+
+def _scrub_text_columns(row: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """``row`` with personal data scrubbed from its text columns (``serving.capture_scrub_pii``), and whether
+    there was any (the row is copied only then)."""
+    from rayloop.data.pii import scrub
+
+    out: dict[str, Any] | None = None
+    for col in PII_COLUMNS:
+        v = row.get(col)
+        if isinstance(v, str) and v:
+            clean, counts = scrub(v)
+            if any(counts.values()):
+                out = dict(row) if out is None else out
+                out[col] = clean
+    return (row, False) if out is None else (out, True)
+
+
 def _row_bytes(row: Any) -> int:
     """Cheap size estimate for the client's buffer (characters, not encoded bytes)."""
     if not isinstance(row, dict):
@@ -407,6 +426,7 @@ class CaptureWriter:
         retry_max_s: float | None = None,
         journal_dir: str | None = None,
         journal_max_bytes: int | None = None,
+        scrub_pii: bool = False,
     ) -> None:
         if isinstance(storage_root, Storage):
             self._storage = storage_root
@@ -456,6 +476,8 @@ class CaptureWriter:
         self._replay_task: asyncio.Task[int] | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._last_flush = time.monotonic()
+        self._scrub_pii = scrub_pii
+        self._scrubbed = collections.Counter[str]()
         self._exported: collections.Counter[tuple[str, str]] = collections.Counter()
         self._metric: Any = None
 
@@ -487,6 +509,7 @@ class CaptureWriter:
         return {
             "written": self._written,
             "sanitised": self._sanitised,
+            "pii_scrubbed": self._scrubbed,
             "quarantined": self._quarantined,
             "spilled": self._spilled,
             "replayed": self._replayed,
@@ -535,6 +558,9 @@ class CaptureWriter:
                 continue
             try:
                 clean, nbytes, changed = _sanitise_row(row)
+                if self._scrub_pii:
+                    clean, found = _scrub_text_columns(clean)
+                    self._scrubbed[table] += found
                 key = (table, part(clean))
                 recent = (
                     (str(clean["request_id"]), (clean["model_name"], int(clean["model_version"])))
@@ -724,6 +750,7 @@ class CaptureWriter:
             "written": dict(self._written),
             "dropped": dict(self._dropped),
             "sanitised": dict(self._sanitised),
+            "pii_scrubbed": dict(self._scrubbed),
             "quarantined": dict(self._quarantined),
             "spilled": dict(self._spilled),
             "replayed": dict(self._replayed),
@@ -816,6 +843,7 @@ def get_or_create_writer(settings: Settings) -> Any:
             retry_max_s=s.capture_retry_max_s,
             journal_dir=s.capture_journal_dir or default_journal_dir(settings.home),
             journal_max_bytes=s.capture_journal_max_bytes,
+            scrub_pii=s.capture_scrub_pii,
         )
     )
 

@@ -59,11 +59,14 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def load_key_hashes(serving: ServingSettings, env: dict[str, str] | None = None) -> set[str]:
-    """sha256 hashes of the keys configured through the env var and the keys file."""
+def load_key_hashes(
+    serving: ServingSettings, env: dict[str, str] | None = None, *, keys_env: str | None = None
+) -> set[str]:
+    """sha256 hashes of the keys configured through the env var and the keys file (``keys_env``: only that
+    env var's keys, e.g. the no-capture keys)."""
     env = dict(os.environ) if env is None else env
-    keys = [k.strip() for k in env.get(serving.api_keys_env, "").split(",") if k.strip()]
-    if serving.api_keys_file:
+    keys = [k.strip() for k in env.get(keys_env or serving.api_keys_env, "").split(",") if k.strip()]
+    if keys_env is None and serving.api_keys_file:
         p = Path(serving.api_keys_file).expanduser()
         if not p.is_file():
             raise ConfigError(
@@ -83,6 +86,10 @@ class KeyChecker:
     @property
     def enabled(self) -> bool:
         return bool(self._hashes)
+
+    @property
+    def hashes(self) -> set[str]:
+        return set(self._hashes)
 
     def allows(self, authorization: str | None) -> bool:
         if not self._hashes:

@@ -158,7 +158,9 @@ class EngineIngress(OpenAIIngress):
         t = self.table
         if t.observe:
             self.stats.observe(slot, row)
-        if row["status"] != "ok" or SHADOW not in t.versions or not self.picker.mirror(row["request_id"]):
+        if row["status"] != "ok" or row.get("opted_out") or SHADOW not in t.versions:
+            return
+        if not self.picker.mirror(row["request_id"]):
             return
         if len(self._shadow_tasks) >= self.settings.rollout.shadow_max_in_flight:
             self.shadow_skipped += 1  # shadow must never pile up work beside the user path

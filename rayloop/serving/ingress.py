@@ -37,6 +37,7 @@ from rayloop.config import Settings
 from rayloop.data.capture import CaptureClient, utcnow
 from rayloop.serving.auth import KeyChecker, load_key_hashes
 from rayloop.serving.protocol import (
+    CAPTURE_HEADER,
     REQUEST_ID_HEADER,
     SESSION_HEADER,
     USER_HEADER,
@@ -202,6 +203,13 @@ def parse_json_body(raw: bytes, limit: int) -> dict[str, Any] | BodyError:
     return body
 
 
+def capture_allowed(request: Request, no_capture: KeyChecker) -> bool:
+    """False when the request opted out (``x-rayloop-capture: off``) or came with a no-capture key."""
+    if request.headers.get(CAPTURE_HEADER, "").strip().lower() in ("off", "0", "false", "no"):
+        return False
+    return not (no_capture.enabled and no_capture.allows(request.headers.get("authorization")))
+
+
 def row_status(status: int, tail: ReplyTail) -> str:
     """An interaction row's status: ``ok``; ``client_error`` (a 4xx, or the client left: nothing the answering
     version did); ``error`` (the server's fault: 5xx, an engine error, also one that came mid-stream after a 200).
@@ -289,7 +297,9 @@ class OpenAIIngress:
         self.settings = Settings.model_validate(settings)
         self.slots = dict(slots)
         self.model = model
-        self.keys = KeyChecker(load_key_hashes(self.settings.serving) | set(api_key_hashes or []))
+        sv = self.settings.serving
+        self.no_capture_keys = KeyChecker(load_key_hashes(sv, keys_env=sv.no_capture_api_keys_env))
+        self.keys = KeyChecker(load_key_hashes(sv) | set(api_key_hashes or []) | self.no_capture_keys.hashes)
         from rayloop.serving.metrics import ServingMetrics
 
         self.metrics = ServingMetrics()
@@ -544,7 +554,9 @@ class OpenAIIngress:
             "error": tail.error,
             "finish_reason": tail.finish_reason,
         }
-        if self.capture is not None:
+        if not capture_allowed(ctx.request, self.no_capture_keys):
+            row["opted_out"] = True  # stats may count it; nothing of it is stored, shadow copies included
+        elif self.capture is not None:
             self.capture.record("interactions", row)
         try:
             self.after_response(ctx.slot, row)

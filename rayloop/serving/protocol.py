@@ -14,6 +14,7 @@ VERSION_HEADER = "x-rayloop-model-version"
 REQUEST_ID_HEADER = "x-rayloop-request-id"
 SESSION_HEADER = "x-rayloop-session-id"
 USER_HEADER = "x-rayloop-user-id"
+CAPTURE_HEADER = "x-rayloop-capture"  # "off": nothing of this request is stored
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 

@@ -84,4 +84,3 @@ def _already_registered(
             found: ModelVersion = mv
             return found
     return None
-

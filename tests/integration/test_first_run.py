@@ -128,9 +128,12 @@ def test_serve_then_every_strategy_on_a_fresh_cluster(tmp_path: Path, base_model
         final = _run(["serve", "--model", "demo@production", "--json"], tmp_path, env)
         assert final.returncode == 0, final.stdout + final.stderr
         assert (json.loads(final.stdout)["version"], json.loads(final.stdout)["upgraded_from"]) == (2, 2)
-        assert client.chat.completions.create(
-            model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2
-        ).model == "demo@v2"
+        assert (
+            client.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            ).model
+            == "demo@v2"
+        )
     finally:
         down = _run(["down"], tmp_path, env, timeout=300)
     assert down.returncode == 0, down.stdout + down.stderr

@@ -138,6 +138,16 @@ def test_chat_completion_feedback_and_capture_through_openai_client(serving: dic
     models = client.models.list()
     assert {m.id for m in models.data} >= {"demo@v1", "demo"}
 
+    # Opted out: answered as usual, nothing of it stored, so feedback on it finds nothing.
+    raw = client.chat.completions.with_raw_response.create(
+        model="demo",
+        messages=[{"role": "user", "content": "my secret question"}],
+        max_tokens=4,
+        extra_headers={"x-rayloop-capture": "off"},
+    )
+    private_rid = raw.headers["x-rayloop-request-id"]
+    assert raw.parse().choices[0].message.content is not None
+
     # Feedback: by our request id and by the response id; unknown ids are 404.
     fb = httpx.post(
         url + "/v1/feedback",
@@ -163,6 +173,13 @@ def test_chat_completion_feedback_and_capture_through_openai_client(serving: dic
     _flush(url)
     rows = {r["request_id"]: r for r in read_interactions(_storage(settings)).to_pylist()}
     assert {chat_rid, stream_rid, comp_rid} <= set(rows)
+    assert private_rid not in rows and not any("my secret question" in (r["messages"] or "") for r in rows.values())
+    nothing = httpx.post(
+        url + "/v1/feedback",
+        json={"request_id": private_rid, "rating": 1},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
+    assert nothing.status_code == 404
     r = rows[chat_rid]
     assert r["model_name"] == "demo" and r["model_version"] == 1 and r["version"] == 1 and r["model"] == "demo"
     assert r["endpoint"] == "chat" and r["status"] == "ok" and r["slot"] == "stable"

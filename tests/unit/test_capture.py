@@ -420,3 +420,24 @@ def test_feedback_for_ids_never_captured_is_answered_without_reading_storage(tmp
     lookups = asyncio.run(restarted())["lookups"]
     # Bloom false positives (1%) may cost a few scans; a scan per made-up id would be 2000.
     assert lookups["unknown"] >= 1950 and lookups.get("scanned", 0) <= 5 + 50, lookups
+
+
+def test_pii_can_be_scrubbed_when_a_row_is_captured(tmp_path: Path) -> None:
+    storage = str(tmp_path / "store")
+
+    async def run() -> dict[str, Any]:
+        w = _writer(storage, tmp_path, scrub_pii=True)
+        msg = json.dumps([{"role": "user", "content": "mail bob@example.com or call +1 (555) 123-4567"}])
+        await w.append("interactions", [_chat("r1", messages=msg, completion="sure, bob@example.com"), _chat("r2")])
+        await w.append("feedback", [_feedback("r1", correction="write to alice@example.org")])
+        await w.flush()
+        stats: dict[str, Any] = await w.stats()
+        return stats
+
+    stats = asyncio.run(run())
+    rows = {r["request_id"]: r for r in read_interactions(storage).to_pylist()}
+    assert "bob@example.com" not in rows["r1"]["messages"] and "<email>" in rows["r1"]["messages"]
+    assert "<phone>" in rows["r1"]["messages"] and rows["r1"]["completion"] == "sure, <email>"
+    assert rows["r2"]["completion"] == "an answer"  # nothing to scrub, kept as it was
+    assert read_feedback(storage).to_pylist()[0]["correction"] == "write to <email>"
+    assert stats["pii_scrubbed"] == {"interactions": 1, "feedback": 1}

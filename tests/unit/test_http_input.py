@@ -300,3 +300,16 @@ def test_feedback_for_an_id_this_service_never_issues_is_404_without_a_lookup() 
         resp: Response = asyncio.run(OpenAIIngress.feedback(ing, request))  # type: ignore[arg-type]
         assert resp.status_code == 404, rid
     assert _NoLookups.calls == 0
+
+
+def test_a_request_opts_out_of_capture_by_header_or_by_key() -> None:
+    from rayloop.serving.auth import KeyChecker, hash_key
+    from rayloop.serving.ingress import capture_allowed
+
+    no_capture = KeyChecker({hash_key("sk-private")})
+    assert capture_allowed(_request([b""], {}), no_capture)
+    assert not capture_allowed(_request([b""], {"x-rayloop-capture": "off"}), no_capture)
+    assert not capture_allowed(_request([b""], {"x-rayloop-capture": "OFF "}), no_capture)
+    assert not capture_allowed(_request([b""], {"authorization": "Bearer sk-private"}), no_capture)
+    assert capture_allowed(_request([b""], {"authorization": "Bearer sk-other"}), no_capture)
+    assert capture_allowed(_request([b""], {"x-rayloop-capture": "on"}), KeyChecker(set()))
