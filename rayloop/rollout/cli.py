@@ -34,9 +34,18 @@ def _backend(ctx: click.Context) -> Any:
 
 
 def _echo_event(ev: dict[str, Any]) -> None:
-    ts = time.strftime("%H:%M:%S", time.localtime(ev["time"]))
+    click.echo(format_event(ev))
+
+
+def format_event(ev: dict[str, Any]) -> str:
+    """One line of a rollout's timeline (a live event: epoch ``time``; a stored one: ISO ``time``)."""
+    t = ev.get("time")
+    if isinstance(t, str):
+        ts = t.replace("T", " ")[:19]
+    else:
+        ts = time.strftime("%H:%M:%S", time.localtime(float(t or 0)))
     details = {k: v for k, v in ev.items() if k not in ("time", "event", "rollout_id", "plan", "canary", "stable")}
-    line = f"{ts} rollout {ev['rollout_id']}: {ev['event']}"
+    line = f"{ts} rollout {ev['rollout_id']}: {ev['event']}" if "rollout_id" in ev else f"{ts} {ev['event']}"
     if ev["event"] == "step_passed" and ev.get("canary"):
         c, s = ev["canary"], ev.get("stable") or {}
         line += (
@@ -46,7 +55,7 @@ def _echo_event(ev: dict[str, Any]) -> None:
         )
     elif details:
         line += " " + ", ".join(f"{k}={v}" for k, v in details.items())
-    click.echo(line)
+    return line
 
 
 def _finish(record: dict[str, Any], as_json: bool) -> None:
@@ -194,6 +203,79 @@ def status_cmd(ctx: click.Context, name: str | None, as_json: bool, reconcile: b
         _print_json(st)
         return
     _print_status(st)
+
+
+@click.command("undeploy")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def undeploy_cmd(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Stop serving NAME: delete its Serve app (versions and aliases stay in the registry)."""
+    from rayloop.rollout.controller import undeploy
+
+    out = undeploy(_settings(ctx), name, backend=_backend(ctx))
+    if as_json:
+        _print_json(out)
+    elif out["removed"]:
+        click.echo(f"{name}: Serve app {out['app']!r} deleted")
+    else:
+        click.echo(f"{name}: nothing was deployed (app {out['app']!r})")
+
+
+@click.group("rollouts")
+def rollouts() -> None:
+    """Rollout history: what each rollout did, step by step."""
+
+
+@rollouts.command("list")
+@click.argument("name", required=False)
+@click.option("--limit", type=click.IntRange(1), default=20, show_default=True, help="How many, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: a list of rollout summaries.")
+@click.pass_context
+def rollouts_list(ctx: click.Context, name: str | None, limit: int, as_json: bool) -> None:
+    """The last rollouts (of NAME, or of every model), newest first."""
+    from rich.table import Table
+
+    from rayloop.cli import _console
+    from rayloop.rollout.controller import rollout_history
+
+    rows = rollout_history(_settings(ctx), name, limit=limit)
+    if as_json:
+        _print_json(rows)
+        return
+    t = Table("id", "model", "strategy", "from", "to", "status", "started (UTC)", "reason")
+    for r in rows:
+        t.add_row(
+            str(r["id"]),
+            r.get("name") or "",
+            r["strategy"],
+            "" if r["from_version"] is None else f"v{r['from_version']}",
+            f"v{r['to_version']}",
+            r["status"],
+            (r["started_at"] or "")[:19].replace("T", " "),
+            r.get("reason") or "",
+        )
+    _console().print(t)
+
+
+@rollouts.command("show")
+@click.argument("rollout_id", type=click.IntRange(1))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole rollout record (plan, state, history) as JSON.")
+@click.pass_context
+def rollouts_show(ctx: click.Context, rollout_id: int, as_json: bool) -> None:
+    """One rollout and its timeline."""
+    from rayloop.rollout.controller import rollout_record
+
+    rec = rollout_record(_settings(ctx), rollout_id)
+    if as_json:
+        _print_json(rec)
+        return
+    click.echo(
+        f"rollout {rec['id']} of {rec['name']} v{rec['from_version']} -> v{rec['to_version']} ({rec['strategy']}): "
+        f"{rec['status']}" + (f" ({rec['state']['reason']})" if rec["state"].get("reason") else "")
+    )
+    for ev in rec["history"]:
+        click.echo("  " + format_event(ev))
 
 
 def _print_status(st: dict[str, Any]) -> None:

@@ -954,6 +954,50 @@ def send_command(
     )
 
 
+def undeploy(settings: Settings, name: str, *, backend: Backend | None = None) -> dict[str, Any]:
+    """Stop serving ``name``: delete its Serve app and forget its deployments (versions and aliases stay).
+
+    Refused while a rollout of ``name`` runs (abort it first); a no-op when nothing is deployed.
+    """
+    from rayloop.rollout.backend import ServeBackend
+
+    reg = Registry.from_settings(settings)
+    active = reg.active_rollout(name)
+    if active is not None:
+        raise RolloutInProgressError(
+            f"rollout {active['id']} of {name!r} is running; undeploying now would leave it without an app",
+            hint=f"Stop it first: `rayloop abort {name}`.",
+        )
+    be = backend or _default_backend(settings, start_local=False)
+    current = be.read()
+    if current is not None and current.model != name:
+        raise RolloutError(
+            f"Serve app {be.app_name!r} serves model {current.model!r}, not {name!r}",
+            hint="Set serving.app_name to the app that serves it.",
+        )
+    removed = False
+    if current is not None:
+        if not isinstance(be, ServeBackend):
+            raise RolloutError("undeploy needs the live Serve backend")
+        removed = be.control.remove(be.app_name)
+    for dep in reg.deployments(name):
+        reg.unmark_deployed(name, dep["slot"], dep["app"])
+    return {"model": name, "app": be.app_name, "removed": removed}
+
+
+def rollout_history(settings: Settings, name: str | None = None, *, limit: int = 20) -> list[dict[str, Any]]:
+    """The last ``limit`` rollouts (of ``name``, or of every model), newest first, as summaries."""
+    reg = Registry.from_settings(settings)
+    names = [name] if name else reg.list_models()
+    records = sorted((r for n in names for r in reg.rollouts(n)), key=lambda r: r["id"], reverse=True)
+    return [_summary(r) for r in records[:limit]]
+
+
+def rollout_record(settings: Settings, rid: int) -> dict[str, Any]:
+    """One rollout with its whole timeline (``history``)."""
+    return Registry.from_settings(settings).rollout(rid)
+
+
 def status(
     settings: Settings, name: str | None = None, *, backend: Backend | None = None, window_s: float = 60.0
 ) -> dict[str, Any]:
@@ -1012,6 +1056,7 @@ def _summary(r: dict[str, Any], alive: bool | None = None) -> dict[str, Any]:
     st = r["state"]
     out = {
         "id": r["id"],
+        "name": r["name"],
         "strategy": r["strategy"],
         "from_version": r["from_version"],
         "to_version": r["to_version"],

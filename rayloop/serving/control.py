@@ -47,6 +47,9 @@ class Control(Protocol):
         """Replace app ``name`` with ``build(its deployed config)``, keeping every other app; atomic against
         other controllers. Returns what was applied. Starts Serve first when needed."""
 
+    def remove(self, name: str) -> bool:
+        """Delete app ``name``, keeping every other app (atomic like :meth:`update`); False if it was not there."""
+
 
 class InMemoryControl:
     """:class:`Control` over a list of app configs (unit tests); ``applied`` counts the updates."""
@@ -64,6 +67,12 @@ class InMemoryControl:
         self.deployed = [a for a in self.deployed if a["name"] != name] + [app]
         self.applied += 1
         return app
+
+    def remove(self, name: str) -> bool:
+        before = len(self.deployed)
+        self.deployed = [a for a in self.deployed if a["name"] != name]
+        self.applied += 1
+        return len(self.deployed) < before
 
     def app(self, name: str) -> dict[str, Any]:
         return next(a for a in self.deployed if a["name"] == name)
@@ -140,6 +149,14 @@ class ServeControl:
             app = build(next((a for a in apps if a["name"] == name), None))
             self.apply([a for a in apps if a["name"] != name] + [app])
             return app
+
+    def remove(self, name: str) -> bool:
+        with self._lock():
+            apps = self.apps()
+            if not any(a["name"] == name for a in apps):
+                return False
+            self.apply([a for a in apps if a["name"] != name])
+            return True
 
     def apps(self) -> list[dict[str, Any]]:
         if self.url is not None:

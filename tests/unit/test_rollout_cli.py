@@ -88,3 +88,71 @@ def test_status_shows_capture_health_in_one_line() -> None:
         "(/tmp/j); STORAGE DOWN"
     )
     assert _capture_line({"error": "GetTimeoutError: slow"}) == "capture: unknown (GetTimeoutError: slow)"
+
+
+def _two_rollouts(home: Path, tmp_path: Path) -> tuple[object, object]:
+    from rayloop.rollout.controller import deploy
+    from rayloop.rollout.fake_backend import FakeBackend
+    from rayloop.serving.app import idle_state
+    from rayloop.serving.protocol import ModelConfig
+    from rayloop.serving.routing import STABLE, RouteTable
+
+    settings = load_settings(env={"RAYLOOP_HOME": str(home)})
+    reg = Registry.from_settings(settings)
+    v1 = reg.register("demo", make_model_dir(tmp_path / "m1", seed=1))
+    reg.register("demo", make_model_dir(tmp_path / "m2", seed=2))
+    reg.set_alias("demo", "production", 1)
+    cfg1 = ModelConfig(model="demo", version=1, fingerprint=v1.fingerprint)
+    backend = FakeBackend(state=idle_state("demo", cfg1, RouteTable(versions={STABLE: 1})))
+    first = deploy(settings, "demo@2", "rolling", interval_s=0.2, force=True, backend=backend)
+    second = deploy(settings, "demo@1", "canary", steps=[100], interval_s=0.3, backend=backend)
+    return first, second
+
+
+def test_rollouts_list_and_show_the_timeline(rayloop_home: Path, tmp_path: Path) -> None:
+    _, second = _two_rollouts(rayloop_home, tmp_path)
+    r = CliRunner().invoke(cli, ["rollouts", "list", "--json"])
+    assert r.exit_code == 0, r.output
+    rows = json.loads(r.output)
+    assert [(x["id"], x["strategy"], x["status"]) for x in rows] == [
+        (2, "canary", "succeeded"),
+        (1, "rolling", "succeeded"),
+    ]
+    assert rows[0]["name"] == "demo" and rows[0]["from_version"] == 2 and rows[0]["to_version"] == 1
+    shown = CliRunner().invoke(cli, ["rollouts", "show", "2", "--json"])
+    assert shown.exit_code == 0 and json.loads(shown.output)["history"] == second["history"]  # type: ignore[index]
+    text = CliRunner().invoke(cli, ["rollouts", "show", "2"])
+    assert text.exit_code == 0 and text.output.startswith("rollout 2 of demo v2 -> v1 (canary): succeeded")
+    events = [ln.split()[2] for ln in text.output.splitlines()[1:]]
+    assert events[:2] == ["begin", "plan"] and "step_passed" in events and events[-1] == "end"
+    missing = CliRunner().invoke(cli, ["rollouts", "show", "99"])
+    assert missing.exit_code != 0 and "rollout 99 does not exist" in missing.output
+
+
+def test_undeploy_deletes_the_app_and_forgets_its_deployments(tmp_path: Path) -> None:
+    from rayloop.errors import RolloutInProgressError
+    from rayloop.rollout.backend import ServeBackend
+    from rayloop.rollout.controller import undeploy
+    from rayloop.serving.app import AppState, ServeArgs, app_config
+    from rayloop.serving.control import InMemoryControl
+    from rayloop.serving.protocol import ModelConfig
+
+    settings = load_settings(env={"RAYLOOP_HOME": str(tmp_path / "home")})
+    reg = Registry.from_settings(settings)
+    reg.register("demo", make_model_dir(tmp_path / "m1", seed=1))
+    reg.mark_deployed("demo", 1, "stable", settings.serving.app_name)
+    other = {"name": "someone-else", "import_path": "x:y"}
+    state = AppState(model="demo", slots={"stable": ModelConfig(model="demo", version=1)})
+    control = InMemoryControl([other, app_config(settings, ServeArgs(model="demo", settings=settings), state)])
+    backend = ServeBackend(settings, control=control)
+
+    rid = reg.begin_rollout("demo", from_version=None, to_version=1, strategy="canary", plan={}, owner="x:1")
+    with pytest.raises(RolloutInProgressError, match="rollout 1 of 'demo' is running") as e:
+        undeploy(settings, "demo", backend=backend)
+    assert "rayloop abort demo" in (e.value.hint or "") and len(control.deployed) == 2
+    reg.end_rollout(rid, "aborted")
+
+    assert undeploy(settings, "demo", backend=backend) == {"model": "demo", "app": "rayloop", "removed": True}
+    assert control.deployed == [other] and reg.deployments("demo") == []
+    assert reg.list_versions("demo")[0].version == 1  # the registry keeps the version
+    assert undeploy(settings, "demo", backend=backend)["removed"] is False
