@@ -400,8 +400,10 @@ for _name, _attr, _help in (
     ("abort", "abort_cmd", "Abort the running rollout (traffic back to the old version)."),
     ("rollback", "rollback_cmd", "Roll back the running rollout, or production to 'previous'."),
     ("status", "status_cmd", "Versions, slots, weights, rollout step and live metrics."),
+    ("undeploy", "undeploy_cmd", "Stop serving a model (its Serve app); the registry keeps its versions."),
 ):
     register_lazy_command(_name, "rayloop.rollout.cli", _attr, _help)
+register_lazy("rollouts", "rayloop.rollout.cli", "rollouts", "Rollout history: list, and show one's timeline.")
 
 register_lazy("data", "rayloop.data.cli", "data", "Interaction store -> training snapshots (Ray Data).")
 register_lazy_command("train", "rayloop.training.cli", "train_cmd", "Fine-tune on a snapshot (Ray Train + DeepSpeed).")
