@@ -106,9 +106,38 @@ def _console() -> Any:
     return Console(stderr=False)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rayloop")
+    except PackageNotFoundError:  # a source tree that is not installed
+        from rayloop import __version__
+
+        return __version__
+
+
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"rayloop {_version()}")
+        ctx.exit(0)
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--config", "config_path", type=click.Path(dir_okay=False), help="Settings file (default: ./rayloop.yaml)."
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Settings file (default: $RAYLOOP_CONFIG, else ./rayloop.yaml). Environment variables "
+    "RAYLOOP_<SECTION>__<KEY> override it.",
+)
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Print the rayloop version and exit.",
 )
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None) -> None:
@@ -129,6 +158,18 @@ def config() -> None:
 def config_show(ctx: click.Context) -> None:
     """Print the resolved settings as JSON (passwords in URLs shown as ***)."""
     _print_json(_settings(ctx).redacted())
+
+
+@config.command("schema")
+def config_schema() -> None:
+    """Print the JSON Schema of rayloop.yaml (for editors and CI validation).
+
+    Every setting is also an environment variable: RAYLOOP_ then its path with __ between the levels,
+    e.g. serving.http_port is RAYLOOP_SERVING__HTTP_PORT.
+    """
+    from rayloop.config import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2))
 
 
 # --- cluster -------------------------------------------------------------

@@ -2,14 +2,26 @@
 
 Settings come, lowest priority first, from the defaults here, a YAML file
 (``rayloop.yaml`` in the working directory, or ``--config``/``RAYLOOP_CONFIG``),
-then environment variables:
+environment variables, then explicit overrides (``load_settings(overrides=...)``,
+``--set`` of the job entrypoints).
 
-- ``RAYLOOP_HOME``: root of the embedded default (``./.rayloop``); storage and the
-  SQLite registry live under it unless set explicitly.
-- ``RAYLOOP_STORAGE``: storage root, a local path or a ``pyarrow.fs`` URI
-  (``s3://bucket/prefix``, ``gs://...``).
-- ``RAYLOOP_REGISTRY_URL``: ``sqlite:///path.db`` or ``postgresql://...``.
-- ``RAY_ADDRESS``: attach to this cluster instead of the local one.
+Every setting has an environment variable: ``RAYLOOP_`` then the path of the
+setting in ``rayloop.yaml`` with ``__`` between the levels
+(``RAYLOOP_SERVING__HTTP_PORT=9000``, ``RAYLOOP_SERVING__ENGINE__DTYPE=float16``,
+``RAYLOOP_ROLLOUT__MIN_SAMPLES=5``, ``RAYLOOP_HOME=/srv/rayloop``). Lists and
+mappings are JSON (``RAYLOOP_ROLLOUT__CANARY_STEPS='[10, 50, 100]'``, or a whole
+section: ``RAYLOOP_SERVING='{"http_port": 9000}'``), ``null`` unsets an optional
+setting, an empty variable is ignored. These older names still work; the
+``RAYLOOP_SECTION__KEY`` spelling wins where both are set:
+
+- ``RAYLOOP_STORAGE``: ``storage.root``, a local path or a ``pyarrow.fs`` URI
+  (``s3://bucket/prefix``, ``gs://...``); default ``$RAYLOOP_HOME/storage``.
+- ``RAYLOOP_S3_ENDPOINT``: ``storage.s3_endpoint``.
+- ``RAYLOOP_REGISTRY_URL``: ``registry.url``, ``sqlite:///path.db`` or ``postgresql://...``.
+- ``RAY_ADDRESS``: ``ray.address``, attach to this cluster instead of the local one.
+
+``RAYLOOP_HOME`` (``home``) is the root of the embedded default (``./.rayloop``);
+storage and the SQLite registry live under it unless set explicitly.
 
 Example::
 
@@ -24,8 +36,9 @@ from __future__ import annotations
 import enum
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -128,7 +141,9 @@ class RaySettings(_Model):
         description="HTTP port of the head's dashboard agent (the Jobs API submits through it). Ray's default; "
         "change it when another Ray cluster on the same machine already holds it.",
     )
-    object_store_memory_mb: int = Field(default=1024, ge=128, description="Object store size of the local head.")
+    object_store_memory_mb: int = Field(
+        default=1024, ge=128, description="Object store size of the local head, in MiB."
+    )
 
     @model_validator(mode="after")
     def _ports_outside_ray_ranges(self) -> RaySettings:
@@ -146,7 +161,7 @@ class RaySettings(_Model):
 
 class EngineSettings(_Model):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="bfloat16", description="Weights dtype.")
-    max_model_len: int = Field(default=256, ge=16, description="Context window the engine accepts.")
+    max_model_len: int = Field(default=256, ge=16, description="Context window the engine accepts, in tokens.")
     tensor_parallel_size: int = Field(
         default=1, ge=1, description="Shards per engine (one GPU or CPU socket-part each)."
     )
@@ -188,11 +203,10 @@ class ServingSettings(_Model):
         default=100.0,
         ge=0,
         le=1000,
-        description="Streaming: send at most one SSE message per request this often, joining the tokens "
-        "generated meanwhile (the first token and the end are never held back). Every message crosses the "
-        "replica, the ingress and the HTTP proxy; on a CPU-bound machine fewer messages leave more CPU to the "
-        "engine (on 2 cores, 100 ms doubled tokens/s at 8 streams). 0: one message per engine step, joined only "
-        "while the ingress is busy.",
+        description="Streaming: shortest time, in milliseconds, between two SSE messages of one request; tokens "
+        "generated meanwhile are joined into one message (the first token and the end are never held back). "
+        "Every message crosses the replica, the ingress and the HTTP proxy, so fewer messages leave more CPU to "
+        "the engine on a CPU-bound machine. 0: one message per engine step, joined only while the ingress is busy.",
     )
     stream_messages_per_s: float = Field(
         default=100.0,
@@ -201,7 +215,9 @@ class ServingSettings(_Model):
         "with many streams each one's interval grows past stream_interval_ms (32 streams at 100/s: 320 ms). "
         "0: no limit.",
     )
-    max_queued_requests: int = Field(default=256, ge=1, description="Requests waiting beyond that before 503.")
+    max_queued_requests: int = Field(
+        default=256, ge=1, description="Requests waiting beyond max_ongoing_requests before new ones get 503."
+    )
     max_body_bytes: int = Field(
         default=4 << 20,
         ge=1,
@@ -212,13 +228,12 @@ class ServingSettings(_Model):
         default=True,
         description="The ingress calls engine replicas over Ray Serve's inter-deployment gRPC (handles with "
         "_by_reference=False) instead of Ray actor calls: less CPU per request and per streamed message in the "
-        "ingress and the engine replica, which on a CPU-bound machine is CPU the engine gets back "
-        "(benchmarks/serve/bench_serve.py, variants default vs actor-calls).",
+        "ingress and the engine replica, which on a CPU-bound machine is CPU the engine gets back.",
     )
     ingress_in_engine: bool = Field(
         default=True,
-        description="No longer used: the stable slot's engine replicas always answer HTTP and route (one app "
-        "layout for serving and every rollout strategy). Accepted so that existing rayloop.yaml files load.",
+        description="Ignored: the stable slot's engine replicas always answer HTTP and route (one app layout for "
+        "serving and every rollout strategy). Accepted so that rayloop.yaml files that set it still load.",
     )
     api_keys_env: str = Field(default="RAYLOOP_API_KEYS", description="Env var with comma-separated bearer tokens.")
     api_keys_file: str | None = Field(default=None, description="File with one bearer token per line.")
@@ -243,7 +258,9 @@ class ServingSettings(_Model):
     capture_batch_rows: int = Field(
         default=256, ge=1, description="Rows per Parquet file written by the capture writer."
     )
-    capture_flush_s: float = Field(default=2.0, gt=0, description="Flush the capture buffer at least this often.")
+    capture_flush_s: float = Field(
+        default=2.0, gt=0, description="Longest time, in seconds, between two flushes of the capture buffer."
+    )
     capture_max_buffer: int = Field(default=10_000, ge=1, description="Rows buffered before new ones are dropped.")
     capture_batch_bytes: int = Field(
         default=8 << 20,
@@ -282,7 +299,9 @@ class ServingSettings(_Model):
         description="Bytes (compressed Parquet) the capture journal may hold; rows that would pass it are dropped "
         "and counted. 0: no journal, rows storage refused are dropped.",
     )
-    engine: EngineSettings = Field(default_factory=EngineSettings)
+    engine: EngineSettings = Field(
+        default_factory=EngineSettings, description="The vLLM engine of each serving replica."
+    )
 
     @property
     def base_url(self) -> str:
@@ -296,8 +315,10 @@ class DataSettings(_Model):
     replay_ratio: float = Field(
         default=2.0, ge=0, description="Rows of the parent's training data mixed in per new row (forgetting guard)."
     )
-    eval_fraction: float = Field(default=0.1, ge=0, lt=1, description="Share of rows held out, by hash of request id.")
-    max_tokens: int = Field(default=256, ge=8, description="Drop rows longer than this after tokenization.")
+    eval_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="Fraction of rows held out for evaluation, chosen by hash of request id."
+    )
+    max_tokens: int = Field(default=256, ge=8, description="Drop rows longer than this many tokens after tokenization.")
     block_size: int = Field(default=64, ge=8, description="Packed training block length in tokens.")
     pack_examples: bool = Field(
         default=False,
@@ -318,8 +339,8 @@ class TrainingSettings(_Model):
     zero_stage: int = Field(default=2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     bf16: bool | None = Field(
         default=None,
-        description="bf16 mixed precision. None = auto: on with GPUs, off on CPU, where bf16 matmuls without "
-        "AVX512-BF16/AMX are emulated (~50x slower than fp32, measured on the 2-core dev machine).",
+        description="bf16 mixed precision. None = auto: on with GPUs, off on CPU, where bf16 matmuls are emulated "
+        "(far slower than fp32) unless the CPU has AVX512-BF16 or AMX.",
     )
     micro_batch_size: int = Field(default=8, ge=1, description="Blocks per worker per step.")
     gradient_accumulation_steps: int = Field(default=1, ge=1, description="Micro steps per optimizer step.")
@@ -328,8 +349,7 @@ class TrainingSettings(_Model):
     epochs: int = Field(
         default=12,
         ge=1,
-        description="Passes over the snapshot. The demo snapshot (~300 rows) at lr 2e-3: 10 epochs gave 92% held-out "
-        "new-fact accuracy, 20 (at lr 1e-3) gave 100% in twice the time.",
+        description="Passes over the training snapshot.",
     )
     checkpoint_every: int = Field(default=50, ge=1, description="Checkpoint every N optimizer steps.")
     max_failures: int = Field(default=2, ge=0, description="Worker-group restarts before the run fails.")
@@ -337,9 +357,11 @@ class TrainingSettings(_Model):
 
 
 class GateSettings(_Model):
-    min_improvement: float = Field(default=0.2, description="Candidate must beat production by this on the eval split.")
+    min_improvement: float = Field(
+        default=0.2, description="Accuracy (0-1) by which the candidate must beat production on the improve_on sets."
+    )
     max_regression: float = Field(
-        default=0.1, ge=0, description="Largest accuracy drop tolerated on the regression set (known facts)."
+        default=0.1, ge=0, description="Largest accuracy drop (0-1) tolerated on each protect set."
     )
     require_golden: bool = Field(default=True, description="All golden prompts must pass.")
     improve_on: list[str] = Field(
@@ -350,19 +372,19 @@ class GateSettings(_Model):
         default=["known_facts", "regression"],
         description="Evaluation sets that must not regress beyond max_regression.",
     )
-    max_tokens: int = Field(default=32, ge=1, description="Tokens generated per evaluation prompt (greedy).")
+    max_tokens: int = Field(default=32, ge=1, description="Tokens generated per evaluation prompt (greedy decoding).")
     eval_num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved by each Ray Data inference actor.")
 
 
 class RolloutSettings(_Model):
     strategy: Strategy = Field(default=Strategy.CANARY, description="Default update strategy.")
     canary_steps: list[int] = Field(default=[5, 25, 50, 100], description="Canary traffic percentages, ascending.")
-    interval_s: float = Field(default=30.0, gt=0, description="Time at each canary step before judging it.")
-    hold_s: float = Field(default=60.0, ge=0, description="Blue-green: keep blue warm this long after the switch.")
-    shadow_fraction: float = Field(default=1.0, gt=0, le=1, description="Shadow: share of requests mirrored.")
-    shadow_duration_s: float = Field(default=60.0, gt=0, description="Shadow: how long to mirror.")
+    interval_s: float = Field(default=30.0, gt=0, description="Seconds at each canary step before judging it.")
+    hold_s: float = Field(default=60.0, ge=0, description="Blue-green: seconds blue is kept warm after the switch.")
+    shadow_fraction: float = Field(default=1.0, gt=0, le=1, description="Shadow: fraction (0-1] of requests mirrored.")
+    shadow_duration_s: float = Field(default=60.0, gt=0, description="Shadow: seconds to mirror.")
     max_error_rate_delta: float = Field(
-        default=0.02, ge=0, description="Canary error rate may exceed stable's by this."
+        default=0.02, ge=0, description="Canary error rate (a fraction) may exceed stable's by this much."
     )
     max_p95_latency_ratio: float = Field(
         default=1.5, gt=0, description="Canary p95 latency may be this times stable's."
@@ -437,8 +459,8 @@ class RolloutSettings(_Model):
     keep_warm_slots: bool = Field(
         default=False,
         description="Keep the engine of a canary/green/shadow slot loaded after its rollout (serving nothing): "
-        "the next rollout swaps its version into that engine (about a second) instead of starting one "
-        "(a minute on CPU). The slot keeps its CPUs/GPUs and memory meanwhile; turning this off releases "
+        "the next rollout swaps its version's weights into that engine instead of starting a new engine, which "
+        "takes far longer. The slot keeps its CPUs/GPUs and memory meanwhile; turning this off releases "
         "them at the next rollout.",
     )
 
@@ -475,15 +497,35 @@ class Settings(_Model):
     """All rayloop settings. Build with :func:`load_settings`."""
 
     home: str = Field(default=".rayloop", description="Root of the embedded default ($RAYLOOP_HOME).")
-    storage: StorageSettings = Field(default_factory=StorageSettings)
-    registry: RegistrySettings = Field(default_factory=RegistrySettings)
-    ray: RaySettings = Field(default_factory=RaySettings)
-    serving: ServingSettings = Field(default_factory=ServingSettings)
-    data: DataSettings = Field(default_factory=DataSettings)
-    training: TrainingSettings = Field(default_factory=TrainingSettings)
-    gate: GateSettings = Field(default_factory=GateSettings)
-    rollout: RolloutSettings = Field(default_factory=RolloutSettings)
-    pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
+    storage: StorageSettings = Field(
+        default_factory=StorageSettings, description="Where artifacts, captured interactions and snapshots are stored."
+    )
+    registry: RegistrySettings = Field(default_factory=RegistrySettings, description="The model registry's database.")
+    ray: RaySettings = Field(
+        default_factory=RaySettings,
+        description="The Ray cluster: the one to attach to, or the local head `rayloop up` starts.",
+    )
+    serving: ServingSettings = Field(
+        default_factory=ServingSettings,
+        description="The OpenAI-compatible HTTP API on Ray Serve, and interaction capture.",
+    )
+    data: DataSettings = Field(
+        default_factory=DataSettings, description="Turning captured interactions and feedback into training data."
+    )
+    training: TrainingSettings = Field(
+        default_factory=TrainingSettings, description="Retraining with Ray Train and DeepSpeed."
+    )
+    gate: GateSettings = Field(
+        default_factory=GateSettings, description="Evaluation gate a candidate must pass before it is rolled out."
+    )
+    rollout: RolloutSettings = Field(
+        default_factory=RolloutSettings,
+        description="Rolling a new version out: strategies and the checks that promote or roll back.",
+    )
+    pipeline: PipelineSettings = Field(
+        default_factory=PipelineSettings,
+        description="`rayloop pipeline run/watch`: retrain from new feedback, gate the candidate, roll it out.",
+    )
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
@@ -537,16 +579,135 @@ def redact_url(url: str) -> str:
     )
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
-    parts = []
+# --- where a value came from ---------------------------------------------------
+
+ENV_PREFIX = "RAYLOOP_"
+ENV_NESTED_DELIMITER = "__"
+
+# Variables rayloop read before every setting had one of its own: name -> path of the setting. The
+# RAYLOOP_SECTION__KEY variable of the same setting wins where both are set.
+LEGACY_ENV_VARS: dict[str, tuple[str, ...]] = {
+    "RAYLOOP_STORAGE": ("storage", "root"),
+    "RAYLOOP_S3_ENDPOINT": ("storage", "s3_endpoint"),
+    "RAYLOOP_REGISTRY_URL": ("registry", "url"),
+    "RAY_ADDRESS": ("ray", "address"),
+}
+
+_KeyPath = tuple[str, ...]
+
+
+def _field_of(model: type[BaseModel] | None, key: object) -> tuple[str | None, type[BaseModel] | None]:
+    """The field of ``model`` that ``key`` names (by name or validation alias), and its model if it is a section."""
+    if model is None or not isinstance(key, str):
+        return None, None
+    for name, field in model.model_fields.items():
+        alias = field.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        if key == name or key in choices:
+            ann = field.annotation
+            return name, ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return None, None
+
+
+def _canonical(data: dict[str, Any], model: type[BaseModel] | None = None) -> dict[str, Any]:
+    """``data`` with each validation alias renamed to its field (``min_requests_per_step`` -> ``min_samples``).
+
+    Layers then merge key by key: an env var spelled with the alias overrides the file's ``min_samples``.
+    Within one layer, the field's own name wins over an alias (pydantic's AliasChoices order).
+    """
+    model = Settings if model is None else model
+    out: dict[str, Any] = {}
+    aliased: list[tuple[str, Any]] = []
+    for key, value in data.items():
+        name, section = _field_of(model, key)
+        if isinstance(value, dict) and section is not None:
+            value = _canonical(value, section)
+        if name is None or name == key:
+            out[key] = value
+        else:
+            aliased.append((name, value))
+    for name, value in aliased:
+        out.setdefault(name, value)
+    return out
+
+
+def _canonical_path(parts: list[str]) -> _KeyPath:
+    model: type[BaseModel] | None = Settings
+    out = []
+    for part in parts:
+        name, model = _field_of(model, part)
+        out.append(name or part)
+    return tuple(out)
+
+
+def _leaves(data: dict[str, Any], prefix: _KeyPath = ()) -> list[_KeyPath]:
+    out: list[_KeyPath] = []
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict) and value:
+            out.extend(_leaves(value, path))
+        else:
+            out.append(path)
+    return out
+
+
+def _overlaps(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+# Where a value came from: a label for messages ("rayloop.yaml", "environment variable RAYLOOP_X",
+# "overrides"), and whether that label already names the setting (an env var of that very setting).
+_Origin = tuple[str, bool]
+
+
+def _claim(owners: dict[_KeyPath, _Origin], data: dict[str, Any], source: str | dict[_KeyPath, str]) -> None:
+    """Record that the values in ``data``, merged over those ``owners`` describes, come from ``source``.
+
+    ``source`` is a label for every value, or a map from a path to the env var that gave it (the longest
+    path that is a prefix of a value's path: ``RAYLOOP_SERVING='{...}'`` gives all of serving).
+    """
+    for leaf in _leaves(data):
+        for old in [p for p in owners if _overlaps(p, leaf)]:
+            del owners[old]
+        if isinstance(source, str):
+            owners[leaf] = (source, False)
+            continue
+        given = max((p for p in source if leaf[: len(p)] == p), key=len, default=None)
+        if given is None:
+            owners[leaf] = ("the environment", False)
+        else:
+            owners[leaf] = (f"environment variable {source[given]}", given == leaf)
+
+
+def _sources_of(loc: tuple[Any, ...], owners: dict[_KeyPath, _Origin]) -> tuple[list[str], bool]:
+    """Labels of where the value an error is about came from, and whether the label names that setting."""
+    for path, (label, names_setting) in owners.items():
+        if loc[: len(path)] == path:  # the error is about this value or inside it
+            return [label], names_setting and path == loc
+    # A check over several values (a model validator): every source of a value under loc.
+    labels = [label for path, (label, _) in owners.items() if path[: len(loc)] == loc]
+    return list(dict.fromkeys(labels)) or ["defaults"], False
+
+
+def _format_validation_error(err: ValidationError, source: str | dict[_KeyPath, _Origin]) -> str:
+    """One line naming, for each error, where the bad value came from (a file, an env var, overrides)."""
+    owners: dict[_KeyPath, _Origin] = {(): (source, False)} if isinstance(source, str) else source
+    groups: dict[str, list[str]] = {}
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = tuple(e["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        labels, named = _sources_of(loc, owners)
         if e["type"] == "extra_forbidden":
-            parts.append(f"unknown key {loc!r}")
+            text = f"unknown key {dotted!r}"
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            parts.append(f"{loc}: {msg} (got {e.get('input')!r})")
-    return f"invalid settings in {source}: " + "; ".join(parts)
+            # An env var of the setting names it already; a file, overrides or a JSON section need the key path.
+            text = msg if named else f"{dotted}: {msg}"
+            if not isinstance(e.get("input"), dict):
+                text += f" (got {e.get('input')!r})"
+        groups.setdefault(" and ".join(labels), []).append(text)
+    return "invalid settings in " + "; in ".join(f"{label}: " + "; ".join(texts) for label, texts in groups.items())
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -559,19 +720,67 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if env.get("RAYLOOP_HOME"):
-        out["home"] = env["RAYLOOP_HOME"]
-    if env.get("RAYLOOP_STORAGE"):
-        out.setdefault("storage", {})["root"] = env["RAYLOOP_STORAGE"]
-    if env.get("RAYLOOP_S3_ENDPOINT"):
-        out.setdefault("storage", {})["s3_endpoint"] = env["RAYLOOP_S3_ENDPOINT"]
-    if env.get("RAYLOOP_REGISTRY_URL"):
-        out.setdefault("registry", {})["url"] = env["RAYLOOP_REGISTRY_URL"]
-    if env.get("RAY_ADDRESS"):
-        out.setdefault("ray", {})["address"] = env["RAY_ADDRESS"]
-    return out
+# --- environment variables -----------------------------------------------------
+
+
+def _read_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Nested settings from ``RAYLOOP_*`` variables, read by pydantic-settings' ``EnvSettingsSource``.
+
+    The library does the parsing: it matches ``RAYLOOP_<FIELD>`` and ``RAYLOOP_<SECTION>__<KEY>...``
+    case-insensitively against the fields of :class:`Settings` and its sections (validation aliases
+    included), builds the nested dict, decodes JSON for lists, mappings and whole sections, turns
+    ``null`` into None and skips empty variables. Values stay strings; :class:`Settings` validates
+    them with the file's values, so one model checks every source. ``Settings`` stays a plain model
+    (constructing it never reads the process environment); the source reads the mapping given here.
+    """
+    from pydantic_settings import EnvSettingsSource
+    from pydantic_settings.sources.utils import parse_env_vars
+
+    class _Source(EnvSettingsSource):
+        def _load_env_vars(self) -> Mapping[str, str | None]:
+            return parse_env_vars(environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
+    source = _Source(
+        cast(Any, Settings),  # typed for BaseSettings; it reads only model_fields and model_config
+        case_sensitive=False,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        env_ignore_empty=True,
+        env_parse_none_str="null",
+    )
+    return source()
+
+
+def _env_layer(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[_KeyPath, str]]:
+    """Settings given by environment variables, and the variable that gave each path."""
+    from pydantic_settings import SettingsError
+
+    ours = {k: v for k, v in env.items() if k.upper().startswith(ENV_PREFIX) and k.upper() not in LEGACY_ENV_VARS}
+    try:
+        data = _canonical(_read_env(ours))
+    except SettingsError:
+        # A list, mapping or section that is not JSON: find the variable (one at a time) to name it.
+        for name in sorted(ours):
+            try:
+                _read_env({name: ours[name]})
+            except SettingsError as e:
+                raise ConfigError(
+                    f"invalid settings in environment variable {name}: not valid JSON ({e.__cause__}) "
+                    f"(got {ours[name]!r})",
+                    hint="Lists and mappings are written as JSON, e.g. RAYLOOP_ROLLOUT__CANARY_STEPS='[10, 50, 100]'.",
+                ) from None
+        raise
+    given: dict[_KeyPath, str] = {}
+    legacy: dict[str, Any] = {}
+    for name, path in LEGACY_ENV_VARS.items():
+        if env.get(name):
+            legacy = _deep_merge(legacy, {path[0]: {path[1]: env[name]}})
+            given[path] = name
+    for name, value in ours.items():
+        path = _canonical_path(name[len(ENV_PREFIX) :].lower().split(ENV_NESTED_DELIMITER))
+        if value != "" and path[0] in Settings.model_fields:
+            given[path] = name
+    return _deep_merge(legacy, data), given
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -592,6 +801,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def settings_from_dict(data: dict[str, Any], source: str = "settings") -> Settings:
+    return _validate(data, source)
+
+
+def _validate(data: dict[str, Any], source: str | dict[_KeyPath, _Origin]) -> Settings:
     try:
         return Settings.model_validate(data)
     except ValidationError as e:
@@ -601,19 +814,33 @@ def settings_from_dict(data: dict[str, Any], source: str = "settings") -> Settin
 def load_settings(
     path: str | Path | None = None,
     *,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Settings:
-    """Resolve settings from defaults, a YAML file, env vars and explicit overrides."""
-    env = dict(os.environ) if env is None else env
-    data: dict[str, Any] = {}
-    source = "defaults"
+    """Resolve settings from defaults < a YAML file < env vars < explicit overrides.
+
+    ``env`` replaces ``os.environ`` (only it is read); the file is ``path``, else ``$RAYLOOP_CONFIG``,
+    else ``./rayloop.yaml`` if it exists. An invalid value is reported with its source: the file and
+    key path, the environment variable, or the overrides.
+    """
+    env = os.environ if env is None else env
     if path is None:
         path = env.get("RAYLOOP_CONFIG") or ("rayloop.yaml" if Path("rayloop.yaml").is_file() else None)
+    owners: dict[_KeyPath, _Origin] = {}
+    data: dict[str, Any] = {}
     if path is not None:
-        data = load_yaml(path)
-        source = str(path)
-    data = _deep_merge(data, _env_overrides(env))
+        data = _canonical(load_yaml(path))
+        _claim(owners, data, str(path))
+    env_data, env_vars = _env_layer(env)
+    _claim(owners, env_data, env_vars)
+    data = _deep_merge(data, env_data)
     if overrides:
-        data = _deep_merge(data, overrides)
-    return settings_from_dict(data, source)
+        over = _canonical(overrides)
+        _claim(owners, over, "overrides")
+        data = _deep_merge(data, over)
+    return _validate(data, owners)
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of ``rayloop.yaml``, for editors and CI checks (``rayloop config schema``)."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **Settings.model_json_schema()}

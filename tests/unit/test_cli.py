@@ -157,3 +157,59 @@ def test_python_dash_m_json_output_is_on_stdout(rayloop_home: Path) -> None:
         env={**os.environ, "RAYLOOP_HOME": str(rayloop_home)},
     )
     assert json.loads(out.stdout)["serve"] is None, out.stderr[-2000:]
+
+
+def test_config_schema_prints_only_the_json_schema(tmp_path: Path) -> None:
+    # Works where the settings themselves do not load (an editor or CI checks the file with it).
+    import rayloop
+
+    (tmp_path / "rayloop.yaml").write_text("serving:\n  http_port: not-a-port\n")
+    repo = Path(rayloop.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo), "RAYLOOP_SERVING__HTTP_PORT": "also-bad"}
+    r = subprocess.run(
+        [sys.executable, "-m", "rayloop.cli", "config", "schema"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        check=True,
+    )
+    schema = json.loads(r.stdout)  # nothing but the document on stdout
+    assert schema["properties"]["serving"]["$ref"] == "#/$defs/ServingSettings"
+    http_port = schema["$defs"]["ServingSettings"]["properties"]["http_port"]
+    assert http_port["type"] == "integer" and http_port["default"] == 8000
+    assert http_port["description"]
+
+
+def test_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    import rayloop
+
+    r = CliRunner().invoke(cli, ["--version"])
+    assert r.exit_code == 0
+    assert r.stdout == f"rayloop {importlib.metadata.version('rayloop')}\n"
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", not_installed)
+    r = CliRunner().invoke(cli, ["--version", "config", "show"])  # eager: nothing else runs
+    assert r.exit_code == 0 and r.stdout == f"rayloop {rayloop.__version__}\n"
+
+
+def test_env_var_reaches_config_show(rayloop_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAYLOOP_SERVING__HTTP_PORT", "9000")
+    monkeypatch.setenv("RAYLOOP_TRAINING__ZERO_STAGE", "3")
+    r = CliRunner().invoke(cli, ["config", "show"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["serving"]["http_port"] == 9000 and data["training"]["zero_stage"] == 3
+
+
+def test_bad_env_var_is_one_line_naming_it(rayloop_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAYLOOP_DEBUG", raising=False)
+    monkeypatch.setenv("RAYLOOP_SERVING__HTTP_PORT", "70000")
+    r = CliRunner().invoke(cli, ["config", "show"])
+    assert r.exit_code == 1 and r.stdout == ""
+    assert r.stderr.startswith("ConfigError: invalid settings in environment variable RAYLOOP_SERVING__HTTP_PORT: ")

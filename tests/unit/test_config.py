@@ -126,3 +126,169 @@ def test_config_show_never_prints_a_password(tmp_path: Path) -> None:
     r = CliRunner().invoke(cli, ["--config", str(cfg), "config", "show"])
     assert r.exit_code == 0 and "s3cr3t" not in r.output
     assert json.loads(r.output)["registry"]["url"] == "postgresql://rayloop:***@db.internal/rl"
+
+
+# --- environment variables -------------------------------------------------------
+
+
+def test_every_setting_has_a_nested_env_var(tmp_path: Path) -> None:
+    s = load_settings(
+        env={
+            "RAYLOOP_HOME": str(tmp_path / "h"),
+            "RAYLOOP_SERVING__HTTP_PORT": "9000",
+            "RAYLOOP_SERVING__ENGINE__DTYPE": "float16",
+            "RAYLOOP_SERVING__CAPTURE": "false",
+            "RAYLOOP_ROLLOUT__MIN_SAMPLES": "5",
+            "RAYLOOP_ROLLOUT__STRATEGY": "blue-green",
+            "RAYLOOP_ROLLOUT__CANARY_STEPS": "[10, 50, 100]",
+            "RAYLOOP_TRAINING__ZERO_STAGE": "3",
+            "RAYLOOP_TRAINING__LEARNING_RATE": "1e-4",
+            "RAYLOOP_GATE__IMPROVE_ON": '["new_facts"]',
+            "RAYLOOP_RAY__NUM_CPUS": "8",
+            "RAYLOOP_REGISTRY__URL": "postgresql://u@db/rl",
+            "RAYLOOP_DEBUG": "1",  # RAYLOOP_ variables that are not settings are left alone
+            "RAYLOOP_API_KEYS": "k1,k2",
+        }
+    )
+    assert s.serving.http_port == 9000
+    assert s.serving.engine.dtype == "float16"
+    assert s.serving.capture is False
+    assert s.rollout.min_samples == 5
+    assert s.rollout.strategy is Strategy.BLUE_GREEN
+    assert s.rollout.canary_steps == [10, 50, 100]
+    assert s.training.zero_stage == 3 and s.training.learning_rate == 1e-4
+    assert s.gate.improve_on == ["new_facts"]
+    assert s.ray.num_cpus == 8
+    assert s.registry_url == "postgresql://u@db/rl"
+    assert s.storage_root == str(tmp_path / "h" / "storage")
+
+
+def test_env_var_forms_json_sections_null_empty_and_alias(tmp_path: Path) -> None:
+    s = load_settings(
+        env={
+            "RAYLOOP_SERVING": '{"http_port": 9100, "replicas": 2}',
+            "RAYLOOP_SERVING__REPLICAS": "3",  # a nested variable wins over the section's JSON
+            "RAYLOOP_TRAINING__BF16": "null",
+            "RAYLOOP_RAY__NUM_CPUS": "",  # empty: ignored
+            "RAYLOOP_ROLLOUT__MIN_REQUESTS_PER_STEP": "6",
+        }
+    )
+    assert (s.serving.http_port, s.serving.replicas) == (9100, 3)
+    assert s.training.bf16 is None and s.ray.num_cpus == 4
+    assert s.rollout.min_samples == 6
+    # The old spelling from the environment overrides the new one from the file.
+    p = _write(tmp_path, "rollout:\n  min_samples: 30\n")
+    assert load_settings(p, env={"RAYLOOP_ROLLOUT__MIN_REQUESTS_PER_STEP": "7"}).rollout.min_samples == 7
+
+
+def test_old_env_var_names_still_work(tmp_path: Path) -> None:
+    old = {
+        "RAYLOOP_HOME": str(tmp_path / "h"),
+        "RAYLOOP_STORAGE": "s3://bucket/prefix",
+        "RAYLOOP_S3_ENDPOINT": "http://127.0.0.1:9000",
+        "RAYLOOP_REGISTRY_URL": "sqlite:////tmp/r.db",
+        "RAY_ADDRESS": "10.0.0.1:6379",
+    }
+    s = load_settings(env=old)
+    assert s.home == str(tmp_path / "h")
+    assert s.storage_root == "s3://bucket/prefix"
+    assert s.storage.s3_endpoint == "http://127.0.0.1:9000"
+    assert s.registry_url == "sqlite:////tmp/r.db"
+    assert s.ray.address == "10.0.0.1:6379"
+    # Where both are set, the RAYLOOP_SECTION__KEY variable wins.
+    s = load_settings(env={**old, "RAYLOOP_RAY__ADDRESS": "ray://head:10001", "RAYLOOP_STORAGE__ROOT": "/data/b"})
+    assert s.ray.address == "ray://head:10001" and s.storage_root == "/data/b"
+
+
+def test_precedence_defaults_file_env_overrides(tmp_path: Path) -> None:
+    p = _write(tmp_path, "serving:\n  http_port: 8001\n  replicas: 2\ntraining:\n  epochs: 3\n")
+    env = {"RAYLOOP_SERVING__HTTP_PORT": "8002", "RAYLOOP_TRAINING__EPOCHS": "4"}
+    s = load_settings(p, env=env, overrides={"serving": {"http_port": 8003}})
+    assert s.serving.http_port == 8003  # override > env > file
+    assert s.training.epochs == 4  # env > file
+    assert s.serving.replicas == 2  # file > default
+    assert s.ray.num_cpus == 4  # default
+    assert load_settings(p, env=env).serving.http_port == 8002
+    assert load_settings(p, env={}).serving.http_port == 8001
+
+
+def test_explicit_env_dict_replaces_os_environ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAYLOOP_SERVING__HTTP_PORT", "9001")
+    monkeypatch.delenv("RAYLOOP_CONFIG", raising=False)
+    assert load_settings(env={}).serving.http_port == 8000
+    assert load_settings().serving.http_port == 9001
+
+
+def test_bad_env_value_names_the_variable(tmp_path: Path) -> None:
+    p = _write(tmp_path, "serving:\n  http_port: 8001\n")
+    with pytest.raises(ConfigError) as ei:
+        load_settings(p, env={"RAYLOOP_SERVING__HTTP_PORT": "70000"})
+    msg = ei.value.message
+    assert msg.startswith("invalid settings in environment variable RAYLOOP_SERVING__HTTP_PORT: ")
+    assert "65535" in msg and "'70000'" in msg
+    assert str(p) not in msg  # the file is fine
+    with pytest.raises(ConfigError) as ei:
+        load_settings(env={"RAYLOOP_STORAGE": "ftp://host/x"})
+    assert "environment variable RAYLOOP_STORAGE: " in ei.value.message and "scheme 'ftp'" in ei.value.message
+    with pytest.raises(ConfigError) as ei:
+        load_settings(env={"RAYLOOP_SERVING": '{"http_port": 0}'})
+    assert "environment variable RAYLOOP_SERVING: serving.http_port: " in ei.value.message
+
+
+def test_bad_file_value_names_the_file_and_key_even_with_env_set(tmp_path: Path) -> None:
+    p = _write(tmp_path, "training:\n  zero_stage: 4\n")
+    with pytest.raises(ConfigError) as ei:
+        load_settings(p, env={"RAYLOOP_SERVING__HTTP_PORT": "9000"})
+    msg = ei.value.message
+    assert msg.startswith(f"invalid settings in {p}: training.zero_stage: ")
+    assert "RAYLOOP_" not in msg
+    with pytest.raises(ConfigError) as ei:
+        load_settings(p, env={}, overrides={"training": {"zero_stage": 5}})
+    assert ei.value.message.startswith("invalid settings in overrides: training.zero_stage: ")
+
+
+def test_env_typos_and_bad_json_name_the_variable() -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_settings(env={"RAYLOOP_SERVING__HTTP_PROT": "9000"})
+    assert ei.value.message == (
+        "invalid settings in environment variable RAYLOOP_SERVING__HTTP_PROT: unknown key 'serving.http_prot'"
+    )
+    with pytest.raises(ConfigError) as ei:
+        load_settings(env={"RAYLOOP_HOME": "/h", "RAYLOOP_ROLLOUT__CANARY_STEPS": "10,50,100"})
+    assert "environment variable RAYLOOP_ROLLOUT__CANARY_STEPS: not valid JSON" in ei.value.message
+    assert ei.value.hint is not None and "JSON" in ei.value.hint
+
+
+def test_a_check_over_several_values_names_every_source(tmp_path: Path) -> None:
+    p = _write(tmp_path, "ray:\n  port: 16379\n")
+    with pytest.raises(ConfigError) as ei:
+        load_settings(p, env={"RAYLOOP_RAY__NUM_CPUS": "2"})
+    assert ei.value.message.startswith(
+        f"invalid settings in {p} and environment variable RAYLOOP_RAY__NUM_CPUS: ray: port 16379 is inside"
+    )
+
+
+def test_schema_describes_every_setting_without_benchmark_history() -> None:
+    from pydantic import BaseModel
+
+    from rayloop.config import json_schema
+
+    schema = json_schema()
+    assert schema["$schema"].startswith("https://json-schema.org/")
+    assert schema["additionalProperties"] is False
+    serving = schema["$defs"]["ServingSettings"]
+    assert serving["properties"]["http_port"]["maximum"] == 65535
+
+    def fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str]]:
+        out = []
+        for name, f in model.model_fields.items():
+            out.append((prefix + name, f.description or ""))
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                out += fields(f.annotation, prefix + name + ".")
+        return out
+
+    for path, description in fields(Settings):
+        assert description, f"{path} has no description"
+        for history in ("benchmark", "measured", "dev machine", "gave "):
+            assert history not in description, f"{path}: {description}"
