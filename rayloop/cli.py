@@ -8,102 +8,15 @@ shows the traceback.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from collections.abc import Callable
+from typing import Any
 
 import click
 
-from rayloop.errors import RayloopError
-
-EXIT_USER_ERROR = 1
-
-
-# Where _print_json writes: the real stdout while a `--json` command runs with
-# everything else (library logs, progress) sent to stderr.
-_results: TextIO | None = None
-
-
-@contextlib.contextmanager
-def _stdout_for_results_only() -> Iterator[None]:
-    """Send every other write to stdout, including C-level ones (vLLM, Ray, DeepSpeed), to stderr."""
-    global _results
-    sys.stdout.flush()
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, ValueError, io.UnsupportedOperation):
-        fd = None  # not a real file (click's CliRunner): swapping the Python object is enough
-    if fd is None:
-        saved_obj = sys.stdout
-        _results, sys.stdout = saved_obj, sys.stderr
-        try:
-            yield
-        finally:
-            sys.stdout, _results = saved_obj, None
-        return
-    saved_fd = os.dup(fd)
-    os.dup2(sys.stderr.fileno(), fd)
-    _results = os.fdopen(os.dup(saved_fd), "w")
-    try:
-        yield
-    finally:
-        # Ray prints its workers' and raylet's log lines on the driver's stdout from a background thread,
-        # whenever they arrive: disconnect before stdout is the result channel again.
-        _disconnect_ray()
-        sys.stdout.flush()
-        _results.close()
-        _results = None
-        os.dup2(saved_fd, fd)
-        os.close(saved_fd)
-
-
-def _disconnect_ray() -> None:
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        ray.shutdown()
-
-
-class _Group(click.Group):
-    """Turns rayloop errors into one line on stderr instead of a traceback."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        args = [*getattr(ctx, "_protected_args", []), *ctx.args]
-        json_mode = ctx.parent is None and "--json" in args and not {"-h", "--help"} & set(args)
-        try:
-            with _stdout_for_results_only() if json_mode else contextlib.nullcontext():
-                return super().invoke(ctx)
-        except RayloopError as e:
-            if os.environ.get("RAYLOOP_DEBUG") == "1":
-                raise
-            click.echo(f"{type(e).__name__}: {e.message}", err=True)
-            if e.hint:
-                click.echo(f"hint: {e.hint}", err=True)
-            ctx.exit(EXIT_USER_ERROR)
-
-
-def _settings(ctx: click.Context) -> Any:
-    from rayloop.config import load_settings
-
-    obj = ctx.ensure_object(dict)
-    if "settings" not in obj:
-        obj["settings"] = load_settings(obj.get("config_path"))
-    return obj["settings"]
-
-
-def _print_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str), file=_results)
-    if _results is not None:
-        _results.flush()
-
-
-def _console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=False)
+from rayloop.clisupport import ExitCode, Group, console, print_json, settings
 
 
 def _version() -> str:
@@ -123,7 +36,7 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
         ctx.exit(0)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",
@@ -148,7 +61,7 @@ def cli(ctx: click.Context, config_path: str | None) -> None:
 
 
 # --- config --------------------------------------------------------------
-@cli.group(cls=_Group)
+@cli.group(cls=Group)
 def config() -> None:
     """Inspect settings."""
 
@@ -157,7 +70,7 @@ def config() -> None:
 @click.pass_context
 def config_show(ctx: click.Context) -> None:
     """Print the resolved settings as JSON (passwords in URLs shown as ***)."""
-    _print_json(_settings(ctx).redacted())
+    print_json(settings(ctx).redacted())
 
 
 @config.command("schema")
@@ -179,7 +92,7 @@ def up(ctx: click.Context) -> None:
     """Start a local Ray head that outlives this command (or report the running one)."""
     from rayloop import cluster
 
-    s = _settings(ctx)
+    s = settings(ctx)
     state = cluster.up(s)
     click.echo(f"Ray head running (pid {state.pid}) at {state.address}; dashboard {state.dashboard_url}")
 
@@ -190,7 +103,7 @@ def down(ctx: click.Context) -> None:
     """Stop the local Ray head that `rayloop up` started (and everything on it)."""
     from rayloop import cluster
 
-    if cluster.down(_settings(ctx)):
+    if cluster.down(settings(ctx)):
         click.echo("Ray head stopped.")
     else:
         click.echo("No Ray head started by rayloop is running for this RAYLOOP_HOME.")
@@ -210,10 +123,10 @@ def init(ctx: click.Context, out: str | None, steps: int | None, seed: int, forc
     """Build the demo world and tiny base model locally (no downloads)."""
     from rayloop.demo import setup
 
-    s = _settings(ctx)
+    s = settings(ctx)
     info = setup.init_base_model(s, out=out, steps=steps, seed=seed, force=force, show_progress=not as_json)
     if as_json:
-        _print_json(info)
+        print_json(info)
     else:
         click.echo(f"Base model in {info['model_dir']} (final loss {info['final_loss']:.3f}).")
 
@@ -244,10 +157,10 @@ def demo(ctx: click.Context, poison: bool, steps: str, interval: float, repeats:
     except ValueError:
         raise ConfigError(f"--steps {steps!r} is not a comma-separated list of percentages like 25,50,100") from None
     summary = demo_run.run_demo(
-        _settings(ctx), poison=poison, quiet=as_json, repeats=repeats, canary_steps=canary, canary_interval_s=interval
+        settings(ctx), poison=poison, quiet=as_json, repeats=repeats, canary_steps=canary, canary_interval_s=interval
     )
     if as_json:
-        _print_json(summary)
+        print_json(summary)
 
 
 # --- evaluation and pipeline -----------------------------------------------
@@ -268,12 +181,14 @@ def eval_cmd(ctx: click.Context, ref: str, against: str | None, no_record: bool,
     from rayloop import cluster
     from rayloop.evaluation.gate import run_gate
 
-    s = _settings(ctx)
+    s = settings(ctx)
     if not local:
         cluster.connect(s)
     report = run_gate(s, ref, against=against, record=not no_record, use_ray=not local)
     if as_json:
-        _print_json(report)
+        print_json(report)
+        if report["gate"]["decision"] != "accepted":
+            ctx.exit(ExitCode.GATE_REJECTED)
         return
     from rich.table import Table
 
@@ -281,14 +196,14 @@ def eval_cmd(ctx: click.Context, ref: str, against: str | None, no_record: bool,
     for name, r in report["candidate"]["sets"].items():
         p = report["production"]["sets"].get(name, {})
         t.add_row(name, f"{r['accuracy']:.2f}", f"{p.get('accuracy', float('nan')):.2f}")
-    _console().print(t)
+    console().print(t)
     gate = report["gate"]
     click.echo(f"gate: {gate['decision']}: {'; '.join(gate['reasons'])}")
     if gate["decision"] != "accepted":
-        ctx.exit(2)
+        ctx.exit(ExitCode.GATE_REJECTED)
 
 
-@cli.group(cls=_Group)
+@cli.group(cls=Group)
 def pipeline() -> None:
     """collect -> preprocess -> retrain -> register -> evaluate -> deploy."""
 
@@ -308,6 +223,18 @@ def _stage_printer() -> Callable[[str, str, dict[str, Any]], None]:
     return show
 
 
+def pipeline_exit_code(record: dict[str, Any]) -> ExitCode:
+    """3 when the gate rejected the candidate, 4 when its rollout ended rolled back or aborted, else 0."""
+    stages = record.get("stages") or {}
+    evaluate = (stages.get("evaluate") or {}).get("output") or {}
+    if evaluate.get("decision") not in (None, "accepted"):
+        return ExitCode.GATE_REJECTED
+    deploy = (stages.get("deploy") or {}).get("output") or {}
+    if deploy.get("status") in ("rolled_back", "aborted"):
+        return ExitCode.NOT_PROMOTED
+    return ExitCode.OK
+
+
 @pipeline.command("run")
 @click.option("--config", "run_config", type=click.Path(dir_okay=False), help="Settings file for this run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
@@ -318,11 +245,14 @@ def pipeline_run(ctx: click.Context, run_config: str | None, as_json: bool) -> N
     from rayloop.config import load_settings
     from rayloop.pipeline import run_pipeline
 
-    s = load_settings(run_config) if run_config else _settings(ctx)
+    s = load_settings(run_config) if run_config else settings(ctx)
     cluster.connect(s)
     record = run_pipeline(s, on_stage=None if as_json else _stage_printer())
     if as_json:
-        _print_json(record)
+        print_json(record)
+    code = pipeline_exit_code(record)
+    if code != ExitCode.OK:
+        ctx.exit(code)
 
 
 @pipeline.command("watch")
@@ -333,7 +263,7 @@ def pipeline_watch(ctx: click.Context, max_runs: int | None) -> None:
     from rayloop import cluster
     from rayloop.pipeline import watch
 
-    s = _settings(ctx)
+    s = settings(ctx)
     cluster.connect(s)
     watch(s, on_stage=_stage_printer(), max_runs=max_runs, log=click.echo)
 
@@ -364,9 +294,9 @@ def serve(
     """Serve a model version (OpenAI API); run again with another version to upgrade in place."""
     from rayloop.serving.cli import serve_model
 
-    out = serve_model(_settings(ctx), model_ref, path=path, version=version, app_name=app_name, wait=not no_wait)
+    out = serve_model(settings(ctx), model_ref, path=path, version=version, app_name=app_name, wait=not no_wait)
     if as_json:
-        _print_json(out)
+        print_json(out)
     else:
         was = f" (was v{out['upgraded_from']})" if out["upgraded_from"] else ""
         click.echo(

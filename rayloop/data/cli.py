@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -68,20 +67,20 @@ def preprocess_cmd(
     as_json: bool,
 ) -> None:
     """Join feedback, select, dedupe, scrub, tokenize and pack into a snapshot."""
-    from rayloop.cli import _settings
+    from rayloop.clisupport import print_json, settings
     from rayloop.data.preprocess import preprocess
     from rayloop.data.replay import ReplaySource, replay_for_model_dir
 
-    settings = _settings(ctx)
-    model_dir, model_name = resolve_parent(settings, model_name, base)
+    s = settings(ctx)
+    model_dir, model_name = resolve_parent(s, model_name, base)
     replay: ReplaySource | None = None
     if replay_snapshot:
         replay = ReplaySource.from_snapshot(replay_snapshot)
     elif not no_replay:
         replay = replay_for_model_dir(model_dir)
-    info = preprocess(settings, model_dir=model_dir, model_name=model_name, since=parse_since(since), replay=replay)
+    info = preprocess(s, model_dir=model_dir, model_name=model_name, since=parse_since(since), replay=replay)
     if as_json:
-        click.echo(json.dumps(info.manifest, indent=2, sort_keys=True, default=str))
+        print_json(info.manifest)
         return
     c = info.counts
     click.echo(

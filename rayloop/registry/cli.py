@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from rayloop.cli import _Group, _print_json, _settings
+from rayloop.clisupport import Group, print_json, settings
 
 if TYPE_CHECKING:
     from rayloop.registry import ModelVersion, Registry
@@ -24,7 +24,7 @@ def _registry(ctx: click.Context) -> Registry:
 
     obj = ctx.ensure_object(dict)
     if "registry" not in obj:
-        obj["registry"] = Registry.from_settings(_settings(ctx))
+        obj["registry"] = Registry.from_settings(settings(ctx))
     reg: Registry = obj["registry"]
     return reg
 
@@ -121,7 +121,7 @@ def _show_version(mv: ModelVersion) -> None:
     )
 
 
-@click.group(cls=_Group)
+@click.group(cls=Group)
 def models() -> None:
     """Model repository: immutable versions, aliases, lineage.
 
@@ -188,7 +188,7 @@ def register_cmd(
         reg.set_alias(name, alias, mv.version, actor=actor, reason="set at registration")
         mv = reg.resolve(mv.ref)
     if as_json:
-        _print_json(mv.to_json())
+        print_json(mv.to_json())
     else:
         click.echo(
             f"Registered {mv.ref} ({_size(mv.size_bytes)}, {len(mv.manifest)} files, fingerprint {mv.fingerprint[:12]})"
@@ -206,7 +206,7 @@ def list_cmd(ctx: click.Context, name: str | None, include_deleted: bool, as_jso
     if name:
         versions = reg.list_versions(name, include_deleted=include_deleted)
         if as_json:
-            _print_json([v.to_json() for v in versions])
+            print_json([v.to_json() for v in versions])
         else:
             _table(f"{name}: versions", _VERSION_COLUMNS, _version_rows(versions))
         return
@@ -217,7 +217,7 @@ def list_cmd(ctx: click.Context, name: str | None, include_deleted: bool, as_jso
             {"name": n, "versions": len(vs), "latest": vs[-1].version if vs else None, "aliases": reg.aliases(n)}
         )
     if as_json:
-        _print_json(summary)
+        print_json(summary)
     else:
         rows = [
             [s["name"], s["versions"], s["latest"], ", ".join(f"{a}={v}" for a, v in s["aliases"].items())]
@@ -234,7 +234,7 @@ def show_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Show one version: files, hashes, lineage, annotations, aliases."""
     mv = _registry(ctx).resolve(ref)
     if as_json:
-        _print_json(mv.to_json())
+        print_json(mv.to_json())
     else:
         _show_version(mv)
 
@@ -275,7 +275,7 @@ def alias_cmd(
         previous = reg.set_alias(name, alias, version, expect=_expect(expect), actor=actor, reason=reason)
     out = {"name": name, "alias": alias, "version": None if delete else version, "previous": previous}
     if as_json:
-        _print_json(out)
+        print_json(out)
     elif delete:
         click.echo(f"Removed {name}@{alias} (was {previous}).")
     else:
@@ -291,7 +291,7 @@ def history_cmd(ctx: click.Context, name: str, alias: str | None, as_json: bool)
     """Audit log of alias moves of NAME: time, from, to, actor, reason."""
     log = _registry(ctx).alias_history(name, alias)
     if as_json:
-        _print_json(log)
+        print_json(log)
     else:
         rows = [[e["time"], e["alias"], e["from"], e["to"], e["actor"], e["reason"]] for e in log]
         _table(f"{name}: alias moves", ["time (UTC)", "alias", "from", "to", "actor", "reason"], rows)
@@ -305,7 +305,7 @@ def lineage_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Walk REF's parents back to the base model."""
     chain = _registry(ctx).lineage(ref)
     if as_json:
-        _print_json([v.to_json() for v in chain])
+        print_json([v.to_json() for v in chain])
         return
     rows = [
         [
@@ -332,7 +332,7 @@ def verify_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
     mv = reg.resolve(ref)
     reg.verify(mv.ref)
     if as_json:
-        _print_json({"ref": mv.ref, "ok": True, "files": len(mv.manifest), "size_bytes": mv.size_bytes})
+        print_json({"ref": mv.ref, "ok": True, "files": len(mv.manifest), "size_bytes": mv.size_bytes})
     else:
         click.echo(f"{mv.ref}: {len(mv.manifest)} files, {_size(mv.size_bytes)}, all hashes match.")
 
@@ -348,7 +348,7 @@ def fetch_cmd(ctx: click.Context, ref: str, dest: str | None, as_json: bool) -> 
     mv = reg.resolve(ref)
     path = reg.fetch(mv.ref, dest)
     if as_json:
-        _print_json({"ref": mv.ref, "path": str(path)})
+        print_json({"ref": mv.ref, "path": str(path)})
     else:
         click.echo(str(path))
 
@@ -363,7 +363,7 @@ def delete_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
     mv = reg.resolve(ref)
     reg.delete(mv.ref)
     if as_json:
-        _print_json({"ref": mv.ref, "deleted": True})
+        print_json({"ref": mv.ref, "deleted": True})
     else:
         click.echo(f"Deleted {mv.ref} (its record stays for lineage).")
 
@@ -378,7 +378,7 @@ def gc_cmd(ctx: click.Context, name: str, keep: int, dry_run: bool, as_json: boo
     """Delete old versions of NAME that no alias, deployment or rollout uses."""
     deleted = _registry(ctx).gc(name, keep, dry_run=dry_run)
     if as_json:
-        _print_json({"name": name, "deleted": deleted, "dry_run": dry_run})
+        print_json({"name": name, "deleted": deleted, "dry_run": dry_run})
     elif not deleted:
         click.echo(f"Nothing to delete for {name}.")
     else:
@@ -403,6 +403,6 @@ def annotate_cmd(ctx: click.Context, ref: str, key: str, value: str, actor: str 
         parsed = value
     reg.annotate(mv.ref, key, parsed, actor=actor or _default_actor())
     if as_json:
-        _print_json({"ref": mv.ref, "key": key})
+        print_json({"ref": mv.ref, "key": key})
     else:
         click.echo(f"Annotated {mv.ref} with {key!r}.")

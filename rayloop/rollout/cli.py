@@ -15,9 +15,7 @@ from typing import Any
 
 import click
 
-from rayloop.cli import _print_json, _settings
-
-EXIT_NOT_PROMOTED = 2
+from rayloop.clisupport import ExitCode, print_json, settings
 
 
 def _actor() -> str:
@@ -30,7 +28,7 @@ def _actor() -> str:
 def _backend(ctx: click.Context) -> Any:
     from rayloop.rollout.controller import _default_backend
 
-    return _default_backend(_settings(ctx), start_local=False)
+    return _default_backend(settings(ctx), start_local=False)
 
 
 def _echo_event(ev: dict[str, Any]) -> None:
@@ -60,7 +58,7 @@ def format_event(ev: dict[str, Any]) -> str:
 
 def _finish(record: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        _print_json(record)
+        print_json(record)
     else:
         st = record["state"]
         click.echo(
@@ -68,7 +66,7 @@ def _finish(record: dict[str, Any], as_json: bool) -> None:
             f"({record['strategy']}): {record['status']}" + (f" ({st['reason']})" if st.get("reason") else "")
         )
     if record["status"] in ("rolled_back", "aborted"):
-        raise SystemExit(EXIT_NOT_PROMOTED)
+        raise SystemExit(ExitCode.NOT_PROMOTED)
 
 
 @click.command("deploy")
@@ -104,7 +102,7 @@ def deploy_cmd(
     """
     from rayloop.rollout.controller import deploy, parse_duration, parse_steps, preflight
 
-    s = _settings(ctx)
+    s = settings(ctx)
     # Bad flags, a bad ref or a rejected version fail before any cluster is touched.
     step_list = None if steps is None else parse_steps(steps)
     interval_s = None if interval is None else parse_duration(interval)
@@ -127,7 +125,7 @@ def deploy_cmd(
 def _command(ctx: click.Context, name: str, command: str, as_json: bool) -> None:
     from rayloop.rollout.controller import send_command
 
-    record = send_command(_settings(ctx), name, command, by=_actor(), backend=_backend(ctx))
+    record = send_command(settings(ctx), name, command, by=_actor(), backend=_backend(ctx))
     _finish(record, as_json)
 
 
@@ -157,9 +155,9 @@ def rollback_cmd(ctx: click.Context, name: str, as_json: bool) -> None:
     """Roll NAME back: stop its rollout, or (none running) return production to 'previous'."""
     from rayloop.rollout.controller import send_command
 
-    record = send_command(_settings(ctx), name, "rollback", by=_actor(), backend=_backend(ctx))
+    record = send_command(settings(ctx), name, "rollback", by=_actor(), backend=_backend(ctx))
     if as_json:
-        _print_json(record)
+        print_json(record)
     else:
         click.echo(
             f"rollout {record['id']} of {record['name']}: {record['status']}; "
@@ -185,7 +183,7 @@ def status_cmd(ctx: click.Context, name: str | None, as_json: bool, reconcile: b
     from rayloop.rollout.controller import parse_duration, status
     from rayloop.rollout.controller import reconcile as do_reconcile
 
-    s = _settings(ctx)
+    s = settings(ctx)
     reconciled: dict[str, Any] = {}
     backend = None
     if reconcile:
@@ -200,7 +198,7 @@ def status_cmd(ctx: click.Context, name: str | None, as_json: bool, reconcile: b
     if reconcile:
         st["reconciled"] = reconciled
     if as_json:
-        _print_json(st)
+        print_json(st)
         return
     _print_status(st)
 
@@ -213,9 +211,9 @@ def undeploy_cmd(ctx: click.Context, name: str, as_json: bool) -> None:
     """Stop serving NAME: delete its Serve app (versions and aliases stay in the registry)."""
     from rayloop.rollout.controller import undeploy
 
-    out = undeploy(_settings(ctx), name, backend=_backend(ctx))
+    out = undeploy(settings(ctx), name, backend=_backend(ctx))
     if as_json:
-        _print_json(out)
+        print_json(out)
     elif out["removed"]:
         click.echo(f"{name}: Serve app {out['app']!r} deleted")
     else:
@@ -236,12 +234,12 @@ def rollouts_list(ctx: click.Context, name: str | None, limit: int, as_json: boo
     """The last rollouts (of NAME, or of every model), newest first."""
     from rich.table import Table
 
-    from rayloop.cli import _console
+    from rayloop.clisupport import console
     from rayloop.rollout.controller import rollout_history
 
-    rows = rollout_history(_settings(ctx), name, limit=limit)
+    rows = rollout_history(settings(ctx), name, limit=limit)
     if as_json:
-        _print_json(rows)
+        print_json(rows)
         return
     t = Table("id", "model", "strategy", "from", "to", "status", "started (UTC)", "reason")
     for r in rows:
@@ -255,7 +253,7 @@ def rollouts_list(ctx: click.Context, name: str | None, limit: int, as_json: boo
             (r["started_at"] or "")[:19].replace("T", " "),
             r.get("reason") or "",
         )
-    _console().print(t)
+    console().print(t)
 
 
 @rollouts.command("show")
@@ -266,9 +264,9 @@ def rollouts_show(ctx: click.Context, rollout_id: int, as_json: bool) -> None:
     """One rollout and its timeline."""
     from rayloop.rollout.controller import rollout_record
 
-    rec = rollout_record(_settings(ctx), rollout_id)
+    rec = rollout_record(settings(ctx), rollout_id)
     if as_json:
-        _print_json(rec)
+        print_json(rec)
         return
     click.echo(
         f"rollout {rec['id']} of {rec['name']} v{rec['from_version']} -> v{rec['to_version']} ({rec['strategy']}): "
@@ -281,9 +279,9 @@ def rollouts_show(ctx: click.Context, rollout_id: int, as_json: bool) -> None:
 def _print_status(st: dict[str, Any]) -> None:
     from rich.table import Table
 
-    from rayloop.cli import _console
+    from rayloop.clisupport import console
 
-    con = _console()
+    con = console()
     for n, r in st.get("reconciled", {}).items():
         con.print(f"reconcile {n}: {r['action']}" + (f" ({r['reason']})" if r.get("reason") else ""))
     serve = st["serve"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -90,10 +89,10 @@ def train_cmd(
     as_json: bool,
 ) -> None:
     """Fine-tune the parent on a snapshot, export safetensors, register the candidate."""
-    from rayloop.cli import _settings
+    from rayloop.clisupport import print_json, settings
 
     summary = run_train(
-        _settings(ctx),
+        settings(ctx),
         snapshot_id=snapshot_id,
         base=base,
         workers=workers,
@@ -104,7 +103,7 @@ def train_cmd(
         out=out,
     )
     if as_json:
-        click.echo(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        print_json(summary)
         return
     click.echo(
         f"trained {summary['steps']} steps: train loss {summary['train_loss']:.4f}, eval loss "

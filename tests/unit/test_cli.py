@@ -97,14 +97,15 @@ def test_json_commands_keep_stdout_for_the_result() -> None:
     # to stderr and stdout is exactly the JSON document.
     code = """
 import os, click
-from rayloop.cli import cli, _print_json
+from rayloop.cli import cli
+from rayloop.clisupport import print_json
 
 @cli.command("noisy")
 @click.option("--json", "as_json", is_flag=True)
 def noisy(as_json):
     os.write(1, b"C-level noise\\n")
     print("python noise")
-    _print_json({"ok": 1})
+    print_json({"ok": 1})
 
 cli.main(["noisy", "--json"], standalone_mode=False)
 print("after")
@@ -120,7 +121,8 @@ def test_json_commands_disconnect_ray_before_stdout_is_restored() -> None:
     # after the command must not land after the JSON document (a stand-in `ray` plays the log thread).
     code = """
 import sys, threading, time, types, click
-from rayloop.cli import cli, _print_json
+from rayloop.cli import cli
+from rayloop.clisupport import print_json
 
 stop = threading.Event()
 def logs():
@@ -137,7 +139,7 @@ sys.modules["ray"] = ray
 def talks(as_json):
     threading.Thread(target=logs, daemon=True).start()
     time.sleep(0.05)
-    _print_json({"ok": 1})
+    print_json({"ok": 1})
 
 cli.main(["talks", "--json"], standalone_mode=False)
 time.sleep(0.05)
@@ -213,3 +215,46 @@ def test_bad_env_var_is_one_line_naming_it(rayloop_home: Path, monkeypatch: pyte
     r = CliRunner().invoke(cli, ["config", "show"])
     assert r.exit_code == 1 and r.stdout == ""
     assert r.stderr.startswith("ConfigError: invalid settings in environment variable RAYLOOP_SERVING__HTTP_PORT: ")
+
+
+def test_data_preprocess_and_train_write_their_json_on_stdout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """`--json` output is the only thing on stdout (piping to jq works), for the data and train commands too."""
+    from types import SimpleNamespace
+
+    import rayloop.data.cli as data_cli
+    import rayloop.data.preprocess as preprocess_mod
+    import rayloop.training.cli as train_cli
+
+    monkeypatch.setenv("RAYLOOP_HOME", str(tmp_path))
+    monkeypatch.setattr(data_cli, "resolve_parent", lambda s, name, base: (str(tmp_path), "demo"))
+    info = SimpleNamespace(manifest={"snapshot_id": "abc"}, counts={}, snapshot_id="abc", reused=False, uri="u")
+    monkeypatch.setattr(preprocess_mod, "preprocess", lambda *a, **k: info)
+    r = CliRunner().invoke(cli, ["data", "preprocess", "--no-replay", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"snapshot_id": "abc"}
+
+    monkeypatch.setattr(train_cli, "run_train", lambda *a, **k: {"registered": 2})
+    r = CliRunner().invoke(cli, ["train", "--snapshot", "abc", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout) == {"registered": 2}
+
+
+def test_exit_codes_say_what_happened() -> None:
+    from rayloop.cli import pipeline_exit_code
+    from rayloop.clisupport import ExitCode
+    from rayloop.rollout.cli import _finish
+
+    assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4]
+    rejected = {"stages": {"evaluate": {"output": {"decision": "rejected"}}}}
+    rolled_back = {"stages": {"evaluate": {"output": {"decision": "accepted"}}, "deploy": {"output": {"status": "rolled_back"}}}}
+    assert pipeline_exit_code(rejected) == 3 and pipeline_exit_code(rolled_back) == 4
+    assert pipeline_exit_code({"stages": {"deploy": {"output": {"status": "succeeded"}}}}) == 0
+    record = {"id": 1, "name": "demo", "from_version": 1, "to_version": 2, "strategy": "canary", "state": {}}
+    for status, code in (("rolled_back", 4), ("aborted", 4)):
+        with pytest.raises(SystemExit) as e:
+            _finish({**record, "status": status}, as_json=True)
+        assert e.value.code == code
+    _finish({**record, "status": "succeeded"}, as_json=True)  # no exit: 0
+    # A bad flag is a usage error (2), not a rayloop error (1), and its hint does not point at rayloop.yaml.
+    r = CliRunner().invoke(cli, ["deploy", "demo@2", "--strategy", "linear"])
+    assert r.exit_code == 2 and "rayloop.yaml" not in r.output
