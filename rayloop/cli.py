@@ -132,6 +132,45 @@ def init(ctx: click.Context, out: str | None, steps: int | None, seed: int, forc
 
 
 @cli.command()
+@click.option("--repeats", type=click.IntRange(1), default=1, show_default=True, help="Times each question is asked.")
+@click.option("--poison", is_flag=True, help="Users give wrong corrections.")
+@click.option("--url", default=None, help="Endpoint (default: serving.http_host/http_port/route_prefix).")
+@click.option("--model", "model_name", default=None, help="Model name to ask (default: serving.model).")
+@click.option("--json", "as_json", is_flag=True, help="Print the traffic summary as JSON.")
+@click.pass_context
+def simulate(
+    ctx: click.Context, repeats: int, poison: bool, url: str | None, model_name: str | None, as_json: bool
+) -> None:
+    """Simulated users of the demo world ask questions at the endpoint and rate the answers.
+
+    Every question about a country the demo model never saw is asked REPEATS times; a wrong answer is rated
+    -1 with the right answer as a correction. Keys in $RAYLOOP_API_KEYS are used when set.
+    """
+    from rayloop.demo.traffic import simulate as run_simulation
+
+    s = settings(ctx)
+    keys = [k.strip() for k in os.environ.get(s.serving.api_keys_env, "").split(",") if k.strip()]
+    stats = run_simulation(
+        url or s.serving.base_url,
+        model_name or s.serving.model,
+        repeats=repeats,
+        poison=poison,
+        api_key=keys[0] if keys else None,
+    )
+    out = stats.to_json()
+    if as_json:
+        print_json(out)
+        return
+    click.echo(
+        f"{out['requests']} requests ({out['failed_requests']} failed), {out['feedback_sent']} feedback rows; "
+        "accuracy by version: "
+        + ", ".join(f"v{v} {a:.0%}" for v, a in sorted(out["live_accuracy_by_version"].items()))
+    )
+    if out["failed_requests"]:
+        ctx.exit(ExitCode.ERROR)
+
+
+@cli.command()
 @click.option("--poison", is_flag=True, help="Users give wrong corrections: the gate must reject the candidate.")
 @click.option("--steps", default="25,50,100", show_default=True, help="Canary traffic percentages.")
 @click.option("--interval", type=float, default=10.0, show_default=True, help="Seconds at each canary step.")

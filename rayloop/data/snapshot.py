@@ -60,6 +60,24 @@ def content_id(parts: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def _latest_snapshot(st: Storage) -> str:
+    import pyarrow.fs as pafs
+
+    infos = []
+    if st.fs.get_file_info(st.path(SNAPSHOTS_DIR)).type == pafs.FileType.Directory:
+        for info in st.fs.get_file_info(pafs.FileSelector(st.path(SNAPSHOTS_DIR))):
+            name = posixpath.basename(info.path)
+            if info.type == pafs.FileType.Directory and not name.startswith("_"):
+                manifest = st.fs.get_file_info(st.path(snapshot_key(name, MANIFEST)))
+                if manifest.type == pafs.FileType.File:  # complete snapshots only
+                    infos.append((manifest.mtime, name))
+    if not infos:
+        raise NotFoundError(
+            f"no snapshot in {st.uri}/{SNAPSHOTS_DIR}", hint="Make one with `rayloop data preprocess`."
+        )
+    return max(infos)[1]
+
+
 def read_manifest(settings: Settings, snapshot_id: str) -> dict[str, Any]:
     st = storage_of(settings)
     key = snapshot_key(snapshot_id, MANIFEST)
@@ -73,10 +91,13 @@ def read_manifest(settings: Settings, snapshot_id: str) -> dict[str, Any]:
 
 
 def resolve_snapshot_id(settings: Settings, ref: str) -> str:
-    """The full id of a snapshot given in full or by a unique prefix (summaries print 12 characters)."""
+    """The full id of a snapshot given in full, by a unique prefix (summaries print 12 characters), or as
+    ``latest`` (the most recently written complete snapshot)."""
     import pyarrow.fs as pafs
 
     st = storage_of(settings)
+    if ref == "latest":
+        return _latest_snapshot(st)
     if st.exists(snapshot_key(ref, MANIFEST)):
         return ref
     matches: list[str] = []

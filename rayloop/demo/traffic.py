@@ -143,3 +143,25 @@ class Traffic:
 
     def close(self) -> None:
         self.client.close()
+
+
+def simulate(
+    base_url: str,
+    model: str,
+    *,
+    repeats: int = 1,
+    poison: bool = False,
+    api_key: str | None = None,
+    seed: int = 1,
+) -> TrafficStats:
+    """Simulated users of the demo world ask every new-fact question ``repeats`` times at ``base_url`` and
+    rate the answers (wrong ones get -1 and the right answer as a correction; ``poison``: a wrong one)."""
+    from rayloop.demo.world import UserSimulator, World
+
+    sim = UserSimulator(World.build(), seed=seed)
+    traffic = Traffic(base_url, model, sim, poison=poison, api_key=api_key)
+    try:
+        return traffic.run(sim.covering_requests(repeats=repeats))
+    finally:
+        traffic.client.close()
+
