@@ -78,8 +78,14 @@ def _already_registered(
     """
     from rayloop.modelfiles import dir_fingerprint
 
+    from rayloop.errors import NotFoundError
+
+    try:
+        versions = reg.list_versions(name)
+    except NotFoundError:
+        return None  # the model's first version
     fp = dir_fingerprint(model_dir)
-    for mv in reversed(reg.list_versions(name)):
+    for mv in reversed(versions):
         if mv.fingerprint == fp and mv.parent == parent_version and mv.lineage.get("snapshot_id") == snapshot_id:
             found: ModelVersion = mv
             return found

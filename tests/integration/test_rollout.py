@@ -188,6 +188,7 @@ def test_slow_canary_is_rolled_back_automatically(env: dict[str, Any]) -> None:
     reg: Registry = env["reg"]
     slow = make_larger(env["base"], env["home"] / "slow", hidden=512, layers=6, intermediate=1408)
     version = reg.register("demo", slow, parent=1).version
+    reg.annotate(f"demo@{version}", "gate", {"decision": "accepted", "reasons": []})  # slow, not wrong
     # 16 output tokens per request, so the per-token cost shows in the latency, not only the fixed costs; and
     # the ratio alone judges: the default +50 ms jitter floor is more than the slow model adds on a fast CPU
     # (this VM on a fast day: the slow canary passed every step with it).

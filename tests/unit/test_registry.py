@@ -451,3 +451,15 @@ def test_registering_the_same_candidate_twice_gives_one_version(tmp_path: Path) 
     # Other data: a new candidate, even from the same files.
     other = register_candidate(settings, res, name="demo", parent_version=1, snapshot_id="snap-b")
     assert other.version == 3
+
+
+def test_a_retrained_candidate_may_be_its_models_first_version(tmp_path: Path) -> None:
+    from rayloop.config import load_settings
+    from rayloop.training.register import register_candidate
+    from rayloop.training.retrain import RetrainResult
+
+    settings = load_settings(env={"RAYLOOP_HOME": str(tmp_path / "home")})
+    out = make_model_dir(tmp_path / "trained", seed=2)
+    res = RetrainResult(model_dir=out, train_loss=0.1, eval_loss=None, steps=3, checkpoint_uri="file:///ckpt")
+    mv = register_candidate(settings, res, name="fresh", parent_version=None, snapshot_id="snap-a")
+    assert mv.version == 1 and Registry.from_settings(settings).get_alias("fresh", "candidate") == 1
