@@ -76,9 +76,8 @@ def _already_registered(
     A pipeline resumed after a crash between registering and recording that it did must not register the
     same candidate twice: same files (fingerprint), same snapshot and parent means the same candidate.
     """
-    from rayloop.modelfiles import dir_fingerprint
-
     from rayloop.errors import NotFoundError
+    from rayloop.modelfiles import dir_fingerprint
 
     try:
         versions = reg.list_versions(name)
