@@ -125,10 +125,13 @@ def init(ctx: click.Context, out: str | None, steps: int | None, seed: int, forc
 
     s = settings(ctx)
     info = setup.init_base_model(s, out=out, steps=steps, seed=seed, force=force, show_progress=not as_json)
+    # The gate needs evaluation sets nobody's feedback wrote: the demo's held-out phrasings and golden prompts.
+    info["eval_sets"] = setup.save_demo_eval_sets(s, info["model_dir"], s.serving.model)
     if as_json:
         print_json(info)
     else:
         click.echo(f"Base model in {info['model_dir']} (final loss {info['final_loss']:.3f}).")
+        click.echo(f"Evaluation sets for {s.serving.model}: {', '.join(info['eval_sets'])}.")
 
 
 @cli.command()

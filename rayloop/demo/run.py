@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from rayloop.config import Settings
-from rayloop.demo.setup import init_base_model
+from rayloop.demo.setup import init_base_model, save_demo_eval_sets
 from rayloop.demo.traffic import Traffic
 from rayloop.demo.world import UserSimulator, World
 
@@ -56,9 +56,7 @@ def _ensure_cluster(settings: Settings, out: _Out) -> str | None:
 
 
 def _register_base(settings: Settings, out: _Out) -> tuple[World, int]:
-    from rayloop.evaluation.evalset import demo_eval_sets, save_eval_set
     from rayloop.registry import Registry
-    from rayloop.storage import Storage
 
     info = init_base_model(settings, show_progress=not out.console.quiet)
     world = World.from_json((settings.home_path / "base-model" / "world.json").read_text())
@@ -73,9 +71,7 @@ def _register_base(settings: Settings, out: _Out) -> tuple[World, int]:
         out.info(f"registered the base model as {MODEL}@{mv.version} (production)")
     else:
         out.info(f"{MODEL}@production is v{current}")
-    storage = Storage(settings.storage_root, s3_endpoint=settings.storage.s3_endpoint)
-    for name, items in demo_eval_sets(world).items():
-        save_eval_set(storage, MODEL, name, items)
+    save_demo_eval_sets(settings, info["model_dir"], MODEL)
     return world, current
 
 

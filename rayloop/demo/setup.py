@@ -55,3 +55,18 @@ def init_base_model(
     info["model_dir"] = str(out_dir)
     info["reused"] = False
     return info
+
+
+def save_demo_eval_sets(settings: Settings, model_dir: str | Path, model: str = "demo") -> list[str]:
+    """Store the demo world's fixed evaluation sets for ``model`` (what `rayloop eval` and the gate read):
+    held-out phrasings of new and known facts, and golden prompts. Returns the set names."""
+    from rayloop.evaluation.evalset import demo_eval_sets, save_eval_set
+    from rayloop.storage import Storage
+
+    world = World.from_json((Path(model_dir) / "world.json").read_text())
+    storage = Storage(settings.storage_root, s3_endpoint=settings.storage.s3_endpoint)
+    sets = demo_eval_sets(world)
+    for name, items in sets.items():
+        save_eval_set(storage, model, name, items)
+    return sorted(sets)
+

@@ -50,6 +50,7 @@ def test_the_quickstart_block_runs_as_written(tmp_path: Path) -> None:
 
     reg = Registry.from_settings(load_settings(env={"RAYLOOP_HOME": str(tmp_path / ".rayloop")}))
     candidate = reg.resolve("demo@2")
+    assert "gate" in candidate.annotations, run.stdout[-5000:] + run.stderr[-5000:]
     decision = candidate.annotations["gate"]["decision"]
     assert candidate.lineage["snapshot_id"] and decision in ("accepted", "rejected")
     production = reg.get_alias("demo", "production")

@@ -258,3 +258,18 @@ def test_exit_codes_say_what_happened() -> None:
     # A bad flag is a usage error (2), not a rayloop error (1), and its hint does not point at rayloop.yaml.
     r = CliRunner().invoke(cli, ["deploy", "demo@2", "--strategy", "linear"])
     assert r.exit_code == 2 and "rayloop.yaml" not in r.output
+
+
+def test_init_stores_the_eval_sets_the_gate_needs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rayloop eval` right after `rayloop init` has sets to judge by (the README quickstart relies on it)."""
+    from rayloop.config import load_settings
+    from rayloop.evaluation.evalset import load_eval_sets
+    from rayloop.storage import Storage
+
+    monkeypatch.setenv("RAYLOOP_HOME", str(tmp_path / "home"))
+    r = CliRunner().invoke(cli, ["init", "--steps", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    names = json.loads(r.stdout)["eval_sets"]
+    settings = load_settings(env={"RAYLOOP_HOME": str(tmp_path / "home")})
+    stored = load_eval_sets(Storage(settings.storage_root), "demo")
+    assert sorted(stored) == names and "new_facts" in names and all(stored[n] for n in names)
