@@ -38,7 +38,6 @@ from rayloop.serving.routing import CANARY, SHADOW, SLOTS, STABLE, RouteTable
 IMPORT_PATH = "serve_apps.llm:build_app"
 IDLE_NUM_CPUS = 0.01
 ROUTES_KEY = "routes"
-STABLE_SLOT = STABLE
 
 
 def slot_deployment_name(slot: str) -> str:

@@ -11,9 +11,10 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from rayloop.serving.app import STABLE_SLOT, ServeArgs, slot_deployment_name
+from rayloop.serving.app import ServeArgs, slot_deployment_name
 from rayloop.serving.deploy import IMPORT_PATH
 from rayloop.serving.protocol import ModelConfig
+from rayloop.serving.routing import STABLE
 
 CLUSTER = Path(__file__).resolve().parents[2] / "cluster"
 
@@ -25,7 +26,7 @@ def _check_serve_config(doc: dict[str, Any]) -> list[ServeArgs]:
         assert app.import_path == IMPORT_PATH
         args = ServeArgs.model_validate(app.args)
         deps = {d.name: d for d in app.deployments}
-        uc = deps[slot_deployment_name(STABLE_SLOT)].user_config
+        uc = deps[slot_deployment_name(STABLE)].user_config
         assert ModelConfig.model_validate(uc).model == args.name
         out.append(args)
     return out
