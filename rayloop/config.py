@@ -259,7 +259,10 @@ class ServingSettings(_Model):
         default=256, ge=1, description="Rows per Parquet file written by the capture writer."
     )
     capture_flush_s: float = Field(
-        default=2.0, gt=0, description="Longest time, in seconds, between two flushes of the capture buffer."
+        default=2.0,
+        gt=0,
+        description="Longest time, in seconds, between two writes of the capture writer's buffer to storage "
+        "(replicas hand their rows to the writer, which logs them ahead on its node's disk, every 0.5 s at most).",
     )
     capture_max_buffer: int = Field(default=10_000, ge=1, description="Rows buffered before new ones are dropped.")
     capture_batch_bytes: int = Field(

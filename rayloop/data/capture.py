@@ -84,6 +84,7 @@ RECENT_IDS = 100_000  # request ids the writer remembers for feedback lookups wi
 ID_INDEX_CAPACITY = 10_000_000  # request ids the Bloom filter holds at 1% false positives (~12 MB); more only
 # raise that rate (an unknown id then costs a scan), never hide a captured one
 MAX_SCANS = 2  # disk scans for ids the index may hold, at once
+CLIENT_SHIP_S = 0.5  # a replica hands its rows to the writer (on disk there, write-ahead) at least this often
 QUARANTINE_DIR = "quarantine"  # quarantine/<table>/date=YYYY-MM-DD/part-<uuid>.jsonl
 TMP_PREFIX = ".tmp-"  # files being written; hidden from every reader (no .parquet suffix either)
 _DEFAULTS = {  # the Settings defaults, for writers built without settings (tests, scripts)
@@ -390,6 +391,89 @@ class _Journal:
         }
 
 
+# -- the write-ahead log ----------------------------------------------------------
+def _wal_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return {"$datetime": value.isoformat()}
+    return {"$repr": _safe_str(repr(value))[0]}
+
+
+def _wal_hook(obj: dict[str, Any]) -> Any:
+    if len(obj) == 1 and "$datetime" in obj:
+        return datetime.fromisoformat(obj["$datetime"])
+    if len(obj) == 1 and "$repr" in obj:
+        return obj["$repr"]
+    return obj
+
+
+class _WriteAhead:
+    """Every row the writer accepts, on its node's disk before ``append`` returns (so a killed writer loses none).
+
+    One JSON line per ``append`` call (``{"table": ..., "rows": [...]}``) in the open segment,
+    ``wal/<ns>-<writer>.wal`` under the journal directory. The segment is flushed to the OS, not fsynced:
+    it survives the writer process, not its node. :meth:`rotate` closes the open segment; the writer removes
+    closed segments once a full flush has put their rows in storage (or the journal). A new writer on the
+    same node reads the segments it finds (:meth:`recover`) and buffers their rows again: a row may then be
+    written twice (at least once; readers count distinct request ids), never lost.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self._id = uuid.uuid4().hex[:8]
+        self._file: Any = None
+        self._path: Path | None = None
+        self.closed: list[Path] = []
+        self.errors = 0
+
+    def recover(self) -> list[tuple[str, list[dict[str, Any]]]]:
+        """``[(table, rows)]`` from the segments a previous writer left; they count as closed from now on."""
+        out: list[tuple[str, list[dict[str, Any]]]] = []
+        if not self.dir.is_dir():
+            return out
+        for path in sorted(self.dir.glob("*.wal")):
+            try:
+                with open(path, "rb") as f:
+                    for line in f:
+                        if not line.endswith(b"\n"):
+                            break  # cut short by the crash: that append never returned, its client kept the rows
+                        rec = json.loads(line, object_hook=_wal_hook)
+                        out.append((str(rec["table"]), list(rec["rows"])))
+            except Exception:
+                logger.exception("capture: unreadable write-ahead segment %s set aside", path)
+                path.rename(path.with_suffix(".corrupt"))
+                continue
+            self.closed.append(path)
+        return out
+
+    def write(self, table: str, rows: list[dict[str, Any]]) -> None:
+        """Append one record; an error is logged and counted (the rows are still buffered and written)."""
+        try:
+            if self._file is None:
+                self.dir.mkdir(parents=True, exist_ok=True)
+                self._path = self.dir / f"{time.time_ns():020d}-{self._id}.wal"
+                self._file = open(self._path, "ab")  # noqa: SIM115 (kept open across calls; closed by rotate)
+            line = json.dumps({"table": table, "rows": rows}, ensure_ascii=True, default=_wal_default)
+            self._file.write(line.encode("ascii") + b"\n")
+            self._file.flush()
+        except Exception:
+            self.errors += 1
+            logger.exception("capture: cannot write ahead under %s; %d rows are only in memory", self.dir, len(rows))
+
+    def rotate(self) -> list[Path]:
+        """Close the open segment; returns every closed segment (each removable once its rows are stored)."""
+        if self._file is not None:
+            self._file.close()
+            assert self._path is not None
+            self.closed.append(self._path)
+            self._file, self._path = None, None
+        return list(self.closed)
+
+    def remove(self, paths: list[Path]) -> None:
+        for path in paths:
+            path.unlink(missing_ok=True)
+            self.closed.remove(path)
+
+
 def default_journal_dir(home: str | None = None) -> str:
     """``<home>/capture-journal`` (``home`` or ``$RAYLOOP_HOME``) if that is an absolute path, else
     ``<temp dir>/rayloop-capture-journal``.
@@ -480,6 +564,13 @@ class CaptureWriter:
         self._scrubbed = collections.Counter[str]()
         self._exported: collections.Counter[tuple[str, str]] = collections.Counter()
         self._metric: Any = None
+        self._recovered = collections.Counter[str]()
+        self._wal = _WriteAhead(self._journal.dir / "wal")
+        for table, rows in self._wal.recover():  # what a killed writer on this node had accepted
+            self._buffer(table, rows)
+            self._recovered[table] += len(rows)
+        if self._recovered:
+            logger.warning("capture: %s rows recovered from the write-ahead log", dict(self._recovered))
 
     def _export_metrics(self) -> None:
         """Row counts by table and outcome as ``rayloop_capture_rows_total`` on Ray's Prometheus endpoint."""
@@ -513,6 +604,7 @@ class CaptureWriter:
             "quarantined": self._quarantined,
             "spilled": self._spilled,
             "replayed": self._replayed,
+            "recovered": self._recovered,
             "dropped": self._dropped,
         }
 
@@ -548,19 +640,48 @@ class CaptureWriter:
         Rows that cannot be placed (not a dict, no usable timestamp or model) are quarantined, not dropped.
         """
         self._ensure_loop()
-        _, part = _TABLES[table]
         dropped = 0
-        full: list[tuple[str, str]] = []
+        accepted: list[dict[str, Any]] = []
         bad: list[tuple[Any, str]] = []
         for row in rows:
-            if self._buffered >= self._max_buffer:
+            if self._buffered + len(accepted) >= self._max_buffer:
                 dropped += 1
                 continue
             try:
-                clean, nbytes, changed = _sanitise_row(row)
+                clean, _, changed = _sanitise_row(row)
                 if self._scrub_pii:
                     clean, found = _scrub_text_columns(clean)
                     self._scrubbed[table] += found
+            except Exception as e:
+                bad.append((row, _reason(e)))
+                continue
+            if changed:
+                self._sanitised[table] += 1
+            accepted.append(clean)
+        if accepted:
+            self._wal.write(table, accepted)  # on disk before the client hears the rows are taken
+        full, unplaced = self._buffer(table, accepted)
+        bad.extend(unplaced)
+        self._dropped[table] += dropped
+        if bad:
+            async with self._lock:
+                await self._quarantine(table, bad)
+        if self._buffered_bytes >= self._max_buffer_bytes:  # many partitions, none full: write them all
+            full.extend(sorted(self._buffers, key=lambda k: -self._buffer_bytes[k]))
+        for key in dict.fromkeys(full):
+            await self._write_key(key)
+        self._maybe_replay()
+        return dropped
+
+    def _buffer(
+        self, table: str, rows: list[dict[str, Any]]
+    ) -> tuple[list[tuple[str, str]], list[tuple[Any, str]]]:
+        """Add sanitised rows to their partitions' buffers; returns (partitions now full, rows with no partition)."""
+        _, part = _TABLES[table]
+        full: list[tuple[str, str]] = []
+        bad: list[tuple[Any, str]] = []
+        for clean in rows:
+            try:
                 key = (table, part(clean))
                 recent = (
                     (str(clean["request_id"]), (clean["model_name"], int(clean["model_version"])))
@@ -568,10 +689,9 @@ class CaptureWriter:
                     else None
                 )
             except Exception as e:
-                bad.append((row, _reason(e)))
+                bad.append((clean, _reason(e)))
                 continue
-            if changed:
-                self._sanitised[table] += 1
+            nbytes = _row_bytes(clean)
             self._buffers[key].append(clean)
             self._buffer_bytes[key] += nbytes
             self._buffered += 1
@@ -583,16 +703,7 @@ class CaptureWriter:
                 self._recent[recent[0]] = recent[1]
                 if len(self._recent) > RECENT_IDS:
                     self._recent.popitem(last=False)
-        self._dropped[table] += dropped
-        if bad:
-            async with self._lock:
-                await self._quarantine(table, bad)
-        if self._buffered_bytes >= self._max_buffer_bytes:  # many partitions, none full: write them all
-            full.extend(sorted(self._buffers, key=lambda k: -self._buffer_bytes[k]))
-        for key in dict.fromkeys(full):
-            await self._write_key(key)
-        self._maybe_replay()
-        return dropped
+        return full, bad
 
     async def _write_key(self, key: tuple[str, str]) -> int:
         """Write one partition's buffer; returns the rows now in storage (not those quarantined or spilled)."""
@@ -718,9 +829,14 @@ class CaptureWriter:
         """Write every buffered row now, then replay the journal; returns the buffered rows written."""
         self._ensure_loop()
         self._last_flush = time.monotonic()
+        sealed = self._wal.rotate()
         n = 0
         for key in list(self._buffers):
             n += await self._write_key(key)
+        async with self._lock:
+            pass  # a write that took its rows before the rotation has finished too
+        # Every row in the sealed segments is now in storage, quarantined, journaled or counted as dropped.
+        await asyncio.to_thread(self._wal.remove, sealed)
         if self._journal.entries:
             await self._replay()
         return n
@@ -743,8 +859,9 @@ class CaptureWriter:
 
         ``written``: rows in storage (replayed ones included); ``sanitised``: rows whose strings were made
         UTF-8 safe (and written); ``quarantined``: rows set aside with their reason; ``spilled``/``replayed``:
-        rows (data or quarantine) into / out of the journal; ``dropped``: rows lost (a full buffer, or storage
-        down with a full journal).
+        rows (data or quarantine) into / out of the journal; ``recovered``: rows a killed writer on this node
+        had taken, read back from the write-ahead log; ``dropped``: rows lost (a full buffer, or storage down
+        with a full journal).
         """
         return {
             "written": dict(self._written),
@@ -754,6 +871,8 @@ class CaptureWriter:
             "quarantined": dict(self._quarantined),
             "spilled": dict(self._spilled),
             "replayed": dict(self._replayed),
+            "recovered": dict(self._recovered),
+            "write_ahead_errors": self._wal.errors,
             "buffered": self._buffered,
             "buffered_bytes": self._buffered_bytes,
             "write_errors": self._write_errors,
@@ -932,7 +1051,7 @@ class CaptureClient:
     async def _run(self) -> None:
         while not self._closed:
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._flush_s)
+                await asyncio.wait_for(self._wake.wait(), timeout=min(self._flush_s, CLIENT_SHIP_S))
             except TimeoutError:
                 pass
             self._wake.clear()

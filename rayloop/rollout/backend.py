@@ -51,6 +51,9 @@ class Backend(Protocol):
     def shadow_window(self, since: float, until: float | None = None) -> dict[str, Any]:
         """Summary of shadow pairs in ``[since, until)``."""
 
+    def stats_since(self) -> float:
+        """When the stats store began holding observations; a store that was lost starts again, empty."""
+
 
 class ServeBackend:
     """:class:`Backend` on a live Ray Serve (needs a connected Ray driver).
@@ -201,6 +204,12 @@ class ServeBackend:
         from rayloop.serving.stats import get_stats_actor
 
         return get_stats_actor(self.app_name, self.app_settings(), create=False)
+
+    def stats_since(self) -> float:
+        from rayloop.serving.stats import get_stats_actor
+
+        actor = get_stats_actor(self.app_name, self.app_settings(), create=True)
+        return float(_get(actor.started_at.remote()))
 
     def window(self, since: float, until: float | None = None) -> dict[str, SlotWindow]:
         actor = self._stats()

@@ -87,6 +87,10 @@ class Breach(Exception):
         self.verdict = verdict
 
 
+class StatsLost(RuntimeError):
+    """The stats store restarted inside the window being judged: what it saw before is gone."""
+
+
 def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
@@ -441,6 +445,15 @@ class Rollout:
         *,
         latency: bool = True,
     ) -> Verdict:
+        started = self.backend.stats_since()
+        if started > since:
+            # A killed or restarted stats actor comes back empty: a window it only partly saw could pass a
+            # canary on the requests after the restart alone. Judge nothing; enough of these end the step
+            # inconclusive (rolled back or held, never promoted).
+            raise StatsLost(
+                f"the stats store restarted {started - since:.1f}s into the window being judged; "
+                "the observations before that are lost"
+            )
         w = self.backend.window(since)
         cand = w.get(slot, SlotWindow())
         base = baseline
@@ -454,7 +467,8 @@ class Rollout:
                 base = self._last_stable
             elif baseline_since is not None:
                 # Right after a switch: judge against what stable did before it.
-                base = self.backend.window(baseline_since).get(STABLE, SlotWindow())
+                # (from when the stats store started, if that was later: it holds nothing before)
+                base = self.backend.window(max(baseline_since, started)).get(STABLE, SlotWindow())
         return judge(cand, base, self.settings.rollout, latency=latency)
 
     def shadow_report(self, since: float) -> dict[str, Any]:
@@ -737,6 +751,9 @@ def _run_owned(ro: Rollout, kind: Strategy) -> dict[str, Any]:
         else:
             if kind != Strategy.SHADOW:  # a shadow version never serves, so it is no canary
                 ro._alias(CANARY_ALIAS, ro.to_cfg.version, f"{kind.value} rollout {ro.rid}")
+            # The stats store exists before any traffic moves (a store started later would fail the first
+            # step's judgement as a restart).
+            ro.backend.stats_since()
             status = strategy_for(kind).run(ro)
     except Interrupted as i:
         ro.emit("command_received", command=i.command.value, by=i.by)

@@ -51,6 +51,7 @@ class FakeBackend:
         self.smoke_problems: list[str] = []
         self.fail_apply_when: Any = None  # callable(AppState) -> bool: raise on apply
         self.window_errors = 0  # the next this many window() calls raise (a stats actor that is gone)
+        self.stats_started = 0.0  # when the stats store started (set it later: a store that restarted, empty)
         self._timeline: list[tuple[float, AppState]] = []
         self._lock = threading.Lock()
 
@@ -87,6 +88,9 @@ class FakeBackend:
             if hi > lo:
                 out.append((hi - lo, st))
         return out
+
+    def stats_since(self) -> float:
+        return self.stats_started
 
     def window(self, since: float, until: float | None = None) -> dict[str, SlotWindow]:
         if self.window_errors > 0:

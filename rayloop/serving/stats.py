@@ -112,6 +112,7 @@ class RouterStats:
         self._shadow_ts: list[float] = []
         self._shadow: list[ShadowPair] = []
         self._totals: collections.Counter[str] = collections.Counter()
+        self._started = time.time()
 
     def observe(self, rows: list[Observation]) -> None:
         for r in rows:
@@ -180,6 +181,10 @@ class RouterStats:
 
     def ping(self) -> bool:
         return True
+
+    def started_at(self) -> float:
+        """When this actor started: it holds nothing observed before (a killed actor comes back empty)."""
+        return self._started
 
 
 def get_stats_actor(app_name: str, settings: Settings, *, create: bool = True) -> Any:

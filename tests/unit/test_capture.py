@@ -260,6 +260,42 @@ def test_a_restarted_writer_replays_the_journal_it_finds(tmp_path: Path) -> None
     assert _ids(read_interactions(str(root))) == {f"r{i}" for i in range(7)}
 
 
+def test_rows_a_killed_writer_had_taken_are_written_by_the_next_one(tmp_path: Path) -> None:
+    """Rows are on the node's disk (write-ahead log) before ``append`` returns: a writer killed before its
+    flush loses none of them; once a flush has stored them, a restart does not write them again."""
+    root = tmp_path / "store"
+    wal = tmp_path / "journal"
+
+    async def killed() -> None:
+        w = _writer(str(root), tmp_path)
+        await w.append("interactions", [_chat(f"k{i}") for i in range(5)])
+        await w.append("feedback", [_feedback("k0")])
+        # killed here: nothing flushed, the segment's last record cut short by the crash
+        [segment] = list(wal.rglob("*.wal"))
+        with open(segment, "ab") as f:
+            f.write(b'{"table": "interactions", "rows": [{"request_id": "never-acknowl')
+
+    async def restarted() -> dict[str, Any]:
+        w = _writer(str(root), tmp_path)
+        s = await w.stats()
+        assert s["recovered"] == {"interactions": 5, "feedback": 1} and s["buffered"] == 6
+        await w.flush()
+        assert not list(wal.rglob("*.wal"))  # stored: the segments are gone
+        return await w.stats()
+
+    asyncio.run(killed())
+    s = asyncio.run(restarted())
+    assert s["written"] == {"interactions": 5, "feedback": 1}
+    assert _ids(read_interactions(str(root))) == {f"k{i}" for i in range(5)}
+    assert read_feedback(str(root)).column("request_id").to_pylist() == ["k0"]
+
+    async def third() -> dict[str, Any]:
+        return await _writer(str(root), tmp_path).stats()
+
+    assert asyncio.run(third())["recovered"] == {}  # nothing recovered twice
+    assert read_interactions(str(root)).num_rows == 5
+
+
 def test_buffers_are_bounded_in_bytes(tmp_path: Path) -> None:
     root = tmp_path / "store"
     big = "x" * 3000
@@ -273,7 +309,9 @@ def test_buffers_are_bounded_in_bytes(tmp_path: Path) -> None:
         s = await w.stats()
         assert s["written"] == {"interactions": 4} and s["buffered"] == 0 and s["buffered_bytes"] == 0
         # Many partitions, none full: all written once the writer holds max_buffer_bytes.
-        w2 = _writer(str(root), tmp_path, batch_bytes=1 << 30, max_buffer_bytes=10_000)
+        # (its own journal: the first writer was not flushed, so a writer on its journal would recover its
+        # four rows from the write-ahead log and write them again)
+        w2 = _writer(str(root), tmp_path, batch_bytes=1 << 30, max_buffer_bytes=10_000, journal_dir=str(tmp_path / "j2"))
         for v in range(2, 6):
             await w2.append("interactions", [_chat(f"b{v}", version=v, completion=big)])
         s = await w2.stats()

@@ -422,6 +422,26 @@ def test_measurement_errors_in_a_row_make_the_step_inconclusive(env: dict[str, A
     assert env["reg"].get_alias("demo", "production") == 2
 
 
+def test_a_stats_store_that_restarts_mid_step_rolls_the_canary_back(env: dict[str, Any]) -> None:
+    """A restarted stats actor comes back empty: the step it restarted in cannot pass on what came after."""
+    backend: FakeBackend = env["backend"]
+
+    def restart_at_first_step(e: dict[str, Any]) -> None:
+        if e["event"] == "step" and e["percent"] == 50:
+            backend.stats_started = time.time() + 0.1  # killed and started again 0.1 s into the step
+
+    rec = deploy(
+        env["settings"], "demo@2", "canary", steps=[50, 100], **FAST, backend=backend, on_event=restart_at_first_step
+    )
+    assert rec["status"] == "rolled_back", rec["state"]
+    assert "StatsLost" in rec["state"]["reason"] and "restarted" in rec["state"]["reason"]
+    assert [e["percent"] for e in _events(rec, "step")] == [50]
+    assert env["reg"].get_alias("demo", "production") == 1
+    # Steps that begin after the restart are judged as before.
+    rec = deploy(env["settings"], "demo@2", "canary", steps=[50, 100], **FAST, backend=backend)
+    assert rec["status"] == "succeeded" and env["reg"].get_alias("demo", "production") == 2
+
+
 def test_an_inconclusive_step_can_hold_until_a_person_decides(env: dict[str, Any]) -> None:
     env["backend"].rps = 0
     hold = env["settings"].rollout.model_copy(update={"inconclusive": "hold"})
