@@ -323,6 +323,12 @@ class DataSettings(_Model):
     )
     max_tokens: int = Field(default=256, ge=8, description="Drop rows longer than this many tokens after tokenization.")
     block_size: int = Field(default=64, ge=8, description="Packed training block length in tokens.")
+    retention_days: int | None = Field(
+        default=None,
+        ge=1,
+        description="Captured interactions, feedback and shadow pairs older than this many days are deleted by "
+        "`rayloop data prune` and by the pipeline before it collects. None: kept until deleted by hand.",
+    )
     pack_examples: bool = Field(
         default=False,
         description="Pack several examples into one block (denser, but without a varlen attention kernel they "

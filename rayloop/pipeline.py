@@ -196,6 +196,11 @@ def run_pipeline(
     # collect: what is in the store decides the run id.
     t0 = time.time()
     emit("collect", "running", {})
+    pruned: dict[str, int] = {}
+    if settings.data.retention_days is not None:  # data past its retention age is never trained on
+        from rayloop.data.governance import prune
+
+        pruned = {table: len(parts) for table, parts in prune(settings).partitions.items()}
     listing = _listing(st, INTERACTIONS_DIR) + _listing(st, FEEDBACK_DIR)
     inputs = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     n_feedback = count_feedback(st, cfg.model)
@@ -207,7 +212,7 @@ def run_pipeline(
         )
     run_id = _run_key(settings, cfg.model, base.fingerprint, inputs)
     run = PipelineRun.open(st, cfg.model, run_id, {"base": base.ref, "base_version": base.version})
-    collect_out = {"files": len(listing), "feedback_rows": n_feedback, "inputs_hash": inputs}
+    collect_out = {"files": len(listing), "feedback_rows": n_feedback, "inputs_hash": inputs, "pruned_partitions": pruned}
     if run.done("collect") is None:
         run.save_stage("collect", "done", collect_out, t0)
     emit("collect", "done", collect_out)

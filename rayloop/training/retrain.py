@@ -151,6 +151,12 @@ def retrain(
             hint="Pass an HF model directory (`rayloop init` builds the demo one; `rayloop models fetch` gets a version).",
         )
     manifest = read_manifest(settings, snapshot_id)
+    if manifest.get("trainable") is False:
+        raise TrainingError(
+            f"snapshot {snapshot_id} held data of a user who was forgotten (`rayloop data forget`); its training "
+            "blocks were deleted and it is not trained on again",
+            hint="Build a new snapshot from the store as it is now: `rayloop data preprocess`.",
+        )
     cfg = resolve_config(
         settings, snapshot_id=snapshot_id, manifest=manifest, base_dir=base_dir, workers=workers, zero_stage=zero_stage
     )
