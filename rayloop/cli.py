@@ -95,6 +95,31 @@ def up(ctx: click.Context) -> None:
     s = settings(ctx)
     state = cluster.up(s)
     click.echo(f"Ray head running (pid {state.pid}) at {state.address}; dashboard {state.dashboard_url}")
+    if state.auth_token_path:
+        click.echo(
+            f"Ray token authentication is on (token in {state.auth_token_path}); "
+            'for `ray` commands: eval "$(rayloop env)"'
+        )
+    else:
+        click.echo("Ray token authentication is off (ray.auth: disabled): anyone who reaches its ports can run code")
+
+
+@cli.command("env")
+@click.pass_context
+def env_cmd(ctx: click.Context) -> None:
+    """Print shell exports for `ray` commands against the head `rayloop up` started (eval "$(rayloop env)")."""
+    import shlex
+
+    from rayloop import cluster
+    from rayloop.errors import ClusterError
+
+    state = cluster.read_state(settings(ctx))
+    if state is None or not state.alive():
+        raise ClusterError("no Ray head started by rayloop is running for this RAYLOOP_HOME", hint="Run `rayloop up`.")
+    # The Jobs CLI reads RAY_API_SERVER_ADDRESS first; RAY_ADDRESS is left alone (rayloop reads it as the
+    # cluster to attach to, and `ray.init` takes no dashboard URL).
+    exports = {"RAY_API_SERVER_ADDRESS": state.dashboard_url, **state.auth_env()}
+    click.echo("export " + " ".join(f"{k}={shlex.quote(v)}" for k, v in exports.items()))
 
 
 @cli.command()

@@ -23,6 +23,7 @@ from rayloop.config import Settings
 from rayloop.errors import ClusterError
 
 STATE_FILE = "cluster.json"
+TOKEN_FILE = "ray-auth-token"
 
 
 @dataclass
@@ -32,6 +33,13 @@ class ClusterState:
     dashboard_url: str
     temp_dir: str
     started_at: float
+    auth_token_path: str | None = None  # Ray token auth is on when set (state files from before it: off)
+
+    def auth_env(self) -> dict[str, str]:
+        """The variables a Ray client (``ray.init``, ``ray job submit``) needs to talk to this head."""
+        if self.auth_token_path:
+            return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.auth_token_path}
+        return {"RAY_AUTH_MODE": "disabled"}
 
     def alive(self) -> bool:
         try:
@@ -95,6 +103,22 @@ def _wait_for_gcs(address: str, log: Path, proc: subprocess.Popen[bytes], timeou
     raise ClusterError(f"Ray head did not come up within {timeout:.0f}s; see {log}")
 
 
+def ensure_auth_token(settings: Settings) -> Path:
+    """``$RAYLOOP_HOME/ray-auth-token``, created (owner-only) with a new random token if it is missing."""
+    path = settings.home_path / TOKEN_FILE
+    if not (path.is_file() and path.read_text().strip()):
+        from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{TOKEN_FILE}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(generate_new_authentication_token())
+        os.replace(tmp, path)
+    os.chmod(path, 0o600)
+    return path.absolute()
+
+
 def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
     """Start a local Ray head that outlives this process, or return the running one."""
     if settings.ray.address:
@@ -134,7 +158,8 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
         f"--dashboard-agent-listen-port={agent_port}",
         "--disable-usage-stats",
     ]
-    env = head_env(settings)
+    token = ensure_auth_token(settings) if settings.ray.auth == "token" else None
+    env = head_env(settings, token=token)
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     address = f"127.0.0.1:{port}"
@@ -149,20 +174,30 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
         dashboard_url=f"http://{settings.ray.dashboard_host}:{settings.ray.dashboard_port}",
         temp_dir=temp_dir,
         started_at=time.time(),
+        auth_token_path=None if token is None else str(token),
     )
     _state_path(settings).write_text(json.dumps(asdict(state), indent=1))
     return state
 
 
-def head_env(settings: Settings, environ: dict[str, str] | None = None) -> dict[str, str]:
+def head_env(
+    settings: Settings, environ: dict[str, str] | None = None, *, token: Path | None = None
+) -> dict[str, str]:
     """The environment of the head `rayloop up` starts, which its jobs (``ray job submit``) inherit.
 
     A job's ``python`` is this environment's (rayloop's venv first on ``PATH``), and its settings find this
     head's storage and registry (absolute ``RAYLOOP_HOME``, ``RAYLOOP_STORAGE``, ``RAYLOOP_REGISTRY_URL``)
     whatever its working directory: a relative ``.rayloop`` would otherwise resolve under the job's own.
+    With ``token``, Ray's token authentication is on (``RAY_AUTH_MODE=token``, ``RAY_AUTH_TOKEN_PATH``).
     """
     env = dict(os.environ if environ is None else environ)
-    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.pop("RAY_AUTH_TOKEN", None)
+    if token is None:
+        env["RAY_AUTH_MODE"] = "disabled"
+        env.pop("RAY_AUTH_TOKEN_PATH", None)
+    else:
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = str(token)
     bin_dir = str(Path(sys.executable).parent)
     path = env.get("PATH", "")
     if path.split(os.pathsep)[0] != bin_dir:
@@ -219,7 +254,11 @@ def drain(settings: Settings, address: str, timeout_s: float = 120.0) -> None:
         import ray
 
         if not ray.is_initialized():
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            state = read_state(settings)
+            if state is not None and state.address == address:
+                os.environ.update(state.auth_env())
+            else:
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(address=address, log_to_driver=False)
         try:
             from ray import serve
@@ -258,6 +297,10 @@ def connect(settings: Settings, **init_kwargs: Any) -> Any:
     if ray.is_initialized():
         return ray.get_runtime_context()
     address = address_for(settings)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    state = None if settings.ray.address else read_state(settings)
+    if state is not None:
+        os.environ.update(state.auth_env())  # the head `rayloop up` started: its token, whatever the caller set
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_kwargs.setdefault("log_to_driver", False)
     return ray.init(address=address, **init_kwargs)

@@ -144,6 +144,13 @@ class RaySettings(_Model):
     object_store_memory_mb: int = Field(
         default=1024, ge=128, description="Object store size of the local head, in MiB."
     )
+    auth: Literal["token", "disabled"] = Field(
+        default="token",
+        description="Ray's own authentication on the head `rayloop up` starts. 'token': every Ray client, job "
+        "submission and dashboard visitor needs the token in $RAYLOOP_HOME/ray-auth-token (`eval \"$(rayloop "
+        "env)\"` sets it up for `ray` commands). 'disabled': anyone who reaches the head's ports can run code "
+        "on it.",
+    )
 
     @model_validator(mode="after")
     def _ports_outside_ray_ranges(self) -> RaySettings:

@@ -86,13 +86,24 @@ def dashboard_url() -> str | None:
     return None
 
 
+def _ray_token() -> str | None:
+    """Ray's auth token where Ray itself looks (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if token := os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return token
+    for candidate in (os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate).read_text().strip() or None
+    return None
+
+
 def serve_rest(url: str, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
     """One call to Serve's REST API on the dashboard (with the cluster's auth token when it has one)."""
     headers = {"Content-Type": "application/json"}
-    token_file = Path.home() / ".ray" / "auth_token"
-    if os.environ.get("RAY_AUTH_MODE") != "disabled" and token_file.is_file():
-        # Ray 2.60 local clusters require their token on REST calls.
-        headers["Authorization"] = f"Bearer {token_file.read_text().strip()}"
+    token = _ray_token()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url.rstrip("/") + path, data=data, method=method, headers=headers)
     try:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def test_up_down_round_trip(tmp_path: Path) -> None:
+def test_up_down_round_trip(tmp_path: Path, base_model_dir: Path) -> None:
     gcs, dash, agent = free_port(), free_port(), free_port()
     (tmp_path / "rayloop.yaml").write_text(
         f"ray:\n  port: {gcs}\n  dashboard_port: {dash}\n  dashboard_agent_port: {agent}\n  num_cpus: 1\n"
@@ -58,21 +59,25 @@ def test_up_down_round_trip(tmp_path: Path) -> None:
             "import ray, rayloop; from rayloop.config import load_settings; s = load_settings(); "
             "print(6 * 7, s.storage_root, s.registry_url)"
         )
-        job = subprocess.run(
-            [
-                str(Path(sys.executable).with_name("ray")),
-                "job",
-                "submit",
-                f"--address=http://127.0.0.1:{dash}",
-                "--working-dir",
-                ".",
-                "--",
-                "python",
-                "-c",
-                probe_job,
-            ],
+        # Ray's token authentication is on: the token file is the owner's alone, and a client without it
+        # is refused.
+        token = Path(state["auth_token_path"])
+        assert token.is_file() and (token.stat().st_mode & 0o777) == 0o600
+        submit = f"ray job submit --working-dir . -- python -c {shlex.quote(probe_job)}"
+        bare = subprocess.run(
+            ["bash", "-c", f"RAY_API_SERVER_ADDRESS=http://127.0.0.1:{dash} RAY_AUTH_MODE=disabled {submit}"],
             cwd=tmp_path,
-            env={**env, "RAY_AUTH_MODE": "disabled"},
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert bare.returncode != 0 and "42" not in bare.stdout, bare.stdout + bare.stderr
+        # As the README shows it: the exports from `rayloop env`, then `ray job submit`.
+        job = subprocess.run(
+            ["bash", "-c", f'set -e; eval "$(rayloop env)"; {submit}'],
+            cwd=tmp_path,
+            env={**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"},
             capture_output=True,
             text=True,
             timeout=180,
@@ -80,6 +85,23 @@ def test_up_down_round_trip(tmp_path: Path) -> None:
         assert job.returncode == 0 and "succeeded" in job.stdout, job.stdout + job.stderr
         home = tmp_path / ".rayloop"
         assert f"42 {home / 'storage'} sqlite:///{home / 'registry.db'}" in job.stdout, job.stdout
+        # The README's pipeline job, exactly: it runs rayloop's pipeline against this head's registry (where
+        # demo@production is) and store (no feedback yet), and stops there, failing closed with what to do.
+        for args in (["models", "register", "demo", str(base_model_dir)], ["models", "alias", "demo", "production", "1"]):
+            r = subprocess.run([*cmd, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+            assert r.returncode == 0, r.stdout + r.stderr
+        pipeline = subprocess.run(
+            ["bash", "-c", 'eval "$(rayloop env)"\nray job submit --working-dir . -- python -m train_jobs.pipeline'],
+            cwd=tmp_path,
+            env={**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert pipeline.returncode != 0, pipeline.stdout + pipeline.stderr
+        assert "only 0 feedback rows for model 'demo'" in pipeline.stdout + pipeline.stderr, (
+            pipeline.stdout[-3000:] + pipeline.stderr[-3000:]
+        )
     finally:
         down = subprocess.run([*cmd, "down"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0 and "stopped" in down.stdout

@@ -29,3 +29,24 @@ def test_a_relative_storage_root_is_made_absolute(tmp_path: Path, monkeypatch: p
     assert head_env(settings, {})["RAYLOOP_STORAGE"] == str(tmp_path / "data" / "store")
     s3 = load_settings(env={}, overrides={"storage": {"root": "s3://bucket/rl"}})
     assert head_env(s3, {})["RAYLOOP_STORAGE"] == "s3://bucket/rl"
+
+
+def test_the_head_keeps_rays_token_auth_on_with_an_owner_only_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rayloop.cluster import ClusterState, ensure_auth_token
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(env={})
+    token = ensure_auth_token(settings)
+    assert token == tmp_path / ".rayloop" / "ray-auth-token" and (token.stat().st_mode & 0o777) == 0o600
+    first = token.read_text()
+    assert len(first) >= 32 and ensure_auth_token(settings).read_text() == first  # kept across `up`s
+    # Whatever the caller's shell says, the head gets token mode and the token file (and no stray token).
+    env = head_env(settings, {"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "someone-else"}, token=token)
+    assert (env["RAY_AUTH_MODE"], env["RAY_AUTH_TOKEN_PATH"]) == ("token", str(token))
+    assert "RAY_AUTH_TOKEN" not in env
+    assert head_env(settings, {"RAY_AUTH_TOKEN_PATH": "x"})["RAY_AUTH_MODE"] == "disabled"  # ray.auth: disabled
+    assert settings.ray.auth == "token"
+    state = ClusterState(pid=1, address="a", dashboard_url="u", temp_dir="t", started_at=0, auth_token_path=str(token))
+    assert state.auth_env() == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
