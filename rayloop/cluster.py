@@ -103,6 +103,20 @@ def _wait_for_gcs(address: str, log: Path, proc: subprocess.Popen[bytes], timeou
     raise ClusterError(f"Ray head did not come up within {timeout:.0f}s; see {log}")
 
 
+def use_auth(env: dict[str, str]) -> None:
+    """Put Ray auth variables in this process's environment and make Ray read them again (it caches its
+    config and token when ``ray`` is imported)."""
+    os.environ.update(env)
+    if env.get("RAY_AUTH_MODE") != "token":
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+    except ImportError:  # an older Ray without token auth: nothing cached
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def ensure_auth_token(settings: Settings) -> Path:
     """``$RAYLOOP_HOME/ray-auth-token``, created (owner-only) with a new random token if it is missing."""
     path = settings.home_path / TOKEN_FILE
@@ -256,7 +270,7 @@ def drain(settings: Settings, address: str, timeout_s: float = 120.0) -> None:
         if not ray.is_initialized():
             state = read_state(settings)
             if state is not None and state.address == address:
-                os.environ.update(state.auth_env())
+                use_auth(state.auth_env())
             else:
                 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
             ray.init(address=address, log_to_driver=False)
@@ -299,7 +313,7 @@ def connect(settings: Settings, **init_kwargs: Any) -> Any:
     address = address_for(settings)
     state = None if settings.ray.address else read_state(settings)
     if state is not None:
-        os.environ.update(state.auth_env())  # the head `rayloop up` started: its token, whatever the caller set
+        use_auth(state.auth_env())  # the head `rayloop up` started: its token, whatever the caller set
     else:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     init_kwargs.setdefault("log_to_driver", False)

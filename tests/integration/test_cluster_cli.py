@@ -37,7 +37,10 @@ def test_up_down_round_trip(tmp_path: Path, base_model_dir: Path) -> None:
         assert state["address"] == f"127.0.0.1:{gcs}"
         # The CLI has exited; the head is still there and its dashboard answers.
         assert _group_alive(state["pid"])
-        r = httpx.get(f"http://127.0.0.1:{dash}/api/version", timeout=10)
+        # Its dashboard answers, to the holder of the head's token only.
+        assert httpx.get(f"http://127.0.0.1:{dash}/api/version", timeout=10).status_code == 401
+        bearer = {"Authorization": f"Bearer {Path(state['auth_token_path']).read_text().strip()}"}
+        r = httpx.get(f"http://127.0.0.1:{dash}/api/version", headers=bearer, timeout=10)
         assert r.status_code == 200 and r.json()["ray_version"]
         # A second `up` reports the running head instead of starting another.
         again = subprocess.run([*cmd, "up"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
