@@ -80,7 +80,7 @@ class Storage:
     def exists(self, key: str) -> bool:
         import pyarrow.fs as pafs
 
-        return self.fs.get_file_info(self.path(key)).type != pafs.FileType.NotFound
+        return bool(self.fs.get_file_info(self.path(key)).type != pafs.FileType.NotFound)
 
     def makedirs(self, key: str) -> None:
         self.fs.create_dir(self.path(key), recursive=True)

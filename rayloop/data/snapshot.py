@@ -75,7 +75,7 @@ def _latest_snapshot(st: Storage) -> str:
         raise NotFoundError(
             f"no snapshot in {st.uri}/{SNAPSHOTS_DIR}", hint="Make one with `rayloop data preprocess`."
         )
-    return max(infos)[1]
+    return str(max(infos)[1])
 
 
 def read_manifest(settings: Settings, snapshot_id: str) -> dict[str, Any]:

@@ -62,7 +62,10 @@ def load_engine_cls(path: str | None) -> type[Engine]:
         raise ConfigError(
             f"engine_cls {path!r} cannot be imported: {e}", hint="Use 'package.module:ClassName'."
         ) from None
-    return cls
+    if not isinstance(cls, type):
+        raise ConfigError(f"engine_cls {path!r} is not a class", hint="Use 'package.module:ClassName'.")
+    engine_cls: type[Engine] = cls  # the Engine protocol: checked by use (it is not runtime-checkable)
+    return engine_cls
 
 
 def resolve_model_dir(cfg: ModelConfig, settings: Settings) -> str:

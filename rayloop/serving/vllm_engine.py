@@ -135,7 +135,8 @@ class VLLMEngine:
 
         from rayloop.serving.cpu_env import cpu_engine_env_applied
 
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(_engine_argv(model_dir, settings, served_names))
+        parser = make_arg_parser(FlexibleArgumentParser())  # type: ignore[no-untyped-call]
+        args = parser.parse_args(_engine_argv(model_dir, settings, served_names))
         engine_args = AsyncEngineArgs.from_cli_args(args)
 
         def build() -> Any:
