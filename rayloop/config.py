@@ -557,6 +557,11 @@ class Settings(_Model):
         return Path(self.home).expanduser().absolute()
 
     @property
+    def base_model_path(self) -> Path:
+        """Where `rayloop init` builds the base model (the default parent to train from)."""
+        return self.home_path / "base-model"
+
+    @property
     def storage_root(self) -> str:
         assert self.storage.root is not None  # filled by the validator
         return self.storage.root

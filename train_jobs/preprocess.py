@@ -37,9 +37,10 @@ def main(argv: list[str]) -> dict[str, Any]:
     )
     settings = settings_from(ns)
 
-    from rayloop.data.cli import parse_since, resolve_parent
     from rayloop.data.preprocess import preprocess
     from rayloop.data.replay import ReplaySource, replay_for_model_dir
+    from rayloop.data.sources import parse_since
+    from rayloop.registry.parent import resolve_parent
 
     model_dir, model_name = resolve_parent(settings, args.model, args.base)
     replay: ReplaySource | None = None

@@ -64,7 +64,7 @@ def parse(argv: list[str]) -> tuple[RetrainArgs, Settings]:
 
 def main(argv: list[str]) -> dict[str, Any]:
     args, settings = parse(argv)
-    from rayloop.training.cli import run_train
+    from rayloop.training.candidate import run_train
 
     return run_train(
         settings,

@@ -2,46 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from pathlib import Path
-from typing import Any
-
 import click
-
-from rayloop.errors import ConfigError
-
-
-def parse_since(value: str | None) -> datetime | None:
-    """ISO date or datetime (``2026-01-31``, ``2026-01-31T12:00:00+00:00``); naive means UTC."""
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(
-            f"--since {value!r} is not an ISO date or datetime", hint="Use e.g. 2026-01-31 or 2026-01-31T12:00:00Z."
-        ) from None
-
-
-def resolve_parent(settings: Any, model: str | None, base: str | None) -> tuple[Path, str | None]:
-    """The parent model directory: an explicit path, a registry ref, or the demo base model."""
-    if base and Path(base).is_dir():
-        return Path(base), model
-    if base:
-        from rayloop.registry import Registry
-
-        reg = Registry.from_settings(settings)
-        mv = reg.resolve(base)
-        return reg.fetch(base), model or mv.name
-    from rayloop.demo.setup import base_model_dir
-
-    d = base_model_dir(settings)
-    if not (d / "config.json").is_file():
-        raise ConfigError(
-            f"no parent model given and no demo base model in {str(d)!r}",
-            hint="Pass --base NAME@REF (a registry version) or a model directory, or run `rayloop init`.",
-        )
-    return d, model
 
 
 @click.group()
@@ -70,6 +31,8 @@ def preprocess_cmd(
     from rayloop.clisupport import print_json, settings
     from rayloop.data.preprocess import preprocess
     from rayloop.data.replay import ReplaySource, replay_for_model_dir
+    from rayloop.data.sources import parse_since
+    from rayloop.registry.parent import resolve_parent
 
     s = settings(ctx)
     model_dir, model_name = resolve_parent(s, model_name, base)

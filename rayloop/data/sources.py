@@ -15,7 +15,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from rayloop.errors import ConfigError
 from rayloop.storage import Storage
+
+
+def parse_since(value: str | None) -> datetime | None:
+    """ISO date or datetime (``2026-01-31``, ``2026-01-31T12:00:00+00:00``); naive means UTC."""
+    if value is None:
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(
+            f"--since {value!r} is not an ISO date or datetime", hint="Use e.g. 2026-01-31 or 2026-01-31T12:00:00Z."
+        ) from None
 
 
 @dataclass

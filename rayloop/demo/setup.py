@@ -12,7 +12,7 @@ from rayloop.demo.world import World
 
 
 def base_model_dir(settings: Settings) -> Path:
-    return settings.home_path / "base-model"
+    return settings.base_model_path
 
 
 def init_base_model(

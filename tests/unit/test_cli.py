@@ -221,19 +221,19 @@ def test_data_preprocess_and_train_write_their_json_on_stdout(monkeypatch: pytes
     """`--json` output is the only thing on stdout (piping to jq works), for the data and train commands too."""
     from types import SimpleNamespace
 
-    import rayloop.data.cli as data_cli
     import rayloop.data.preprocess as preprocess_mod
-    import rayloop.training.cli as train_cli
+    import rayloop.registry.parent as parent_mod
+    import rayloop.training.candidate as candidate_mod
 
     monkeypatch.setenv("RAYLOOP_HOME", str(tmp_path))
-    monkeypatch.setattr(data_cli, "resolve_parent", lambda s, name, base: (str(tmp_path), "demo"))
+    monkeypatch.setattr(parent_mod, "resolve_parent", lambda s, name, base: (str(tmp_path), "demo"))
     info = SimpleNamespace(manifest={"snapshot_id": "abc"}, counts={}, snapshot_id="abc", reused=False, uri="u")
     monkeypatch.setattr(preprocess_mod, "preprocess", lambda *a, **k: info)
     r = CliRunner().invoke(cli, ["data", "preprocess", "--no-replay", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == {"snapshot_id": "abc"}
 
-    monkeypatch.setattr(train_cli, "run_train", lambda *a, **k: {"registered": 2})
+    monkeypatch.setattr(candidate_mod, "run_train", lambda *a, **k: {"registered": 2})
     r = CliRunner().invoke(cli, ["train", "--snapshot", "abc", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout) == {"registered": 2}

@@ -52,3 +52,13 @@ def test_rollout_reaches_serve_only_through_serving() -> None:
     for f in (ROOT / "rollout").rglob("*.py"):
         src = f.read_text()
         assert "deploy_apps" not in src and "/api/serve/applications" not in src, f
+
+
+def test_jobs_and_library_code_never_import_a_cli_module() -> None:
+    """CLI modules parse and print; what they run lives in the library, which jobs call directly."""
+    sources = [*(ROOT.parent / "train_jobs").glob("*.py"), *(f for f in ROOT.rglob("*.py") if f.name != "cli.py")]
+    for f in sources:
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                mod = node.module
+                assert not (mod == "rayloop.cli" or mod.endswith(".cli")), f"{f} imports {mod}"
