@@ -319,6 +319,14 @@ class ServingSettings(_Model):
         return f"http://{self.http_host}:{self.http_port}{self.route_prefix.rstrip('/')}"
 
 
+class ExternalData(_Model):
+    path: str = Field(description="A JSONL or Parquet file of chat, prompt/completion or question/answer records "
+                      "(local path or object-store URI).")
+    weight: float = Field(
+        default=1.0, ge=0, description="Rows of this file mixed in per captured training row (sampled by content hash)."
+    )
+
+
 class DataSettings(_Model):
     unrated: UnratedPolicy = Field(default=UnratedPolicy.DROP, description="What to do with rows nobody rated.")
     min_positive_rating: int = Field(default=1, description="Ratings >= this keep the completion; below drop the row.")
@@ -330,6 +338,11 @@ class DataSettings(_Model):
     )
     max_tokens: int = Field(default=256, ge=8, description="Drop rows longer than this many tokens after tokenization.")
     block_size: int = Field(default=64, ge=8, description="Packed training block length in tokens.")
+    external: list[ExternalData] = Field(
+        default_factory=list,
+        description="Training data beside the captured interactions, each file with its mixing weight; recorded "
+        "in the snapshot's manifest (path, fingerprint, rows used).",
+    )
     retention_days: int | None = Field(
         default=None,
         ge=1,
@@ -387,6 +400,11 @@ class GateSettings(_Model):
     protect: list[str] = Field(
         default=["known_facts", "regression"],
         description="Evaluation sets that must not regress beyond max_regression.",
+    )
+    eval_sets: list[str] = Field(
+        default_factory=list,
+        description="Evaluation set files (JSON Lines of {prompt, reference, match, target}; local or object "
+        "storage), each a set named after its file, judged beside the sets stored under evalsets/<model>/.",
     )
     max_tokens: int = Field(default=32, ge=1, description="Tokens generated per evaluation prompt (greedy decoding).")
     eval_num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved by each Ray Data inference actor.")

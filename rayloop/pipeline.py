@@ -201,7 +201,12 @@ def run_pipeline(
         from rayloop.data.governance import prune
 
         pruned = {table: len(parts) for table, parts in prune(settings).partitions.items()}
-    listing = _listing(st, INTERACTIONS_DIR) + _listing(st, FEEDBACK_DIR)
+    listing: list[tuple[str, int | str]] = [*_listing(st, INTERACTIONS_DIR), *_listing(st, FEEDBACK_DIR)]
+    if settings.data.external:  # a changed external file is a new input, even under the same path
+        from rayloop.data.records import pairs_fingerprint, read_pairs
+
+        s3 = settings.storage.s3_endpoint
+        listing += [(e.path, pairs_fingerprint(read_pairs(e.path, s3_endpoint=s3))) for e in settings.data.external]
     inputs = hashlib.sha256(json.dumps(listing).encode()).hexdigest()
     n_feedback = count_feedback(st, cfg.model)
     if n_feedback < cfg.min_feedback:

@@ -177,7 +177,7 @@ def _in_subprocess(side: str, home: Path, model_dir: Path) -> dict[str, Any]:
 def run_size(n: int, model_dir: Path) -> dict[str, Any]:
     from rayloop.config import load_settings
     from rayloop.data.snapshot import storage_of
-    from rayloop.data.synthetic import write_interactions
+    from rayloop.demo.synthetic import write_interactions
     from rayloop.demo.world import World
 
     home = Path(tempfile.mkdtemp(prefix="bench-data-"))

@@ -64,7 +64,7 @@ def run_size(n: int, model_dir: Path) -> None:
     from rayloop.config import load_settings
     from rayloop.data.preprocess import preprocess
     from rayloop.data.snapshot import storage_of
-    from rayloop.data.synthetic import write_interactions
+    from rayloop.demo.synthetic import write_interactions
     from rayloop.demo.world import World
 
     home = Path(tempfile.mkdtemp(prefix="bench-wmem-"))

@@ -56,7 +56,7 @@ def main() -> None:
     from rayloop.data.preprocess import preprocess
     from rayloop.data.replay import ReplaySource
     from rayloop.data.snapshot import parquet_files, snapshot_key, storage_of
-    from rayloop.data.synthetic import write_interactions
+    from rayloop.demo.synthetic import write_interactions
     from rayloop.demo.world import World
     from rayloop.training.retrain import retrain
 

@@ -43,6 +43,7 @@ from rayloop.data import transforms as T
 from rayloop.data.format import TokenizerRef, tokenizer_facts, tokenizer_fingerprint
 from rayloop.data.pii import PII_KINDS
 from rayloop.data.policy import KEPT_LABELS, LABELS
+from rayloop.data.records import read_pairs
 from rayloop.data.replay import ReplaySource, rank_key, sample_pairs
 from rayloop.data.schema import FEEDBACK_DIR, INTERACTIONS_DIR, SNAPSHOTS_DIR
 from rayloop.data.snapshot import (
@@ -262,11 +263,23 @@ def preprocess(
         replay_ds, replay_info = _replay(settings, st, replay, sides["train"], tok, exclude=eval_questions)
         if replay_ds is not None:
             pairs = pairs.union(replay_ds)
+        external_info = []
+        for ext in ds_cfg.external:
+            source = ReplaySource.from_pairs(
+                read_pairs(ext.path, s3_endpoint=settings.storage.s3_endpoint), name=f"external:{ext.path}"
+            )
+            ext_ds, info = _replay(
+                settings, st, source, sides["train"], tok, exclude=eval_questions, ratio=ext.weight, label="external"
+            )
+            external_info.append({"path": ext.path, "weight": ext.weight, **info})
+            if ext_ds is not None:
+                pairs = pairs.union(ext_ds)
         pairs.select_columns(["split", *PAIR_COLUMNS, "input_ids", "labels"]).write_parquet(
             st.path(f"{staging}/pairs"), filesystem=st.fs, partition_cols=["split"]
         )
         by_side = _value_counts(st, f"{staging}/pairs", "source")
         counts["replay_rows"] = replay_info["used"] = by_side.get("replay", 0)
+        counts["external_rows"] = by_side.get("external", 0)
         for split in SPLITS:
             counts[f"{split}_pairs"] = _num_rows(st, f"{staging}/pairs/split={split}")
 
@@ -331,6 +344,7 @@ def preprocess(
             "counts": counts,
             "pii_removed": {**pii, "rows": pii_rows},
             "replay": replay_info,
+            "external": external_info,
             "tokenizer": {
                 "fingerprint": tok_fp,
                 "source": str(model_dir),
@@ -435,8 +449,12 @@ def _replay(
     n_train: int,
     tok: Any,
     exclude: set[str] | None = None,
+    *,
+    ratio: float | None = None,
+    label: str = "replay",
 ) -> tuple[Any, dict[str, Any]]:
-    """A lazy dataset of ``replay_ratio * n_train`` replay rows (deterministic sample), and its description.
+    """A lazy dataset of ``ratio * n_train`` rows of ``replay`` (deterministic sample; ``ratio`` defaults to
+    ``data.replay_ratio``), labelled ``label`` in the pairs' ``source`` column, and its description.
 
     Rows whose normalised question is in ``exclude`` (the eval split's) are never replayed.
     """
@@ -444,7 +462,7 @@ def _replay(
     import pyarrow as pa
     import ray.data
 
-    ratio = settings.data.replay_ratio
+    ratio = settings.data.replay_ratio if ratio is None else ratio
     info: dict[str, Any] = {"kind": None, "ratio": ratio, "requested": 0, "used": 0}
     if replay is None:
         return None, info
@@ -457,7 +475,7 @@ def _replay(
         chosen = sample_pairs([p for p in replay.pairs if T.normalise(p[0]) not in exclude], want)
         table = pa.table(
             {
-                "request_id": [f"replay:{rank_key(q, a)[:16]}" for q, a in chosen],
+                "request_id": [f"{label}:{rank_key(q, a)[:16]}" for q, a in chosen],
                 "question": [q for q, _ in chosen],
                 "response": [a for _, a in chosen],
             }
@@ -478,6 +496,6 @@ def _replay(
             .filter(lambda r: T.normalise(r["question"] or "") not in exclude)
         )
     rows = src.map_batches(
-        _fn(T.tokenize_rows), fn_args=(tok, settings.data.max_tokens, "replay"), batch_format="pyarrow"
+        _fn(T.tokenize_rows), fn_args=(tok, settings.data.max_tokens, label), batch_format="pyarrow"
     ).filter(lambda r: not r["too_long"])
     return rows, info

@@ -4,8 +4,9 @@ Fine-tuning a small model on new interactions alone makes it forget what it
 knew; mixing in rows it was trained on before guards against that. A replay
 source is either
 
-- a list of ``(question, answer)`` pairs (for the demo base model, its
-  pre-training set: :meth:`ReplaySource.from_model_dir` reads ``world.json``), or
+- a list of ``(question, answer)`` pairs: a model directory's ``replay.jsonl``
+  (:meth:`ReplaySource.from_model_dir`; records as :mod:`rayloop.data.records`
+  reads them: the demo base model ships its pre-training set there), or
 - a previous snapshot, whose ``train/pairs`` are sampled (the data the parent
   version was fine-tuned on).
 
@@ -28,6 +29,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from rayloop.errors import DataError
+
+REPLAY_FILE = "replay.jsonl"  # in a model directory: records of what the model was trained on
 
 
 class ReplaySource(BaseModel):
@@ -54,13 +57,13 @@ class ReplaySource(BaseModel):
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path) -> ReplaySource | None:
-        """The demo base model's pre-training pairs (``world.json``), or None for other models."""
-        from rayloop.demo.world import World
+        """The pairs a model directory ships in ``replay.jsonl`` (what it was trained on), or None."""
+        from rayloop.data.records import read_pairs
 
-        p = Path(model_dir) / "world.json"
+        p = Path(model_dir) / REPLAY_FILE
         if not p.is_file():
             return None
-        return cls.from_pairs(World.from_json(p.read_text()).pretraining_pairs(), name=f"pretraining:{model_dir}")
+        return cls.from_pairs(read_pairs(str(p.absolute())), name=f"{REPLAY_FILE}:{model_dir}")
 
     def fingerprint(self) -> str:
         if self.kind == "snapshot":
@@ -91,7 +94,7 @@ def sample_pairs(pairs: list[tuple[str, str]], n: int) -> list[tuple[str, str]]:
 
 
 def replay_for_model_dir(model_dir: str | Path) -> ReplaySource | None:
-    """The parent's own training data: the snapshot it was fine-tuned on, else the demo pre-training set."""
+    """The parent's own training data: the snapshot it was fine-tuned on, else the pairs it ships."""
     p = Path(model_dir) / "rayloop_training.json"
     if p.is_file():
         sid = json.loads(p.read_text()).get("snapshot_id")

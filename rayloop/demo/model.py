@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rayloop.data.records import write_pairs_jsonl
+from rayloop.data.replay import REPLAY_FILE
 from rayloop.demo.world import World
 
 if TYPE_CHECKING:
@@ -203,6 +205,9 @@ def build_base_model(
     model.save_pretrained(str(out), safe_serialization=True)
     tok.save_pretrained(str(out))
     (out / "world.json").write_text(world.to_json())
+    # What it was trained on, as plain records: retraining replays them (rayloop.data.replay) without
+    # knowing about the demo.
+    (out / REPLAY_FILE).write_bytes(write_pairs_jsonl(world.pretraining_pairs()))
     info = {
         "spec": asdict(spec),
         "world_fingerprint": world.fingerprint(),
@@ -244,7 +249,7 @@ def finetune(
     model.save_pretrained(str(out), safe_serialization=True)
     # Fine-tuning leaves the tokenizer as it was: copy its files rather than re-saving them, so the
     # result stays byte-compatible with its base (in-place weight swaps compare tokenizer files).
-    for name in (*COPY_FROM_BASE, "world.json"):
+    for name in (*COPY_FROM_BASE, "world.json", REPLAY_FILE):
         if (Path(base_dir) / name).is_file():
             shutil.copy(Path(base_dir) / name, out / name)
     return losses

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rayloop.config import Settings
 from rayloop.demo.model import ModelSpec, build_base_model
 from rayloop.demo.world import World
+from rayloop.evaluation.evalset import EvalItem
 
 
 def base_model_dir(settings: Settings) -> Path:
@@ -60,7 +61,7 @@ def init_base_model(
 def save_demo_eval_sets(settings: Settings, model_dir: str | Path, model: str = "demo") -> list[str]:
     """Store the demo world's fixed evaluation sets for ``model`` (what `rayloop eval` and the gate read):
     held-out phrasings of new and known facts, and golden prompts. Returns the set names."""
-    from rayloop.evaluation.evalset import demo_eval_sets, save_eval_set
+    from rayloop.evaluation.evalset import save_eval_set
     from rayloop.storage import Storage
 
     world = World.from_json((Path(model_dir) / "world.json").read_text())
@@ -70,3 +71,17 @@ def save_demo_eval_sets(settings: Settings, model_dir: str | Path, model: str = 
         save_eval_set(storage, model, name, items)
     return sorted(sets)
 
+
+def demo_eval_sets(world: World, n_golden: int = 3) -> dict[str, list[EvalItem]]:
+    """Held-out phrasings of new facts (to improve) and known facts (to keep), plus golden prompts."""
+
+    def items(split: Literal["known", "new"], name: str) -> list[EvalItem]:
+        out = []
+        for q in world.eval_questions(split):
+            fact = world.fact(q.fact_id)
+            out.append(EvalItem(name, q.prompt, q.answer, "word", fact.answer()))
+        return out
+
+    known = items("known", "known_facts")
+    golden = [EvalItem("golden", i.prompt, i.reference, "word", i.target) for i in known[:n_golden]]
+    return {"new_facts": items("new", "new_facts"), "known_facts": known, "golden": golden}

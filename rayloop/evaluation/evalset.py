@@ -9,7 +9,10 @@ answer used for loss/perplexity). They come from three places:
 - fixed sets stored per model under ``evalsets/<model>/<set>.jsonl`` in
   storage: the regression set (what must not be forgotten) and golden prompts
   (each must pass);
-- for the demo task, the world's held-out phrasings of new and known facts.
+- files named in ``gate.eval_sets`` (JSON Lines, one item a line; the set is named after the file).
+
+Sets from storage and files are written by operators; ``eval_split`` is drawn from user feedback, so
+the gate never accepts on it alone (:data:`FEEDBACK_SETS`).
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from rayloop.demo.world import World
 from rayloop.errors import EvaluationError
 from rayloop.storage import Storage
 
 Match = Literal["word", "exact", "contains"]
 EVALSETS_DIR = "evalsets"
+FEEDBACK_SETS = frozenset({"eval_split"})  # drawn from what users sent: they could steer it
 
 
 @dataclass(frozen=True)
@@ -42,21 +45,6 @@ class EvalItem:
         if self.match == "contains":
             return self.reference.strip() in out
         return re.search(rf"\b{re.escape(self.reference)}\b", out) is not None
-
-
-def demo_eval_sets(world: World, n_golden: int = 3) -> dict[str, list[EvalItem]]:
-    """Held-out phrasings of new facts (to improve) and known facts (to keep), plus golden prompts."""
-
-    def items(split: Literal["known", "new"], name: str) -> list[EvalItem]:
-        out = []
-        for q in world.eval_questions(split):
-            fact = world.fact(q.fact_id)
-            out.append(EvalItem(name, q.prompt, q.answer, "word", fact.answer()))
-        return out
-
-    known = items("known", "known_facts")
-    golden = [EvalItem("golden", i.prompt, i.reference, "word", i.target) for i in known[:n_golden]]
-    return {"new_facts": items("new", "new_facts"), "known_facts": known, "golden": golden}
 
 
 def save_eval_set(storage: Storage, model: str, name: str, items: list[EvalItem]) -> str:
@@ -84,4 +72,40 @@ def load_eval_sets(storage: Storage, model: str) -> dict[str, list[EvalItem]]:
                     hint='Each line must be JSON like {"set": "golden", "prompt": "...", "reference": "..."}.',
                 ) from None
         out[name] = items
+    return out
+
+
+def _parse_items(text: str, name: str, where: str) -> list[EvalItem]:
+    items = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict):
+                raise TypeError(f"a JSON object, not {type(rec).__name__}")
+            rec.setdefault("set", name)
+            items.append(EvalItem(**rec))
+        except (ValueError, TypeError) as e:
+            raise EvaluationError(
+                f"evaluation set {where!r} line {n} is not a valid item: {e}",
+                hint='Each line must be JSON like {"prompt": "...", "reference": "..."} (match, target optional).',
+            ) from None
+    if not items:
+        raise EvaluationError(f"evaluation set {where!r} holds no items", hint="Give at least one item a line.")
+    return items
+
+
+def load_eval_set_files(paths: list[str], s3_endpoint: str | None = None) -> dict[str, list[EvalItem]]:
+    """``gate.eval_sets``: each JSONL file (local or object storage) as a set named after the file."""
+    import posixpath
+
+    out: dict[str, list[EvalItem]] = {}
+    for path in paths:
+        st = Storage(posixpath.dirname(path) or ".", s3_endpoint=s3_endpoint)
+        fname = posixpath.basename(path)
+        if not st.exists(fname):
+            raise EvaluationError(f"evaluation set file {path!r} does not exist", hint="Fix gate.eval_sets.")
+        name = fname.removesuffix(".jsonl")
+        out[name] = _parse_items(st.read_bytes(fname).decode("utf-8"), name, path)
     return out

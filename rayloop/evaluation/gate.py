@@ -178,6 +178,22 @@ def decide(candidate: dict[str, Any], production: dict[str, Any], policy: GateSe
         checks.append({"check": "golden", "passed": g["correct"], "total": g["n"], "ok": ok})
         if not ok:
             reasons.append(f"{g['n'] - g['correct']} of {g['n']} golden prompts failed")
+    # Never accept on data users wrote alone: a set from the operator (stored, a gate.eval_sets file, the
+    # golden prompts) must take part in a passing check.
+    from rayloop.evaluation.evalset import FEEDBACK_SETS
+
+    def operator_sets(check: dict[str, Any]) -> set[str]:
+        names = set(check.get("sets", [])) | ({check["set"]} if "set" in check else set())
+        if check["check"] == "golden":
+            names.add("golden")
+        return names - FEEDBACK_SETS
+
+    if not any(c["ok"] and operator_sets(c) for c in checks):
+        reasons.append(
+            "no evaluation set users cannot write (a regression, golden or held-out set stored under evalsets/ "
+            "or named in gate.eval_sets) passed a check: the candidate was judged only on data drawn from "
+            "feedback, which users could have steered"
+        )
     decision = ACCEPTED if not reasons else REJECTED
     if decision == ACCEPTED:
         reasons.append("all gate checks passed")
@@ -204,7 +220,7 @@ def run_gate(
     actor: str = "gate",
 ) -> dict[str, Any]:
     """Evaluate ``candidate`` against ``against`` (default: NAME@production) and record the decision."""
-    from rayloop.evaluation.evalset import load_eval_sets
+    from rayloop.evaluation.evalset import load_eval_set_files, load_eval_sets
     from rayloop.registry import Registry
     from rayloop.storage import Storage
 
@@ -213,6 +229,7 @@ def run_gate(
     prod = reg.resolve(against or f"{cand.name}@production")
     storage = Storage(settings.storage_root, s3_endpoint=settings.storage.s3_endpoint)
     sets = load_eval_sets(storage, cand.name)
+    sets.update(load_eval_set_files(settings.gate.eval_sets, settings.storage.s3_endpoint))
     sets.update(extra_sets or {})
     # The candidate first, on a fresh engine; production is then swapped into the same engine when a
     # fresh engine's golden answers for it are on record (it was served), and checked against them.

@@ -17,7 +17,7 @@ from rayloop.config import Settings, load_settings
 from rayloop.data.preprocess import preprocess
 from rayloop.data.replay import ReplaySource
 from rayloop.data.snapshot import read_pairs, storage_of
-from rayloop.data.synthetic import simulate, write_rows
+from rayloop.demo.synthetic import simulate, write_rows
 from rayloop.demo.world import World
 from rayloop.errors import DataError, EmptyDatasetError
 

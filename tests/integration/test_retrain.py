@@ -17,8 +17,8 @@ from rayloop.config import Settings, load_settings
 from rayloop.data.preprocess import SnapshotInfo, preprocess
 from rayloop.data.replay import ReplaySource
 from rayloop.data.snapshot import storage_of
-from rayloop.data.synthetic import write_interactions
 from rayloop.demo.model import greedy_answers
+from rayloop.demo.synthetic import write_interactions
 from rayloop.demo.world import World
 from rayloop.training.retrain import RetrainResult, retrain
 

@@ -18,9 +18,10 @@ import pytest
 
 from rayloop.config import load_settings
 from rayloop.data.snapshot import storage_of
-from rayloop.data.synthetic import write_interactions
+from rayloop.demo.setup import demo_eval_sets
+from rayloop.demo.synthetic import write_interactions
 from rayloop.demo.world import World
-from rayloop.evaluation.evalset import demo_eval_sets, save_eval_set
+from rayloop.evaluation.evalset import save_eval_set
 from tests.integration.serving_util import free_port
 
 REPO = Path(__file__).resolve().parents[2]

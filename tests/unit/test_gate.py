@@ -3,8 +3,9 @@ import json
 from typing import Any
 
 from rayloop.config import GateSettings
+from rayloop.demo.setup import demo_eval_sets
 from rayloop.demo.world import World
-from rayloop.evaluation.evalset import EvalItem, demo_eval_sets, load_eval_sets, save_eval_set
+from rayloop.evaluation.evalset import EvalItem, load_eval_sets, save_eval_set
 from rayloop.evaluation.gate import ACCEPTED, REJECTED, decide
 from rayloop.evaluation.inference import LoadReport, VLLMPredictor
 from rayloop.storage import Storage
@@ -151,3 +152,36 @@ def test_report_sums_the_rows_shares_of_inference_time(monkeypatch: Any) -> None
     rep = _report([{k: out[k][n] for k in out} for n in range(4)], 0, Path("a"), "demo@1")
     assert rep["seconds"] == 1.0 and rep["items_per_s"] == 4.0
     assert rep["sets"]["new_facts"]["n"] == 4 and rep["engine"][0]["mode"] == "fresh"
+
+
+def test_a_candidate_judged_only_on_feedback_data_is_rejected() -> None:
+    """eval_split comes from user feedback: users could steer it. Some operator set must pass a check."""
+    policy = GateSettings(improve_on=["eval_split"], protect=[])
+    d = decide(_report(eval_split=1.0), _report(eval_split=0.0), policy)
+    assert d["decision"] == REJECTED and any("users cannot write" in r for r in d["reasons"]), d["reasons"]
+    # The same gain with a regression set (written by the operator) that holds: accepted.
+    protected = GateSettings(improve_on=["eval_split"], protect=["regression"])
+    ok = decide(_report(eval_split=1.0, regression=1.0), _report(eval_split=0.0, regression=1.0), protected)
+    assert ok["decision"] == ACCEPTED, ok["reasons"]
+    # Golden prompts count as an operator set too.
+    golden = decide(_report(eval_split=1.0, golden=1.0), _report(eval_split=0.0), policy)
+    assert golden["decision"] == ACCEPTED, golden["reasons"]
+
+
+def test_eval_sets_from_files_are_named_after_them(tmp_path: Any) -> None:
+    import pytest
+
+    from rayloop.errors import EvaluationError
+    from rayloop.evaluation.evalset import load_eval_set_files
+
+    f = tmp_path / "regression.jsonl"
+    f.write_text('{"prompt": "Who rules Voubos?", "reference": "Queen"}\n\n{"prompt": "x", "reference": "y", "match": "exact"}\n')
+    sets = load_eval_set_files([str(f)])
+    assert list(sets) == ["regression"] and [i.set for i in sets["regression"]] == ["regression"] * 2
+    assert sets["regression"][1].match == "exact"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "reference": "y"}\n{"prompt": "x"}\n')
+    with pytest.raises(EvaluationError, match="line 2"):
+        load_eval_set_files([str(bad)])
+    with pytest.raises(EvaluationError, match="does not exist"):
+        load_eval_set_files([str(tmp_path / "missing.jsonl")])

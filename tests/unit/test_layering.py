@@ -62,3 +62,10 @@ def test_jobs_and_library_code_never_import_a_cli_module() -> None:
             if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 mod = node.module
                 assert not (mod == "rayloop.cli" or mod.endswith(".cli")), f"{f} imports {mod}"
+
+
+def test_the_library_knows_no_demo() -> None:
+    """The demo plugs in through settings and files like a user's own data; data and evaluation never import it."""
+    imports = _imports()
+    for part in ("data", "evaluation", "serving", "rollout", "training", "registry"):
+        assert "demo" not in imports[part], (part, imports[part])
