@@ -264,12 +264,12 @@ def preprocess(
         if replay_ds is not None:
             pairs = pairs.union(replay_ds)
         external_info = []
-        for ext in ds_cfg.external:
+        for i, ext in enumerate(ds_cfg.external):
             source = ReplaySource.from_pairs(
                 read_pairs(ext.path, s3_endpoint=settings.storage.s3_endpoint), name=f"external:{ext.path}"
             )
             ext_ds, info = _replay(
-                settings, st, source, sides["train"], tok, exclude=eval_questions, ratio=ext.weight, label="external"
+                settings, st, source, sides["train"], tok, exclude=eval_questions, ratio=ext.weight, label=f"external-{i}"
             )
             external_info.append({"path": ext.path, "weight": ext.weight, **info})
             if ext_ds is not None:
@@ -279,7 +279,9 @@ def preprocess(
         )
         by_side = _value_counts(st, f"{staging}/pairs", "source")
         counts["replay_rows"] = replay_info["used"] = by_side.get("replay", 0)
-        counts["external_rows"] = by_side.get("external", 0)
+        for i, ext_info in enumerate(external_info):
+            ext_info["used"] = by_side.get(f"external-{i}", 0)
+        counts["external_rows"] = sum(e["used"] for e in external_info)
         for split in SPLITS:
             counts[f"{split}_pairs"] = _num_rows(st, f"{staging}/pairs/split={split}")
 

@@ -162,12 +162,31 @@ def test_counts_dedupe_pii_split_and_id(store: dict[str, Any], base_model_dir: P
 
 
 def test_unrated_keep_and_empty_inputs(store: dict[str, Any], base_model_dir: Path, ray_cluster: object) -> None:
+    from rayloop.config import ExternalData
+
     keep = store["settings"].model_copy(deep=True)
     keep.data.unrated = "keep"  # type: ignore[assignment]
+    # A file of the user's own records beside the captured ones, half a row per captured training row.
+    extra = store["home"] / f"extra-{uuid.uuid4().hex[:6]}.jsonl"
+    extra.write_text(
+        '{"prompt": "What is the capital of Ostrava?", "completion": "The capital of Ostrava is Belin."}\n'
+        '{"messages": [{"role": "user", "content": "Who rules Ostrava?"}, '
+        '{"role": "assistant", "content": "Ostrava is ruled by Duke Amrel."}]}\n'
+    )
+    keep.data.external = [ExternalData(path=str(extra), weight=0.5)]
     info = preprocess(keep, model_dir=base_model_dir)
     want = Counter(store["labels"].values())
     assert info.counts["label_unrated"] == want["unrated_dropped"]
     assert info.counts["selected"] == len(store["kept"]) + want["unrated_dropped"]
+    assert info.counts["external_rows"] == round(0.5 * info.counts["train_new_rows"]) > 0
+    [ext] = info.manifest["external"]
+    assert ext["path"] == str(extra) and ext["available"] == 2 and ext["fingerprint"].startswith("pairs:")
+    train = read_pairs(keep, info.snapshot_id, "train")
+    assert {p["question"] for p in train if p["request_id"].startswith("external-0:")} == {
+        "What is the capital of Ostrava?",
+        "Who rules Ostrava?",
+    }
+    assert info.counts["train_pairs"] == info.counts["train_new_rows"] + info.counts["replay_rows"] + ext["used"]
 
     empty = load_settings(env={"RAYLOOP_HOME": str(store["home"] / f"empty-{uuid.uuid4().hex[:6]}")})
     with pytest.raises(EmptyDatasetError, match="no interactions"):
