@@ -198,6 +198,12 @@ class EngineSettings(_Model):
 class ServingSettings(_Model):
     app_name: str = Field(default="rayloop", description="Serve application name.")
     route_prefix: str = Field(default="/", description="HTTP route prefix of the application.")
+    staging_route_prefix: str = Field(
+        default="/staging",
+        description="HTTP route prefix of the staging app (`rayloop deploy --env staging`): its OpenAI API is "
+        "at this prefix + /v1.",
+    )
+    staging_replicas: int = Field(default=1, ge=1, description="Engine replicas of the staging app.")
     http_host: str = Field(default="127.0.0.1", description="Serve HTTP proxy host.")
     http_port: int = Field(default=8000, ge=1, le=65535, description="Serve HTTP proxy port.")
     model: str = Field(default="demo", description="Registry model name served by default.")

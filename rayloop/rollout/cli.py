@@ -83,6 +83,14 @@ def _finish(record: dict[str, Any], as_json: bool) -> None:
 )
 @click.option("--hold", default=None, help="Blue-green: keep blue warm this long after the switch, e.g. 60s.")
 @click.option("--force", is_flag=True, help="Deploy even a version the validation gate rejected.")
+@click.option(
+    "--env",
+    type=click.Choice(["production", "staging"]),
+    default="production",
+    show_default=True,
+    help="staging: serve the version on its own route for testers (serving.staging_route_prefix) and move "
+    "NAME@staging; production traffic is not touched. Promote it with `rayloop deploy NAME@staging`.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the final rollout record as JSON (no progress lines).")
 @click.pass_context
 def deploy_cmd(
@@ -93,16 +101,31 @@ def deploy_cmd(
     interval: str | None,
     hold: str | None,
     force: bool,
+    env: str,
     as_json: bool,
 ) -> None:
     """Roll NAME@REF out on the serving app (first deploy: start it).
 
-    Exits 2 when the rollout ends rolled back or aborted. Running it again
+    Exits 4 when the rollout ends rolled back or aborted. Running it again
     after a crash first finishes or rolls back the orphaned rollout.
     """
     from rayloop.rollout.controller import deploy, parse_duration, parse_steps, preflight
 
     s = settings(ctx)
+    if env == "staging":
+        if strategy or steps or interval or hold or force:
+            raise click.UsageError(
+                "--env staging serves the version as it is: no --strategy, --steps, --interval, --hold or --force"
+            )
+        from rayloop.rollout.staging import deploy_staging
+
+        out = deploy_staging(s, ref)
+        if as_json:
+            print_json(out)
+        else:
+            was = f" (was v{out['previous_staging']})" if out["previous_staging"] else ""
+            click.echo(f"staging: {out['model']}@v{out['version']}{was} at {out['url']}; {out['alias']} moved")
+        return
     # Bad flags, a bad ref or a rejected version fail before any cluster is touched.
     step_list = None if steps is None else parse_steps(steps)
     interval_s = None if interval is None else parse_duration(interval)
@@ -205,13 +228,24 @@ def status_cmd(ctx: click.Context, name: str | None, as_json: bool, reconcile: b
 
 @click.command("undeploy")
 @click.argument("name")
+@click.option(
+    "--env",
+    type=click.Choice(["production", "staging"]),
+    default="production",
+    show_default=True,
+    help="Which of NAME's apps to delete.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def undeploy_cmd(ctx: click.Context, name: str, as_json: bool) -> None:
+def undeploy_cmd(ctx: click.Context, name: str, env: str, as_json: bool) -> None:
     """Stop serving NAME: delete its Serve app (versions and aliases stay in the registry)."""
     from rayloop.rollout.controller import undeploy
+    from rayloop.rollout.staging import undeploy_staging
 
-    out = undeploy(settings(ctx), name, backend=_backend(ctx))
+    if env == "staging":
+        out = undeploy_staging(settings(ctx), name)
+    else:
+        out = undeploy(settings(ctx), name, backend=_backend(ctx))
     if as_json:
         print_json(out)
     elif out["removed"]:

@@ -103,11 +103,37 @@ def test_serve_then_every_strategy_on_a_fresh_cluster(tmp_path: Path, base_model
         assert again.returncode == 0, again.stdout + again.stderr
         assert json.loads(again.stdout)["upgraded_from"] == 1
 
-        # A second version (the same weights registered again), then every strategy on the app `serve` made.
+        # A second version (the same weights registered again), staged for testers on its own route first:
+        # production's app, traffic and aliases stay as they are.
         assert _run(["models", "register", "demo", str(base_model_dir)], tmp_path, env).returncode == 0
+        staged = _run(["deploy", "demo@2", "--env", "staging", "--json"], tmp_path, env)
+        assert staged.returncode == 0, staged.stdout[-3000:] + staged.stderr[-3000:]
+        stage = json.loads(staged.stdout)
+        assert stage["url"] == f"http://127.0.0.1:{http}/staging/v1" and stage["alias"] == "demo@staging"
+        tester = openai.OpenAI(base_url=stage["url"], api_key="unused", max_retries=0, timeout=60)
+        assert (
+            tester.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            ).model
+            == "demo@v2"
+        )
+        assert (
+            client.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            ).model
+            == "demo@v1"
+        )
+        aliases = next(
+            m for m in json.loads(_run(["models", "list", "--json"], tmp_path, env).stdout) if m["name"] == "demo"
+        )
+        assert aliases["aliases"] == {"production": 1, "staging": 2}, aliases
+        gone = _run(["undeploy", "demo", "--env", "staging", "--json"], tmp_path, env)
+        assert gone.returncode == 0 and json.loads(gone.stdout)["removed"], gone.stdout + gone.stderr
+
+        # Then every strategy on the app `serve` made; the first promotes what staging served, in one command.
         rollouts = [
             # Never evaluated by the gate: rolling it out over production takes --force.
-            (["demo@2", "--strategy", "canary", "--steps", "50,100", "--interval", "4s", "--force"], 2),
+            (["demo@staging", "--strategy", "canary", "--steps", "50,100", "--interval", "4s", "--force"], 2),
             (["demo@1", "--strategy", "blue-green", "--hold", "3s"], 1),
             (["demo@2", "--strategy", "shadow", "--interval", "4s"], 1),
             (["demo@2", "--strategy", "rolling", "--interval", "3s"], 2),
@@ -143,4 +169,5 @@ def test_serve_then_every_strategy_on_a_fresh_cluster(tmp_path: Path, base_model
 
     rows = read_interactions(str(tmp_path / ".rayloop" / "storage"))
     ids = set(rows.column("request_id").to_pylist())
-    assert len(ids) == len(traffic.models) + 2, (len(ids), len(traffic.models))
+    # (three direct requests to production; the staging app captures nothing)
+    assert len(ids) == len(traffic.models) + 3, (len(ids), len(traffic.models))
