@@ -156,3 +156,26 @@ def test_undeploy_deletes_the_app_and_forgets_its_deployments(tmp_path: Path) ->
     assert control.deployed == [other] and reg.deployments("demo") == []
     assert reg.list_versions("demo")[0].version == 1  # the registry keeps the version
     assert undeploy(settings, "demo", backend=backend)["removed"] is False
+
+
+def test_staging_runs_its_own_uncaptured_app_on_its_own_route(tmp_path: Path) -> None:
+    from rayloop.config import load_settings
+    from rayloop.rollout.staging import staging_settings
+
+    s = load_settings(env={"RAYLOOP_HOME": str(tmp_path)}, overrides={"serving": {"app_name": "llm", "replicas": 3}})
+    staged = staging_settings(s)
+    assert (staged.serving.app_name, staged.serving.route_prefix) == ("llm-staging", "/staging")
+    assert staged.serving.replicas == 1 and staged.serving.capture is False
+    assert staged.serving.base_url.endswith("/staging") and s.serving.base_url.endswith(str(s.serving.http_port))
+    # Production's settings are untouched.
+    assert (s.serving.app_name, s.serving.route_prefix, s.serving.replicas) == ("llm", "/", 3)
+
+
+def test_deploy_to_staging_takes_no_rollout_flags(tmp_path: Path, monkeypatch: Any) -> None:
+    from click.testing import CliRunner
+
+    from rayloop.cli import cli
+
+    monkeypatch.setenv("RAYLOOP_HOME", str(tmp_path))
+    r = CliRunner().invoke(cli, ["deploy", "demo@2", "--env", "staging", "--strategy", "canary"])
+    assert r.exit_code == 2 and "--env staging" in r.output
