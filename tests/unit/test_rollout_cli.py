@@ -171,7 +171,7 @@ def test_staging_runs_its_own_uncaptured_app_on_its_own_route(tmp_path: Path) ->
     assert (s.serving.app_name, s.serving.route_prefix, s.serving.replicas) == ("llm", "/", 3)
 
 
-def test_deploy_to_staging_takes_no_rollout_flags(tmp_path: Path, monkeypatch: Any) -> None:
+def test_deploy_to_staging_takes_no_rollout_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
     from rayloop.cli import cli
