@@ -25,7 +25,7 @@ from __future__ import annotations
 from rayloop.config import DataSettings, UnratedPolicy
 
 KEPT_LABELS = ("corrected", "positive", "unrated")
-DROPPED_LABELS = ("error", "empty", "negative", "unrated_dropped")
+DROPPED_LABELS = ("error", "empty", "negative", "unrated_dropped", "multi_choice")
 LABELS = KEPT_LABELS + DROPPED_LABELS
 
 
@@ -36,12 +36,19 @@ def decide(
     completion: str | None,
     rating: int | None,
     correction: str | None,
+    n_choices: int = 1,
 ) -> tuple[str | None, str]:
-    """Return ``(response to train on or None, label)`` for one interaction."""
+    """Return ``(response to train on or None, label)`` for one interaction.
+
+    An answer with several choices (n > 1, a batch of prompts) is never trained on as it is: a rating
+    cannot say which choice it meant. A correction still is (it says what the answer should have been).
+    """
     if status != "ok":
         return None, "error"
     if correction is not None and correction.strip():
         return correction, "corrected"
+    if n_choices > 1:
+        return None, "multi_choice"
     if completion is None or not completion.strip():
         return None, "empty"
     if rating is None:

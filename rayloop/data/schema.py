@@ -35,7 +35,8 @@ INTERACTION_SCHEMA = pa.schema(
         pa.field("endpoint", pa.string(), nullable=False),  # "chat" or "completion"
         pa.field("messages", pa.string()),  # chat: JSON list of {role, content}
         pa.field("prompt", pa.string()),  # completion: the raw prompt
-        pa.field("completion", pa.string()),
+        pa.field("completion", pa.string()),  # the first choice's text
+        pa.field("choices", pa.string()),  # JSON list of every choice's text, when there were several (n > 1)
         pa.field("sampling_params", pa.string()),  # JSON
         pa.field("prompt_tokens", pa.int32()),
         pa.field("completion_tokens", pa.int32()),

@@ -33,6 +33,7 @@ COMMON_SCHEMA = pa.schema(
         ("messages", pa.string()),
         ("prompt", pa.string()),
         ("completion", pa.string()),
+        ("choices", pa.string()),  # JSON list of every choice's text when there were several
         ("rating", pa.int8()),
         ("correction", pa.string()),
     ]
@@ -93,6 +94,7 @@ def interactions_to_common(t: pa.Table) -> pa.Table:
             "messages": _col(t, "messages", pa.string()),
             "prompt": _col(t, "prompt", pa.string()),
             "completion": _col(t, "completion", pa.string()),
+            "choices": _col(t, "choices", pa.string()),
             "rating": pa.nulls(t.num_rows, pa.int8()),
             "correction": pa.nulls(t.num_rows, pa.string()),
         },
@@ -110,6 +112,7 @@ def feedback_to_common(t: pa.Table) -> pa.Table:
             "messages": pa.nulls(t.num_rows, pa.string()),
             "prompt": pa.nulls(t.num_rows, pa.string()),
             "completion": pa.nulls(t.num_rows, pa.string()),
+            "choices": pa.nulls(t.num_rows, pa.string()),
             "rating": _col(t, "rating", pa.int8()),
             "correction": _col(t, "correction", pa.string()),
         },
@@ -156,6 +159,7 @@ def resolve_request(group: pa.Table, settings: DataSettings, since: datetime | N
         completion=it["completion"],
         rating=ratings[-1] if ratings else None,
         correction=corrections[-1] if corrections else None,
+        n_choices=len(json.loads(it["choices"])) if it.get("choices") else 1,
     )
     if response is None:
         return pa.Table.from_pylist([_labeled_row(rid, label)], schema=LABELED_SCHEMA)

@@ -33,6 +33,13 @@ class RequestStats:
     completion_tokens: int = 0
     finish_reason: str | None = None
     text: str = ""  # the first choice's completion text
+    # Every choice's text, by (generate call, output index): n > 1 and batch prompts give several.
+    choices: dict[tuple[int, int], str] = field(default_factory=dict)
+    calls: int = 0
+
+    def choice_texts(self) -> list[str]:
+        """Each choice's own text, in order (prompt, then choice index); ``[text]`` when none were tapped."""
+        return [self.choices[k] for k in sorted(self.choices)] if self.choices else [self.text]
 
     @property
     def ttft_ms(self) -> float | None:

@@ -545,6 +545,7 @@ class OpenAIIngress:
             if ctx.endpoint == "chat"
             else (prompt if isinstance(prompt, str) else json.dumps(prompt, default=str)),
             "completion": tail.text if status == 200 else None,
+            "choices": json.dumps(tail.choices, ensure_ascii=False) if status == 200 and tail.choices else None,
             "sampling_params": json.dumps({k: v for k, v in body.items() if k not in _NOT_SAMPLING}, default=str),
             "prompt_tokens": tail.prompt_tokens,
             "completion_tokens": tail.completion_tokens,

@@ -107,6 +107,7 @@ class ReplyTail:
     text: str = ""
     error: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    choices: list[str] | None = None  # each choice's own text when there were several (n > 1, batch prompts)
 
 
 def openai_error(status: int, message: str, err_type: str, param: str | None = None) -> dict[str, Any]:

@@ -49,6 +49,22 @@ logger = logging.getLogger("ray.serve")
 _STREAM_END = object()
 
 
+def body_choices(body: Any) -> list[str]:
+    """Each choice's text in an OpenAI response body, by index (chat ``message.content`` or completion ``text``)."""
+    choices = body.get("choices") if isinstance(body, dict) else None
+    if not isinstance(choices, list):
+        return []
+    out: list[tuple[int, str]] = []
+    for i, c in enumerate(choices):
+        if not isinstance(c, dict):
+            continue
+        msg = c.get("message")
+        text = msg.get("content") if isinstance(msg, dict) else c.get("text")
+        idx = c.get("index")
+        out.append((idx if isinstance(idx, int) else i, text if isinstance(text, str) else ""))
+    return [t for _, t in sorted(out)]
+
+
 def load_engine_cls(path: str | None) -> type[Engine]:
     """``"pkg.module:Class"`` -> the class; None -> :class:`VLLMEngine`."""
     if path is None:
@@ -287,7 +303,17 @@ class LLMServer:
         if reply.stream is None:
             st = reply.stats
             err = None if reply.status == 200 else str((reply.body or {}).get("error", {}).get("message"))
-            tail = ReplyTail(st.prompt_tokens, st.completion_tokens, st.ttft_ms, st.finish_reason, st.text, error=err)
+            # The answer's own choices (beam search and n > 1 included), as the client got them.
+            texts = body_choices(reply.body) or st.choice_texts()
+            tail = ReplyTail(
+                st.prompt_tokens,
+                st.completion_tokens,
+                st.ttft_ms,
+                st.finish_reason,
+                texts[0],
+                error=err,
+                choices=texts if len(texts) > 1 else None,
+            )
             yield ReplyHead(reply.status, cfg.model, cfg.version, reply.body, tail=tail)
             return
         yield ReplyHead(200, cfg.model, cfg.version, streaming=True)
@@ -303,7 +329,16 @@ class LLMServer:
         finally:
             self._streams -= 1
         st = reply.stats
-        yield ReplyTail(st.prompt_tokens, st.completion_tokens, st.ttft_ms, st.finish_reason, st.text, error=error)
+        texts = st.choice_texts()
+        yield ReplyTail(
+            st.prompt_tokens,
+            st.completion_tokens,
+            st.ttft_ms,
+            st.finish_reason,
+            texts[0],
+            error=error,
+            choices=texts if len(texts) > 1 else None,
+        )
 
     def _stream_interval(self) -> float:
         """Seconds between two messages of one stream: the configured floor, longer under many streams."""

@@ -45,10 +45,14 @@ class _ObservedEngineClient:
         return getattr(self._inner, name)
 
     def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-        return self._observe(self._inner.generate(*args, **kwargs), _CURRENT.get())
+        stats = _CURRENT.get()
+        call = 0
+        if stats is not None:  # one call per prompt (a batch of prompts makes several)
+            call, stats.calls = stats.calls, stats.calls + 1
+        return self._observe(self._inner.generate(*args, **kwargs), stats, call)
 
     @staticmethod
-    async def _observe(gen: AsyncIterator[Any], stats: RequestStats | None) -> AsyncIterator[Any]:
+    async def _observe(gen: AsyncIterator[Any], stats: RequestStats | None, call: int) -> AsyncIterator[Any]:
         async for out in gen:
             if stats is not None:
                 if out.prompt_token_ids is not None and stats.prompt_tokens is None:
@@ -59,7 +63,11 @@ class _ObservedEngineClient:
                         stats.first_token_at = time.monotonic()
                     # Streaming requests use DELTA outputs, full ones FINAL_ONLY: add either way.
                     stats.completion_tokens += sum(len(o.token_ids) for o in out.outputs)
-                    stats.text += first.text
+                    if call == 0:
+                        stats.text += first.text
+                    for o in out.outputs:
+                        key = (call, o.index)
+                        stats.choices[key] = stats.choices.get(key, "") + o.text
                     if first.finish_reason is not None:
                         stats.finish_reason = first.finish_reason
             yield out

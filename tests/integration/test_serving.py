@@ -138,6 +138,37 @@ def test_chat_completion_feedback_and_capture_through_openai_client(serving: dic
     models = client.models.list()
     assert {m.id for m in models.data} >= {"demo@v1", "demo"}
 
+    # Several choices: n > 1 (plain and streamed) and a batch of prompts. Each choice's own text is kept.
+    raw = client.chat.completions.with_raw_response.create(
+        model="demo",
+        messages=[{"role": "user", "content": "Tell me about Thusvun."}],
+        max_tokens=6,
+        n=2,
+        temperature=1.0,
+        seed=7,
+    )
+    multi, multi_rid = raw.parse(), raw.headers["x-rayloop-request-id"]
+    multi_texts = [c.message.content for c in sorted(multi.choices, key=lambda c: c.index)]
+    with client.chat.completions.with_streaming_response.create(
+        model="demo",
+        messages=[{"role": "user", "content": "Who rules Voubos?"}],
+        max_tokens=6,
+        n=2,
+        temperature=1.0,
+        seed=7,
+        stream=True,
+    ) as resp:
+        multi_stream_rid = resp.headers["x-rayloop-request-id"]
+        parts: dict[int, str] = {}
+        for c in resp.parse():
+            for ch in c.choices:
+                parts[ch.index] = parts.get(ch.index, "") + (ch.delta.content or "")
+    raw = client.completions.with_raw_response.create(
+        model="demo", prompt=["The capital of Zorbia is", "Voubos is"], max_tokens=4, temperature=0
+    )
+    batch, batch_rid = raw.parse(), raw.headers["x-rayloop-request-id"]
+    batch_texts = [c.text for c in sorted(batch.choices, key=lambda c: c.index)]
+
     # Opted out: answered as usual, nothing of it stored, so feedback on it finds nothing.
     raw = client.chat.completions.with_raw_response.create(
         model="demo",
@@ -190,7 +221,10 @@ def test_chat_completion_feedback_and_capture_through_openai_client(serving: dic
     assert r["prompt_tokens"] == chat.usage.prompt_tokens
     assert r["latency_ms"] > 0 and r["ttft_ms"] is not None and r["ttft_ms"] <= r["latency_ms"]
     assert json.loads(r["sampling_params"])["max_tokens"] == 16
-    assert rows[stream_rid]["completion"] == streamed
+    assert rows[stream_rid]["completion"] == streamed and rows[stream_rid]["choices"] is None
+    assert json.loads(rows[multi_rid]["choices"]) == multi_texts and rows[multi_rid]["completion"] == multi_texts[0]
+    assert json.loads(rows[multi_stream_rid]["choices"]) == [parts[0], parts[1]]
+    assert json.loads(rows[batch_rid]["choices"]) == batch_texts and len(batch_texts) == 2
     assert rows[comp_rid]["endpoint"] == "completion" and rows[comp_rid]["prompt"] == "The capital of Zorbia is"
 
     fbs = {f["request_id"]: f for f in read_feedback(_storage(settings)).to_pylist()}

@@ -76,3 +76,19 @@ def test_scrub_finds_pii_after_adversarial_text() -> None:
     out, found = scrub(text)
     assert out == "a." * 5000 + " <email> <secret> <phone>"
     assert found == {"email": 1, "phone": 1, "secret": 1}
+
+
+def test_an_answer_with_several_choices_is_not_trained_on_unless_corrected() -> None:
+    s = DataSettings()
+    assert decide(s, status="ok", completion="a", rating=1, correction=None, n_choices=2) == (None, "multi_choice")
+    assert decide(s, status="ok", completion="a", rating=1, correction="the fix", n_choices=3) == ("the fix", "corrected")
+    assert decide(s, status="ok", completion="a", rating=1, correction=None) == ("a", "positive")
+
+
+def test_each_choice_of_a_response_body_in_index_order() -> None:
+    from rayloop.serving.server import body_choices
+
+    chat = {"choices": [{"index": 1, "message": {"content": "B"}}, {"index": 0, "message": {"content": "A"}}]}
+    assert body_choices(chat) == ["A", "B"]
+    assert body_choices({"choices": [{"index": 0, "text": "x"}, {"index": 1, "text": "y"}]}) == ["x", "y"]
+    assert body_choices({"error": {"message": "no"}}) == [] and body_choices(None) == []
