@@ -154,6 +154,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default": {},
     # One message per engine step.
     "pacing-off": {"stream_interval_ms": 0, "stream_messages_per_s": 0},
+    # No interaction capture: what recording every request (write-ahead included) costs is default / this.
+    "capture-off": {"capture": False},
 }
 
 
@@ -331,6 +333,13 @@ def main() -> None:
                 f"| {_ms(v, 'ttft_p50_ms'):.0f} / {_ms(r, 'ttft_p50_ms'):.0f} "
                 f"| {_ms(v, 'ttft_p99_ms'):.0f} / {_ms(r, 'ttft_p99_ms'):.0f} | {msgs[0]:.1f} / {msgs[1]:.1f} |"
             )
+    by_name = {e["variant"]: e for e in result["variants"]}
+    if "default" in by_name and "capture-off" in by_name:
+        # Each variant against vLLM in its own alternating rounds (the VM's drift cancels), then on / off.
+        for on, off in zip(by_name["default"]["runs"], by_name["capture-off"]["runs"], strict=True):
+            rel_on = _tok_s(on["rayloop"]) / _tok_s(on["vllm"])
+            rel_off = _tok_s(off["rayloop"]) / _tok_s(off["vllm"])
+            print(f"capture on / off at concurrency {on['concurrency']}: {rel_on / rel_off:.2f}x")
     print(
         f"\nmemory growth at start: vLLM {result['vllm']['mem_gib']:.2f} GiB, rayloop {result['rayloop_mem_gib']:.2f} GiB"
     )
