@@ -117,6 +117,30 @@ def use_auth(env: dict[str, str]) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+def write_prometheus_config(settings: Settings, temp_dir: str) -> Path:
+    """``$RAYLOOP_HOME/monitoring/prometheus.yml``: a scrape config for the head ``up`` starts.
+
+    Targets come from the service-discovery file Ray keeps in its session directory
+    (``prom_metrics_service_discovery.json``: every node's metrics address, the head's
+    ``ray.metrics_export_port`` among them, and nodes that join later), as Ray's own Prometheus setup does.
+    """
+    import yaml
+
+    doc = {
+        "global": {"scrape_interval": "10s", "evaluation_interval": "10s"},
+        "scrape_configs": [
+            {
+                "job_name": "ray",
+                "file_sd_configs": [{"files": [f"{temp_dir}/prom_metrics_service_discovery.json"]}],
+            }
+        ],
+    }
+    path = settings.home_path / "monitoring" / "prometheus.yml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
 def ensure_auth_token(settings: Settings) -> Path:
     """``$RAYLOOP_HOME/ray-auth-token``, created (owner-only) with a new random token if it is missing."""
     path = settings.home_path / TOKEN_FILE
@@ -170,6 +194,7 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
         f"--dashboard-host={settings.ray.dashboard_host}",
         f"--dashboard-port={settings.ray.dashboard_port}",
         f"--dashboard-agent-listen-port={agent_port}",
+        f"--metrics-export-port={settings.ray.metrics_export_port}",
         "--disable-usage-stats",
     ]
     token = ensure_auth_token(settings) if settings.ray.auth == "token" else None
@@ -182,6 +207,7 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
     except ClusterError:
         _kill_group(proc.pid)
         raise
+    write_prometheus_config(settings, temp_dir)
     state = ClusterState(
         pid=proc.pid,
         address=address,

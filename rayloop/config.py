@@ -144,6 +144,13 @@ class RaySettings(_Model):
     object_store_memory_mb: int = Field(
         default=1024, ge=128, description="Object store size of the local head, in MiB."
     )
+    metrics_export_port: int = Field(
+        default=8080,
+        ge=1,
+        le=65535,
+        description="Port of the Prometheus endpoint the head `rayloop up` starts exports Ray's, Serve's, vLLM's "
+        "and rayloop's metrics on; $RAYLOOP_HOME/monitoring/prometheus.yml scrapes it.",
+    )
     auth: Literal["token", "disabled"] = Field(
         default="token",
         description="Ray's own authentication on the head `rayloop up` starts. 'token': every Ray client, job "
@@ -156,7 +163,7 @@ class RaySettings(_Model):
     def _ports_outside_ray_ranges(self) -> RaySettings:
         # `ray start` gives the Ray client server 10001 and workers 10002-19999; a head port in
         # there fails only when the cluster starts ("used by other components").
-        for name in ("port", "dashboard_port", "dashboard_agent_port"):
+        for name in ("port", "dashboard_port", "dashboard_agent_port", "metrics_export_port"):
             value = getattr(self, name)
             if RAY_RESERVED_PORTS[0] <= value <= RAY_RESERVED_PORTS[1]:
                 raise ValueError(

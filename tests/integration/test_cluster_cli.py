@@ -22,9 +22,10 @@ def _group_alive(pgid: int) -> bool:
 
 
 def test_up_down_round_trip(tmp_path: Path, base_model_dir: Path) -> None:
-    gcs, dash, agent = free_port(), free_port(), free_port()
+    gcs, dash, agent, metrics = free_port(), free_port(), free_port(), free_port()
     (tmp_path / "rayloop.yaml").write_text(
         f"ray:\n  port: {gcs}\n  dashboard_port: {dash}\n  dashboard_agent_port: {agent}\n  num_cpus: 1\n"
+        f"  metrics_export_port: {metrics}\n"
     )
     # The embedded default, as after `rayloop demo`: RAYLOOP_HOME is ./.rayloop, relative to where `up` ran.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAYLOOP_")}
@@ -37,6 +38,19 @@ def test_up_down_round_trip(tmp_path: Path, base_model_dir: Path) -> None:
         assert state["address"] == f"127.0.0.1:{gcs}"
         # The CLI has exited; the head is still there and its dashboard answers.
         assert _group_alive(state["pid"])
+        # Prometheus can scrape it: the generated config points at Ray's service discovery, which names
+        # the head's fixed metrics port, and that port serves Ray's metrics.
+        import yaml
+
+        prom = yaml.safe_load((tmp_path / ".rayloop" / "monitoring" / "prometheus.yml").read_text())
+        [sd_file] = prom["scrape_configs"][0]["file_sd_configs"][0]["files"]
+        deadline = time.monotonic() + 60
+        while not Path(sd_file).is_file() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        targets = [t for group in json.loads(Path(sd_file).read_text()) for t in group["targets"]]
+        assert any(t.endswith(f":{metrics}") for t in targets), targets
+        scraped = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=30)
+        assert scraped.status_code == 200 and "ray_" in scraped.text
         # Its dashboard answers, to the holder of the head's token only.
         assert httpx.get(f"http://127.0.0.1:{dash}/api/version", timeout=10).status_code == 401
         bearer = {"Authorization": f"Bearer {Path(state['auth_token_path']).read_text().strip()}"}

@@ -70,6 +70,7 @@ def test_serve_then_every_strategy_on_a_fresh_cluster(tmp_path: Path, base_model
     http, gcs, dash, agent = free_port(), free_port(), free_port(), free_port()
     (tmp_path / "rayloop.yaml").write_text(
         f"ray:\n  port: {gcs}\n  dashboard_port: {dash}\n  dashboard_agent_port: {agent}\n  num_cpus: 4\n"
+        f"  metrics_export_port: {free_port()}\n"
         f"serving:\n  http_port: {http}\n  engine:\n    kv_cache_gib: 1\n"
         "rollout:\n  min_requests_per_step: 10\n  min_ratings_per_step: 10\n  ready_timeout_s: 300\n"
     )

@@ -32,6 +32,7 @@ def test_the_quickstart_block_runs_as_written(tmp_path: Path) -> None:
     http, gcs, dash, agent = free_port(), free_port(), free_port(), free_port()
     (tmp_path / "rayloop.yaml").write_text(
         f"ray:\n  port: {gcs}\n  dashboard_port: {dash}\n  dashboard_agent_port: {agent}\n  num_cpus: 4\n"
+        f"  metrics_export_port: {free_port()}\n"
         f"serving:\n  http_port: {http}\n  engine:\n    kv_cache_gib: 1\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAYLOOP_", "RAY_DASHBOARD"))}
