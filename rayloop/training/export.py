@@ -10,10 +10,12 @@ as it loaded the parent.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,30 @@ COPY_FROM_BASE = (
 )
 
 
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` in this block unpickles tensors and plain data only (``weights_only=True``), plus
+    the three DeepSpeed classes its ZeRO optimizer states hold. DeepSpeed's own consolidation asks for
+    ``weights_only=False``; a checkpoint comes from storage, so arbitrary code in it must not run."""
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    real = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = real
+
+
 def consolidated_state_dict(ckpt_dir: str | Path, tag: str) -> dict[str, Any]:
     import torch
 
@@ -36,13 +62,14 @@ def consolidated_state_dict(ckpt_dir: str | Path, tag: str) -> dict[str, Any]:
     if any(tag_dir.glob("*zero_pp_rank_*optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        sd: dict[str, Any] = get_fp32_state_dict_from_zero_checkpoint(str(d), tag=tag)
+        with _weights_only_loads():
+            sd: dict[str, Any] = get_fp32_state_dict_from_zero_checkpoint(str(d), tag=tag)
         return sd
     # ZeRO stage 0: the module weights are whole in rank 0's model states.
     states = tag_dir / "mp_rank_00_model_states.pt"
     if not states.is_file():
         raise TrainingError(f"checkpoint {str(d)!r} holds no DeepSpeed model states under {tag!r}")
-    blob = torch.load(states, map_location="cpu", weights_only=False)  # our own checkpoint, written by this run
+    blob = torch.load(states, map_location="cpu", weights_only=True)
     return {k: v.float() for k, v in blob["module"].items()}
 
 

@@ -63,3 +63,26 @@ def test_a_failed_export_leaves_no_partial_directory(
         export.export_hf(tmp_path / "ckpt", "ds", base_dir, out, {"run": 1})
     assert not out.exists()
     assert list(out.parent.iterdir()) == []  # no temporary directory left behind either
+
+
+class _Payload:
+    """Stands for anything a tampered checkpoint could make the unpickler build or call."""
+
+
+def test_checkpoints_load_tensors_and_plain_data_only(tmp_path: Path) -> None:
+    """A checkpoint comes from storage: DeepSpeed's consolidation runs with weights-only loads."""
+    import pickle
+
+    import torch
+
+    from rayloop.training.export import _weights_only_loads
+
+    bad = tmp_path / "optim_states.pt"
+    torch.save({"state": torch.zeros(2), "extra": _Payload()}, bad)
+    with _weights_only_loads(), pytest.raises(pickle.UnpicklingError, match="_Payload"):
+        torch.load(bad, map_location="cpu", weights_only=False)  # what DeepSpeed asks for: refused anyway
+    good = tmp_path / "model_states.pt"
+    torch.save({"module": {"w": torch.ones(2)}, "ds_version": "x"}, good)
+    with _weights_only_loads():
+        assert torch.load(good, map_location="cpu", weights_only=False)["module"]["w"].sum() == 2
+    assert torch.load(bad, map_location="cpu", weights_only=False)["extra"].__class__ is _Payload  # restored after
