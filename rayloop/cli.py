@@ -359,7 +359,7 @@ def serve(
     as_json: bool,
 ) -> None:
     """Serve a model version (OpenAI API); run again with another version to upgrade in place."""
-    from rayloop.serving.cli import serve_model
+    from rayloop.serving.deploy import serve_model
 
     out = serve_model(settings(ctx), model_ref, path=path, version=version, app_name=app_name, wait=not no_wait)
     if as_json:

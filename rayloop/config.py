@@ -101,6 +101,11 @@ class RegistrySettings(_Model):
         description="SQL database of the model registry: sqlite:///path.db or postgresql://user@host/db. "
         "Default: sqlite under $RAYLOOP_HOME.",
     )
+    password_key: str | None = Field(
+        default=None,
+        description="Storage key of a file holding the registry database's password, used when `url` has none. "
+        "rayloop sets it for its Serve apps, so the password never travels in their arguments.",
+    )
 
     @field_validator("url")
     @classmethod
@@ -599,6 +604,7 @@ class Settings(_Model):
 
     @property
     def registry_url(self) -> str:
+        """``registry.url`` as configured (``rayloop.registry.database_url`` adds a stored password)."""
         assert self.registry.url is not None  # filled by the validator
         return self.registry.url
 
@@ -613,6 +619,28 @@ class Settings(_Model):
             if isinstance(value, str):
                 out[section][key] = redact_url(value)
         return out
+
+
+def url_password(url: str) -> str | None:
+    """The (decoded) password in ``url``, or None."""
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return None
+    return None if password is None else unquote(password)
+
+
+def with_password(url: str, password: str | None) -> str:
+    """``url`` with its password replaced (None: removed)."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    user = quote(parts.username or "", safe="")
+    userinfo = user + (f":{quote(password, safe='')}" if password is not None else "")
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}" if userinfo else host))
 
 
 def redact_url(url: str) -> str:

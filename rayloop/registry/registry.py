@@ -66,6 +66,41 @@ def _as_dict(kind: str, value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+PASSWORD_KEY = "secrets/registry-password"  # where a Serve app's replicas find the registry's password
+
+
+def database_url(settings: Settings) -> str:
+    """The registry database's URL; when it has no password and ``registry.password_key`` is set, the password
+    kept in storage under that key (how rayloop's Serve apps reach a PostgreSQL registry without the password
+    in their arguments)."""
+    from rayloop.config import url_password, with_password
+
+    url = settings.registry_url
+    key = settings.registry.password_key
+    if key and url_password(url) is None:
+        storage = Storage(settings.storage_root, s3_endpoint=settings.storage.s3_endpoint)
+        url = with_password(url, storage.read_bytes(key).decode().strip())
+    return url
+
+
+def without_password(settings: Settings) -> Settings:
+    """``settings`` with the registry password moved out of the URL into storage (``PASSWORD_KEY``), for
+    settings that travel where others can read them (a Serve app's arguments are shown in the dashboard)."""
+    from rayloop.config import url_password, with_password
+
+    url = settings.registry_url
+    password = url_password(url)
+    if password is None:
+        return settings
+    storage = Storage(settings.storage_root, s3_endpoint=settings.storage.s3_endpoint)
+    if not storage.exists(PASSWORD_KEY) or storage.read_bytes(PASSWORD_KEY).decode().strip() != password:
+        storage.write_bytes(PASSWORD_KEY, password.encode())
+        if storage.is_local:
+            os.chmod(storage.path(PASSWORD_KEY), 0o600)
+    registry = settings.registry.model_copy(update={"url": with_password(url, None), "password_key": PASSWORD_KEY})
+    return settings.model_copy(update={"registry": registry})
+
+
 class Registry(RolloutBook):
     """Versions, artifacts, aliases, lineage, deployments and rollouts of models."""
 
@@ -88,7 +123,7 @@ class Registry(RolloutBook):
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
         storage = Storage(settings.storage_root, s3_endpoint=settings.storage.s3_endpoint)
-        return cls(storage, settings.registry_url, cache_dir=settings.home_path / "cache")
+        return cls(storage, database_url(settings), cache_dir=settings.home_path / "cache")
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Travels to Ray tasks and spawned processes as its addresses; the copy reconnects.

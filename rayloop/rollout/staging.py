@@ -36,7 +36,7 @@ def staging_settings(settings: Settings) -> Settings:
 
 def deploy_staging(settings: Settings, ref: str, *, wait: bool = True) -> dict[str, Any]:
     """Serve ``ref`` on the staging route and move ``NAME@staging`` to it; returns what serves where."""
-    from rayloop.serving.cli import serve_model
+    from rayloop.serving.deploy import serve_model
 
     staged = staging_settings(settings)
     out = serve_model(staged, ref, wait=wait)

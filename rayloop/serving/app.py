@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rayloop.config import Settings, load_settings
 from rayloop.serving.protocol import ModelConfig, parse_ref
@@ -68,6 +68,15 @@ class ServeArgs(BaseModel):
     def _check_model(cls, v: str) -> str:
         parse_ref(v)
         return v
+
+    @model_validator(mode="after")
+    def _no_password_in_args(self) -> ServeArgs:
+        # Serve shows an app's args in the dashboard and its logs: a registry password moves to storage
+        # (the replicas read it from there, beside the models they load).
+        from rayloop.registry.registry import without_password
+
+        self.settings = without_password(self.settings)
+        return self
 
     @property
     def name(self) -> str:

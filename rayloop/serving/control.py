@@ -205,9 +205,10 @@ class ServeControl:
 def serve_config_lock(settings: Settings) -> Iterator[None]:
     """Hold the cluster's Serve-config lock: a write transaction on the registry database (SQLite's write lock;
     a transaction-scoped advisory lock on PostgreSQL), so read-modify-apply runs one at a time across hosts."""
+    from rayloop.registry.registry import database_url
     from rayloop.registry.sql import Database
 
-    db = Database(settings.registry_url)
+    db = Database(database_url(settings))
     with db.transaction(write=True) as tx:
         if tx.dialect == "postgresql":
             tx.execute("SELECT pg_advisory_xact_lock(?)", (SERVE_CONFIG_LOCK_KEY,))

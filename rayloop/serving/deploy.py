@@ -14,7 +14,7 @@ a rollout is left to its controller.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -202,3 +202,39 @@ def _check_upgrade(name: str, mine: dict[str, Any], cfg: ModelConfig, args: Serv
             hint="Use the same settings as the running app, or delete it first with `serve delete`.",
         )
     return cur
+
+
+def model_config(settings: Settings, model_ref: str, path: str | None, version: int | None) -> ModelConfig:
+    name, ref = parse_ref(model_ref)
+    if path is not None:
+        if ref is not None and not ref.isdigit():
+            raise ConfigError(f"--path serves a local directory; give --model NAME or NAME@N, not {model_ref!r}")
+        return model_config_for_path(name, path, version or (int(ref) if ref else 1))
+    if version is not None:
+        raise ConfigError("--version only goes with --path; for registry versions use --model NAME@N")
+    return resolve_version(settings, model_ref)
+
+
+def serve_model(
+    settings: Settings,
+    model_ref: str,
+    *,
+    path: str | None = None,
+    version: int | None = None,
+    app_name: str | None = None,
+    wait: bool = True,
+    timeout_s: float = 600,
+) -> dict[str, Any]:
+    """Deploy ``model_ref`` on the configured cluster (upgrading the app in place if it runs)."""
+    from rayloop import cluster
+    from rayloop.serving.auth import check_auth_policy, load_key_hashes
+
+    # Keys are hashed here, so the Serve config (visible in the dashboard) never holds them.
+    hashes = sorted(load_key_hashes(settings.serving))
+    check_auth_policy(settings.serving, hashes)
+    cfg = model_config(settings, model_ref, path, version)
+    cluster.connect(settings)
+    res = deploy(settings, cfg, app_name=app_name, api_key_hashes=hashes, wait=wait, timeout_s=timeout_s)
+    out = asdict(res)
+    out["url"] = f"{settings.serving.base_url}/v1"
+    return out

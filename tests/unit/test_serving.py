@@ -586,3 +586,24 @@ def test_row_status_keeps_client_errors_apart_from_the_versions_own() -> None:
     for i, status in enumerate(["ok", "client_error", "error", "client_error"]):
         stats.observe("canary", {"request_id": f"r{i}", "model_version": 2, "status": status, "latency_ms": 5.0})
     assert [(o[1], o[4]) for o in stats._obs] == [("r0", True), ("r2", False)]
+
+
+def test_a_registry_password_never_travels_in_serve_args(tmp_path: Path) -> None:
+    """Serve shows an app's args in the dashboard: the password moves to storage; replicas read it from there."""
+    import json as _json
+
+    from rayloop.config import load_settings
+    from rayloop.registry.registry import PASSWORD_KEY, database_url
+    from rayloop.serving.app import ServeArgs
+
+    url = "postgresql://rayloop:s3cr%2Ft@db.internal:5432/rayloop"
+    s = load_settings(env={"RAYLOOP_HOME": str(tmp_path)}, overrides={"registry": {"url": url}})
+    args = ServeArgs(model="demo", settings=s)
+    dumped = _json.dumps(args.model_dump(mode="json"))
+    assert "s3cr" not in dumped and args.settings.registry.url == "postgresql://rayloop@db.internal:5432/rayloop"
+    secret = tmp_path / "storage" / PASSWORD_KEY
+    assert secret.read_text() == "s3cr/t" and (secret.stat().st_mode & 0o777) == 0o600
+    # What a replica builds from the args it was given reaches the database with the password.
+    replica = ServeArgs.model_validate(_json.loads(dumped))
+    assert database_url(replica.settings) == "postgresql://rayloop:s3cr%2Ft@db.internal:5432/rayloop"
+    assert ServeArgs(model="demo", settings=s).model_dump() == args.model_dump()  # the same args each time
