@@ -185,12 +185,24 @@ class VLLMEngine:
     async def _serve(self, model: Any, create: Any, body: dict[str, Any], request_id: str) -> EngineReply:
         from pydantic import ValidationError
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+        from vllm.exceptions import VLLMClientError
 
         stats = RequestStats()
         try:
             request = model.model_validate(body)
         except ValidationError as e:
             return EngineReply(status=400, body=_validation_error(e), stats=stats)
+        except VLLMClientError as e:  # vLLM's own request checks (a completion without a prompt, ...)
+            param = getattr(e, "parameter", None)
+            status = 404 if type(e).__name__ == "VLLMNotFoundError" else 400
+            err_type = "NotFoundError" if status == 404 else "BadRequestError"
+            return EngineReply(
+                status=status, body=_error_body(status, f"invalid request: {e}", err_type, param), stats=stats
+            )
+        except Exception as e:
+            # Validating a request depends on the body alone: whatever fails here is the client's input.
+            msg = f"invalid request body: {type(e).__name__}: {e}"[:500]
+            return EngineReply(status=400, body=_error_body(400, msg), stats=stats)
         request.request_id = request_id
         token = _CURRENT.set(stats)
         try:

@@ -254,6 +254,7 @@ def test_api_keys_required(serving: dict[str, Any]) -> None:
         ("/v1/completions", {"model": "demo", "prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
         ("/v1/completions", {"model": "demo", "prompt": "word " * 400, "max_tokens": 4}, 400, None),
         ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
+        ("/v1/completions", {"model": "demo"}, 400, "prompt"),  # vLLM raises for it (found by the fuzz)
         ("/v1/chat/completions", {"model": 7, "messages": []}, 400, "model"),
         ("/v1/feedback", {"request_id": "x", "rating": 5}, 400, "rating"),
         ("/v1/feedback", {"request_id": "x"}, 400, None),
