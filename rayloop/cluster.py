@@ -117,12 +117,13 @@ def use_auth(env: dict[str, str]) -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def write_prometheus_config(settings: Settings, temp_dir: str) -> Path:
+def write_prometheus_config(settings: Settings) -> Path:
     """``$RAYLOOP_HOME/monitoring/prometheus.yml``: a scrape config for the head ``up`` starts.
 
-    Targets come from the service-discovery file Ray keeps in its session directory
-    (``prom_metrics_service_discovery.json``: every node's metrics address, the head's
-    ``ray.metrics_export_port`` among them, and nodes that join later), as Ray's own Prometheus setup does.
+    It scrapes the head's fixed metrics port (``ray.metrics_export_port``), where Ray, Serve, vLLM and
+    rayloop export. Ray's service-discovery file (``<temp dir>/prom_metrics_service_discovery.json``) is
+    not used: it is one file per machine, rewritten by whichever cluster started last, so it can name
+    another cluster's ports; it is for clusters of several machines, where each has one head.
     """
     import yaml
 
@@ -131,7 +132,9 @@ def write_prometheus_config(settings: Settings, temp_dir: str) -> Path:
         "scrape_configs": [
             {
                 "job_name": "ray",
-                "file_sd_configs": [{"files": [f"{temp_dir}/prom_metrics_service_discovery.json"]}],
+                "static_configs": [
+                    {"targets": [f"127.0.0.1:{settings.ray.metrics_export_port}"], "labels": {"cluster": "rayloop"}}
+                ],
             }
         ],
     }
@@ -207,7 +210,7 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
     except ClusterError:
         _kill_group(proc.pid)
         raise
-    write_prometheus_config(settings, temp_dir)
+    write_prometheus_config(settings)
     state = ClusterState(
         pid=proc.pid,
         address=address,

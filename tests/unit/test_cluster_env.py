@@ -52,15 +52,15 @@ def test_the_head_keeps_rays_token_auth_on_with_an_owner_only_token(
     assert state.auth_env() == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
 
 
-def test_up_writes_a_prometheus_scrape_config_on_rays_service_discovery(tmp_path: Path) -> None:
+def test_up_writes_a_prometheus_scrape_config_for_the_heads_metrics_port(tmp_path: Path) -> None:
     import yaml
 
     from rayloop.cluster import write_prometheus_config
 
     settings = load_settings(env={"RAYLOOP_HOME": str(tmp_path)}, overrides={"ray": {"metrics_export_port": 9311}})
-    path = write_prometheus_config(settings, "/tmp/ray")
+    path = write_prometheus_config(settings)
     assert path == tmp_path / "monitoring" / "prometheus.yml"
     [job] = yaml.safe_load(path.read_text())["scrape_configs"]
-    assert job["file_sd_configs"] == [{"files": ["/tmp/ray/prom_metrics_service_discovery.json"]}]
+    assert job["static_configs"][0]["targets"] == ["127.0.0.1:9311"]
     with pytest.raises(Exception, match="metrics_export_port 10500"):
         load_settings(env={}, overrides={"ray": {"metrics_export_port": 10500}})
