@@ -42,6 +42,12 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     return ap
 
 
+def described(model: type[Any], field: str) -> str:
+    """A job flag's help: the description of its field in the job's argument model (one text for both)."""
+    description: str = model.model_fields[field].description or ""
+    return description
+
+
 def settings_from(ns: argparse.Namespace) -> Settings:
     return load_settings(ns.config, overrides=parse_sets(ns.set))
 

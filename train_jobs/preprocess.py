@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from train_jobs._args import common_parser, run, settings_from
+from train_jobs._args import common_parser, described, run, settings_from
 
 
 class PreprocessArgs(BaseModel):
@@ -26,11 +26,11 @@ class PreprocessArgs(BaseModel):
 
 def main(argv: list[str]) -> dict[str, Any]:
     ap = common_parser("Build a training snapshot from the interaction store (Ray Data).")
-    ap.add_argument("--since")
-    ap.add_argument("--model")
-    ap.add_argument("--base")
-    ap.add_argument("--replay-snapshot")
-    ap.add_argument("--no-replay", action="store_true")
+    ap.add_argument("--since", help=described(PreprocessArgs, "since"))
+    ap.add_argument("--model", help=described(PreprocessArgs, "model"))
+    ap.add_argument("--base", help=described(PreprocessArgs, "base"))
+    ap.add_argument("--replay-snapshot", help=described(PreprocessArgs, "replay_snapshot"))
+    ap.add_argument("--no-replay", action="store_true", help=described(PreprocessArgs, "no_replay"))
     ns = ap.parse_args(argv)
     args = PreprocessArgs(
         since=ns.since, model=ns.model, base=ns.base, replay_snapshot=ns.replay_snapshot, no_replay=ns.no_replay

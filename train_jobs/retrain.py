@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from rayloop.config import Settings
-from train_jobs._args import common_parser, run, settings_from
+from train_jobs._args import common_parser, described, run, settings_from
 
 
 class RetrainArgs(BaseModel):
@@ -32,14 +32,14 @@ class RetrainArgs(BaseModel):
 def parse(argv: list[str]) -> tuple[RetrainArgs, Settings]:
     """The job's command line as validated arguments and settings (nothing runs)."""
     ap = common_parser("Fine-tune the parent on a snapshot with Ray Train + DeepSpeed.")
-    ap.add_argument("--snapshot", required=True)
-    ap.add_argument("--base")
-    ap.add_argument("--workers", type=int)
-    ap.add_argument("--zero-stage", type=int)
-    ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--name")
-    ap.add_argument("--no-register", action="store_true")
-    ap.add_argument("--out")
+    ap.add_argument("--snapshot", required=True, help=described(RetrainArgs, "snapshot"))
+    ap.add_argument("--base", help=described(RetrainArgs, "base"))
+    ap.add_argument("--workers", type=int, help=described(RetrainArgs, "workers"))
+    ap.add_argument("--zero-stage", type=int, help=described(RetrainArgs, "zero_stage"))
+    ap.add_argument("--gpu", action="store_true", help=described(RetrainArgs, "gpu"))
+    ap.add_argument("--name", help=described(RetrainArgs, "name"))
+    ap.add_argument("--no-register", action="store_true", help="Only export the model; do not register it.")
+    ap.add_argument("--out", help=described(RetrainArgs, "out"))
     ns = ap.parse_args(argv)
     from pydantic import ValidationError
 
