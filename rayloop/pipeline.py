@@ -21,7 +21,9 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict
 
 from rayloop.config import Settings
 from rayloop.data.schema import FEEDBACK_DIR, INTERACTIONS_DIR
@@ -30,6 +32,52 @@ from rayloop.storage import Storage
 
 STAGES = ("collect", "preprocess", "retrain", "register", "evaluate", "deploy")
 StageCallback = Callable[[str, str, dict[str, Any]], None]
+
+
+# -- what each stage hands the next (persisted as JSON in the run record, read back on resume) ----------
+class StageOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Snapshotted(StageOutput):
+    snapshot_id: str
+    uri: str
+    counts: dict[str, int]
+
+
+class Trained(StageOutput):
+    model_dir: str
+    train_loss: float
+    eval_loss: float | None
+    steps: int
+    checkpoint_uri: str
+    config: dict[str, Any]
+
+
+class Registered(StageOutput):
+    version: int
+    ref: str
+    fingerprint: str
+
+
+class Evaluated(StageOutput):
+    decision: Literal["accepted", "rejected"]
+    reasons: list[str]
+    candidate: dict[str, float]  # set -> accuracy
+    production: dict[str, float]
+
+
+class Deployed(StageOutput):
+    strategy: str
+    status: str | None
+    rollout: dict[str, Any]  # the rollout record (rayloop.rollout.controller.rollout_record)
+
+
+class Skipped(StageOutput):
+    reason: str
+
+
+Out = TypeVar("Out", bound=StageOutput)
 
 
 def _storage(settings: Settings) -> Storage:
@@ -112,7 +160,7 @@ class Steps:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
 
-    def preprocess(self, base_dir: Path, base: Any) -> dict[str, Any]:
+    def preprocess(self, base_dir: Path, base: Any) -> Snapshotted:
         from rayloop.data.preprocess import preprocess
         from rayloop.data.replay import ReplaySource
 
@@ -121,39 +169,39 @@ class Steps:
         if snap_id:
             replay = ReplaySource.from_snapshot(str(snap_id))
         info = preprocess(self.settings, model_dir=base_dir, model_name=self.settings.pipeline.model, replay=replay)
-        return {"snapshot_id": info.snapshot_id, "uri": info.uri, "counts": info.counts}
+        return Snapshotted(snapshot_id=info.snapshot_id, uri=info.uri, counts=info.counts)
 
-    def retrain(self, snapshot_id: str, base_dir: Path, output_dir: Path) -> dict[str, Any]:
+    def retrain(self, snapshot_id: str, base_dir: Path, output_dir: Path) -> Trained:
         from rayloop.training.retrain import retrain
 
         res = retrain(self.settings, snapshot_id=snapshot_id, base_dir=base_dir, output_dir=output_dir)
-        return {
-            "model_dir": str(res.model_dir),
-            "train_loss": res.train_loss,
-            "eval_loss": res.eval_loss,
-            "steps": res.steps,
-            "checkpoint_uri": res.checkpoint_uri,
-            "config": res.config,
-        }
+        return Trained(
+            model_dir=str(res.model_dir),
+            train_loss=res.train_loss,
+            eval_loss=res.eval_loss,
+            steps=res.steps,
+            checkpoint_uri=res.checkpoint_uri,
+            config=res.config,
+        )
 
-    def register(self, trained: dict[str, Any], base: Any, snapshot_id: str) -> dict[str, Any]:
+    def register(self, trained: Trained, base: Any, snapshot_id: str) -> Registered:
         from rayloop.training.register import register_candidate
         from rayloop.training.retrain import RetrainResult
 
         res = RetrainResult(
-            model_dir=Path(trained["model_dir"]),
-            train_loss=trained["train_loss"],
-            eval_loss=trained["eval_loss"],
-            steps=trained["steps"],
-            checkpoint_uri=trained["checkpoint_uri"],
-            config=trained["config"],
+            model_dir=Path(trained.model_dir),
+            train_loss=trained.train_loss,
+            eval_loss=trained.eval_loss,
+            steps=trained.steps,
+            checkpoint_uri=trained.checkpoint_uri,
+            config=trained.config,
         )
         mv = register_candidate(
             self.settings, res, name=self.settings.pipeline.model, parent_version=base.version, snapshot_id=snapshot_id
         )
-        return {"version": mv.version, "ref": f"{mv.name}@{mv.version}", "fingerprint": mv.fingerprint}
+        return Registered(version=mv.version, ref=f"{mv.name}@{mv.version}", fingerprint=mv.fingerprint)
 
-    def evaluate(self, candidate_ref: str, base_ref: str, snapshot_id: str) -> dict[str, Any]:
+    def evaluate(self, candidate_ref: str, base_ref: str, snapshot_id: str) -> Evaluated:
         from rayloop.data.snapshot import eval_questions
         from rayloop.evaluation.evalset import EvalItem
         from rayloop.evaluation.gate import run_gate
@@ -162,18 +210,18 @@ class Steps:
         report = run_gate(
             self.settings, candidate_ref, against=base_ref, extra_sets={"eval_split": items} if items else {}
         )
-        return {
-            "decision": report["gate"]["decision"],
-            "reasons": report["gate"]["reasons"],
-            "candidate": {k: v["accuracy"] for k, v in report["candidate"]["sets"].items()},
-            "production": {k: v["accuracy"] for k, v in report["production"]["sets"].items()},
-        }
+        return Evaluated(
+            decision=report["gate"]["decision"],
+            reasons=report["gate"]["reasons"],
+            candidate={k: v["accuracy"] for k, v in report["candidate"]["sets"].items()},
+            production={k: v["accuracy"] for k, v in report["production"]["sets"].items()},
+        )
 
-    def deploy(self, candidate_ref: str, strategy: Any, deploy_kwargs: dict[str, Any]) -> dict[str, Any]:
+    def deploy(self, candidate_ref: str, strategy: Any, deploy_kwargs: dict[str, Any]) -> Deployed:
         from rayloop.rollout.controller import deploy
 
         result = deploy(self.settings, candidate_ref, strategy, **deploy_kwargs)
-        return {"strategy": str(strategy), "status": result.get("status"), "rollout": result}
+        return Deployed(strategy=str(strategy), status=result.get("status"), rollout=result)
 
 
 def run_pipeline(
@@ -222,11 +270,12 @@ def run_pipeline(
         run.save_stage("collect", "done", collect_out, t0)
     emit("collect", "done", collect_out)
 
-    def stage(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def stage(name: str, kind: type[Out], fn: Callable[[], Out | Skipped]) -> Out | Skipped:
         prior = run.done(name)
         if prior is not None:
             emit(name, "reused", prior)
-            return prior
+            skipped = run.record["stages"][name]["status"] == "skipped"
+            return Skipped.model_validate(prior) if skipped else kind.model_validate(prior)
         started = time.time()
         emit(name, "running", {})
         try:
@@ -239,30 +288,35 @@ def run_pipeline(
             run.save_stage(name, "failed", {}, started, error=f"{type(e).__name__}: {e}")
             emit(name, "failed", {"error": str(e)})
             raise
-        status = out.pop("_status", "done")
-        run.save_stage(name, status, out, started)
-        emit(name, status, out)
+        status = "skipped" if isinstance(out, Skipped) else "done"
+        dumped = out.model_dump(mode="json")
+        run.save_stage(name, status, dumped, started)
+        emit(name, status, dumped)
+        return out
+
+    def done(out: Out | Skipped) -> Out:
+        assert not isinstance(out, Skipped)  # only deploy is ever skipped
         return out
 
     base_dir = reg.fetch(base.ref)
-    snap = stage("preprocess", lambda: do.preprocess(base_dir, base))
+    snap = done(stage("preprocess", Snapshotted, lambda: do.preprocess(base_dir, base)))
     work = settings.home_path / "work" / run_id
-    trained = stage("retrain", lambda: do.retrain(snap["snapshot_id"], base_dir, work / "candidate"))
-    if run.done("register") is None and not Path(trained["model_dir"]).is_dir():
+    trained = done(stage("retrain", Trained, lambda: do.retrain(snap.snapshot_id, base_dir, work / "candidate")))
+    if run.done("register") is None and not Path(trained.model_dir).is_dir():
         # The trained files were local to a machine that is gone: train again.
         run.record["stages"].pop("retrain", None)
-        trained = stage("retrain", lambda: do.retrain(snap["snapshot_id"], base_dir, work / "candidate"))
-    cand = stage("register", lambda: do.register(trained, base, snap["snapshot_id"]))
-    verdict = stage("evaluate", lambda: do.evaluate(cand["ref"], base.ref, snap["snapshot_id"]))
+        trained = done(stage("retrain", Trained, lambda: do.retrain(snap.snapshot_id, base_dir, work / "candidate")))
+    cand = done(stage("register", Registered, lambda: do.register(trained, base, snap.snapshot_id)))
+    verdict = done(stage("evaluate", Evaluated, lambda: do.evaluate(cand.ref, base.ref, snap.snapshot_id)))
 
-    def deploy_stage() -> dict[str, Any]:
-        if verdict["decision"] != "accepted":
-            return {"_status": "skipped", "reason": "gate rejected the candidate: " + "; ".join(verdict["reasons"])}
+    def deploy_stage() -> Deployed | Skipped:
+        if verdict.decision != "accepted":
+            return Skipped(reason="gate rejected the candidate: " + "; ".join(verdict.reasons))
         if not cfg.deploy:
-            return {"_status": "skipped", "reason": "pipeline.deploy is false"}
-        return do.deploy(cand["ref"], cfg.strategy or settings.rollout.strategy, deploy_kwargs or {})
+            return Skipped(reason="pipeline.deploy is false")
+        return do.deploy(cand.ref, cfg.strategy or settings.rollout.strategy, deploy_kwargs or {})
 
-    stage("deploy", deploy_stage)
+    stage("deploy", Deployed, deploy_stage)
     run.record["finished_at"] = time.time()
     run.save()
     return run.record

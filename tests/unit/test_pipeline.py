@@ -17,7 +17,17 @@ import pytest
 from rayloop.config import Settings
 from rayloop.data.schema import FEEDBACK_SCHEMA, feedback_partition
 from rayloop.errors import DataError
-from rayloop.pipeline import PipelineRun, Steps, count_feedback, run_pipeline
+from rayloop.pipeline import (
+    Deployed,
+    Evaluated,
+    PipelineRun,
+    Registered,
+    Snapshotted,
+    Steps,
+    Trained,
+    count_feedback,
+    run_pipeline,
+)
 from rayloop.registry import Registry
 from rayloop.storage import Storage
 from tests.registry_util import make_model_dir
@@ -30,38 +40,33 @@ class RecordingSteps(Steps):
         self.fail_retrain = fail_retrain
         self.decision = decision
 
-    def preprocess(self, base_dir: Path, base: Any) -> dict[str, Any]:
+    def preprocess(self, base_dir: Path, base: Any) -> Snapshotted:
         self.calls.append("preprocess")
         assert (base_dir / "config.json").is_file()
-        return {"snapshot_id": "snap1", "uri": "mem://", "counts": {"train": 10}}
+        return Snapshotted(snapshot_id="snap1", uri="mem://", counts={"train": 10})
 
-    def retrain(self, snapshot_id: str, base_dir: Path, output_dir: Path) -> dict[str, Any]:
+    def retrain(self, snapshot_id: str, base_dir: Path, output_dir: Path) -> Trained:
         self.calls.append("retrain")
         if self.fail_retrain:
             self.fail_retrain -= 1
             raise RuntimeError("worker died")
         make_model_dir(output_dir, seed=1)
-        return {
-            "model_dir": str(output_dir),
-            "train_loss": 0.1,
-            "eval_loss": 0.2,
-            "steps": 5,
-            "checkpoint_uri": "",
-            "config": {},
-        }
+        return Trained(
+            model_dir=str(output_dir), train_loss=0.1, eval_loss=0.2, steps=5, checkpoint_uri="", config={}
+        )
 
-    def register(self, trained: dict[str, Any], base: Any, snapshot_id: str) -> dict[str, Any]:
+    def register(self, trained: Trained, base: Any, snapshot_id: str) -> Registered:
         self.calls.append("register")
-        mv = Registry.from_settings(self.settings).register("demo", trained["model_dir"], parent=base.version)
-        return {"version": mv.version, "ref": mv.ref, "fingerprint": mv.fingerprint}
+        mv = Registry.from_settings(self.settings).register("demo", trained.model_dir, parent=base.version)
+        return Registered(version=mv.version, ref=mv.ref, fingerprint=mv.fingerprint)
 
-    def evaluate(self, candidate_ref: str, base_ref: str, snapshot_id: str) -> dict[str, Any]:
+    def evaluate(self, candidate_ref: str, base_ref: str, snapshot_id: str) -> Evaluated:
         self.calls.append("evaluate")
-        return {"decision": self.decision, "reasons": ["test"], "candidate": {}, "production": {}}
+        return Evaluated(decision=self.decision, reasons=["test"], candidate={}, production={})  # type: ignore[arg-type]
 
-    def deploy(self, candidate_ref: str, strategy: Any, deploy_kwargs: dict[str, Any]) -> dict[str, Any]:
+    def deploy(self, candidate_ref: str, strategy: Any, deploy_kwargs: dict[str, Any]) -> Deployed:
         self.calls.append("deploy")
-        return {"strategy": str(strategy), "status": "succeeded", "rollout": {}}
+        return Deployed(strategy=str(strategy), status="succeeded", rollout={})
 
 
 def _feedback(settings: Settings, n: int, model: str = "demo") -> None:
