@@ -191,8 +191,7 @@ def simulate(
         return
     click.echo(
         f"{out['requests']} requests ({out['failed_requests']} failed), {out['feedback_sent']} feedback rows; "
-        "accuracy by version: "
-        + ", ".join(f"v{v} {a:.0%}" for v, a in sorted(out["live_accuracy_by_version"].items()))
+        "accuracy by version: " + ", ".join(f"v{v} {a:.0%}" for v, a in sorted(out["live_accuracy_by_version"].items()))
     )
     if out["failed_requests"]:
         ctx.exit(ExitCode.ERROR)
@@ -359,9 +358,22 @@ def serve(
     as_json: bool,
 ) -> None:
     """Serve a model version (OpenAI API); run again with another version to upgrade in place."""
+    import time
+
     from rayloop.serving.deploy import serve_model
 
-    out = serve_model(settings(ctx), model_ref, path=path, version=version, app_name=app_name, wait=not no_wait)
+    def progress(line: str) -> None:  # on stderr: stdout stays for the result (and --json)
+        click.echo(f"  {time.strftime('%H:%M:%S')} {line}", err=True)
+
+    out = serve_model(
+        settings(ctx),
+        model_ref,
+        path=path,
+        version=version,
+        app_name=app_name,
+        wait=not no_wait,
+        progress=None if as_json else progress,
+    )
     if as_json:
         print_json(out)
     else:

@@ -231,21 +231,45 @@ def _controller_client(*, required: bool) -> Any:
     return client
 
 
-def wait_for_state(app_name: str, state: AppState, *, since: float, timeout_s: float, replicas: int) -> None:
+def describe_status(st: Any) -> str:
+    """One line of an app's Serve status: the app's, then each deployment's replicas by state."""
+    parts = [str(getattr(st.status, "value", st.status))]
+    for name, dep in sorted(st.deployments.items()):
+        states = getattr(dep, "replica_states", None) or {}
+        named = sorted((str(getattr(s, "value", s)).lower(), n) for s, n in states.items() if n)
+        counts = ", ".join(f"{n} {s}" for s, n in named)
+        parts.append(f"{name}: {getattr(dep.status, 'value', dep.status)}" + (f" ({counts})" if counts else ""))
+    return "; ".join(parts)
+
+
+def wait_for_state(
+    app_name: str,
+    state: AppState,
+    *,
+    since: float,
+    timeout_s: float,
+    replicas: int,
+    progress: Callable[[str], None] | None = None,
+) -> None:
     """Block until ``app_name`` runs ``state``: every slot's replicas serve its version (idle ones none) and
     every stable replica applies its route table. Needs a connected Ray driver.
 
     ``since``: when the config was applied (Serve's status must be at least that new); ``replicas``: replicas per
-    active slot (each is asked twice as many times, so every replica is likely asked at least once).
+    active slot (each is asked twice as many times, so every replica is likely asked at least once);
+    ``progress`` gets a line each time the app's status changes (which deployments, which replica states).
     """
     from ray import serve
 
     deadline = time.monotonic() + timeout_s
     last = "no status yet"
+    shown = ""
     while time.monotonic() < deadline:
         st = serve.status().applications.get(app_name)
         if st is not None:
             last = f"{st.status}: {st.message}"[:500]
+            if progress is not None and (line := describe_status(st)) != shown:
+                shown = line
+                progress(line)
             if st.status == "DEPLOY_FAILED":
                 raise ServingError(f"Serve app {app_name!r} failed to deploy: {st.message}")
             healthy = st.status == "RUNNING" and all(d.status == "HEALTHY" for d in st.deployments.values())

@@ -14,6 +14,7 @@ a rollout is left to its controller.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,7 @@ def deploy(
     wait: bool = True,
     timeout_s: float = 600,
     control: Control | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> DeployResult:
     """Deploy ``cfg``'s version, or move a running app's stable slot to it in place.
 
@@ -169,7 +171,7 @@ def deploy(
     replicas: list[dict[str, Any]] = []
     if wait:
         n = plan["settings"].serving.replicas
-        wait_for_state(name, plan["state"], since=since, timeout_s=timeout_s, replicas=n)
+        wait_for_state(name, plan["state"], since=since, timeout_s=timeout_s, replicas=n, progress=progress)
         replicas = replica_infos(name, 2 * n)
     return DeployResult(name, cfg.model, cfg.version, previous, time.monotonic() - t0, replicas)
 
@@ -224,6 +226,7 @@ def serve_model(
     app_name: str | None = None,
     wait: bool = True,
     timeout_s: float = 600,
+    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Deploy ``model_ref`` on the configured cluster (upgrading the app in place if it runs)."""
     from rayloop import cluster
@@ -234,7 +237,11 @@ def serve_model(
     check_auth_policy(settings.serving, hashes)
     cfg = model_config(settings, model_ref, path, version)
     cluster.connect(settings)
-    res = deploy(settings, cfg, app_name=app_name, api_key_hashes=hashes, wait=wait, timeout_s=timeout_s)
+    if progress is not None:
+        progress(f"applying {cfg.served_id} to app {app_name or settings.serving.app_name!r}")
+    res = deploy(
+        settings, cfg, app_name=app_name, api_key_hashes=hashes, wait=wait, timeout_s=timeout_s, progress=progress
+    )
     out = asdict(res)
     out["url"] = f"{settings.serving.base_url}/v1"
     return out

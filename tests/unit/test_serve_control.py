@@ -65,3 +65,18 @@ def test_two_controllers_never_lose_each_others_app(tmp_path: Path) -> None:
 def test_without_the_database_lock_one_change_is_lost(tmp_path: Path) -> None:
     """The race the lock prevents is real: the same two updates without it keep only one app."""
     assert len(_race(tmp_path, local_lock_only=True)) == 1
+
+
+def test_serve_progress_names_each_deployment_and_its_replica_states() -> None:
+    from types import SimpleNamespace
+
+    from rayloop.serving.control import describe_status
+
+    st = SimpleNamespace(
+        status="DEPLOYING",
+        deployments={
+            "llm-stable": SimpleNamespace(status="UPDATING", replica_states={"RUNNING": 1, "STARTING": 1}),
+            "llm-canary": SimpleNamespace(status="HEALTHY", replica_states={"RUNNING": 0}),
+        },
+    )
+    assert describe_status(st) == "DEPLOYING; llm-canary: HEALTHY; llm-stable: UPDATING (1 running, 1 starting)"
