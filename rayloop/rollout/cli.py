@@ -361,7 +361,8 @@ def _capture_line(cap: dict[str, Any]) -> str:
     """One line of capture health: rows by outcome over all tables, and what waits in the journal."""
     if "error" in cap:
         return f"capture: unknown ({cap['error']})"
-    total = {k: sum((cap.get(k) or {}).values()) for k in ("written", "quarantined", "spilled", "replayed", "dropped")}
+    outcomes = ("written", "quarantined", "spilled", "replayed", "recovered", "dropped")
+    total = {k: sum((cap.get(k) or {}).values()) for k in outcomes}
     journal = cap.get("journal") or {}
     line = "capture: " + ", ".join(f"{k} {v}" for k, v in total.items())
     if journal.get("rows"):

@@ -84,7 +84,7 @@ def test_status_shows_capture_health_in_one_line() -> None:
         "journal": {"dir": "/tmp/j", "rows": 6},
     }
     assert _capture_line(cap) == (
-        "capture: written 65, quarantined 1, spilled 10, replayed 4, dropped 0; 6 rows waiting in the journal "
+        "capture: written 65, quarantined 1, spilled 10, replayed 4, recovered 0, dropped 0; 6 rows waiting in the journal "
         "(/tmp/j); STORAGE DOWN"
     )
     assert _capture_line({"error": "GetTimeoutError: slow"}) == "capture: unknown (GetTimeoutError: slow)"
