@@ -471,7 +471,8 @@ class _WriteAhead:
     def remove(self, paths: list[Path]) -> None:
         for path in paths:
             path.unlink(missing_ok=True)
-            self.closed.remove(path)
+            if path in self.closed:  # two flushes at once may both list it
+                self.closed.remove(path)
 
 
 def default_journal_dir(home: str | None = None) -> str:
@@ -567,8 +568,8 @@ class CaptureWriter:
         self._recovered = collections.Counter[str]()
         self._wal = _WriteAhead(self._journal.dir / "wal")
         for table, rows in self._wal.recover():  # what a killed writer on this node had accepted
-            self._buffer(table, rows)
-            self._recovered[table] += len(rows)
+            _, unplaced, _ = self._buffer(table, rows)
+            self._recovered[table] += len(rows) - len(unplaced)  # (only placed rows are logged ahead)
         if self._recovered:
             logger.warning("capture: %s rows recovered from the write-ahead log", dict(self._recovered))
 
@@ -658,9 +659,9 @@ class CaptureWriter:
             if changed:
                 self._sanitised[table] += 1
             accepted.append(clean)
-        if accepted:
-            self._wal.write(table, accepted)  # on disk before the client hears the rows are taken
-        full, unplaced = self._buffer(table, accepted)
+        full, unplaced, placed = self._buffer(table, accepted)
+        if placed:
+            self._wal.write(table, placed)  # on disk before the client hears the rows are taken
         bad.extend(unplaced)
         self._dropped[table] += dropped
         if bad:
@@ -675,11 +676,13 @@ class CaptureWriter:
 
     def _buffer(
         self, table: str, rows: list[dict[str, Any]]
-    ) -> tuple[list[tuple[str, str]], list[tuple[Any, str]]]:
-        """Add sanitised rows to their partitions' buffers; returns (partitions now full, rows with no partition)."""
+    ) -> tuple[list[tuple[str, str]], list[tuple[Any, str]], list[dict[str, Any]]]:
+        """Add sanitised rows to their partitions' buffers; returns (partitions now full, rows with no partition
+        and why, the rows buffered)."""
         _, part = _TABLES[table]
         full: list[tuple[str, str]] = []
         bad: list[tuple[Any, str]] = []
+        placed: list[dict[str, Any]] = []
         for clean in rows:
             try:
                 key = (table, part(clean))
@@ -692,6 +695,7 @@ class CaptureWriter:
                 bad.append((clean, _reason(e)))
                 continue
             nbytes = _row_bytes(clean)
+            placed.append(clean)
             self._buffers[key].append(clean)
             self._buffer_bytes[key] += nbytes
             self._buffered += 1
@@ -703,7 +707,7 @@ class CaptureWriter:
                 self._recent[recent[0]] = recent[1]
                 if len(self._recent) > RECENT_IDS:
                     self._recent.popitem(last=False)
-        return full, bad
+        return full, bad, placed
 
     async def _write_key(self, key: tuple[str, str]) -> int:
         """Write one partition's buffer; returns the rows now in storage (not those quarantined or spilled)."""
@@ -836,7 +840,7 @@ class CaptureWriter:
         async with self._lock:
             pass  # a write that took its rows before the rotation has finished too
         # Every row in the sealed segments is now in storage, quarantined, journaled or counted as dropped.
-        await asyncio.to_thread(self._wal.remove, sealed)
+        self._wal.remove(sealed)
         if self._journal.entries:
             await self._replay()
         return n

@@ -296,6 +296,24 @@ def test_rows_a_killed_writer_had_taken_are_written_by_the_next_one(tmp_path: Pa
     assert read_interactions(str(root)).num_rows == 5
 
 
+def test_flushes_at_once_keep_the_write_ahead_log_consistent(tmp_path: Path) -> None:
+    """The periodic flush and a client's flush may run together: each removes only what it stored."""
+    root = tmp_path / "store"
+
+    async def run() -> dict[str, Any]:
+        w = _writer(str(root), tmp_path)
+        for i in range(3):
+            await w.append("interactions", [_chat(f"f{i}-{j}") for j in range(4)])
+            await asyncio.gather(w.flush(), w.flush(), w.append("interactions", [_chat(f"g{i}")]))
+        await w.flush()
+        return await w.stats()
+
+    s = asyncio.run(run())
+    assert s["written"] == {"interactions": 15} and s["buffered"] == 0
+    assert not list((tmp_path / "journal").rglob("*.wal"))
+    assert len(_ids(read_interactions(str(root)))) == 15
+
+
 def test_buffers_are_bounded_in_bytes(tmp_path: Path) -> None:
     root = tmp_path / "store"
     big = "x" * 3000
