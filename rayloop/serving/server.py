@@ -36,7 +36,7 @@ from typing import Any
 from rayloop.config import Settings
 from rayloop.errors import ConfigError, EngineError, RayloopError
 from rayloop.serving import checkpoint, golden
-from rayloop.serving.engine import Engine, EngineReply
+from rayloop.serving.engine import Engine, EngineReply, RequestStats
 from rayloop.serving.protocol import ModelConfig, ReplyHead, ReplyTail, openai_error
 from rayloop.storage import Storage
 
@@ -47,6 +47,19 @@ logger = logging.getLogger("ray.serve")
 # replica, the ingress and the HTTP proxy, and on CPU those hops compete with the
 # engine for the same cores.
 _STREAM_END = object()
+
+
+def _reply_tail(st: RequestStats, texts: list[str], error: str | None) -> ReplyTail:
+    """What the ingress records of an answer: the engine's counts and each choice's own text."""
+    return ReplyTail(
+        st.prompt_tokens,
+        st.completion_tokens,
+        st.ttft_ms,
+        st.finish_reason,
+        texts[0],
+        error=error,
+        choices=texts if len(texts) > 1 else None,
+    )
 
 
 def body_choices(body: Any) -> list[str]:
@@ -304,16 +317,7 @@ class LLMServer:
             st = reply.stats
             err = None if reply.status == 200 else str((reply.body or {}).get("error", {}).get("message"))
             # The answer's own choices (beam search and n > 1 included), as the client got them.
-            texts = body_choices(reply.body) or st.choice_texts()
-            tail = ReplyTail(
-                st.prompt_tokens,
-                st.completion_tokens,
-                st.ttft_ms,
-                st.finish_reason,
-                texts[0],
-                error=err,
-                choices=texts if len(texts) > 1 else None,
-            )
+            tail = _reply_tail(st, body_choices(reply.body) or st.choice_texts(), err)
             yield ReplyHead(reply.status, cfg.model, cfg.version, reply.body, tail=tail)
             return
         yield ReplyHead(200, cfg.model, cfg.version, streaming=True)
@@ -328,17 +332,7 @@ class LLMServer:
             yield f'data: {{"error": {{"message": "engine failed on request {request_id}", "type": "InternalServerError", "code": 500}}}}\n\n'
         finally:
             self._streams -= 1
-        st = reply.stats
-        texts = st.choice_texts()
-        yield ReplyTail(
-            st.prompt_tokens,
-            st.completion_tokens,
-            st.ttft_ms,
-            st.finish_reason,
-            texts[0],
-            error=error,
-            choices=texts if len(texts) > 1 else None,
-        )
+        yield _reply_tail(reply.stats, reply.stats.choice_texts(), error)
 
     def _stream_interval(self) -> float:
         """Seconds between two messages of one stream: the configured floor, longer under many streams."""
