@@ -12,6 +12,8 @@
                     partial index), which is the rollout lock
     rl_leases       rollout id -> the controller that owns it: holder, fencing
                     token (bumped on every takeover), lease expiry
+    rl_locks        named locks with a lease (the Serve-config lock): holder,
+                    fencing token, expiry (see :mod:`rayloop.registry.locks`)
 
 Times are UNIX seconds (DOUBLE PRECISION); JSON lives in TEXT columns.
 """
@@ -91,6 +93,12 @@ _DDL = [
     "CREATE UNIQUE INDEX IF NOT EXISTS rl_rollouts_one_active ON rl_rollouts (name) WHERE active = 1",
     """CREATE TABLE IF NOT EXISTS rl_leases (
         rollout_id BIGINT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        token BIGINT NOT NULL,
+        expires_at DOUBLE PRECISION NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS rl_locks (
+        name TEXT PRIMARY KEY,
         holder TEXT NOT NULL,
         token BIGINT NOT NULL,
         expires_at DOUBLE PRECISION NOT NULL

@@ -13,10 +13,11 @@ instead.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from rayloop.config import Settings
-from rayloop.errors import RolloutError
+from rayloop.errors import LeaseLostError, RolloutError
 from rayloop.serving.app import AppState, idle_state
 from rayloop.serving.control import Control
 from rayloop.serving.protocol import ModelConfig
@@ -36,8 +37,9 @@ class Backend(Protocol):
     def apply(self, state: AppState) -> None:
         """Ask for ``state`` (returns at once)."""
 
-    def wait(self, state: AppState, timeout_s: float) -> None:
-        """Block until every slot serves its version and every stable replica applies the table."""
+    def wait(self, state: AppState, timeout_s: float, *, check: Callable[[], None] | None = None) -> None:
+        """Block until every slot serves its version and every stable replica applies the table; ``check`` runs
+        on every poll and may raise to stop waiting."""
 
     def ensure_golden(self, cfg: ModelConfig) -> None:
         """Make sure a fresh engine's golden answers of ``cfg`` exist (in-place swaps verify against them)."""
@@ -139,7 +141,7 @@ class ServeBackend:
         self._since = time.time()
         self._deployed = self.control.update(self.app_name, build)
 
-    def wait(self, state: AppState, timeout_s: float) -> None:
+    def wait(self, state: AppState, timeout_s: float, *, check: Callable[[], None] | None = None) -> None:
         from rayloop.serving.control import wait_for_state
 
         try:
@@ -149,7 +151,10 @@ class ServeBackend:
                 since=self._since,
                 timeout_s=timeout_s,
                 replicas=self.app_settings().serving.replicas,
+                check=check,
             )
+        except LeaseLostError:
+            raise
         except Exception as e:
             raise RolloutError(str(getattr(e, "message", e)), hint=getattr(e, "hint", None)) from e
 

@@ -259,11 +259,15 @@ class Rollout:
 
     def beat(self) -> None:
         """Stop at once when another controller took over (the lease thread noticed); else keep updated_at fresh."""
-        if self.lease.lost:
-            raise LeaseLostError(f"rollout {self.rid} was taken over by another controller; this one stops")
+        self.still_owned()
         if self.now() - self._last_beat >= HEARTBEAT_S:
             self.reg.update_rollout(self.rid, fence=self.fence)
             self._last_beat = self.now()
+
+    def still_owned(self) -> None:
+        """Cheap, for polling loops: stop once the lease thread saw another controller take over."""
+        if self.lease.lost:
+            raise LeaseLostError(f"rollout {self.rid} was taken over by another controller; this one stops")
 
     def check_lease(self) -> None:
         """Right before a Serve change: still ours? (Every registry write checks it in its own transaction.)"""
@@ -332,7 +336,7 @@ class Rollout:
         t0 = self.now()
         self.check_lease()
         self.backend.apply(new)
-        self.backend.wait(new, self.settings.rollout.ready_timeout_s)
+        self.backend.wait(new, self.settings.rollout.ready_timeout_s, check=self.still_owned)
         self.app = new
         self._mark(new)
         if (t.canary_percent, t.shadow_percent) != (table.canary_percent, table.shadow_percent):
@@ -525,7 +529,7 @@ class Rollout:
             first = idle_state(self.name, self.to_cfg, RouteTable(epoch=1))
             self.check_lease()
             self.backend.apply(first)
-            self.backend.wait(first, self.settings.rollout.ready_timeout_s)
+            self.backend.wait(first, self.settings.rollout.ready_timeout_s, check=self.still_owned)
             self.app = cur = first
         if cur.slots.get(CANARY) == self.to_cfg and cur.table.canary_percent < 100:
             self.set_app(canary_percent=100)  # a manual promote mid-canary: everything to the new version first
@@ -800,7 +804,7 @@ def _first_deploy(ro: Rollout) -> str:
     ro.save(phase="promoting", desired=state.summary())
     ro.check_lease()
     ro.backend.apply(state)
-    ro.backend.wait(state, ro.settings.rollout.ready_timeout_s)
+    ro.backend.wait(state, ro.settings.rollout.ready_timeout_s, check=ro.still_owned)
     ro.app = state
     ro._mark(state)
     ro.emit("slot_ready", slot=STABLE, version=ro.to_cfg.version)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +70,9 @@ class FakeBackend:
             self.applied.append(state)
             self._timeline.append((self.clock(), state))
 
-    def wait(self, state: AppState, timeout_s: float) -> None:
+    def wait(self, state: AppState, timeout_s: float, *, check: Callable[[], None] | None = None) -> None:
+        if check is not None:
+            check()
         assert self.state == state
 
     def ensure_golden(self, cfg: ModelConfig) -> None:

@@ -26,12 +26,15 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from rayloop.config import Settings
 from rayloop.errors import ClusterError, ServingError
 from rayloop.serving.app import AppState, slot_deployment_name
 from rayloop.serving.routing import SLOTS, STABLE
+
+if TYPE_CHECKING:
+    from rayloop.registry.locks import HeldLock
 
 AppBuilder = Callable[[dict[str, Any] | None], dict[str, Any]]
 """Given the deployed config of one app (None: not deployed), the config to deploy instead."""
@@ -155,17 +158,19 @@ class ServeControl:
         self._lock = lock or (lambda: serve_config_lock(settings))
 
     def update(self, name: str, build: AppBuilder) -> dict[str, Any]:
-        with self._lock():
+        with self._lock() as held:
             apps = self.apps()
             app = build(next((a for a in apps if a["name"] == name), None))
+            _still_held(held)
             self.apply([a for a in apps if a["name"] != name] + [app])
             return app
 
     def remove(self, name: str) -> bool:
-        with self._lock():
+        with self._lock() as held:
             apps = self.apps()
             if not any(a["name"] == name for a in apps):
                 return False
+            _still_held(held)
             self.apply([a for a in apps if a["name"] != name])
             return True
 
@@ -202,20 +207,33 @@ class ServeControl:
 
 
 @contextmanager
-def serve_config_lock(settings: Settings) -> Iterator[None]:
-    """Hold the cluster's Serve-config lock: a write transaction on the registry database (SQLite's write lock;
-    a transaction-scoped advisory lock on PostgreSQL), so read-modify-apply runs one at a time across hosts."""
+def serve_config_lock(settings: Settings) -> Iterator[HeldLock]:
+    """Hold the cluster's Serve-config lock so read-modify-apply runs one at a time across hosts.
+
+    The lock is a row with a lease in the registry database (:mod:`rayloop.registry.locks`), not an open
+    transaction: a holder that freezes (SIGSTOP, a long pause) loses it after ``rollout.lease_s`` instead of
+    blocking every registry writer, and checks its token right before it applies (:meth:`HeldLock.check`).
+    """
+    from rayloop.registry.locks import lease_lock
     from rayloop.registry.registry import database_url
     from rayloop.registry.sql import Database
+    from rayloop.registry.tables import ensure_schema
 
     db = Database(database_url(settings))
-    with db.transaction(write=True) as tx:
-        if tx.dialect == "postgresql":
-            tx.execute("SELECT pg_advisory_xact_lock(?)", (SERVE_CONFIG_LOCK_KEY,))
-        yield
+    ensure_schema(db)
+    ttl = settings.rollout.lease_s
+    with lease_lock(db, SERVE_CONFIG_LOCK, ttl_s=ttl, wait_s=max(120.0, 4 * ttl)) as held:
+        yield held
 
 
-SERVE_CONFIG_LOCK_KEY = 0x72617973  # "rays": PostgreSQL advisory lock around Serve config updates
+SERVE_CONFIG_LOCK = "serve-config"
+
+
+def _still_held(held: Any) -> None:
+    """Right before an apply: the lock is still ours (a holder that froze past its lease stops here)."""
+    check = getattr(held, "check", None)
+    if check is not None:
+        check()
 
 
 def _controller_client(*, required: bool) -> Any:
@@ -250,13 +268,15 @@ def wait_for_state(
     timeout_s: float,
     replicas: int,
     progress: Callable[[str], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> None:
     """Block until ``app_name`` runs ``state``: every slot's replicas serve its version (idle ones none) and
     every stable replica applies its route table. Needs a connected Ray driver.
 
     ``since``: when the config was applied (Serve's status must be at least that new); ``replicas``: replicas per
     active slot (each is asked twice as many times, so every replica is likely asked at least once);
-    ``progress`` gets a line each time the app's status changes (which deployments, which replica states).
+    ``progress`` gets a line each time the app's status changes (which deployments, which replica states);
+    ``check`` runs before every poll and may raise to stop waiting (a controller that lost its lease).
     """
     from ray import serve
 
@@ -264,6 +284,8 @@ def wait_for_state(
     last = "no status yet"
     shown = ""
     while time.monotonic() < deadline:
+        if check is not None:
+            check()
         st = serve.status().applications.get(app_name)
         if st is not None:
             last = f"{st.status}: {st.message}"[:500]

@@ -3,13 +3,18 @@
 One lean app (real Ray Serve, real vLLM CPU engines) is shared by the module; the tests run in order:
 hand-picked bad bodies and a property-based fuzz of the HTTP API (no 5xx, the replica alive after),
 the capture writer killed under load, storage that refuses writes for 10 s, a canary that sees no
-traffic, and the stats actor killed in the middle of a canary step. Each one counts: rows written ==
-answered requests, nothing promoted, no request failed.
+traffic, the stats actor killed in the middle of a canary step, and a controller paused past its lease
+while another takes over. Each one counts: rows written == answered requests, nothing promoted, no
+request failed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -75,7 +80,14 @@ def env(
     reg.annotate("demo@2", "gate", {"decision": "accepted", "reasons": []})
     deploy(settings, "demo@1", "canary")
     try:
-        yield {"settings": settings, "reg": reg, "url": serve_http_url(), "home": home}
+        yield {
+            "settings": settings,
+            "reg": reg,
+            "url": serve_http_url(),
+            "home": home,
+            "config": cfg_file,
+            "gcs": ray_cluster.get("gcs_address") or ray_cluster["address"],
+        }
     finally:
         serve.delete(APP)
 
@@ -167,7 +179,9 @@ _chat = st.fixed_dictionaries(
 _completion = st.fixed_dictionaries(
     {"model": _model},
     optional={
-        "prompt": st.text(max_size=60) | st.lists(st.text(max_size=20), max_size=3) | st.lists(st.integers(), max_size=5),
+        "prompt": st.text(max_size=60)
+        | st.lists(st.text(max_size=20), max_size=3)
+        | st.lists(st.integers(), max_size=5),
         **_sampling,
     },
 )
@@ -344,3 +358,56 @@ def test_a_stats_actor_killed_mid_canary_rolls_it_back(env: dict[str, Any]) -> N
     assert env["reg"].get_alias("demo", "production") == 1
     assert not load.failures(), load.failures()[:3]  # the users saw none of it
     assert {s.version for s in load.samples} == {1, 2}  # the canary did serve before it was judged
+
+
+def test_a_controller_paused_past_its_lease_is_taken_over_and_then_writes_nothing(env: dict[str, Any]) -> None:
+    """Controller A (a `rayloop deploy` process) stops mid-canary (SIGSTOP: a long GC, a frozen VM); once its
+    lease expired, B takes the rollout over and rolls it back; A, woken, finds its token stale and stops."""
+    from rayloop.rollout.controller import reconcile
+
+    reg: Registry = env["reg"]
+    proc_env = {
+        **os.environ,
+        "RAY_ADDRESS": str(env["gcs"]),
+        "RAYLOOP_HOME": str(env["home"]),
+        "RAYLOOP_ROLLOUT__LEASE_S": "3",
+    }
+    # -X faulthandler: a SIGABRT makes A print every thread's stack (used when it does not stop in time).
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "rayloop.cli", "--config", str(env["config"]), "deploy", "demo@2"]
+    cmd += ["--strategy", "canary", "--steps", "50,100", "--interval", "600s", "--json"]
+    with Load(env["url"], threads=2, sticky_threads=0) as load:
+        a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=proc_env)
+        try:
+            wait_for(
+                lambda: (
+                    (reg.active_rollout("demo") or {}).get("state", {}).get("phase") == "step" or a.poll() is not None
+                ),
+                300,
+                "controller A to reach its first canary step",
+            )
+            assert a.poll() is None, a.communicate()[0][-3000:]
+            rid = reg.active_rollout("demo")["id"]  # type: ignore[index]
+            a.send_signal(signal.SIGSTOP)
+            wait_for(lambda: reg.lease(rid)["expires_at"] < time.time(), 60, "A's lease to expire")
+            lease = env["settings"].rollout.model_copy(update={"lease_s": 3.0})
+            out = reconcile(env["settings"].model_copy(update={"rollout": lease}), "demo")
+            assert out["action"] == "rolled_back" and reg.lease(rid)["token"] == 2, out
+            events_after_b = len(reg.rollout(rid)["history"])
+            a.send_signal(signal.SIGCONT)
+            try:
+                output, _ = a.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                a.send_signal(signal.SIGABRT)
+                pytest.fail("A did not stop within 60 s of waking:\n" + a.communicate(timeout=30)[0][-6000:])
+        finally:
+            if a.poll() is None:
+                a.kill()
+                a.wait()
+    assert a.returncode != 0 and "LeaseLostError" in output, output[-3000:]
+    record = reg.rollout(rid)
+    assert record["status"] == "rolled_back" and len(record["history"]) == events_after_b  # A wrote nothing
+    assert reg.get_alias("demo", "production") == 1
+    assert not load.failures(), load.failures()[:3]
+    from rayloop.rollout.controller import status
+
+    assert status(env["settings"], "demo")["serve"]["slots"]["canary"] is None
