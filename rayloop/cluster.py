@@ -1,9 +1,11 @@
 """Start, find and stop the Ray cluster rayloop runs on.
 
-``rayloop up`` starts a local head (``ray start --head --block`` in its own
-process group, so it outlives the CLI) and records its PID and address in
-``$RAYLOOP_HOME/cluster.json``; ``rayloop down`` stops exactly that process
-group. When ``RAY_ADDRESS`` (or ``ray.address`` in settings) is set, rayloop
+``rayloop up`` starts a local head that outlives the CLI: a small supervisor
+(:mod:`rayloop.head`, in a session of its own) that runs ``ray start --head
+--block`` and, on SIGTERM, drains Serve and the capture writer before Ray
+stops. It records the supervisor's PID and the address in
+``$RAYLOOP_HOME/cluster.json``; ``rayloop down`` sends that PID SIGTERM and
+waits, then makes sure nothing of either process group is left. When ``RAY_ADDRESS`` (or ``ray.address`` in settings) is set, rayloop
 attaches to that cluster instead and never stops it.
 """
 
@@ -24,6 +26,8 @@ from rayloop.errors import ClusterError
 
 STATE_FILE = "cluster.json"
 TOKEN_FILE = "ray-auth-token"
+RAY_PID_FILE = "ray-head.pid"
+STOP_TIMEOUT_S = 240.0  # drain (Serve's graceful shutdown, a capture flush) plus Ray's own stop
 
 
 @dataclass
@@ -34,6 +38,7 @@ class ClusterState:
     temp_dir: str
     started_at: float
     auth_token_path: str | None = None  # Ray token auth is on when set (state files from before it: off)
+    supervised: bool = False  # pid is rayloop.head's, which drains on SIGTERM (older state files: ray's own)
 
     def auth_env(self) -> dict[str, str]:
         """The variables a Ray client (``ray.init``, ``ray job submit``) needs to talk to this head."""
@@ -202,13 +207,17 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
     ]
     token = ensure_auth_token(settings) if settings.ray.auth == "token" else None
     env = head_env(settings, token=token)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     address = f"127.0.0.1:{port}"
+    pid_file = home / RAY_PID_FILE
+    pid_file.unlink(missing_ok=True)
+    head = [sys.executable, "-m", "rayloop.head", "--address", address, "--pid-file", str(pid_file), "--", *cmd]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(head, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
         _wait_for_gcs(address, log, proc, timeout)
     except ClusterError:
         _kill_group(proc.pid)
+        _kill_ray_group(home)
         raise
     write_prometheus_config(settings)
     state = ClusterState(
@@ -218,6 +227,7 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
         temp_dir=temp_dir,
         started_at=time.time(),
         auth_token_path=None if token is None else str(token),
+        supervised=True,
     )
     _state_path(settings).write_text(json.dumps(asdict(state), indent=1))
     return state
@@ -253,7 +263,8 @@ def head_env(
 
 
 def _kill_group(pid: int, timeout: float = 30.0) -> None:
-    """Stop ``ray start --block`` (it tears down its own children), then its whole group."""
+    """SIGTERM ``pid`` (the supervisor drains and stops Ray; ``ray start --block`` tears down its own
+    children), wait up to ``timeout`` for its process group to end, then SIGKILL what is left of it."""
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -271,18 +282,35 @@ def _kill_group(pid: int, timeout: float = 30.0) -> None:
         pass
 
 
+def _kill_ray_group(home: Path) -> None:
+    """SIGKILL what is left of Ray's process group (after its supervisor ended or was killed)."""
+    path = home / RAY_PID_FILE
+    try:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    path.unlink(missing_ok=True)
+
+
 def down(settings: Settings) -> bool:
     """Stop the head that ``up`` started. Returns False when there was none.
 
     Before the processes stop, Serve is shut down gracefully (each replica ships the capture rows it
     holds) and the capture writer writes everything it buffers: nothing recorded is lost to ``down``.
+    The supervisor does that on the SIGTERM ``down`` sends it (as on any SIGTERM); a head started
+    before the supervisor existed is drained from here.
     """
     state = read_state(settings)
     if state is None:
         return False
-    if state.alive():
+    if state.alive() and not state.supervised:
         drain(settings, state.address)
-    _kill_group(state.pid)
+    _kill_group(state.pid, timeout=STOP_TIMEOUT_S if state.supervised else 30.0)
+    _kill_ray_group(settings.home_path)
     _state_path(settings).unlink(missing_ok=True)
     return True
 

@@ -70,3 +70,23 @@ def race_worker(
             queue.put(("rollout", version, "lost"))
     except BaseException as e:
         queue.put(("error", version, repr(e)))
+
+
+def lock_worker(db_url: str, rounds: int, barrier: Any, queue: Any) -> None:
+    """Take the lease lock ``x`` ``rounds`` times; report (start, end, token) of each hold."""
+    import time
+
+    from rayloop.registry.locks import lease_lock
+    from rayloop.registry.sql import Database
+
+    try:
+        db = Database(db_url)
+        barrier.wait(180)
+        for _ in range(rounds):
+            with lease_lock(db, "x", ttl_s=10, wait_s=120) as held:
+                t0 = time.time()
+                time.sleep(0.02)
+                held.check()
+                queue.put(("held", t0, time.time(), held.token))
+    except BaseException as e:
+        queue.put(("error", 0.0, 0.0, repr(e)))

@@ -91,13 +91,14 @@ def try_acquire(db: Database, name: str, holder: str, ttl_s: float) -> tuple[int
     """One attempt: ``(token, None)`` when taken, ``(None, current row)`` when another holder has it."""
     now = time.time()
     with db.transaction(write=True) as tx:
+        # The row exists before it is locked: PostgreSQL's FOR UPDATE cannot lock a row that is not there,
+        # so two first takers would both insert (one failing on the key) without this.
+        tx.execute(
+            "INSERT INTO rl_locks (name, holder, token, expires_at) VALUES (?, ?, 0, 0) ON CONFLICT (name) DO NOTHING",
+            (name, holder),
+        )
         row = tx.lock_row("rl_locks", "name = ?", (name,))
-        if row is None:
-            tx.execute(
-                "INSERT INTO rl_locks (name, holder, token, expires_at) VALUES (?, ?, ?, ?)",
-                (name, holder, 1, now + ttl_s),
-            )
-            return 1, None
+        assert row is not None
         if float(row["expires_at"]) > now:
             return None, row
         token = int(row["token"]) + 1

@@ -1,8 +1,10 @@
-"""`rayloop up` starts a head that outlives the CLI; `rayloop down` stops exactly it."""
+"""`rayloop up` starts a head that outlives the CLI; `rayloop down` (or a SIGTERM to the head) drains it and
+stops exactly it."""
 
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -116,10 +118,74 @@ def test_up_down_round_trip(tmp_path: Path, base_model_dir: Path) -> None:
             pipeline.stdout[-3000:] + pipeline.stderr[-3000:]
         )
     finally:
-        down = subprocess.run([*cmd, "down"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        ray_pid = int((tmp_path / ".rayloop" / "ray-head.pid").read_text())
+        down = subprocess.run([*cmd, "down"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert down.returncode == 0 and "stopped" in down.stdout
-    deadline = time.monotonic() + 30
-    while _group_alive(state["pid"]) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not _group_alive(state["pid"]), "processes of the head are still running after `rayloop down`"
+    _wait_gone([state["pid"], ray_pid], 30)
     assert not (tmp_path / ".rayloop" / "cluster.json").exists()
+    assert "draining Serve and the capture writer" in (tmp_path / ".rayloop" / "ray-head.log").read_text()
+
+
+def _wait_gone(pgids: list[int], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(_group_alive(g) for g in pgids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(_group_alive(g) for g in pgids), "processes of the head are still running"
+
+
+_DEPLOY_FAKE = """
+from rayloop.cluster import connect
+from rayloop.config import load_settings
+from rayloop.serving.deploy import deploy, model_config_for_path
+from tests.integration.test_serving_fake import FAKE, _tiny_model
+
+settings = load_settings()
+connect(settings)
+deploy(settings, model_config_for_path("demo", _tiny_model(settings.home_path / "m"), 1), engine_cls=FAKE, timeout_s=180)
+print("DEPLOYED", flush=True)
+"""
+
+
+def test_sigterm_to_the_head_drains_capture_first(tmp_path: Path) -> None:
+    """An init system or container runtime stops the head with SIGTERM to the PID `rayloop up` recorded: every
+    answered request's row is in storage afterwards (replicas and the writer were drained before Ray stopped),
+    although none had been flushed when the signal came."""
+    from rayloop.data.capture import read_interactions
+
+    gcs, dash, agent, metrics, http = (free_port() for _ in range(5))
+    (tmp_path / "rayloop.yaml").write_text(
+        f"ray:\n  port: {gcs}\n  dashboard_port: {dash}\n  dashboard_agent_port: {agent}\n  num_cpus: 1\n"
+        f"  metrics_export_port: {metrics}\n"
+        f"serving:\n  http_port: {http}\n  replicas: 1\n  replica_num_cpus: 0.1\n"
+        "  capture_flush_s: 600\n  capture_batch_rows: 100000\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("RAYLOOP_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
+    up = subprocess.run(
+        [sys.executable, "-m", "rayloop.cli", "up"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert up.returncode == 0, up.stderr
+    home = tmp_path / ".rayloop"
+    state = json.loads((home / "cluster.json").read_text())
+    ray_pid = int((home / "ray-head.pid").read_text())
+    try:
+        dep = subprocess.run(
+            [sys.executable, "-c", _DEPLOY_FAKE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert dep.returncode == 0 and "DEPLOYED" in dep.stdout, dep.stdout[-2000:] + dep.stderr[-3000:]
+        url = f"http://127.0.0.1:{http}/v1/chat/completions"
+        answered = 0
+        for i in range(12):
+            body = {"model": "demo", "messages": [{"role": "user", "content": f"question {i}"}], "max_tokens": 4}
+            r = httpx.post(url, json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            answered += 1
+        assert read_interactions(str(home / "storage")).num_rows == 0  # all still buffered (replica, writer)
+        os.kill(state["pid"], signal.SIGTERM)
+        _wait_gone([state["pid"], ray_pid], 300)
+    finally:
+        subprocess.run([sys.executable, "-m", "rayloop.cli", "down"], cwd=tmp_path, env=env, timeout=300)
+    log = (home / "ray-head.log").read_text()
+    assert "SIGTERM: draining Serve and the capture writer" in log, log[-3000:]
+    rows = read_interactions(str(home / "storage"))
+    assert len(set(rows.column("request_id").to_pylist())) == answered, log[-3000:]

@@ -7,6 +7,7 @@ with its own connections, as separate hosts would be.
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing as mp
 import uuid
@@ -22,7 +23,7 @@ from rayloop.cli import cli
 from rayloop.errors import AliasConflictError, IntegrityError, InUseError, RolloutInProgressError
 from rayloop.registry import ABSENT, Registry
 from tests.integration.registry_servers import S3_ENV, create_bucket, create_database, moto_s3_server, postgres_server
-from tests.registry_util import make_model_dir, race_worker, register_worker
+from tests.registry_util import lock_worker, make_model_dir, race_worker, register_worker
 
 WORKERS = 8
 
@@ -220,3 +221,40 @@ def test_cli_on_s3_and_postgres(
     fetched = json.loads(runner.invoke(cli, ["models", "fetch", "demo", "--json"]).stdout)
     assert Path(fetched["path"]).is_relative_to(tmp_path / "home" / "cache")
     assert runner.invoke(cli, ["models", "verify", "demo"]).exit_code == 0
+
+
+@pytest.mark.parametrize("db_kind", ["sqlite", "postgres"])
+def test_lease_lock_one_holder_across_processes_and_takeover_after_expiry(
+    request: pytest.FixtureRequest, tmp_path: Path, db_kind: str
+) -> None:
+    """The Serve-config lock's primitive on both databases: processes hold it one at a time, every hold has a
+    token never handed out before, and a holder that stops renewing (frozen) loses it to the next one."""
+    from rayloop.errors import LeaseLostError
+    from rayloop.registry.locks import lease_lock
+    from rayloop.registry.sql import Database
+    from rayloop.registry.tables import ensure_schema
+
+    url = _backend(request, tmp_path, "local", db_kind).db
+    db = Database(url)
+    ensure_schema(db)
+    workers, rounds = 4, 5
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(workers), ctx.Queue()
+    procs = [ctx.Process(target=lock_worker, args=(url, rounds, barrier, queue)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    holds = []
+    for _ in range(workers * rounds):
+        holds.append(queue.get(timeout=120))
+        assert holds[-1][0] != "error", holds[-1]
+    for p in procs:
+        p.join(30)
+    holds.sort(key=lambda h: h[1])
+    assert all(a[2] <= b[1] for a, b in itertools.pairwise(holds)), "two holders at once"
+    assert [h[3] for h in holds] == list(range(1, workers * rounds + 1))
+    with lease_lock(db, "x", ttl_s=0.6, holder="frozen") as frozen:
+        frozen._stop.set()  # no more renewals, as in a stopped process
+        with lease_lock(db, "x", ttl_s=10, wait_s=30, holder="next") as nxt:
+            assert nxt.token == frozen.token + 1
+            with pytest.raises(LeaseLostError, match="held by next"):
+                frozen.check()
