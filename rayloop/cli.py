@@ -344,7 +344,11 @@ def pipeline_watch(ctx: click.Context, max_runs: int | None) -> None:
 )
 @click.option("--path", type=click.Path(exists=True, file_okay=False), help="Serve a local HF model directory instead.")
 @click.option("--version", type=click.IntRange(1), help="Version number to report for --path (default 1).")
-@click.option("--app", "app_name", help="Serve application name (default: serving.app_name).")
+@click.option(
+    "--app",
+    "app_name",
+    help="Serve application name (default: the app serving NAME, else serving.app_name if free, else NAME).",
+)
 @click.option("--no-wait", is_flag=True, help="Return once the config is applied, before replicas serve it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
@@ -357,7 +361,11 @@ def serve(
     no_wait: bool,
     as_json: bool,
 ) -> None:
-    """Serve a model version (OpenAI API); run again with another version to upgrade in place."""
+    """Serve a model version (OpenAI API); run again with another version to upgrade in place.
+
+    Several models share one endpoint: serve another model and clients pick it with the request's
+    `model` field (its app also answers directly under /models/NAME); /v1/models lists them all.
+    """
     import time
 
     from rayloop.serving.deploy import serve_model
@@ -365,8 +373,9 @@ def serve(
     def progress(line: str) -> None:  # on stderr: stdout stays for the result (and --json)
         click.echo(f"  {time.strftime('%H:%M:%S')} {line}", err=True)
 
+    s = settings(ctx)
     out = serve_model(
-        settings(ctx),
+        s,
         model_ref,
         path=path,
         version=version,
@@ -381,6 +390,8 @@ def serve(
         click.echo(
             f"{out['app']}: serving {out['model']}@v{out['version']}{was} at {out['url']} ({out['seconds']:.1f}s)"
         )
+        if out.get("route_prefix") not in (None, "/", s.serving.route_prefix):
+            click.echo(f"  model {out['model']!r} on that endpoint; directly at route {out['route_prefix']}")
 
 
 def _lazy_group(module: str, attr: str) -> Callable[[], click.Command]:

@@ -31,6 +31,9 @@ class Backend(Protocol):
 
     app_name: str
 
+    def select(self, model: str) -> None:
+        """Act on the app that serves ``model`` (or that its first deploy creates), unless an app was named."""
+
     def read(self) -> AppState | None:
         """The deployed state, or None if the app does not exist."""
 
@@ -81,6 +84,7 @@ class ServeBackend:
 
         self.settings = settings
         self.app_name = app_name or settings.serving.app_name
+        self._named = app_name is not None
         self.engine_cls = engine_cls
         self.api_key_hashes = sorted(api_key_hashes or [])
         self.control: Control = control or ServeControl(settings)
@@ -100,6 +104,12 @@ class ServeBackend:
                 "with `rayloop serve` or `rayloop deploy NAME@REF`.",
             )
         return mine
+
+    def select(self, model: str) -> None:
+        from rayloop.serving.peers import app_for_model
+
+        if not self._named:
+            self.app_name = app_for_model(self.control.apps(), model, self.settings.serving.app_name)
 
     def read(self) -> AppState | None:
         from rayloop.serving.app import read_state

@@ -686,6 +686,7 @@ def deploy(
     mv, gate = preflight(settings, ref, force, reg=reg)
     be = backend or _default_backend(settings)
     name = mv.name
+    be.select(name)
 
     active = reg.active_rollout(name)
     if active is not None:
@@ -860,6 +861,7 @@ def reconcile(
     """
     reg = Registry.from_settings(settings)
     be = backend or _default_backend(settings)
+    be.select(name)
     active = reg.active_rollout(name)
     if active is not None:
         if intent is None and owner_alive(active, lease=reg.lease(active["id"])):
@@ -990,6 +992,7 @@ def undeploy(settings: Settings, name: str, *, backend: Backend | None = None) -
             hint=f"Stop it first: `rayloop abort {name}`.",
         )
     be = backend or _default_backend(settings, start_local=False)
+    be.select(name)
     current = be.read()
     if current is not None and current.model != name:
         raise RolloutError(
@@ -1031,6 +1034,8 @@ def status(
     live: dict[str, Any] = {}
     try:
         be = be or _default_backend(settings, start_local=False)
+        if name is not None:
+            be.select(name)
         app = be.read()
         if app is not None:
             now = time.time()

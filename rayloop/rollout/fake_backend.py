@@ -70,6 +70,9 @@ class FakeBackend:
             self.applied.append(state)
             self._timeline.append((self.clock(), state))
 
+    def select(self, model: str) -> None:
+        pass  # one app
+
     def wait(self, state: AppState, timeout_s: float, *, check: Callable[[], None] | None = None) -> None:
         if check is not None:
             check()

@@ -39,7 +39,7 @@ def deploy_staging(settings: Settings, ref: str, *, wait: bool = True) -> dict[s
     from rayloop.serving.deploy import serve_model
 
     staged = staging_settings(settings)
-    out = serve_model(staged, ref, wait=wait)
+    out = serve_model(staged, ref, app_name=staged.serving.app_name, wait=wait)  # never the endpoint's app
     reg = Registry.from_settings(settings)
     before = reg.get_alias(out["model"], STAGING)
     if before != out["version"]:

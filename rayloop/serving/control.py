@@ -66,7 +66,7 @@ class InMemoryControl:
 
     def update(self, name: str, build: AppBuilder) -> dict[str, Any]:
         mine = next((a for a in self.deployed if a["name"] == name), None)
-        app = build(mine)
+        app = _built(build, mine, [a for a in self.deployed if a["name"] != name])
         self.deployed = [a for a in self.deployed if a["name"] != name] + [app]
         self.applied += 1
         return app
@@ -160,7 +160,9 @@ class ServeControl:
     def update(self, name: str, build: AppBuilder) -> dict[str, Any]:
         with self._lock() as held:
             apps = self.apps()
-            app = build(next((a for a in apps if a["name"] == name), None))
+            app = _built(
+                build, next((a for a in apps if a["name"] == name), None), [a for a in apps if a["name"] != name]
+            )
             _still_held(held)
             self.apply([a for a in apps if a["name"] != name] + [app])
             return app
@@ -227,6 +229,14 @@ def serve_config_lock(settings: Settings) -> Iterator[HeldLock]:
 
 
 SERVE_CONFIG_LOCK = "serve-config"
+
+
+def _built(build: AppBuilder, mine: dict[str, Any] | None, others: list[dict[str, Any]]) -> dict[str, Any]:
+    """``build(mine)``; a new app gets a route no other app holds (another model's app: ``/models/NAME``)."""
+    from rayloop.serving.peers import place_route
+
+    app = build(mine)
+    return app if mine is not None else place_route(app, others)
 
 
 def _still_held(held: Any) -> None:

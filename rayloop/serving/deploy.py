@@ -67,6 +67,7 @@ class DeployResult:
     upgraded_from: int | None
     seconds: float
     replicas: list[dict[str, Any]]
+    route_prefix: str | None = None  # where the app answers directly (another model's app: /models/NAME)
 
 
 def ensure_golden(settings: Settings, cfg: ModelConfig, *, engine_cls: str | None = None) -> golden.GoldenRecord:
@@ -136,13 +137,17 @@ def deploy(
 
     Needs a connected Ray driver; on a cluster where Serve is not running yet, the apply starts it.
     """
-    name = app_name or settings.serving.app_name
+    from rayloop.serving.peers import app_for_model
+
     t0 = time.monotonic()
     control = control or ServeControl(settings)
+    apps = control.apps()
+    # Without --app: the app serving this model, else the configured one if free, else one named after it.
+    name = app_name or app_for_model(apps, cfg.model, settings.serving.app_name)
     args = ServeArgs(
         model=cfg.model, settings=settings, api_key_hashes=sorted(api_key_hashes or []), engine_cls=engine_cls
     )
-    running = next((a for a in control.apps() if a["name"] == name), None)
+    running = next((a for a in apps if a["name"] == name), None)
     if running is not None:
         _check_upgrade(name, running, cfg, args)
         if record_golden:
@@ -166,14 +171,16 @@ def deploy(
         return app
 
     since = time.time()
-    control.update(name, build)
+    applied = control.update(name, build)
     previous: int | None = plan["previous"]
     replicas: list[dict[str, Any]] = []
     if wait:
         n = plan["settings"].serving.replicas
         wait_for_state(name, plan["state"], since=since, timeout_s=timeout_s, replicas=n, progress=progress)
         replicas = replica_infos(name, 2 * n)
-    return DeployResult(name, cfg.model, cfg.version, previous, time.monotonic() - t0, replicas)
+    return DeployResult(
+        name, cfg.model, cfg.version, previous, time.monotonic() - t0, replicas, applied.get("route_prefix")
+    )
 
 
 def _check_upgrade(name: str, mine: dict[str, Any], cfg: ModelConfig, args: ServeArgs) -> AppState:
@@ -238,7 +245,7 @@ def serve_model(
     cfg = model_config(settings, model_ref, path, version)
     cluster.connect(settings)
     if progress is not None:
-        progress(f"applying {cfg.served_id} to app {app_name or settings.serving.app_name!r}")
+        progress(f"applying {cfg.served_id}" + (f" to app {app_name!r}" if app_name else ""))
     res = deploy(
         settings, cfg, app_name=app_name, api_key_hashes=hashes, wait=wait, timeout_s=timeout_s, progress=progress
     )

@@ -13,6 +13,10 @@ may name the model as ``NAME`` or ``NAME@...`` (any suffix: the slot's current
 version answers and says which it was). Every answered request becomes an
 interaction row; ``POST /v1/feedback`` adds a feedback row (404 for request
 ids that were never captured).
+
+A request naming another model served behind the same endpoint goes to that
+model's app through a handle (:meth:`OpenAIIngress.forwarded`, see
+:mod:`rayloop.serving.peers`); ``/v1/models`` lists every model there.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ CLIENT_DISCONNECTED = "client disconnected"
 # Request ids this service issues (uuid4 hex); feedback for one may briefly precede its capture row.
 _ISSUED_ID = re.compile(r"[0-9a-f]{32}")
 _NOT_SAMPLING = {"messages", "prompt", "model", "stream", "user", "request_id"}
+# Not passed on when a request is forwarded to another model's app (the transport's own headers).
+_NOT_FORWARDED = {"content-length", "host", "transfer-encoding", "connection", "content-encoding"}
 
 
 class FeedbackRequest(BaseModel):
@@ -228,6 +234,13 @@ def _strip_request_id(rid: str) -> str:
     return rid
 
 
+@dataclass
+class _Forwarded:
+    """What the ingress reads of a request (its headers), for one another app forwarded."""
+
+    headers: Any
+
+
 class _RequestCtx:
     """One request in flight through the ingress."""
 
@@ -303,6 +316,10 @@ class OpenAIIngress:
         from rayloop.serving.metrics import ServingMetrics
 
         self.metrics = ServingMetrics()
+        from rayloop.serving.peers import Peers
+
+        self.peers = Peers()
+        self._peer_handles: dict[str, Any] = {}
         self.capture: CaptureClient | None = None
         if self.settings.serving.capture:
             self.capture = CaptureClient.for_settings(
@@ -345,10 +362,91 @@ class OpenAIIngress:
         if not self.keys.allows(request.headers.get("authorization")):
             return _error(401, "missing or invalid API key", "AuthenticationError", rid)
         try:
-            listing = await self.slot_handle("stable").models.remote()
+            listing = await self.model_listing()
         except Exception as e:
             return self._serve_error(e, rid)
-        return JSONResponse(listing, headers={REQUEST_ID_HEADER: rid})
+        data = list(listing.get("data") or [])
+        for app_name in await self._peer_apps():
+            try:
+                other = await self._peer_handle(app_name).model_listing.remote()
+            except Exception as e:  # one model's app being down must not hide the others
+                logger.warning("listing the models of app %s failed: %s", app_name, e)
+                continue
+            seen = {m.get("id") for m in data}
+            data += [m for m in other.get("data") or [] if m.get("id") not in seen]
+        return JSONResponse({**listing, "data": data}, headers={REQUEST_ID_HEADER: rid})
+
+    async def model_listing(self) -> dict[str, Any]:
+        """This app's own ``/v1/models`` listing (other apps' ingresses call it through a handle)."""
+        listing: dict[str, Any] = await self.slot_handle("stable").models.remote()
+        return listing
+
+    # -- other models behind the same endpoint -------------------------------
+    def _own_app(self) -> str:
+        return serve.get_replica_context().app_name
+
+    async def _peer_apps(self) -> list[str]:
+        """The other apps serving models behind this endpoint (none when they cannot be read now)."""
+        try:
+            models = await self.peers.models()
+        except Exception as e:
+            logger.warning("reading the other models' apps failed: %s", e)
+            return []
+        own = self._own_app()
+        return sorted({a for m, a in models.items() if m != self.model and a != own})
+
+    def _peer_handle(self, app_name: str) -> Any:
+        from rayloop.serving.app import slot_deployment_name
+        from rayloop.serving.routing import STABLE
+
+        handle = self._peer_handles.get(app_name)
+        if handle is None:
+            handle = self._peer_handles[app_name] = serve.get_deployment_handle(slot_deployment_name(STABLE), app_name)
+        return handle
+
+    async def _forward(
+        self, app_name: str, endpoint: str, body: dict[str, Any], request: Request, rid: str
+    ) -> Response:
+        """Answer through the app of the model ``body`` names: it runs the request as its own."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED}
+        gen = self._peer_handle(app_name).options(stream=True).forwarded.remote(endpoint, body, headers)
+        try:
+            head = await gen.__anext__()
+        except Exception as e:
+            return self._serve_error(e, rid)
+        if "body" in head:
+            return Response(
+                head["body"], status_code=head["status"], headers=head["headers"], media_type=head["media_type"]
+            )
+        return StreamingResponse(
+            gen, status_code=head["status"], headers=head["headers"], media_type=head["media_type"]
+        )
+
+    async def forwarded(self, endpoint: str, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[Any]:
+        """A request another app's ingress forwarded (its ``model`` names this app's): answered as if it had
+        come here. Yields the response head (``status``, ``headers``, ``media_type`` and, unless streamed,
+        ``body``), then the stream's chunks."""
+        from starlette.datastructures import Headers
+
+        started = time.monotonic()
+        rid = uuid.uuid4().hex
+        request = _Forwarded(Headers(headers=headers))
+        if not self.keys.allows(request.headers.get("authorization")):
+            response: Response = _error(401, "missing or invalid API key", "AuthenticationError", rid)
+        else:
+            body["model"] = self.model
+            response = await self._answer(endpoint, body, request, rid, started)  # type: ignore[arg-type]
+        head = {
+            "status": response.status_code,
+            "headers": {k: v for k, v in response.headers.items() if k.lower() not in _NOT_FORWARDED},
+            "media_type": response.media_type,
+        }
+        if isinstance(response, StreamingResponse):
+            yield head
+            async for chunk in response.body_iterator:
+                yield chunk
+        else:
+            yield {**head, "body": bytes(response.body)}
 
     @app.post("/v1/feedback")
     async def feedback(self, request: Request) -> Response:
@@ -465,15 +563,37 @@ class OpenAIIngress:
                 return _error(
                     400, f"model must be a string, not {type(model).__name__}", "BadRequestError", rid, "model"
                 )
-            if model != self.model and not model.startswith(self.model + "@"):
-                return _error(
-                    404,
-                    f"The model `{model}` does not exist; this endpoint serves {self.model!r}",
-                    "NotFoundError",
-                    rid,
-                    "model",
-                )
+            name = model.partition("@")[0]
+            if name != self.model:
+                try:
+                    other = await self.peers.app_for(name)
+                except Exception as e:
+                    logger.warning("looking up the app of model %r failed: %s", name, e)
+                    return _error(
+                        503,
+                        "the model directory is unavailable; retry",
+                        "ServiceUnavailableError",
+                        rid,
+                        **{"Retry-After": "5"},
+                    )
+                if other is None or other == self._own_app():
+                    served = sorted({self.model, *(await self.peers.models())})
+                    return _error(
+                        404,
+                        f"The model `{model}` does not exist; this endpoint serves "
+                        + ", ".join(repr(m) for m in served),
+                        "NotFoundError",
+                        rid,
+                        "model",
+                    )
+                return await self._forward(other, endpoint, body, request, rid)
             body["model"] = self.model
+        return await self._answer(endpoint, body, request, rid, started)
+
+    async def _answer(
+        self, endpoint: str, body: dict[str, Any], request: Request, rid: str, started: float
+    ) -> Response:
+        """Answer an authenticated, parsed request for this app's model through the slot :meth:`pick_slot` picks."""
         slot = self.pick_slot(endpoint, body, request)
         handle = self.slot_handle(slot, stream=True)
         gen = (handle.chat if endpoint == "chat" else handle.completion).remote(body, rid)

@@ -131,6 +131,59 @@ def test_serve_then_every_strategy_on_a_fresh_cluster(tmp_path: Path, base_model
         gone = _run(["undeploy", "demo", "--env", "staging", "--json"], tmp_path, env)
         assert gone.returncode == 0 and json.loads(gone.stdout)["removed"], gone.stdout + gone.stderr
 
+        # A second model behind the same endpoint: `rayloop serve` gives it an app of its own (on
+        # /models/other, since / is taken); clients pick it with `model`, /v1/models lists both, and it rolls
+        # out on its own without touching demo.
+        for args in (
+            ["models", "register", "other", str(base_model_dir)],
+            ["models", "alias", "other", "production", "1"],
+        ):
+            r = _run(args, tmp_path, env)
+            assert r.returncode == 0, r.stdout + r.stderr
+        second = _run(["serve", "--model", "other@production", "--json"], tmp_path, env)
+        assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+        other = json.loads(second.stdout)
+        assert (other["app"], other["route_prefix"], other["url"]) == ("other", "/models/other", out["url"]), other
+        asked = client.chat.completions.create(
+            model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True
+        )
+        assert {chunk.model for chunk in asked} == {"other@v1"}
+        assert (
+            client.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            ).model
+            == "demo@v1"
+        )
+        assert {m.id for m in client.models.list().data} == {"demo@v1", "demo", "other@v1", "other"}
+        direct = openai.OpenAI(base_url=f"http://127.0.0.1:{http}/models/other/v1", api_key="unused", max_retries=0)
+        assert direct.completions.create(model="other", prompt="The capital of", max_tokens=2).model == "other@v1"
+        try:
+            client.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            raise AssertionError("an unknown model was answered")
+        except openai.NotFoundError as e:
+            assert "this endpoint serves 'demo', 'other'" in str(e), e
+        assert _run(["models", "register", "other", str(base_model_dir)], tmp_path, env).returncode == 0
+        moved = _run(
+            ["deploy", "other@2", "--strategy", "rolling", "--interval", "2s", "--force", "--json"], tmp_path, env
+        )
+        assert moved.returncode == 0 and json.loads(moved.stdout)["status"] == "succeeded", (
+            moved.stdout[-3000:] + moved.stderr[-3000:]
+        )
+        assert (
+            client.chat.completions.create(
+                model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            ).model
+            == "other@v2"
+        )
+        listing = {
+            m["name"]: m["aliases"] for m in json.loads(_run(["models", "list", "--json"], tmp_path, env).stdout)
+        }
+        assert listing["other"]["production"] == 2 and listing["demo"]["production"] == 1, listing
+        removed = _run(["undeploy", "other", "--json"], tmp_path, env)
+        assert removed.returncode == 0 and json.loads(removed.stdout)["app"] == "other", removed.stdout + removed.stderr
+        assert {m.id for m in client.models.list().data} == {"demo@v1", "demo"}
+        other_requests = 3  # answered by the other model's app (captured there)
+
         # Then every strategy on the app `serve` made; the first promotes what staging served, in one command.
         rollouts = [
             # Never evaluated by the gate: rolling it out over production takes --force.
@@ -170,5 +223,5 @@ def test_serve_then_every_strategy_on_a_fresh_cluster(tmp_path: Path, base_model
 
     rows = read_interactions(str(tmp_path / ".rayloop" / "storage"))
     ids = set(rows.column("request_id").to_pylist())
-    # (three direct requests to production; the staging app captures nothing)
-    assert len(ids) == len(traffic.models) + 3, (len(ids), len(traffic.models))
+    # (three direct requests to production and those to the other model; the staging app captures nothing)
+    assert len(ids) == len(traffic.models) + 3 + 1 + other_requests, (len(ids), len(traffic.models))
