@@ -34,8 +34,8 @@ def parse_sets(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def common_parser(description: str) -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=description)
+def common_parser(description: str, prog: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--config", help="Settings file (default: ./rayloop.yaml or $RAYLOOP_CONFIG).")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override one setting.")
     ap.add_argument("--json", action="store_true", help="Print the result as one JSON line.")
@@ -48,8 +48,29 @@ def described(model: type[Any], field: str) -> str:
     return description
 
 
-def settings_from(ns: argparse.Namespace) -> Settings:
-    return load_settings(ns.config, overrides=parse_sets(ns.set))
+def settings_from(ns: argparse.Namespace, extra: dict[str, Any] | None = None) -> Settings:
+    """Settings as the CLI loads them, then ``--set`` overrides, then the job's own flags (``extra``)."""
+    overrides = parse_sets(ns.set)
+    for section, values in (extra or {}).items():
+        overrides.setdefault(section, {}).update(values)
+    return load_settings(ns.config, overrides=overrides)
+
+
+def job_main(body: Callable[[], tuple[dict[str, Any], int]], *, as_json: bool) -> int:
+    """Run a job that reports one document and chooses its exit code; a rayloop error is its message and
+    hint on stderr and exit code 1. The document is indented JSON, or one ``RAYLOOP_RESULT`` line."""
+    try:
+        doc, code = body()
+    except RayloopError as e:
+        print(f"{type(e).__name__}: {e.message}", file=sys.stderr)
+        if e.hint:
+            print(f"hint: {e.hint}", file=sys.stderr)
+        return 1
+    if as_json:
+        print("RAYLOOP_RESULT " + json.dumps(doc, sort_keys=True, default=str))
+    else:
+        print(json.dumps(doc, indent=1, default=str))
+    return code
 
 
 def run(main: Callable[[list[str]], dict[str, Any]], argv: list[str] | None = None) -> None:

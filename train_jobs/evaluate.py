@@ -3,38 +3,35 @@
     ray job submit --working-dir . -- python -m train_jobs.evaluate demo@candidate --against demo@production
 
 Exit code 0 when the gate accepts, 2 when it rejects, 1 on errors; the report
-is printed as JSON and stored on the candidate in the registry.
+is printed as JSON (indented, or one ``RAYLOOP_RESULT {json}`` line with
+``--json``) and stored on the candidate in the registry.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
+from typing import Any
+
+from train_jobs._args import common_parser, job_main, settings_from
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train_jobs.evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("ref", help="candidate, e.g. demo@candidate or demo@3")
-    parser.add_argument("--against", help="model to compare with (default: NAME@production)")
-    parser.add_argument("--config", help="rayloop settings YAML")
-    args = parser.parse_args(argv)
+    ap = common_parser(__doc__.splitlines()[0], prog="python -m train_jobs.evaluate")
+    ap.add_argument("ref", help="Candidate, e.g. demo@candidate or demo@3.")
+    ap.add_argument("--against", help="Model to compare with (default: NAME@production).")
+    ns = ap.parse_args(argv)
 
-    import ray
+    def run() -> tuple[dict[str, Any], int]:
+        import ray
 
-    from rayloop.config import load_settings
-    from rayloop.errors import RayloopError
-    from rayloop.evaluation.gate import run_gate
+        from rayloop.evaluation.gate import run_gate
 
-    try:
-        settings = load_settings(args.config)
+        settings = settings_from(ns)
         ray.init(address=settings.ray.address or "auto", log_to_driver=True)
-        report = run_gate(settings, args.ref, against=args.against)
-    except RayloopError as e:
-        print(f"{type(e).__name__}: {e.message}\nhint: {e.hint}", file=sys.stderr)
-        return 1
-    print(json.dumps(report, indent=1, default=str))
-    return 0 if report["gate"]["decision"] == "accepted" else 2
+        report = run_gate(settings, ns.ref, against=ns.against)
+        return report, 0 if report["gate"]["decision"] == "accepted" else 2
+
+    return job_main(run, as_json=ns.json)
 
 
 if __name__ == "__main__":

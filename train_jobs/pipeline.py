@@ -1,50 +1,47 @@
 """Ray job entrypoint: the whole pipeline from collected data to a deployed version.
 
-    ray job submit --working-dir . -- python -m train_jobs.pipeline --config rayloop.yaml
+    ray job submit --working-dir . -- python -m train_jobs.pipeline [--config rayloop.yaml] [--set KEY=VALUE]
 
 Validates the settings, attaches to the cluster the job runs in, and hands off
 to :func:`rayloop.pipeline.run_pipeline`. Stage progress goes to the job log
-(visible in the Ray dashboard); the run record is printed as JSON at the end.
+(visible in the Ray dashboard); the run record is printed as JSON at the end
+(indented, or one ``RAYLOOP_RESULT {json}`` line with ``--json``).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from typing import Any
+
+from train_jobs._args import common_parser, job_main, settings_from
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train_jobs.pipeline", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="rayloop settings YAML (default: ./rayloop.yaml, env vars)")
-    parser.add_argument("--model", help="override pipeline.model")
-    parser.add_argument("--no-deploy", action="store_true", help="stop after the gate")
-    args = parser.parse_args(argv)
+    ap = common_parser(__doc__.splitlines()[0], prog="python -m train_jobs.pipeline")
+    ap.add_argument("--model", help="Override pipeline.model.")
+    ap.add_argument("--no-deploy", action="store_true", help="Stop after the gate (pipeline.deploy=false).")
+    ns = ap.parse_args(argv)
 
-    import ray
+    def run() -> tuple[dict[str, Any], int]:
+        import ray
 
-    from rayloop.config import load_settings
-    from rayloop.errors import RayloopError
-    from rayloop.pipeline import run_pipeline
+        from rayloop.pipeline import run_pipeline
 
-    overrides: dict[str, object] = {}
-    if args.model:
-        overrides.setdefault("pipeline", {})["model"] = args.model  # type: ignore[index]
-    if args.no_deploy:
-        overrides.setdefault("pipeline", {})["deploy"] = False  # type: ignore[index]
-    try:
-        settings = load_settings(args.config, overrides=overrides)
+        extra: dict[str, Any] = {}
+        if ns.model:
+            extra["model"] = ns.model
+        if ns.no_deploy:
+            extra["deploy"] = False
+        settings = settings_from(ns, {"pipeline": extra} if extra else None)
         ray.init(address=settings.ray.address or "auto", log_to_driver=True)
 
         def show(stage: str, status: str, info: dict[str, object]) -> None:
             print(f"[pipeline] {stage}: {status} {json.dumps(info, default=str)[:300]}", flush=True)
 
-        record = run_pipeline(settings, on_stage=show)
-    except RayloopError as e:
-        print(f"{type(e).__name__}: {e.message}\nhint: {e.hint}", file=sys.stderr)
-        return 1
-    print(json.dumps(record, indent=1, default=str))
-    return 0
+        return run_pipeline(settings, on_stage=show), 0
+
+    return job_main(run, as_json=ns.json)
 
 
 if __name__ == "__main__":
