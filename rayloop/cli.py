@@ -394,6 +394,26 @@ def serve(
             click.echo(f"  model {out['model']!r} on that endpoint; directly at route {out['route_prefix']}")
 
 
+@cli.command()
+@click.argument("name")
+@click.option(
+    "--out", type=click.Path(file_okay=False), help="Directory for index.html (default: $RAYLOOP_HOME/reports/NAME)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def report(ctx: click.Context, name: str, out: str | None, as_json: bool) -> None:
+    """Write an offline HTML report of NAME's loop: rollouts with their verdicts, per-version errors,
+    latency and feedback, evaluation accuracy, lineage. Needs no cluster."""
+    from rayloop.monitoring.report import build_report
+
+    s = settings(ctx)
+    path = build_report(s, name, out or s.home_path / "reports" / name)
+    if as_json:
+        print_json({"model": name, "report": str(path)})
+    else:
+        click.echo(f"report: {path}")
+
+
 def _lazy_group(module: str, attr: str) -> Callable[[], click.Command]:
     def load() -> click.Command:
         import importlib

@@ -193,6 +193,9 @@ def run_demo(
         "dashboard": dashboard,
         "duration_s": round(time.monotonic() - t0, 1),
     }
+    from rayloop.monitoring.report import build_report
+
+    summary["report"] = str(build_report(settings, MODEL, settings.home_path / "reports" / MODEL))
     path = settings.home_path / "demo-summary.json"
     path.write_text(json.dumps(summary, indent=1, default=str))
     _print_summary(out, summary, path)
@@ -219,6 +222,7 @@ def _print_summary(out: _Out, s: dict[str, Any], path: Any) -> None:
             f"rollout: {ro['strategy']} {ro['steps']} -> {ro['status']}; {ro['requests']} live requests, {ro['failed_requests']} failed"
         )
     out.info(f"production is now {MODEL}@{s['production_version']}; took {s['duration_s']:.0f}s; summary in {path}")
+    out.info(f"report (open in a browser): {s['report']}")
     out.step(6, "try it (the endpoint stays up until `rayloop down`)")
     q = s["try_question"]
     out.info(
