@@ -95,3 +95,9 @@ def test_demo_improves_production(base_model_dir: Path, tmp_path: Path) -> None:
     # golden answers its serving replica recorded on a fresh engine.
     assert [e["mode"] for e in report["candidate"]["engine"]] == ["fresh"], report["candidate"]["engine"]
     assert [e["mode"] for e in report["production"]["engine"]] == ["in_place"], report["production"]["engine"]
+    # The report the demo wrote (and printed): the canary that promoted v2, with its judged steps; both
+    # versions' live traffic; both versions' evaluation accuracy.
+    page = Path(good["report"]).read_text()
+    assert page.count("<svg") == 3 and "<script" not in page
+    assert "canary" in page and "succeeded" in page and "judged, last pass" in page
+    assert "<td>v1</td>" in page and "<td>v2</td>" in page and "accepted" in page
