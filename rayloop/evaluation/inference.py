@@ -108,16 +108,15 @@ class VLLMPredictor:
         self.loads[i].append(LoadReport("fresh", round(time.monotonic() - t0, 3), reason))
 
     def _swappable(self, i: int) -> str | None:
-        """Why version ``i`` cannot be swapped into the engine now (None: it can)."""
+        """Why version ``i`` cannot be swapped into the engine now (None: it can); the serving replica's rule
+        (:func:`rayloop.serving.swap.swap_blocker`), plus: the offline engine swaps single-shard only."""
+        from rayloop.serving.swap import swap_blocker
+
         if self.current is None or self.llm is None:
             return "no engine"
-        if self.golden[i] is None:
-            return "no golden answers from a fresh engine of this version to check a swap against"
         if self.settings.tensor_parallel_size > 1:
             return "tensor-parallel engine"
-        if diffs := self._signature(self.current).differences(self._signature(i)):
-            return "; ".join(diffs)
-        return None
+        return swap_blocker(self._signature(self.current), self._signature(i), golden_known=self.golden[i] is not None)
 
     def _signature(self, i: int) -> Any:
         """Version ``i``'s :class:`~rayloop.serving.checkpoint.Signature`, read once."""
@@ -128,7 +127,10 @@ class VLLMPredictor:
         return self._signatures[i]
 
     def use(self, i: int) -> None:
-        """Make version ``i`` the engine's weights: in place when possible and verified, else a fresh engine."""
+        """Make version ``i`` the engine's weights: in place when possible and verified, else a fresh engine
+        (the procedure of :mod:`rayloop.serving.swap`, as the serving replicas run it)."""
+        from rayloop.serving.swap import golden_mismatch, swap_rpcs
+
         if self.current == i:
             return
         if why := self._swappable(i):
@@ -138,10 +140,8 @@ class VLLMPredictor:
         golden = self.golden[i]
         assert golden is not None
         try:
-            self.llm.collective_rpc(
-                "reload_weights", kwargs={"weights_path": self.model_dirs[i], "is_checkpoint_format": True}
-            )
-            self.llm.collective_rpc("rayloop_redispatch_cpu_gemm")
+            for method, kwargs in swap_rpcs(self.model_dirs[i]):
+                self.llm.collective_rpc(method, kwargs=kwargs)
             # Without this, KV blocks computed with the old weights are reused for matching prefixes.
             self.llm.reset_prefix_cache()
             self.current = i
@@ -149,8 +149,7 @@ class VLLMPredictor:
         except Exception as e:
             self._build(i, f"in-place swap failed: {type(e).__name__}: {e}")
             return
-        if got != golden.outputs:
-            bad = [n for n, (a, b) in enumerate(zip(got, golden.outputs, strict=True)) if a != b]
+        if bad := golden_mismatch(got, golden.outputs):
             self._build(i, f"golden prompts {bad} differ after the in-place swap")
             return
         self.loads[i].append(LoadReport("in_place", round(time.monotonic() - t0, 3), "golden answers match"))

@@ -38,6 +38,7 @@ from rayloop.errors import ConfigError, EngineError, RayloopError
 from rayloop.serving import checkpoint, golden
 from rayloop.serving.engine import Engine, EngineReply, RequestStats
 from rayloop.serving.protocol import ModelConfig, ReplyHead, ReplyTail, openai_error
+from rayloop.serving.swap import golden_mismatch, swap_blocker
 from rayloop.storage import Storage
 
 logger = logging.getLogger("ray.serve")
@@ -194,13 +195,14 @@ class LLMServer:
         if self._engine is None or cur is None:
             await self._fresh(target, t0, mode="fresh", reason="first load")
             return
-        if diffs := cur.signature.differences(sig):
-            await self._fresh(target, t0, mode="rebuild", reason="; ".join(diffs))
+        # When a swap may be tried, how, and how it is checked: rayloop.serving.swap (the gate's rules too).
+        record = None
+        if not cur.signature.differences(sig):
+            record = await asyncio.to_thread(golden.load_golden, self._storage, fp, self._settings.serving.engine)
+        if why := swap_blocker(cur.signature, sig, golden_known=record is not None):
+            await self._fresh(target, t0, mode="rebuild", reason=why)
             return
-        record = await asyncio.to_thread(golden.load_golden, self._storage, fp, self._settings.serving.engine)
-        if record is None:
-            await self._fresh(target, t0, mode="rebuild", reason="no golden record for the target version")
-            return
+        assert record is not None
         try:
             await self._engine.reload_weights(model_dir)
             self._engine.set_served_names([cfg.served_id, cfg.model])
@@ -210,8 +212,7 @@ class LLMServer:
             await self._restore(cur)
             await self._fresh(target, t0, mode="rebuild", reason=f"in-place swap failed: {type(e).__name__}: {e}")
             return
-        if outputs != record.outputs:
-            bad = [i for i, (a, b) in enumerate(zip(outputs, record.outputs, strict=True)) if a != b]
+        if bad := golden_mismatch(outputs, record.outputs):
             logger.error("golden prompts %s differ after in-place swap to %s; rebuilding", bad, cfg.served_id)
             self._count_swap(cfg, "in_place", "golden_mismatch")
             await self._restore(cur)

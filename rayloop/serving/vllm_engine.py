@@ -25,6 +25,7 @@ from typing import Any
 from rayloop.config import EngineSettings
 from rayloop.errors import EngineError
 from rayloop.serving.engine import EngineReply, Greedy, RequestStats
+from rayloop.serving.swap import swap_rpcs
 from rayloop.serving.worker_ext import WORKER_EXTENSION
 
 logger = logging.getLogger(__name__)
@@ -261,8 +262,8 @@ class VLLMEngine:
         # "wait" lets in-flight requests finish on the old weights; new ones queue until resume.
         await llm.pause_generation(mode="wait", clear_cache=True)
         try:
-            await llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir, "is_checkpoint_format": True})
-            await llm.collective_rpc("rayloop_redispatch_cpu_gemm")
+            for method, kwargs in swap_rpcs(model_dir):
+                await llm.collective_rpc(method, kwargs=kwargs)
             # Without this, KV blocks computed with the old weights are reused for matching prefixes.
             await llm.reset_prefix_cache()
         finally:

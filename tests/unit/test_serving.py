@@ -166,7 +166,7 @@ def test_llm_server_versions_in_place_rebuild_and_validation(tmp_path: Path) -> 
 
         # No golden record for v2 yet: an in-place swap cannot be verified, so the engine is rebuilt.
         await srv.reconfigure({"model": "demo", "version": 2, "path": str(v2)})
-        assert srv.last_swap.mode == "rebuild" and "no golden record" in srv.last_swap.reason
+        assert srv.last_swap.mode == "rebuild" and "no golden answers" in srv.last_swap.reason
 
         # Back to v1 (recorded): same shapes, golden record present -> in place, verified.
         await srv.reconfigure({"model": "demo", "version": 1, "path": str(v1)})
