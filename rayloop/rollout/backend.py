@@ -109,7 +109,8 @@ class ServeBackend:
         from rayloop.serving.peers import app_for_model
 
         if not self._named:
-            self.app_name = app_for_model(self.control.apps(), model, self.settings.serving.app_name)
+            sv = self.settings.serving
+            self.app_name = app_for_model(self.control.apps(), model, sv.app_name, sv.route_prefix)
 
     def read(self) -> AppState | None:
         from rayloop.serving.app import read_state

@@ -143,7 +143,8 @@ def deploy(
     control = control or ServeControl(settings)
     apps = control.apps()
     # Without --app: the app serving this model, else the configured one if free, else one named after it.
-    name = app_name or app_for_model(apps, cfg.model, settings.serving.app_name)
+    sv = settings.serving
+    name = app_name or app_for_model(apps, cfg.model, sv.app_name, sv.route_prefix)
     args = ServeArgs(
         model=cfg.model, settings=settings, api_key_hashes=sorted(api_key_hashes or []), engine_cls=engine_cls
     )

@@ -8,8 +8,8 @@ handle (no second HTTP hop): the other app runs the request exactly as if it had
 its route table and canary, its capture). ``/v1/models`` lists every model behind the endpoint.
 
 Which app serves which model is read from Serve's deployed configs (rayloop apps, by their ``args``),
-cached for a few seconds and read again on a miss. A staging app (on its own route, for testers) is not
-part of the endpoint.
+cached for a few seconds and read again on a miss. An app on a route of its own (a staging app, or one
+given another ``serving.route_prefix``) is not part of the endpoint.
 """
 
 from __future__ import annotations
@@ -41,15 +41,14 @@ def app_model(app: dict[str, Any]) -> str | None:
 
 
 def on_endpoint(app: dict[str, Any]) -> bool:
-    """Is ``app`` one of the models behind the endpoint? Every rayloop app is, except a staging app (served
-    on its settings' ``staging_route_prefix``, for testers)."""
-    serving = ((app.get("args") or {}).get("settings") or {}).get("serving") or {}
-    staging = str(serving.get("staging_route_prefix") or "/staging")
-    return str(app.get("route_prefix") or ROOT_ROUTE) != staging
+    """Is ``app`` one of the models behind the endpoint: on ``/`` or ``/models/NAME``? An app on a route
+    of its own (a staging app, one a user gave another ``serving.route_prefix``) is an endpoint of its own."""
+    prefix = str(app.get("route_prefix") or ROOT_ROUTE)
+    return prefix == ROOT_ROUTE or prefix.startswith(MODELS_ROUTE + "/")
 
 
 def endpoint_models(apps: list[dict[str, Any]]) -> dict[str, str]:
-    """Model name -> app name, for the rayloop apps behind the endpoint (all but staging apps)."""
+    """Model name -> app name, for the rayloop apps behind the endpoint (``/`` and ``/models/NAME``)."""
     out: dict[str, str] = {}
     for app in sorted(apps, key=lambda a: str(a.get("route_prefix") or ROOT_ROUTE)):
         model = app_model(app)
@@ -134,14 +133,17 @@ class Peers:
         return found
 
 
-def app_for_model(apps: list[dict[str, Any]], model: str, default_app: str) -> str:
-    """Which app serves (or, on its first deploy, will serve) ``model``: the endpoint app that serves it now,
-    else ``default_app`` unless that is a rayloop app serving another model (then an app named after the
-    model). A foreign app under ``default_app`` is returned as is: the caller refuses to touch it."""
+def app_for_model(apps: list[dict[str, Any]], model: str, default_app: str, default_route: str = ROOT_ROUTE) -> str:
+    """Which app serves (or, on its first deploy, will serve) ``model``: ``default_app`` when it serves the
+    model (or is not a rayloop app: the caller refuses to touch it), or when it does not exist yet and its
+    route is one of its own (a separate endpoint); else the endpoint app that serves the model; else
+    ``default_app`` while it is free; else an app named after the model."""
+    default = next((a for a in apps if a["name"] == default_app), None)
+    if default is not None and app_model(default) in (model, None):
+        return default_app
+    if default is None and not on_endpoint({"route_prefix": default_route}):
+        return default_app
     serving = endpoint_models(apps).get(model)
     if serving is not None:
         return serving
-    default = next((a for a in apps if a["name"] == default_app), None)
-    if default is None or app_model(default) in (model, None):
-        return default_app
-    return model
+    return default_app if default is None else model

@@ -46,6 +46,8 @@ def test_a_second_models_app_moves_to_its_own_route_and_a_taken_route_is_refused
     assert "serving.route_prefix" in (e.value.hint or "")
     with pytest.raises(ServingError, match="route '/staging' is already served"):
         place_route(_app("b-staging", "b", "/staging"), [_app("a-staging", "a", "/staging")])
+    # The same model on a route of its own is a separate endpoint, not a twin.
+    assert place_route(_app("flush", "demo", "/flush"), [_app("fake", "demo", "/fake")])["route_prefix"] == "/flush"
 
 
 def test_app_for_model_prefers_the_serving_app_then_the_free_default_then_the_models_name() -> None:
@@ -55,6 +57,11 @@ def test_app_for_model_prefers_the_serving_app_then_the_free_default_then_the_mo
     assert app_for_model(apps, "third", "rayloop") == "third"
     assert app_for_model([], "third", "rayloop") == "rayloop"
     assert app_for_model([_app("rayloop", None)], "third", "rayloop") == "rayloop"  # foreign: refused by the caller
+    # A configured app on a route of its own is a new endpoint, even when the model is served elsewhere.
+    assert app_for_model([_app("rayloop", "demo")], "demo", "rl-tp2", "/tp2") == "rl-tp2"
+    assert app_for_model([_app("rayloop", "demo")], "demo", "new", "/") == "rayloop"  # not a twin on /
+    # The configured app serving the model wins over another endpoint app serving it.
+    assert app_for_model([_app("mine", "demo", "/mine"), _app("rayloop", "demo")], "demo", "mine") == "mine"
 
 
 def test_in_memory_control_places_a_new_app_like_serve_control() -> None:
