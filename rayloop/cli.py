@@ -141,21 +141,35 @@ def down(ctx: click.Context) -> None:
 )
 @click.option("--steps", type=click.IntRange(1), default=None, help="Pre-training steps (default from the model spec).")
 @click.option("--seed", type=int, default=0, show_default=True, help="World and model seed.")
-@click.option("--force", is_flag=True, help="Rebuild even if the directory holds a model.")
+@click.option("--force", is_flag=True, help="Rebuild even if the directory or the build cache holds the model.")
+@click.option(
+    "--no-cache",
+    is_flag=True,
+    help="Pre-train even if this machine's build cache ($XDG_CACHE_HOME/rayloop/demo-models) holds the same build.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print build info as JSON.")
 @click.pass_context
-def init(ctx: click.Context, out: str | None, steps: int | None, seed: int, force: bool, as_json: bool) -> None:
-    """Build the demo world and tiny base model locally (no downloads)."""
+def init(
+    ctx: click.Context, out: str | None, steps: int | None, seed: int, force: bool, no_cache: bool, as_json: bool
+) -> None:
+    """Build the demo world and tiny base model locally (no downloads).
+
+    The build is deterministic: one made earlier on this machine with the same recipe is copied from the
+    build cache instead of pre-training again (--no-cache pre-trains anyway).
+    """
     from rayloop.demo import setup
 
     s = settings(ctx)
-    info = setup.init_base_model(s, out=out, steps=steps, seed=seed, force=force, show_progress=not as_json)
+    info = setup.init_base_model(
+        s, out=out, steps=steps, seed=seed, force=force, show_progress=not as_json, use_cache=not no_cache
+    )
     # The gate needs evaluation sets nobody's feedback wrote: the demo's held-out phrasings and golden prompts.
     info["eval_sets"] = setup.save_demo_eval_sets(s, info["model_dir"], s.serving.model)
     if as_json:
         print_json(info)
     else:
-        click.echo(f"Base model in {info['model_dir']} (final loss {info['final_loss']:.3f}).")
+        origin = f", copied from the build cache {info['cached_build']}" if info.get("cached_build") else ""
+        click.echo(f"Base model in {info['model_dir']} (final loss {info['final_loss']:.3f}{origin}).")
         click.echo(f"Evaluation sets for {s.serving.model}: {', '.join(info['eval_sets'])}.")
 
 

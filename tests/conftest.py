@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,18 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `rayloop init` keeps its builds in $XDG_CACHE_HOME: one cache per test session (the first build is real, the
+# demo and the README's `rayloop init` reuse it as they would on a user's machine), never the user's own.
+# vLLM's own cache stays where it was.
+os.environ.setdefault(
+    "VLLM_CACHE_ROOT", os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vllm")
+)
+_CACHE = tempfile.mkdtemp(prefix="rayloop-test-cache-")
+os.environ["XDG_CACHE_HOME"] = _CACHE
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 
 def _quarantined() -> list[str]:
@@ -78,10 +91,10 @@ def base_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     reuse = os.environ.get("RAYLOOP_TEST_BASE_MODEL")
     if reuse and (Path(reuse) / "rayloop_build.json").is_file():
         return Path(reuse)
-    from rayloop.demo.model import build_base_model
+    from rayloop.demo.setup import init_base_model
 
     out = tmp_path_factory.mktemp("base-model")
-    build_base_model(out)
+    init_base_model(Settings(), out=str(out), show_progress=False)  # what `rayloop init --out` does
     return out
 
 

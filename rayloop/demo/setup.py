@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -10,6 +14,8 @@ from rayloop.config import Settings
 from rayloop.demo.model import ModelSpec, build_base_model
 from rayloop.demo.world import World
 from rayloop.evaluation.evalset import EvalItem
+
+logger = logging.getLogger(__name__)
 
 
 def base_model_dir(settings: Settings) -> Path:
@@ -23,8 +29,13 @@ def init_base_model(
     seed: int = 0,
     force: bool = False,
     show_progress: bool = True,
+    use_cache: bool = True,
 ) -> dict[str, Any]:
-    """Build (or reuse) the base model; returns its build info with ``model_dir``."""
+    """Build (or reuse) the base model; returns its build info with ``model_dir``.
+
+    A build of the same recipe made earlier on this machine (:func:`build_cache_dir`) is copied instead of
+    pre-training again, unless ``use_cache`` is off; ``force`` rebuilds and replaces nothing in the cache.
+    """
     out_dir = Path(out) if out else base_model_dir(settings)
     info_file = out_dir / "rayloop_build.json"
     spec = ModelSpec(seed=seed)
@@ -38,6 +49,12 @@ def init_base_model(
             info["reused"] = True
             return info
 
+    cache = build_cache_dir(world, spec) if use_cache and not force else None
+    if cache is not None and (cache / "rayloop_build.json").is_file():
+        shutil.copytree(cache, out_dir, dirs_exist_ok=True)
+        info = json.loads((out_dir / "rayloop_build.json").read_text())
+        info.update(model_dir=str(out_dir), reused=False, cached_build=str(cache))
+        return info
     if show_progress:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -53,9 +70,54 @@ def init_base_model(
             )
     else:
         info = build_base_model(out_dir, world, spec)
+    if cache is not None:
+        try:
+            _keep_in_cache(out_dir, cache)
+        except OSError as e:  # a cache that cannot be written costs the next init a build, nothing else
+            logger.warning("could not keep the demo model build in %s: %s", cache, e)
     info["model_dir"] = str(out_dir)
     info["reused"] = False
     return info
+
+
+def build_cache_dir(world: World, spec: ModelSpec) -> Path:
+    """Where a build of ``world`` and ``spec`` is kept for the next ``rayloop init`` on this machine
+    (``$XDG_CACHE_HOME/rayloop/demo-models/KEY``, default ``~/.cache``).
+
+    The build is deterministic, so KEY is a digest of what determines it: the world, the spec, the
+    versions of torch, transformers and tokenizers, and the source of the modules that build it.
+    """
+    import hashlib
+    from dataclasses import asdict
+    from importlib.metadata import version
+
+    import rayloop.demo.model as model_module
+    import rayloop.demo.world as world_module
+
+    recipe = {
+        "world": world.fingerprint(),
+        "spec": asdict(spec),
+        "libraries": {lib: version(lib) for lib in ("torch", "transformers", "tokenizers")},
+        "source": [
+            hashlib.sha256(Path(m.__file__ or "").read_bytes()).hexdigest() for m in (model_module, world_module)
+        ],
+    }
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:24]
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "rayloop" / "demo-models" / key
+
+
+def _keep_in_cache(src: Path, cache: Path) -> None:
+    """Copy the built model ``src`` into ``cache`` whole or not at all (a sibling temp dir, then a rename);
+    a cache entry another process finished first is kept."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}-", dir=cache.parent))
+    try:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        if not cache.exists():
+            os.rename(tmp, cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_demo_eval_sets(settings: Settings, model_dir: str | Path, model: str = "demo") -> list[str]:

@@ -36,7 +36,7 @@ from typing import Any
 from fastapi import Request
 
 from rayloop.serving.ingress import OpenAIIngress
-from rayloop.serving.protocol import ReplyHead, ReplyTail
+from rayloop.serving.protocol import ReplyHead, ReplyTail, served_model_id
 from rayloop.serving.routing import CANARY, SHADOW, STABLE, Picker, RouteTable, routing_secret, session_key
 from rayloop.serving.server import LLMServer
 from rayloop.serving.shadow import TappedCapture, mirror
@@ -148,6 +148,25 @@ class EngineIngress(OpenAIIngress):
             await gen.aclose()  # type: ignore[attr-defined]
 
     # -- routing hooks ----------------------------------------------------------
+    def served_slots(self) -> dict[str, int]:
+        served = {CANARY: self.table.versions[CANARY]} if CANARY in self.table.versions else {}
+        version = self.server.version  # this replica's own engine: exact, also in the middle of a swap
+        if version is not None:
+            served[STABLE] = version
+        return served
+
+    async def model_listing(self) -> dict[str, Any]:
+        """The stable version's listing, plus the canary's version while one is in the table (clients may pin
+        ``NAME@vN`` to either)."""
+        listing = await super().model_listing()
+        canary = self.table.versions.get(CANARY)
+        data = list(listing.get("data") or [])
+        ids = {m.get("id") for m in data}
+        own = next((m for m in data if m.get("id") == served_model_id(self.model, self.server.version or 0)), None)
+        if canary is not None and own is not None and served_model_id(self.model, canary) not in ids:
+            data.append({**own, "id": served_model_id(self.model, canary)})
+        return {**listing, "data": data}
+
     def pick_slot(self, endpoint: str, body: dict[str, Any], request: Request) -> str:
         slot = self.picker.pick(session_key(request.headers, body))
         if slot == CANARY and CANARY not in self.table.versions:

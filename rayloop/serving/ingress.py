@@ -30,7 +30,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -51,6 +51,10 @@ from rayloop.serving.protocol import (
     openai_error,
     served_model_id,
 )
+from rayloop.serving.routing import slot_for_version
+
+if TYPE_CHECKING:
+    from rayloop.registry import Registry
 
 logger = logging.getLogger("ray.serve")
 
@@ -234,6 +238,29 @@ def _strip_request_id(rid: str) -> str:
     return rid
 
 
+async def _aclose(gen: Any, *, cancel: bool = False) -> None:
+    """Close a slot's answer stream: a local slot's generator (EngineIngress) must be closed to stop the engine's
+    work; Serve's response generators have no ``aclose`` (Serve cancels them on a disconnect; ``cancel`` does it
+    here, for an answer the ingress drops)."""
+    aclose = getattr(gen, "aclose", None)
+    if aclose is not None:
+        await aclose()
+    elif cancel:
+        gen.cancel()
+
+
+ALIAS_TTL_S = 5.0
+"""How long a replica keeps an alias -> version lookup for ``NAME@ALIAS`` requests."""
+
+
+@dataclass(frozen=True)
+class Pin:
+    """Where a ``NAME@REF`` request goes: the slot serving that version now."""
+
+    slot: str
+    version: int
+
+
 @dataclass
 class _Forwarded:
     """What the ingress reads of a request (its headers), for one another app forwarded."""
@@ -288,9 +315,7 @@ class _RequestCtx:
             self.finish(200, tail)
             # A local slot's generator (EngineIngress) must be closed here to stop the engine's work on a
             # disconnect; Serve's response generators have no aclose and are cancelled by Serve itself.
-            aclose = getattr(gen, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await _aclose(gen)
 
 
 @serve.ingress(app)
@@ -320,6 +345,8 @@ class OpenAIIngress:
 
         self.peers = Peers()
         self._peer_handles: dict[str, Any] = {}
+        self._aliases: dict[str, tuple[int | None, float]] = {}
+        self._registry: Registry | None = None
         self.capture: CaptureClient | None = None
         if self.settings.serving.capture:
             self.capture = CaptureClient.for_settings(
@@ -434,8 +461,7 @@ class OpenAIIngress:
         if not self.keys.allows(request.headers.get("authorization")):
             response: Response = _error(401, "missing or invalid API key", "AuthenticationError", rid)
         else:
-            body["model"] = self.model
-            response = await self._answer(endpoint, body, request, rid, started)  # type: ignore[arg-type]
+            response = await self._answer_model(endpoint, body, request, rid, started)  # type: ignore[arg-type]
         head = {
             "status": response.status_code,
             "headers": {k: v for k, v in response.headers.items() if k.lower() not in _NOT_FORWARDED},
@@ -587,14 +613,101 @@ class OpenAIIngress:
                         "model",
                     )
                 return await self._forward(other, endpoint, body, request, rid)
-            body["model"] = self.model
-        return await self._answer(endpoint, body, request, rid, started)
+        return await self._answer_model(endpoint, body, request, rid, started)
 
-    async def _answer(
+    async def _answer_model(
         self, endpoint: str, body: dict[str, Any], request: Request, rid: str, started: float
     ) -> Response:
-        """Answer an authenticated, parsed request for this app's model through the slot :meth:`pick_slot` picks."""
-        slot = self.pick_slot(endpoint, body, request)
+        """Answer a request whose ``model`` names this app's model: ``NAME`` goes where the route table sends
+        it; ``NAME@REF`` (a version ``N``/``vN`` or an alias) pins it to the slot serving that version."""
+        model = body.get("model")
+        pin: Pin | None = None
+        if isinstance(model, str) and "@" in model:
+            got = await self._pin(model, rid)
+            if isinstance(got, Response):
+                return got
+            pin = got
+        body["model"] = self.model
+        return await self._answer(endpoint, body, request, rid, started, pin)
+
+    def served_slots(self) -> dict[str, int]:
+        """The slots users may be sent to and the version each serves now (the router knows them)."""
+        return {}
+
+    async def alias_version(self, alias: str) -> int | None:
+        """The version ``alias`` (or ``latest``) of this app's model points at, from the registry (cached for
+        :data:`ALIAS_TTL_S`); None when there is no such alias."""
+        now = time.monotonic()
+        hit = self._aliases.get(alias)
+        if hit is not None and now - hit[1] < ALIAS_TTL_S:
+            return hit[0]
+        version = await asyncio.to_thread(self._read_alias, alias)
+        self._aliases[alias] = (version, now)
+        return version
+
+    def _read_alias(self, alias: str) -> int | None:
+        from rayloop.errors import NotFoundError
+        from rayloop.registry import Registry
+
+        if self._registry is None:
+            self._registry = Registry.from_settings(self.settings)
+        try:
+            return self._registry.resolve(f"{self.model}@{alias}").version
+        except NotFoundError:
+            return None
+
+    async def _pin(self, model: str, rid: str) -> Pin | Response:
+        """The slot and version a ``NAME@REF`` request is pinned to, or the error answering it."""
+        from rayloop.errors import InvalidNameError
+        from rayloop.registry.names import parse_ref
+
+        try:
+            ref = parse_ref(model)
+        except InvalidNameError as e:
+            return _error(
+                400, f"model {model!r} is not NAME, NAME@N or NAME@ALIAS: {e}", "BadRequestError", rid, "model"
+            )
+        version = ref.version
+        if version is None:
+            assert ref.alias is not None
+            try:
+                version = await self.alias_version(ref.alias)
+            except Exception as e:
+                logger.warning("resolving %s in the registry failed: %s", model, e)
+                return _error(
+                    503,
+                    "the model registry is unavailable; retry",
+                    "ServiceUnavailableError",
+                    rid,
+                    **{"Retry-After": "5"},
+                )
+            if version is None:
+                return _error(
+                    404,
+                    f"The model `{model}` does not exist: {self.model} has no alias {ref.alias!r}",
+                    "NotFoundError",
+                    rid,
+                    "model",
+                )
+        served = self.served_slots()
+        slot = slot_for_version(served, version)
+        if slot is None:
+            listed = ", ".join(served_model_id(self.model, v) for v in sorted(set(served.values())))
+            return _error(
+                404,
+                f"The model `{model}` (version {version}) is not served here; served now: {listed or 'none'}",
+                "NotFoundError",
+                rid,
+                "model",
+            )
+        return Pin(slot, version)
+
+    async def _answer(
+        self, endpoint: str, body: dict[str, Any], request: Request, rid: str, started: float, pin: Pin | None = None
+    ) -> Response:
+        """Answer an authenticated, parsed request for this app's model through the slot :meth:`pick_slot` picks
+        (or the one it is pinned to)."""
+        slot = pin.slot if pin is not None else self.pick_slot(endpoint, body, request)
         handle = self.slot_handle(slot, stream=True)
         gen = (handle.chat if endpoint == "chat" else handle.completion).remote(body, rid)
         try:
@@ -606,6 +719,17 @@ class OpenAIIngress:
                 logger.exception("on_failure hook failed")
             return self._serve_error(e, rid)
         assert isinstance(head, ReplyHead)
+        if pin is not None and head.version != pin.version:
+            # The slot moved to another version between the pick and the answer (a swap in progress):
+            # never hand a pinned client another version's answer.
+            await _aclose(gen, cancel=True)
+            return _error(
+                503,
+                f"version {pin.version} of {self.model} is being replaced on this replica; retry",
+                "ServiceUnavailableError",
+                rid,
+                **{"Retry-After": "1"},
+            )
         ctx = _RequestCtx(self, endpoint, slot, rid, body, request, started, head)
         headers = {REQUEST_ID_HEADER: rid}
         if head.version:

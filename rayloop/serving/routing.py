@@ -41,6 +41,9 @@ SHADOW = "shadow"
 SLOTS: tuple[str, ...] = (STABLE, CANARY, SHADOW)
 """Version slots of the serving app; ``canary`` doubles as blue-green's *green*."""
 
+USER_SLOTS: tuple[str, ...] = (STABLE, CANARY)
+"""The slots whose answers reach users (shadow's never do)."""
+
 SESSION_HEADERS: tuple[str, ...] = ("x-rayloop-session-id", "x-rayloop-session", "x-rayloop-user-id")
 
 
@@ -145,3 +148,8 @@ class Picker:
         if p >= 100:
             return True
         return bucket(request_id, "shadow:" + self.table.salt, self.secret) < p
+
+
+def slot_for_version(served: Mapping[str, int], version: int) -> str | None:
+    """The user-facing slot serving ``version`` (stable first), or None: what a ``NAME@N`` request pins to."""
+    return next((slot for slot in USER_SLOTS if served.get(slot) == version), None)

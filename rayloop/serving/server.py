@@ -343,6 +343,11 @@ class LLMServer:
             return floor
         return max(floor, self._streams / sv.stream_messages_per_s)
 
+    @property
+    def version(self) -> int | None:
+        """The version this replica's engine serves now (None before the first load)."""
+        return self._loaded.cfg.version if self._loaded else None
+
     async def models(self) -> dict[str, Any]:
         if self._engine is None:
             return {"object": "list", "data": []}

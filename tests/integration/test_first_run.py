@@ -148,6 +148,9 @@ def test_serve_then_every_strategy_on_a_fresh_cluster(tmp_path: Path, base_model
             model="other", messages=[{"role": "user", "content": "hi"}], max_tokens=2, stream=True
         )
         assert {chunk.model for chunk in asked} == {"other@v1"}
+        # NAME@ALIAS pins a version, through the shared endpoint too.
+        pinned = client.completions.create(model="other@production", prompt="The capital of", max_tokens=2)
+        assert pinned.model == "other@v1"
         assert (
             client.chat.completions.create(
                 model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=2
@@ -182,7 +185,7 @@ def test_serve_then_every_strategy_on_a_fresh_cluster(tmp_path: Path, base_model
         removed = _run(["undeploy", "other", "--json"], tmp_path, env)
         assert removed.returncode == 0 and json.loads(removed.stdout)["app"] == "other", removed.stdout + removed.stderr
         assert {m.id for m in client.models.list().data} == {"demo@v1", "demo"}
-        other_requests = 3  # answered by the other model's app (captured there)
+        other_requests = 4  # answered by the other model's app (captured there)
 
         # Then every strategy on the app `serve` made; the first promotes what staging served, in one command.
         rollouts = [

@@ -352,7 +352,7 @@ def test_killed_controller_is_reconciled(env: dict[str, Any]) -> None:
                 "the controller to reach its first canary step",
             )
             assert proc.poll() is None, log.read_text()[-2000:]
-            time.sleep(2)
+            _pinned_requests_reach_their_version(env["url"], stable=2, canary=3)
         finally:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -372,6 +372,32 @@ def test_killed_controller_is_reconciled(env: dict[str, Any]) -> None:
     assert reg.active_rollout("demo") is None and reg.aliases("demo") == {"production": 2, "previous": 1}
     ended = reg.rollouts("demo")[0]
     assert ended["status"] == "rolled_back" and "is gone (phase step)" in ended["state"]["reason"]
+
+
+def _pinned_requests_reach_their_version(url: str, *, stable: int, canary: int) -> None:
+    """During a 10% canary step, ``model: demo@REF`` answers from REF's version every time; /v1/models lists
+    both versions; a registered version that is not served is a 404 naming what is."""
+
+    def ask(model: str) -> httpx.Response:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        return httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+
+    for model, version in (
+        (f"demo@{canary}", canary),
+        (f"demo@v{stable}", stable),
+        ("demo@production", stable),
+    ):
+        answers = [ask(model) for _ in range(4)]
+        assert [(r.status_code, r.json()["model"]) for r in answers] == [(200, f"demo@v{version}")] * 4, model
+    assert {m["id"] for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]} >= {
+        f"demo@v{stable}",
+        f"demo@v{canary}",
+    }
+    missing = ask("demo@previous")  # v1: registered, not served
+    assert missing.status_code == 404, missing.text
+    assert missing.json()["error"]["message"] == (
+        f"The model `demo@previous` (version 1) is not served here; served now: demo@v{stable}, demo@v{canary}"
+    )
 
 
 def test_rolling_upgrade_in_place_under_load(env: dict[str, Any]) -> None:

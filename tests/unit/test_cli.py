@@ -246,7 +246,9 @@ def test_exit_codes_say_what_happened() -> None:
 
     assert [int(c) for c in ExitCode] == [0, 1, 2, 3, 4]
     rejected = {"stages": {"evaluate": {"output": {"decision": "rejected"}}}}
-    rolled_back = {"stages": {"evaluate": {"output": {"decision": "accepted"}}, "deploy": {"output": {"status": "rolled_back"}}}}
+    rolled_back = {
+        "stages": {"evaluate": {"output": {"decision": "accepted"}}, "deploy": {"output": {"status": "rolled_back"}}}
+    }
     assert pipeline_exit_code(rejected) == 3 and pipeline_exit_code(rolled_back) == 4
     assert pipeline_exit_code({"stages": {"deploy": {"output": {"status": "succeeded"}}}}) == 0
     record = {"id": 1, "name": "demo", "from_version": 1, "to_version": 2, "strategy": "canary", "state": {}}
@@ -273,3 +275,29 @@ def test_init_stores_the_eval_sets_the_gate_needs(tmp_path: Path, monkeypatch: p
     settings = load_settings(env={"RAYLOOP_HOME": str(tmp_path / "home")})
     stored = load_eval_sets(Storage(settings.storage_root), "demo")
     assert sorted(stored) == names and "new_facts" in names and all(stored[n] for n in names)
+
+
+def test_init_copies_a_build_of_the_same_recipe_from_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second `rayloop init` on the machine copies the first build instead of pre-training again; another recipe,
+    --no-cache and --force build."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def init(home: str, *flags: str) -> dict[str, object]:
+        monkeypatch.setenv("RAYLOOP_HOME", str(tmp_path / home))
+        r = CliRunner().invoke(cli, ["init", "--steps", "2", "--json", *flags])
+        assert r.exit_code == 0, r.output
+        return dict(json.loads(r.stdout))
+
+    first = init("a")
+    assert "cached_build" not in first
+    entries = list((tmp_path / "cache" / "rayloop" / "demo-models").iterdir())
+    assert len(entries) == 1 and (entries[0] / "model.safetensors").is_file()
+    second = init("b")
+    assert second["cached_build"] == str(entries[0])
+    for f in ("model.safetensors", "tokenizer.json", "world.json", "rayloop_build.json"):
+        assert (tmp_path / "a" / "base-model" / f).read_bytes() == (tmp_path / "b" / "base-model" / f).read_bytes(), f
+    assert "cached_build" not in init("c", "--no-cache") and "cached_build" not in init("d", "--force")
+    monkeypatch.setenv("RAYLOOP_HOME", str(tmp_path / "e"))
+    r = CliRunner().invoke(cli, ["init", "--steps", "3", "--json"])  # another recipe: another entry
+    assert r.exit_code == 0 and "cached_build" not in json.loads(r.stdout)
+    assert len(list((tmp_path / "cache" / "rayloop" / "demo-models").iterdir())) == 2
