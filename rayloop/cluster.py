@@ -207,6 +207,10 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
     ]
     token = ensure_auth_token(settings) if settings.ray.auth == "token" else None
     env = head_env(settings, token=token)
+    # The supervisor (rayloop.head) drains Serve and the capture writer before it signals Ray. Ray's own
+    # SIGTERM drain would then wait its whole timeout (30 s) for a node that never goes idle, since detached
+    # actors (the capture writer) keep their workers; set the variable to keep Ray's drain anyway.
+    env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
     address = f"127.0.0.1:{port}"
     pid_file = home / RAY_PID_FILE
     pid_file.unlink(missing_ok=True)
