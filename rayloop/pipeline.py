@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from rayloop.config import Settings
 from rayloop.data.schema import FEEDBACK_DIR, INTERACTIONS_DIR
 from rayloop.errors import DataError, RayloopError
+from rayloop.registry.rollouts import RolloutRecord
 from rayloop.storage import Storage
 
 STAGES = ("collect", "preprocess", "retrain", "register", "evaluate", "deploy")
@@ -70,7 +71,7 @@ class Evaluated(StageOutput):
 class Deployed(StageOutput):
     strategy: str
     status: str | None
-    rollout: dict[str, Any]  # the rollout record (rayloop.rollout.controller.rollout_record)
+    rollout: RolloutRecord
 
 
 class Skipped(StageOutput):
@@ -221,7 +222,7 @@ class Steps:
         from rayloop.rollout.controller import deploy
 
         result = deploy(self.settings, candidate_ref, strategy, **deploy_kwargs)
-        return Deployed(strategy=str(strategy), status=result.get("status"), rollout=result)
+        return Deployed(strategy=str(strategy), status=result.status, rollout=result)
 
 
 def run_pipeline(
@@ -265,7 +266,12 @@ def run_pipeline(
         )
     run_id = _run_key(settings, cfg.model, base.fingerprint, inputs)
     run = PipelineRun.open(st, cfg.model, run_id, {"base": base.ref, "base_version": base.version})
-    collect_out = {"files": len(listing), "feedback_rows": n_feedback, "inputs_hash": inputs, "pruned_partitions": pruned}
+    collect_out = {
+        "files": len(listing),
+        "feedback_rows": n_feedback,
+        "inputs_hash": inputs,
+        "pruned_partitions": pruned,
+    }
     if run.done("collect") is None:
         run.save_stage("collect", "done", collect_out, t0)
     emit("collect", "done", collect_out)

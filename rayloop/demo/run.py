@@ -103,8 +103,8 @@ def run_demo(
     deployed = deploy(settings, f"{MODEL}@production", "rolling")
     url = settings.serving.base_url
     out.info(
-        f"{url}/v1/chat/completions answers as {MODEL}@{deployed['to_version']} "
-        f"({time.monotonic() - t_serve:.0f}s to deploy, rollout {deployed['status']})"
+        f"{url}/v1/chat/completions answers as {MODEL}@{deployed.to_version} "
+        f"({time.monotonic() - t_serve:.0f}s to deploy, rollout {deployed.status})"
     )
     sim = UserSimulator(world, seed=7)
     traffic = Traffic(url, MODEL, sim, poison=poison)

@@ -19,10 +19,13 @@ import io
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rayloop.config import Settings
 from rayloop.errors import NotFoundError
+
+if TYPE_CHECKING:
+    from rayloop.registry import RolloutRecord
 
 # Events of a rollout's history that carry the analysis verdict of a step (see rayloop.rollout.controller).
 VERDICT_EVENTS = {
@@ -94,24 +97,24 @@ def _ts(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
 
 
-def traffic_timeline(rollout: dict[str, Any]) -> list[tuple[float, float]]:
+def traffic_timeline(rollout: RolloutRecord) -> list[tuple[float, float]]:
     """(time, percent of traffic on the rollout's new version) at each change, from its history."""
     points: list[tuple[float, float]] = []
-    for ev in rollout["history"]:
+    for ev in rollout.history:
         t = _ts(ev["time"])
         if ev.get("event") == "traffic":
             points.append((t, float(ev.get("canary_percent") or 0.0)))
-        elif ev.get("event") in ("promote", "switch") and rollout["status"] == "succeeded":
+        elif ev.get("event") in ("promote", "switch") and rollout.status == "succeeded":
             points.append((t, 100.0))
         elif ev.get("event") == "rollback":
             points.append((t, 0.0))
     return points
 
 
-def verdicts(rollout: dict[str, Any]) -> list[tuple[float, str, str]]:
+def verdicts(rollout: RolloutRecord) -> list[tuple[float, str, str]]:
     """(time, pass|fail|inconclusive, what) of every judged step of a rollout."""
     out = []
-    for ev in rollout["history"]:
+    for ev in rollout.history:
         kind = VERDICT_EVENTS.get(str(ev.get("event")))
         if kind is None:
             continue
@@ -134,7 +137,7 @@ def _svg(fig: Any) -> str:
 
 
 def _plots(
-    rollouts: list[dict[str, Any]], stats: dict[int, VersionStats], evals: dict[int, dict[str, float]]
+    rollouts: list[RolloutRecord], stats: dict[int, VersionStats], evals: dict[int, dict[str, float]]
 ) -> dict[str, str]:
     import matplotlib
 
@@ -150,10 +153,10 @@ def _plots(
             pts = traffic_timeline(r)
             if not pts:
                 continue
-            t0 = _ts(r["started_at"])
+            t0 = _ts(r.started_at) if r.started_at else pts[0][0]
             xs = [t0] + [t for t, _ in pts]
             ys = [0.0] + [p for _, p in pts]
-            label = f"#{r['id']} v{r['from_version']}→v{r['to_version']} ({r['strategy']}, {r['status']})"
+            label = f"#{r.id} v{r.from_version}→v{r.to_version} ({r.strategy}, {r.status})"
             ax.step(date2num([datetime.fromtimestamp(x) for x in xs]), ys, where="post", label=label)
             for t, kind, _ in verdicts(r):
                 y = next((p for tt, p in reversed(pts) if tt <= t), 0.0)
@@ -270,13 +273,11 @@ def build_report(settings: Settings, name: str, out_dir: str | Path) -> Path:
         last = judged[-1] if judged else None
         rollout_rows.append(
             [
-                f"#{r['id']}",
-                r["strategy"],
-                f"v{r['from_version']} → v{r['to_version']}"
-                if r["from_version"] is not None
-                else f"→ v{r['to_version']}",
-                r["status"],
-                r["started_at"][:19].replace("T", " "),
+                f"#{r.id}",
+                r.strategy,
+                f"v{r.from_version} → v{r.to_version}" if r.from_version is not None else f"→ v{r.to_version}",
+                r.status,
+                (r.started_at or "")[:19].replace("T", " "),
                 f"{len(judged)} judged" + (f", last {last[1]}: {last[2]}" if last else ""),
             ]
         )

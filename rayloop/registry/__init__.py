@@ -10,7 +10,7 @@ See :class:`Registry` for the API and ``rayloop models --help`` for the CLI.
 from rayloop.registry.models import FileEntry, Lineage, ModelVersion
 from rayloop.registry.names import DEFAULT_ALIAS, LATEST, Ref, parse_ref, validate_alias, validate_name
 from rayloop.registry.registry import ABSENT, Registry
-from rayloop.registry.rollouts import END_STATUSES
+from rayloop.registry.rollouts import END_STATUSES, Lease, Phase, RolloutRecord, RolloutState, RolloutStatus
 
 __all__ = [
     "ABSENT",
@@ -18,10 +18,15 @@ __all__ = [
     "END_STATUSES",
     "LATEST",
     "FileEntry",
+    "Lease",
     "Lineage",
     "ModelVersion",
+    "Phase",
     "Ref",
     "Registry",
+    "RolloutRecord",
+    "RolloutState",
+    "RolloutStatus",
     "parse_ref",
     "validate_alias",
     "validate_name",

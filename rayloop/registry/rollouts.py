@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import json
 import time
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from rayloop.errors import LeaseLostError, NotFoundError, RolloutError, RolloutInProgressError
 from rayloop.registry.models import iso
@@ -34,7 +37,6 @@ from rayloop.registry.names import validate_name, validate_version
 if TYPE_CHECKING:
     from rayloop.registry.sql import Database, Tx
 
-END_STATUSES = ("succeeded", "rolled_back", "aborted", "failed")
 DEFAULT_LEASE_S = 30.0
 
 Fence = tuple[int, int]
@@ -52,23 +54,114 @@ def check_fence(tx: Tx, fence: Fence | None) -> None:
         raise LeaseLostError(f"rollout {rid} is no longer ours (token {token}): it is held by {now_held}")
 
 
-def _rollout_dict(r: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": int(r["id"]),
-        "name": r["name"],
-        "from_version": None if r["from_version"] is None else int(r["from_version"]),
-        "to_version": int(r["to_version"]),
-        "strategy": r["strategy"],
-        "plan": json.loads(r["plan"]),
-        "state": json.loads(r["state"]),
-        "history": json.loads(r["history"]),
-        "status": r["status"],
-        "owner": r["owner"],
-        "started_at": iso(r["started_at"]),
-        "updated_at": iso(r["updated_at"]),
-        "ended_at": iso(r["ended_at"]),
-        "active": bool(r["active"]),
-    }
+class Phase(StrEnum):
+    """Where an active rollout is; written before the controller acts on it, so a successor knows."""
+
+    PLANNED = "planned"
+    STARTING = "starting"  # the new version's slot is being deployed
+    STEP = "step"  # canary: a share of the traffic on the new version
+    ROLLING = "rolling"  # rolling: the stable slot swaps in place
+    SWITCHED = "switched"  # blue-green: green takes all traffic, blue held
+    MIRRORING = "mirroring"  # shadow: copies of requests go to the new version
+    RELEASING = "releasing"  # shadow: the shadow slot is being released
+    HOLDING = "holding"  # paused by an operator or waiting for samples
+    PROMOTING = "promoting"  # the new version becomes stable (forward on a reconcile)
+    ROLLING_BACK = "rolling_back"
+    DONE = "done"
+
+
+class RolloutStatus(StrEnum):
+    """How a rollout ended (:data:`END_STATUSES`); while it runs, its status is its phase."""
+
+    SUCCEEDED = "succeeded"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+    FAILED = "failed"
+
+
+END_STATUSES: tuple[str, ...] = tuple(RolloutStatus)
+
+
+class RolloutState(BaseModel):
+    """The resumable state of a rollout, kept with it in the registry.
+
+    Unknown keys are kept (written by another rayloop version), never dropped.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    phase: Phase = Phase.PLANNED
+    reason: str | None = Field(default=None, description="Why the rollout is in this phase (a verdict, a command).")
+    step: int | None = Field(default=None, description="Canary: index of the current step.")
+    percent: float | None = Field(default=None, description="Canary: traffic share of the current step.")
+    started: float | None = Field(default=None, description="UNIX time the controller began.")
+    from_cfg: dict[str, Any] | None = Field(default=None, description="The stable version's model config before.")
+    to_cfg: dict[str, Any] | None = Field(default=None, description="The new version's model config.")
+    aliases_before: dict[str, int | None] = Field(
+        default_factory=dict, description="Aliases the rollout moves, as they were (restored on a rollback)."
+    )
+    desired: dict[str, Any] | None = Field(default=None, description="The app layout the controller applies.")
+    report: dict[str, Any] | None = Field(default=None, description="Shadow: the comparison report.")
+
+    def updated(self, **changes: Any) -> RolloutState:
+        """A copy with ``changes`` applied (validated)."""
+        return RolloutState.model_validate({**self.model_dump(exclude_unset=True), **changes})
+
+    def to_json(self) -> dict[str, Any]:
+        """As stored and printed: only what was set."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
+
+class Lease(BaseModel):
+    """Who holds an active rollout, with which fencing token, until when (UNIX seconds)."""
+
+    holder: str
+    token: int
+    expires_at: float
+
+
+class RolloutRecord(BaseModel):
+    """One rollout as the registry keeps it; ``history`` is its timeline of events, each with ``time``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: int
+    name: str
+    from_version: int | None
+    to_version: int
+    strategy: str
+    plan: dict[str, Any]
+    state: RolloutState
+    history: list[dict[str, Any]]
+    status: str = Field(description="The phase while active; then one of END_STATUSES.")
+    owner: str | None
+    started_at: str | None
+    updated_at: str | None
+    ended_at: str | None
+    active: bool
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON (what ``--json`` prints)."""
+        return {**self.model_dump(mode="json"), "state": self.state.to_json()}
+
+
+def _rollout_record(r: dict[str, Any]) -> RolloutRecord:
+    return RolloutRecord(
+        id=int(r["id"]),
+        name=r["name"],
+        from_version=None if r["from_version"] is None else int(r["from_version"]),
+        to_version=int(r["to_version"]),
+        strategy=r["strategy"],
+        plan=json.loads(r["plan"]),
+        state=RolloutState.model_validate(json.loads(r["state"])),
+        history=json.loads(r["history"]),
+        status=r["status"],
+        owner=r["owner"],
+        started_at=iso(r["started_at"]),
+        updated_at=iso(r["updated_at"]),
+        ended_at=iso(r["ended_at"]),
+        active=bool(r["active"]),
+    )
 
 
 def _json(kind: str, value: Any) -> str:
@@ -161,7 +254,7 @@ class RolloutBook:
         rid: int,
         *,
         status: str | None = None,
-        state: dict[str, Any] | None = None,
+        state: RolloutState | None = None,
         event: dict[str, Any] | None = None,
         fence: Fence | None = None,
     ) -> None:
@@ -181,7 +274,7 @@ class RolloutBook:
                 "UPDATE rl_rollouts SET status = ?, state = ?, history = ?, updated_at = ? WHERE id = ?",
                 (
                     status or row["status"],
-                    row["state"] if state is None else _json("state", state),
+                    row["state"] if state is None else _json("state", state.to_json()),
                     json.dumps(history),
                     now,
                     rid,
@@ -210,13 +303,13 @@ class RolloutBook:
             )
 
     # -- leases ----------------------------------------------------------------
-    def lease(self, rid: int) -> dict[str, Any] | None:
-        """``{holder, token, expires_at}`` (UNIX seconds) of a rollout's lease; None for one without (older rows)."""
+    def lease(self, rid: int) -> Lease | None:
+        """A rollout's lease; None for one without (older rows)."""
         with self.db.transaction() as tx:
             row = tx.one("SELECT holder, token, expires_at FROM rl_leases WHERE rollout_id = ?", (rid,))
         if row is None:
             return None
-        return {"holder": row["holder"], "token": int(row["token"]), "expires_at": float(row["expires_at"])}
+        return Lease(holder=row["holder"], token=int(row["token"]), expires_at=float(row["expires_at"]))
 
     def renew_lease(self, rid: int, token: int, lease_s: float = DEFAULT_LEASE_S) -> float:
         """Extend the lease of the holder of ``token`` by ``lease_s``; return the new expiry.
@@ -256,25 +349,25 @@ class RolloutBook:
             tx.execute("UPDATE rl_rollouts SET owner = ?, updated_at = ? WHERE id = ?", (holder, now, rid))
         return token
 
-    def active_rollout(self, name: str) -> dict[str, Any] | None:
+    def active_rollout(self, name: str) -> RolloutRecord | None:
         validate_name(name)
         with self.db.transaction() as tx:
             row = tx.one("SELECT * FROM rl_rollouts WHERE name = ? AND active = 1", (name,))
-        return None if row is None else _rollout_dict(row)
+        return None if row is None else _rollout_record(row)
 
-    def rollout(self, rid: int) -> dict[str, Any]:
+    def rollout(self, rid: int) -> RolloutRecord:
         with self.db.transaction() as tx:
             row = tx.one("SELECT * FROM rl_rollouts WHERE id = ?", (rid,))
         if row is None:
             raise NotFoundError(f"rollout {rid} does not exist")
-        return _rollout_dict(row)
+        return _rollout_record(row)
 
-    def rollouts(self, name: str) -> list[dict[str, Any]]:
+    def rollouts(self, name: str) -> list[RolloutRecord]:
         """All rollouts of ``name``, newest first."""
         validate_name(name)
         with self.db.transaction() as tx:
             rows = tx.all("SELECT * FROM rl_rollouts WHERE name = ? ORDER BY id DESC", (name,))
-        return [_rollout_dict(r) for r in rows]
+        return [_rollout_record(r) for r in rows]
 
 
 def _in_progress(row: dict[str, Any]) -> RolloutInProgressError:

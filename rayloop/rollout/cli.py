@@ -11,11 +11,14 @@ from __future__ import annotations
 import getpass
 import os
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from rayloop.clisupport import ExitCode, print_json, settings
+
+if TYPE_CHECKING:
+    from rayloop.registry import RolloutRecord
 
 
 def _actor() -> str:
@@ -56,16 +59,21 @@ def format_event(ev: dict[str, Any]) -> str:
     return line
 
 
-def _finish(record: dict[str, Any], as_json: bool) -> None:
+def _headline(record: RolloutRecord) -> str:
+    """``rollout ID of NAME vA -> vB (STRATEGY): STATUS (REASON)``."""
+    reason = record.state.reason
+    return (
+        f"rollout {record.id} of {record.name} v{record.from_version} -> v{record.to_version} "
+        f"({record.strategy}): {record.status}" + (f" ({reason})" if reason else "")
+    )
+
+
+def _finish(record: RolloutRecord, as_json: bool) -> None:
     if as_json:
-        print_json(record)
+        print_json(record.to_json())
     else:
-        st = record["state"]
-        click.echo(
-            f"rollout {record['id']} of {record['name']} v{record['from_version']} -> v{record['to_version']} "
-            f"({record['strategy']}): {record['status']}" + (f" ({st['reason']})" if st.get("reason") else "")
-        )
-    if record["status"] in ("rolled_back", "aborted"):
+        click.echo(_headline(record))
+    if record.status in ("rolled_back", "aborted"):
         raise SystemExit(ExitCode.NOT_PROMOTED)
 
 
@@ -180,12 +188,10 @@ def rollback_cmd(ctx: click.Context, name: str, as_json: bool) -> None:
 
     record = send_command(settings(ctx), name, "rollback", by=_actor(), backend=_backend(ctx))
     if as_json:
-        print_json(record)
+        print_json(record.to_json())
     else:
-        click.echo(
-            f"rollout {record['id']} of {record['name']}: {record['status']}; "
-            f"production is v{record['from_version'] if record['status'] != 'succeeded' else record['to_version']}"
-        )
+        production = record.to_version if record.status == "succeeded" else record.from_version
+        click.echo(f"rollout {record.id} of {record.name}: {record.status}; production is v{production}")
 
 
 @click.command("status")
@@ -213,10 +219,10 @@ def status_cmd(ctx: click.Context, name: str | None, as_json: bool, reconcile: b
         backend = _backend(ctx)
         for n in [name] if name else Registry.from_settings(s).list_models():
             out = do_reconcile(s, n, backend=backend, actor=_actor())
-            reconciled[n] = {"action": out["action"], "reason": out.get("reason")}
-            if "rollout" in out:
-                reconciled[n]["rollout_id"] = out["rollout"]["id"]
-                reconciled[n]["status"] = out["rollout"]["status"]
+            reconciled[n] = {"action": out.action, "reason": out.reason}
+            if out.rollout is not None:
+                reconciled[n]["rollout_id"] = out.rollout.id
+                reconciled[n]["status"] = out.rollout.status
     st = status(s, name, backend=backend, window_s=parse_duration(window))
     if reconcile:
         st["reconciled"] = reconciled
@@ -300,13 +306,10 @@ def rollouts_show(ctx: click.Context, rollout_id: int, as_json: bool) -> None:
 
     rec = rollout_record(settings(ctx), rollout_id)
     if as_json:
-        print_json(rec)
+        print_json(rec.to_json())
         return
-    click.echo(
-        f"rollout {rec['id']} of {rec['name']} v{rec['from_version']} -> v{rec['to_version']} ({rec['strategy']}): "
-        f"{rec['status']}" + (f" ({rec['state']['reason']})" if rec["state"].get("reason") else "")
-    )
-    for ev in rec["history"]:
+    click.echo(_headline(rec))
+    for ev in rec.history:
         click.echo("  " + format_event(ev))
 
 

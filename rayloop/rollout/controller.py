@@ -20,7 +20,7 @@ Python API (what ``rayloop deploy`` calls)::
 
     >>> from rayloop.rollout.controller import deploy
     >>> record = deploy(settings, "demo@3", "canary", steps=[10, 50, 100], interval_s=30)  # doctest: +SKIP
-    >>> record["status"], [e["event"] for e in record["history"]][:3]  # doctest: +SKIP
+    >>> record.status, [e["event"] for e in record.history][:3]  # doctest: +SKIP
     ('succeeded', ['begin', 'plan', 'slot_ready'])
 """
 
@@ -34,6 +34,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from rayloop.config import Settings, Strategy
 from rayloop.errors import (
     AliasConflictError,
@@ -43,7 +45,7 @@ from rayloop.errors import (
     RolloutError,
     RolloutInProgressError,
 )
-from rayloop.registry import Registry
+from rayloop.registry import Lease, Phase, Registry, RolloutRecord, RolloutState
 from rayloop.rollout.analysis import FAIL, INCONCLUSIVE, PASS, SlotWindow, Verdict, judge
 from rayloop.rollout.backend import AppState, Backend
 from rayloop.serving.protocol import ModelConfig
@@ -57,7 +59,7 @@ HEARTBEAT_S = 5.0
 OWNER_STALE_S = 60.0
 """A rollout whose owner is on another host counts as orphaned after this long without a heartbeat."""
 
-FORWARD_PHASES = ("promoting",)
+FORWARD_PHASES = (Phase.PROMOTING,)
 """Phases after which a crashed rollout is finished forward; before them it is rolled back."""
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -68,6 +70,22 @@ class Command(enum.StrEnum):
     PROMOTE = "promote"
     ABORT = "abort"
     ROLLBACK = "rollback"
+
+
+class Reconciled(BaseModel):
+    """What :func:`reconcile` did: ``action`` is ``none``, ``rolled_forward``, ``rolled_back`` or ``repaired``."""
+
+    action: str
+    reason: str | None = Field(default=None, description="Why nothing was done (action none).")
+    rollout: RolloutRecord | None = Field(default=None, description="The rollout that finished or repaired.")
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"action": self.action}
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.rollout is not None:
+            out["rollout"] = self.rollout.to_json()
+        return out
 
 
 class Interrupted(Exception):
@@ -95,9 +113,9 @@ def owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def owner_dead(record: dict[str, Any]) -> bool:
+def owner_dead(record: RolloutRecord) -> bool:
     """The owner runs on this host and its process is gone (a PID that is alive may be reused: not proof)."""
-    host, _, pid = str(record.get("owner") or "").rpartition(":")
+    host, _, pid = str(record.owner or "").rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return False
     try:
@@ -109,17 +127,17 @@ def owner_dead(record: dict[str, Any]) -> bool:
     return False
 
 
-def owner_alive(record: dict[str, Any], now: float | None = None, *, lease: dict[str, Any] | None = None) -> bool:
+def owner_alive(record: RolloutRecord, now: float | None = None, *, lease: Lease | None = None) -> bool:
     """May the controller of this rollout still act? Not when its process is known dead; otherwise while its
     lease has not expired (rollouts recorded before leases: while their heartbeat is fresh)."""
     if owner_dead(record):
         return False
     now = now or time.time()
     if lease is not None:
-        return float(lease["expires_at"]) > now
+        return lease.expires_at > now
     from datetime import datetime
 
-    updated = datetime.fromisoformat(record["updated_at"]).timestamp()
+    updated = datetime.fromisoformat(record.updated_at or "1970-01-01T00:00:00+00:00").timestamp()
     return now - updated < OWNER_STALE_S
 
 
@@ -218,7 +236,7 @@ class Rollout:
         to_cfg: ModelConfig,
         plan: dict[str, Any],
         app: AppState | None,
-        state: dict[str, Any] | None = None,
+        state: RolloutState | None = None,
         on_event: EventSink | None = None,
         clock: Callable[[], float] = time.time,
         sleeper: Callable[[float], None] = time.sleep,
@@ -229,13 +247,13 @@ class Rollout:
         self.lease = _LeaseKeeper(reg, rid, token, settings.rollout.lease_s)
         self.name, self.from_cfg, self.to_cfg, self.plan = name, from_cfg, to_cfg, plan
         self.app = app
-        self.state: dict[str, Any] = dict(state or {})
+        self.state = state or RolloutState()
         self.on_event = on_event
         self.now = clock
         self._sleep = sleeper
-        self.started = float(self.state.get("started", clock()))
+        self.started = self.state.started if self.state.started is not None else clock()
         # Commands already in the history (e.g. the one a reconcile acts on) are not new.
-        self._handled = {i for i, ev in enumerate(reg.rollout(rid)["history"]) if ev.get("event") == "command"}
+        self._handled = {i for i, ev in enumerate(reg.rollout(rid).history) if ev.get("event") == "command"}
         self._last_beat = clock()
         self._last_stable: SlotWindow | None = None  # stable over the last step it had traffic
 
@@ -252,9 +270,10 @@ class Rollout:
                 pass  # a broken callback must not break the rollout
 
     def save(self, **updates: Any) -> None:
-        """Merge ``updates`` into the persisted state (written before acting on it)."""
-        self.state.update(updates)
-        self.reg.update_rollout(self.rid, state=self.state, status=self.state.get("phase", "running"), fence=self.fence)
+        """Merge ``updates`` (fields of :class:`RolloutState`) into the persisted state (written before acting on
+        it); the rollout's status is its phase until it ends."""
+        self.state = self.state.updated(**updates)
+        self.reg.update_rollout(self.rid, state=self.state, status=self.state.phase.value, fence=self.fence)
         self._last_beat = self.now()
 
     def beat(self) -> None:
@@ -272,7 +291,7 @@ class Rollout:
     def check_lease(self) -> None:
         """Right before a Serve change: still ours? (Every registry write checks it in its own transaction.)"""
         lease = self.reg.lease(self.rid)
-        if self.lease.lost or (lease is not None and lease["token"] != self.fence[1]):
+        if self.lease.lost or (lease is not None and lease.token != self.fence[1]):
             raise LeaseLostError(f"rollout {self.rid} was taken over by another controller; this one stops")
 
     def end(self, status: str) -> None:
@@ -282,7 +301,7 @@ class Rollout:
 
     def check_commands(self) -> None:
         """Raise :class:`Interrupted` if ``rayloop promote|abort|rollback`` was issued."""
-        for i, ev in enumerate(self.reg.rollout(self.rid)["history"]):
+        for i, ev in enumerate(self.reg.rollout(self.rid).history):
             if ev.get("event") == "command" and i not in self._handled:
                 self._handled.add(i)
                 raise Interrupted(Command(ev["command"]), str(ev.get("by", "?")))
@@ -497,7 +516,7 @@ class Rollout:
 
     def move_production(self, version: int, reason: str) -> None:
         """``production`` -> ``version`` and ``previous`` -> the old production (compare-and-set)."""
-        before = self.state.get("aliases_before", {})
+        before = self.state.aliases_before
         cur = self.reg.get_alias(self.name, PRODUCTION)
         if cur == version:
             return
@@ -554,7 +573,7 @@ class Rollout:
             # Traffic first (one route-table change), then free the new version's engines.
             self.set_app(stable=old, canary_percent=0, shadow_percent=0)
             self.set_app(canary=None, shadow=None, observe=False)
-        before = self.state.get("aliases_before", {})
+        before = self.state.aliases_before
         if old is not None and self.reg.get_alias(self.name, PRODUCTION) == self.to_cfg.version:
             self._alias(PRODUCTION, before.get(PRODUCTION, old.version), f"rollback: {reason}")
             self._alias(PREVIOUS, before.get(PREVIOUS), f"rollback: {reason}")
@@ -666,7 +685,7 @@ def deploy(
     force: bool = False,
     on_event: EventSink | None = None,
     backend: Backend | None = None,
-) -> dict[str, Any]:
+) -> RolloutRecord:
     """Roll ``ref`` (``NAME@VERSION|ALIAS``) out with ``strategy``; return the final rollout record.
 
     ``interval_s``/``hold_s`` take seconds or durations such as ``"30s"``;
@@ -690,10 +709,10 @@ def deploy(
 
     active = reg.active_rollout(name)
     if active is not None:
-        if owner_alive(active, lease=reg.lease(active["id"])):
+        if owner_alive(active, lease=reg.lease(active.id)):
             raise RolloutInProgressError(
-                f"rollout {active['id']} of {name!r} (v{active['from_version']} -> v{active['to_version']}, "
-                f"{active['strategy']}) is running, owned by {active['owner']}"
+                f"rollout {active.id} of {name!r} (v{active.from_version} -> v{active.to_version}, "
+                f"{active.strategy}) is running, owned by {active.owner}"
             )
         reconcile(settings, name, backend=be, on_event=on_event)
 
@@ -734,14 +753,14 @@ def deploy(
     return _run(ro, kind)
 
 
-def _run(ro: Rollout, kind: Strategy) -> dict[str, Any]:
+def _run(ro: Rollout, kind: Strategy) -> RolloutRecord:
     try:
         return _run_owned(ro, kind)
     finally:
         ro.lease.stop()
 
 
-def _run_owned(ro: Rollout, kind: Strategy) -> dict[str, Any]:
+def _run_owned(ro: Rollout, kind: Strategy) -> RolloutRecord:
     from rayloop.rollout.strategies import strategy_for
 
     reg = ro.reg
@@ -815,26 +834,26 @@ def _first_deploy(ro: Rollout) -> str:
 
 
 def _resume(
-    settings: Settings, reg: Registry, backend: Backend, record: dict[str, Any], on_event: EventSink | None
+    settings: Settings, reg: Registry, backend: Backend, record: RolloutRecord, on_event: EventSink | None
 ) -> Rollout:
     """Take an orphaned rollout over (a new fencing token: its old controller can write nothing more)."""
-    token = reg.take_lease(record["id"], owner_id(), settings.rollout.lease_s, force=owner_dead(record))
-    st = record["state"]
+    token = reg.take_lease(record.id, owner_id(), settings.rollout.lease_s, force=owner_dead(record))
+    st = record.state
     to_cfg = (
-        ModelConfig.model_validate(st["to_cfg"])
-        if st.get("to_cfg")
-        else ModelConfig(model=record["name"], version=record["to_version"])
+        ModelConfig.model_validate(st.to_cfg)
+        if st.to_cfg
+        else ModelConfig(model=record.name, version=record.to_version)
     )
-    from_cfg = ModelConfig.model_validate(st["from_cfg"]) if st.get("from_cfg") else None
+    from_cfg = ModelConfig.model_validate(st.from_cfg) if st.from_cfg else None
     return Rollout(
         settings,
         reg,
         backend,
-        record["id"],
-        name=record["name"],
+        record.id,
+        name=record.name,
         from_cfg=from_cfg,
         to_cfg=to_cfg,
-        plan=record["plan"],
+        plan=record.plan,
         app=None,
         state=st,
         on_event=on_event,
@@ -850,7 +869,7 @@ def reconcile(
     intent: Command | None = None,
     actor: str = "reconcile",
     on_event: EventSink | None = None,
-) -> dict[str, Any]:
+) -> Reconciled:
     """Bring Serve and the aliases of ``name`` to a consistent state; return what was done.
 
     An active rollout whose controller is gone is finished: forward if it was
@@ -864,15 +883,15 @@ def reconcile(
     be.select(name)
     active = reg.active_rollout(name)
     if active is not None:
-        if intent is None and owner_alive(active, lease=reg.lease(active["id"])):
-            return {"action": "none", "reason": f"rollout {active['id']} is running (owner {active['owner']})"}
+        if intent is None and owner_alive(active, lease=reg.lease(active.id)):
+            return Reconciled(action="none", reason=f"rollout {active.id} is running (owner {active.owner})")
         ro = _resume(settings, reg, be, active, on_event)
-        phase = active["state"].get("phase", "planned")
+        phase = active.state.phase
         forward = intent == Command.PROMOTE or (intent is None and phase in FORWARD_PHASES)
         why = (
             f"{intent.value} by {actor}"
             if intent is not None
-            else f"controller {active['owner']} is gone (phase {phase})"
+            else f"controller {active.owner} is gone (phase {phase.value})"
         )
         try:
             ro.emit("reconcile", forward=forward, reason=why, token=ro.fence[1])
@@ -885,12 +904,12 @@ def reconcile(
             ro.end(status)
         finally:
             ro.lease.stop()
-        return {"action": "rolled_forward" if forward else "rolled_back", "rollout": reg.rollout(active["id"])}
+        return Reconciled(action="rolled_forward" if forward else "rolled_back", rollout=reg.rollout(active.id))
 
     current = be.read()
     prod = reg.get_alias(name, PRODUCTION)
     if current is None or prod is None or current.model != name:
-        return {"action": "none", "reason": "nothing deployed" if current is None else "no production alias"}
+        return Reconciled(action="none", reason="nothing deployed" if current is None else "no production alias")
     stable = current.slots.get(STABLE)
     drift = (
         stable is None
@@ -900,7 +919,7 @@ def reconcile(
         or any(current.slots.get(s) is not None for s in (CANARY, SHADOW))
     )
     if not drift:
-        return {"action": "none", "reason": "Serve matches the registry"}
+        return Reconciled(action="none", reason="Serve matches the registry")
     mv = reg.resolve(f"{name}@{prod}")
     want = ModelConfig(model=name, version=prod, fingerprint=mv.fingerprint)
     rid = reg.begin_rollout(
@@ -928,7 +947,7 @@ def reconcile(
         ro.end("succeeded")
     finally:
         ro.lease.stop()
-    return {"action": "repaired", "rollout": reg.rollout(rid)}
+    return Reconciled(action="repaired", rollout=reg.rollout(rid))
 
 
 def send_command(
@@ -939,7 +958,7 @@ def send_command(
     by: str = "cli",
     wait_s: float = 600.0,
     backend: Backend | None = None,
-) -> dict[str, Any]:
+) -> RolloutRecord:
     """``promote``/``abort``/``rollback`` the active rollout of ``name``.
 
     A live controller gets the command through the rollout's history and acts
@@ -960,20 +979,20 @@ def send_command(
                 hint=f"Deploy an older version explicitly: `rayloop deploy {name}@VERSION`.",
             )
         return deploy(settings, f"{name}@{prev}", Strategy.ROLLING, interval_s=1.0, backend=backend)  # was production
-    if not owner_alive(active, lease=reg.lease(active["id"])):
+    if not owner_alive(active, lease=reg.lease(active.id)):
         out = reconcile(settings, name, backend=backend, intent=cmd, actor=by)
-        rollout: dict[str, Any] = out["rollout"]
-        return rollout
-    reg.update_rollout(active["id"], event={"event": "command", "command": cmd.value, "by": by})
+        assert out.rollout is not None  # an active rollout is always finished one way or the other
+        return out.rollout
+    reg.update_rollout(active.id, event={"event": "command", "command": cmd.value, "by": by})
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        rec = reg.rollout(active["id"])
-        if not rec["active"]:
+        rec = reg.rollout(active.id)
+        if not rec.active:
             return rec
         time.sleep(0.5)
     raise RolloutError(
-        f"rollout {active['id']} did not end within {wait_s:.0f}s of the {cmd.value} command",
-        hint=f"Its controller ({active['owner']}) may be stuck; `rayloop status --reconcile` takes over once it is gone.",
+        f"rollout {active.id} did not end within {wait_s:.0f}s of the {cmd.value} command",
+        hint=f"Its controller ({active.owner}) may be stuck; `rayloop status --reconcile` takes over once it is gone.",
     )
 
 
@@ -988,7 +1007,7 @@ def undeploy(settings: Settings, name: str, *, backend: Backend | None = None) -
     active = reg.active_rollout(name)
     if active is not None:
         raise RolloutInProgressError(
-            f"rollout {active['id']} of {name!r} is running; undeploying now would leave it without an app",
+            f"rollout {active.id} of {name!r} is running; undeploying now would leave it without an app",
             hint=f"Stop it first: `rayloop abort {name}`.",
         )
     be = backend or _default_backend(settings, start_local=False)
@@ -1013,11 +1032,11 @@ def rollout_history(settings: Settings, name: str | None = None, *, limit: int =
     """The last ``limit`` rollouts (of ``name``, or of every model), newest first, as summaries."""
     reg = Registry.from_settings(settings)
     names = [name] if name else reg.list_models()
-    records = sorted((r for n in names for r in reg.rollouts(n)), key=lambda r: r["id"], reverse=True)
+    records = sorted((r for n in names for r in reg.rollouts(n)), key=lambda r: r.id, reverse=True)
     return [_summary(r) for r in records[:limit]]
 
 
-def rollout_record(settings: Settings, rid: int) -> dict[str, Any]:
+def rollout_record(settings: Settings, rid: int) -> RolloutRecord:
     """One rollout with its whole timeline (``history``)."""
     return Registry.from_settings(settings).rollout(rid)
 
@@ -1058,13 +1077,13 @@ def status(
     for n in names:
         active = reg.active_rollout(n)
         past = reg.rollouts(n)
-        last = next((r for r in past if not r["active"]), None)
+        last = next((r for r in past if not r.active), None)
         models[n] = {
             "aliases": reg.aliases(n),
             "deployments": reg.deployments(n),
             "active_rollout": None
             if active is None
-            else _summary(active, alive=owner_alive(active, lease=reg.lease(active["id"]))),
+            else _summary(active, alive=owner_alive(active, lease=reg.lease(active.id))),
             "last_rollout": None if last is None else _summary(last),
         }
     return {
@@ -1078,22 +1097,22 @@ def status(
     }
 
 
-def _summary(r: dict[str, Any], alive: bool | None = None) -> dict[str, Any]:
-    st = r["state"]
-    out = {
-        "id": r["id"],
-        "name": r["name"],
-        "strategy": r["strategy"],
-        "from_version": r["from_version"],
-        "to_version": r["to_version"],
-        "status": r["status"],
-        "phase": st.get("phase"),
-        "step": st.get("step"),
-        "percent": st.get("percent"),
-        "reason": st.get("reason"),
-        "started_at": r["started_at"],
-        "ended_at": r["ended_at"],
-        "owner": r["owner"],
+def _summary(r: RolloutRecord, alive: bool | None = None) -> dict[str, Any]:
+    st = r.state
+    out: dict[str, Any] = {
+        "id": r.id,
+        "name": r.name,
+        "strategy": r.strategy,
+        "from_version": r.from_version,
+        "to_version": r.to_version,
+        "status": r.status,
+        "phase": st.phase.value,
+        "step": st.step,
+        "percent": st.percent,
+        "reason": st.reason,
+        "started_at": r.started_at,
+        "ended_at": r.ended_at,
+        "owner": r.owner,
     }
     if alive is not None:
         out["owner_alive"] = alive

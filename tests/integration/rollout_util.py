@@ -161,9 +161,9 @@ def timeline(record: dict[str, Any]) -> str:
     """``+12.3s step`` lines of a rollout record (printed by tests: where the time went)."""
     from datetime import datetime
 
-    t0 = datetime.fromisoformat(record["history"][0]["time"]).timestamp()
+    t0 = datetime.fromisoformat(record.history[0]["time"]).timestamp()
     lines = []
-    for e in record["history"]:
+    for e in record.history:
         t = datetime.fromisoformat(e["time"]).timestamp() - t0
         extra = str(e.get("percent", e.get("reason", "")))
         c, st = e.get("canary"), e.get("stable")
@@ -180,3 +180,9 @@ def wait_for(pred: Callable[[], bool], timeout: float, what: str, every: float =
             return
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def active_phase(reg: Any, name: str = "demo") -> str | None:
+    """The phase of ``name``'s active rollout (None: none is active)."""
+    active = reg.active_rollout(name)
+    return None if active is None else str(active.state.phase)

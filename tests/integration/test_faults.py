@@ -33,7 +33,7 @@ from rayloop.config import load_settings
 from rayloop.data.capture import NAMESPACE, read_interactions, writer_name, writer_stats
 from rayloop.registry import Registry
 from rayloop.rollout.controller import deploy
-from tests.integration.rollout_util import Load, timeline, wait_for
+from tests.integration.rollout_util import Load, active_phase, timeline, wait_for
 from tests.integration.serving_util import free_port, serve_http_url
 
 APP = "rl-faults-test"
@@ -324,9 +324,9 @@ def test_a_canary_that_sees_no_traffic_is_rolled_back(env: dict[str, Any]) -> No
     settings = env["settings"].model_copy(update={"rollout": rollout})
     rec = deploy(settings, "demo@2", "canary", steps=[50, 100], interval_s=2)
     print(timeline(rec))
-    assert rec["status"] == "rolled_back", rec["state"]
-    assert "inconclusive" in rec["state"]["reason"], rec["state"]
-    assert [e["percent"] for e in rec["history"] if e["event"] == "step"] == [50]
+    assert rec.status == "rolled_back", rec.state
+    assert "inconclusive" in rec.state.reason, rec.state
+    assert [e["percent"] for e in rec.history if e["event"] == "step"] == [50]
     assert env["reg"].get_alias("demo", "production") == 1
 
 
@@ -352,9 +352,9 @@ def test_a_stats_actor_killed_mid_canary_rolls_it_back(env: dict[str, Any]) -> N
         rec = deploy(settings, "demo@2", "canary", steps=[50, 100], interval_s=8, on_event=kill_at_first_step)
     print(timeline(rec))
     assert killed.is_set()
-    assert rec["status"] == "rolled_back", rec["state"]
-    assert "StatsLost" in rec["state"]["reason"], rec["state"]
-    assert [e["percent"] for e in rec["history"] if e["event"] == "step"] == [50]
+    assert rec.status == "rolled_back", rec.state
+    assert "StatsLost" in rec.state.reason, rec.state
+    assert [e["percent"] for e in rec.history if e["event"] == "step"] == [50]
     assert env["reg"].get_alias("demo", "production") == 1
     assert not load.failures(), load.failures()[:3]  # the users saw none of it
     assert {s.version for s in load.samples} == {1, 2}  # the canary did serve before it was judged
@@ -373,26 +373,34 @@ def test_a_controller_paused_past_its_lease_is_taken_over_and_then_writes_nothin
         "RAYLOOP_ROLLOUT__LEASE_S": "3",
     }
     # -X faulthandler: a SIGABRT makes A print every thread's stack (used when it does not stop in time).
-    cmd = [sys.executable, "-X", "faulthandler", "-m", "rayloop.cli", "--config", str(env["config"]), "deploy", "demo@2"]
+    cmd = [
+        sys.executable,
+        "-X",
+        "faulthandler",
+        "-m",
+        "rayloop.cli",
+        "--config",
+        str(env["config"]),
+        "deploy",
+        "demo@2",
+    ]
     cmd += ["--strategy", "canary", "--steps", "50,100", "--interval", "600s", "--json"]
     with Load(env["url"], threads=2, sticky_threads=0) as load:
         a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=proc_env)
         try:
             wait_for(
-                lambda: (
-                    (reg.active_rollout("demo") or {}).get("state", {}).get("phase") == "step" or a.poll() is not None
-                ),
+                lambda: active_phase(reg) == "step" or a.poll() is not None,
                 300,
                 "controller A to reach its first canary step",
             )
             assert a.poll() is None, a.communicate()[0][-3000:]
-            rid = reg.active_rollout("demo")["id"]  # type: ignore[index]
+            rid = reg.active_rollout("demo").id  # type: ignore[union-attr]
             a.send_signal(signal.SIGSTOP)
-            wait_for(lambda: reg.lease(rid)["expires_at"] < time.time(), 60, "A's lease to expire")
+            wait_for(lambda: reg.lease(rid).expires_at < time.time(), 60, "A's lease to expire")
             lease = env["settings"].rollout.model_copy(update={"lease_s": 3.0})
             out = reconcile(env["settings"].model_copy(update={"rollout": lease}), "demo")
-            assert out["action"] == "rolled_back" and reg.lease(rid)["token"] == 2, out
-            events_after_b = len(reg.rollout(rid)["history"])
+            assert out.action == "rolled_back" and reg.lease(rid).token == 2, out
+            events_after_b = len(reg.rollout(rid).history)
             a.send_signal(signal.SIGCONT)
             try:
                 output, _ = a.communicate(timeout=60)
@@ -405,7 +413,7 @@ def test_a_controller_paused_past_its_lease_is_taken_over_and_then_writes_nothin
                 a.wait()
     assert a.returncode != 0 and "LeaseLostError" in output, output[-3000:]
     record = reg.rollout(rid)
-    assert record["status"] == "rolled_back" and len(record["history"]) == events_after_b  # A wrote nothing
+    assert record.status == "rolled_back" and len(record.history) == events_after_b  # A wrote nothing
     assert reg.get_alias("demo", "production") == 1
     assert not load.failures(), load.failures()[:3]
     from rayloop.rollout.controller import status

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from rayloop.cli import cli
 from rayloop.errors import AliasConflictError, IntegrityError, InUseError, RolloutInProgressError
-from rayloop.registry import ABSENT, Registry
+from rayloop.registry import ABSENT, Registry, RolloutState
 from tests.integration.registry_servers import S3_ENV, create_bucket, create_database, moto_s3_server, postgres_server
 from tests.registry_util import lock_worker, make_model_dir, race_worker, register_worker
 
@@ -109,7 +109,7 @@ def test_round_trip(backend: Backend, tmp_path: Path) -> None:
     )
     with pytest.raises(RolloutInProgressError):
         reg.begin_rollout("demo", from_version=1, to_version=2, strategy="canary", plan={}, owner="u")
-    reg.update_rollout(rid, state={"pct": 5}, event={"event": "step"})
+    reg.update_rollout(rid, state=RolloutState(phase="step", percent=5), event={"event": "step"})
     reg.end_rollout(rid, "succeeded")
     assert reg.active_rollout("demo") is None
 

@@ -30,7 +30,7 @@ from rayloop.config import load_settings
 from rayloop.registry import Registry
 from rayloop.rollout.controller import deploy, send_command, status
 from rayloop.storage import Storage
-from tests.integration.rollout_util import Load, timeline, wait_for
+from tests.integration.rollout_util import Load, active_phase, timeline, wait_for
 from tests.integration.serving_util import free_port, make_larger, serve_http_url
 
 APP = "rl-rollout-test"
@@ -140,7 +140,7 @@ def _no_failures(load: Load) -> None:
 
 def test_first_deploy_serves_v1_through_the_router(env: dict[str, Any]) -> None:
     first = env["first"]
-    assert first["status"] == "succeeded" and first["from_version"] is None and first["to_version"] == 1
+    assert first.status == "succeeded" and first.from_version is None and first.to_version == 1
     st = status(env["settings"], "demo")
     assert st["serve"]["slots"] == {"stable": 1, "canary": None, "shadow": None}
     assert st["models"]["demo"]["aliases"] == {"production": 1}
@@ -169,14 +169,14 @@ def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, 
         )
         time.sleep(3)
     print(timeline(rec))
-    assert rec["status"] == "rolled_back", rec["state"]
-    breach = next(e for e in rec["history"] if e["event"] == "breach")
+    assert rec.status == "rolled_back", rec.state
+    breach = next(e for e in rec.history if e["event"] == "breach")
     assert breach["canary"]["mean_rating"] == -1.0 and breach["stable"]["mean_rating"] == 1.0
-    assert "mean rating -1.00 on canary vs +1.00 on stable" in rec["state"]["reason"]
+    assert "mean rating -1.00 on canary vs +1.00 on stable" in rec.state.reason
     _no_failures(load)
     # Feedback sent right after its answer finds the interaction (no capture-side race).
     assert load.feedback_sent > 0 and not load.feedback_failures, load.feedback_failures[:3]
-    ended = _ts(rec["ended_at"])
+    ended = _ts(rec.ended_at)
     assert {s.version for s in load.samples if s.sent > ended} == {1}
     assert {s.version for s in load.samples} == {1, 2}  # the canary did serve before it was judged
     assert reg.aliases("demo") == {"production": 1}
@@ -199,18 +199,18 @@ def test_slow_canary_is_rolled_back_automatically(env: dict[str, Any]) -> None:
         rec = deploy(settings, f"demo@{version}", "canary", steps=[20, 50, 100], interval_s=10)
         time.sleep(3)
     print(timeline(rec))
-    assert rec["status"] == "rolled_back", rec["state"]
-    breach = next(e for e in rec["history"] if e["event"] == "breach")
+    assert rec.status == "rolled_back", rec.state
+    breach = next(e for e in rec.history if e["event"] == "breach")
     canary, stable = breach["canary"], breach["stable"]
     assert canary["p95_ms"] > 1.5 * stable["p95_ms"], breach
-    assert any("p95 latency" in r for r in breach["reasons"]) and "p95 latency" in rec["state"]["reason"], breach
-    assert [e["percent"] for e in rec["history"] if e["event"] == "step"] == [20]  # caught at the first step
+    assert any("p95 latency" in r for r in breach["reasons"]) and "p95 latency" in rec.state.reason, breach
+    assert [e["percent"] for e in rec.history if e["event"] == "step"] == [20]  # caught at the first step
     # The canary slot's engine, kept warm since the last rollout, was rebuilt in its replica for the other
     # architecture (no in-place swap across shapes).
     canary_slot = _slot_info("canary")
     assert canary_slot["last_swap"]["mode"] == "rebuild" and canary_slot["last_swap"]["version"] == version
     _no_failures(load)  # slow, not broken: every user still got an answer
-    ended = _ts(rec["ended_at"])
+    ended = _ts(rec.ended_at)
     assert {s.version for s in load.samples if s.sent > ended} == {1}
     assert version in {s.version for s in load.samples}  # the canary did serve before it was judged
     assert reg.aliases("demo") == {"production": 1}
@@ -238,7 +238,7 @@ def test_canary_steps_shares_sticky_sessions_and_promotion(env: dict[str, Any]) 
         rec = deploy(settings, "demo@2", "canary", steps=[25, 100], interval_s=50, on_event=on_event)
         time.sleep(3)
     print(timeline(rec))
-    assert rec["status"] == "succeeded", rec["state"]
+    assert rec.status == "succeeded", rec.state
     _no_failures(load)
     starts = [e for e in events if e["event"] == "step"]
     ends = [e for e in events if e["event"] == "step_passed"]
@@ -260,7 +260,7 @@ def test_canary_steps_shares_sticky_sessions_and_promotion(env: dict[str, Any]) 
     assert all(p in ([1], [2], [1, 2]) for p in paths.values()), {
         k: p for k, p in paths.items() if p not in ([1], [2], [1, 2])
     }
-    assert {s.version for s in load.samples if s.sent > _ts(rec["ended_at"])} == {2}
+    assert {s.version for s in load.samples if s.sent > _ts(rec.ended_at)} == {2}
     assert reg.aliases("demo") == {"production": 2, "previous": 1}
     assert status(env["settings"], "demo")["serve"]["slots"] == {"stable": 2, "canary": None, "shadow": None}
 
@@ -286,7 +286,7 @@ def test_blue_green_switch_and_rollback(env: dict[str, Any]) -> None:
         t.join(60)
         time.sleep(2)
     print(timeline(rec))
-    assert rec["status"] == "rolled_back" and out["rec"]["status"] == "rolled_back"
+    assert rec.status == "rolled_back" and out["rec"].status == "rolled_back"
     print(f"rollback took {t_done - t_rollback:.2f}s")
     # Green was the canary slot's warm engine (kept from the previous rollout): v3 was swapped into it in
     # place; released again, it keeps v3 loaded for the next rollout.
@@ -310,10 +310,10 @@ def test_shadow_mirrors_without_changing_answers(env: dict[str, Any]) -> None:
         rec = deploy(env["settings"], "demo@3", "shadow", interval_s=8, on_event=_full_load_on(load, "slot_ready"))
         time.sleep(1)
     print(timeline(rec))
-    assert rec["status"] == "succeeded"
+    assert rec.status == "succeeded"
     _no_failures(load)
     assert {s.version for s in load.samples} == {2}  # users only ever saw production
-    report = rec["state"]["report"]
+    report = rec.state.report
     assert report["pairs"] > 0 and report["shadow_versions"] == [3] and report["errors"] == 0
     assert env["reg"].get_alias("demo", "production") == 2
     assert env["reg"].resolve("demo@3").annotations["shadow"]["pairs"] == report["pairs"]
@@ -344,10 +344,7 @@ def test_killed_controller_is_reconciled(env: dict[str, Any]) -> None:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=proc_env)
         try:
             wait_for(
-                lambda: (
-                    (reg.active_rollout("demo") or {}).get("state", {}).get("phase") == "step"
-                    or proc.poll() is not None
-                ),
+                lambda: active_phase(reg) == "step" or proc.poll() is not None,
                 300,
                 "the controller to reach its first canary step",
             )
@@ -357,7 +354,7 @@ def test_killed_controller_is_reconciled(env: dict[str, Any]) -> None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
         active = reg.active_rollout("demo")
-        assert active is not None and active["state"]["phase"] == "step"
+        assert active is not None and active.state.phase == "step"
         assert status(env["settings"], "demo")["models"]["demo"]["active_rollout"]["owner_alive"] is False
         r = CliRunner().invoke(cli, ["--config", str(env["config"]), "status", "--reconcile", "--json"])
         t_done = time.time()
@@ -371,7 +368,7 @@ def test_killed_controller_is_reconciled(env: dict[str, Any]) -> None:
     assert {s.version for s in load.samples if s.sent > t_done} == {2}
     assert reg.active_rollout("demo") is None and reg.aliases("demo") == {"production": 2, "previous": 1}
     ended = reg.rollouts("demo")[0]
-    assert ended["status"] == "rolled_back" and "is gone (phase step)" in ended["state"]["reason"]
+    assert ended.status == "rolled_back" and "is gone (phase step)" in ended.state.reason
 
 
 def _pinned_requests_reach_their_version(url: str, *, stable: int, canary: int) -> None:
@@ -406,7 +403,7 @@ def test_rolling_upgrade_in_place_under_load(env: dict[str, Any]) -> None:
         rec = deploy(env["settings"], "demo@3", "rolling", interval_s=3)
         time.sleep(2)
     print(timeline(rec))
-    assert rec["status"] == "succeeded", rec["state"]
+    assert rec.status == "succeeded", rec.state
     _no_failures(load)
-    assert {s.version for s in load.samples if s.sent > _ts(rec["ended_at"])} == {3}
+    assert {s.version for s in load.samples if s.sent > _ts(rec.ended_at)} == {3}
     assert env["reg"].aliases("demo") == {"production": 3, "previous": 2}

@@ -28,7 +28,7 @@ from rayloop.pipeline import (
     count_feedback,
     run_pipeline,
 )
-from rayloop.registry import Registry
+from rayloop.registry import Registry, RolloutRecord, RolloutState
 from rayloop.storage import Storage
 from tests.registry_util import make_model_dir
 
@@ -66,7 +66,24 @@ class RecordingSteps(Steps):
 
     def deploy(self, candidate_ref: str, strategy: Any, deploy_kwargs: dict[str, Any]) -> Deployed:
         self.calls.append("deploy")
-        return Deployed(strategy=str(strategy), status="succeeded", rollout={})
+        version = int(candidate_ref.rpartition("@")[2])
+        record = RolloutRecord(
+            id=1,
+            name="demo",
+            from_version=version - 1,
+            to_version=version,
+            strategy=str(strategy),
+            plan={},
+            state=RolloutState(phase="done"),
+            history=[],
+            status="succeeded",
+            owner="test",
+            started_at=None,
+            updated_at=None,
+            ended_at=None,
+            active=False,
+        )
+        return Deployed(strategy=str(strategy), status=record.status, rollout=record)
 
 
 def _feedback(settings: Settings, n: int, model: str = "demo") -> None:

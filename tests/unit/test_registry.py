@@ -22,7 +22,7 @@ from rayloop.errors import (
     RolloutInProgressError,
     UnsafeArtifactError,
 )
-from rayloop.registry import ABSENT, ModelVersion, Registry
+from rayloop.registry import ABSENT, ModelVersion, Registry, RolloutState
 from rayloop.storage import Storage
 from tests.registry_util import make_model_dir
 
@@ -378,12 +378,15 @@ def test_rollout_lock_and_history(reg: Registry, model: Path) -> None:
         reg.begin_rollout("demo", from_version=1, to_version=2, strategy="rolling", plan={}, owner="c2")
     with pytest.raises(InUseError, match=f"active rollout {rid}"):
         reg.delete("demo@2")
-    reg.update_rollout(rid, status="step", state={"pct": 5}, event={"event": "step", "pct": 5})
+    reg.update_rollout(
+        rid, status="step", state=RolloutState(phase="step", percent=5), event={"event": "step", "pct": 5}
+    )
     active = reg.active_rollout("demo")
     assert active is not None
-    assert (active["id"], active["status"], active["state"], active["owner"]) == (rid, "step", {"pct": 5}, "c1")
-    assert [e["event"] for e in active["history"]] == ["begin", "step"]
-    assert all("time" in e for e in active["history"])
+    assert (active.id, active.status, active.owner) == (rid, "step", "c1")
+    assert active.state.to_json() == {"phase": "step", "percent": 5.0}
+    assert [e["event"] for e in active.history] == ["begin", "step"]
+    assert all("time" in e for e in active.history)
     with pytest.raises(RolloutError, match="end_rollout"):
         reg.update_rollout(rid, status="succeeded")
     with pytest.raises(RolloutError, match="not one of"):
@@ -391,13 +394,13 @@ def test_rollout_lock_and_history(reg: Registry, model: Path) -> None:
     reg.end_rollout(rid, "rolled_back")
     reg.end_rollout(rid, "rolled_back")  # idempotent
     with pytest.raises(RolloutError, match="already ended"):
-        reg.update_rollout(rid, state={})
+        reg.update_rollout(rid, state=RolloutState())
     assert reg.active_rollout("demo") is None
     rid2 = reg.begin_rollout("demo", from_version=None, to_version=2, strategy="rolling", plan={}, owner="c2")
-    assert [r["id"] for r in reg.rollouts("demo")] == [rid2, rid]
-    assert reg.rollouts("demo")[1]["status"] == "rolled_back"
+    assert [r.id for r in reg.rollouts("demo")] == [rid2, rid]
+    assert reg.rollouts("demo")[1].status == "rolled_back"
     with pytest.raises(NotFoundError):
-        reg.update_rollout(9999, state={})
+        reg.update_rollout(9999, state=RolloutState())
 
 
 # -- plumbing ------------------------------------------------------------------

@@ -120,7 +120,7 @@ def test_rollouts_list_and_show_the_timeline(rayloop_home: Path, tmp_path: Path)
     ]
     assert rows[0]["name"] == "demo" and rows[0]["from_version"] == 2 and rows[0]["to_version"] == 1
     shown = CliRunner().invoke(cli, ["rollouts", "show", "2", "--json"])
-    assert shown.exit_code == 0 and json.loads(shown.output)["history"] == second["history"]  # type: ignore[index]
+    assert shown.exit_code == 0 and json.loads(shown.output)["history"] == second.history  # type: ignore[attr-defined]
     text = CliRunner().invoke(cli, ["rollouts", "show", "2"])
     assert text.exit_code == 0 and text.output.startswith("rollout 2 of demo v2 -> v1 (canary): succeeded")
     events = [ln.split()[2] for ln in text.output.splitlines()[1:]]

@@ -16,7 +16,7 @@ import pytest
 
 from rayloop.config import Strategy, load_settings
 from rayloop.errors import ConfigError, NotFoundError, RolloutError, RolloutInProgressError
-from rayloop.registry import Registry
+from rayloop.registry import Registry, RolloutState
 from rayloop.rollout.backend import idle_state
 from rayloop.rollout.controller import (
     deploy,
@@ -52,7 +52,13 @@ def env(tmp_path: Path) -> dict[str, Any]:
 
 
 def _events(rec: dict[str, Any], name: str) -> list[dict[str, Any]]:
-    return [e for e in rec["history"] if e["event"] == name]
+    return [e for e in rec.history if e["event"] == name]
+
+
+def _phase(reg: Registry) -> str | None:
+    """The phase of demo's active rollout (None: none is active)."""
+    active = reg.active_rollout("demo")
+    return None if active is None else active.state.phase
 
 
 def _final_app(backend: FakeBackend) -> tuple[int | None, int | None, int | None, float]:
@@ -77,7 +83,7 @@ def test_canary_succeeds_step_by_step_and_moves_aliases(env: dict[str, Any]) -> 
     rec = deploy(
         env["settings"], "demo@2", "canary", steps=[10, 50, 100], **FAST, backend=env["backend"], on_event=seen.append
     )
-    assert rec["status"] == "succeeded" and rec["strategy"] == "canary"
+    assert rec.status == "succeeded" and rec.strategy == "canary"
     steps = _events(rec, "step_passed")
     assert [s["percent"] for s in steps] == [10, 50, 100]
     assert all(s["decision"] == "pass" and s["canary"]["requests"] >= 20 for s in steps)
@@ -89,19 +95,19 @@ def test_canary_succeeds_step_by_step_and_moves_aliases(env: dict[str, Any]) -> 
     assert env["reg"].aliases("demo") == {"production": 2, "previous": 1}
     assert env["backend"].golden == [2]
     assert [e["event"] for e in seen][:2] == ["plan", "slot_ready"]
-    assert all("time" in e for e in rec["history"])
+    assert all("time" in e for e in rec.history)
     assert env["reg"].active_rollout("demo") is None
 
 
 def test_canary_with_worse_feedback_rolls_back_automatically(env: dict[str, Any]) -> None:
     env["backend"].behaviours = {1: Behaviour(rating=1), 2: Behaviour(rating=-1)}
     rec = deploy(env["settings"], "demo@2", Strategy.CANARY, steps=[10, 50, 100], **FAST, backend=env["backend"])
-    assert rec["status"] == "rolled_back"
+    assert rec.status == "rolled_back"
     breach = _events(rec, "breach")[0]
     assert "mean rating -1.00 on canary vs +1.00 on stable" in breach["reasons"][0]
     # Too few ratings at 10% to judge feedback; the breach comes as soon as there are enough.
     assert [s["percent"] for s in _events(rec, "step_passed")] in ([], [10])
-    assert _events(rec, "promote") == [] and "mean rating" in rec["state"]["reason"]
+    assert _events(rec, "promote") == [] and "mean rating" in rec.state.reason
     assert _final_app(env["backend"]) == (1, None, None, 0)
     assert env["reg"].aliases("demo") == {"production": 1}
 
@@ -109,8 +115,8 @@ def test_canary_with_worse_feedback_rolls_back_automatically(env: dict[str, Any]
 def test_canary_erroring_rolls_back_at_the_step_it_breaches(env: dict[str, Any]) -> None:
     env["backend"].behaviours = {2: Behaviour(error_rate=0.2)}
     rec = deploy(env["settings"], "demo@2", "canary", steps=[10, 100], **FAST, backend=env["backend"])
-    assert rec["status"] == "rolled_back" and re.match(
-        r"error rate (1\d|20)\.\d% on canary vs 0\.0% on stable", rec["state"]["reason"]
+    assert rec.status == "rolled_back" and re.match(
+        r"error rate (1\d|20)\.\d% on canary vs 0\.0% on stable", rec.state.reason
     )
     assert env["reg"].get_alias("demo", "production") == 1
 
@@ -118,7 +124,7 @@ def test_canary_erroring_rolls_back_at_the_step_it_breaches(env: dict[str, Any])
 def test_slow_canary_rolls_back(env: dict[str, Any]) -> None:
     env["backend"].behaviours = {2: Behaviour(latency_ms=500)}
     rec = deploy(env["settings"], "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"])
-    assert rec["status"] == "rolled_back" and rec["state"]["reason"].startswith("p95 latency 500 ms")
+    assert rec.status == "rolled_back" and rec.state.reason.startswith("p95 latency 500 ms")
 
 
 def test_gate_rejection_blocks_deploy_unless_forced(env: dict[str, Any]) -> None:
@@ -128,7 +134,7 @@ def test_gate_rejection_blocks_deploy_unless_forced(env: dict[str, Any]) -> None
     assert "--force" in e.value.hint
     assert env["backend"].applied == [] and env["reg"].rollouts("demo") == []
     rec = deploy(env["settings"], "demo@2", "rolling", force=True, interval_s=0.2, backend=env["backend"])
-    assert rec["status"] == "succeeded" and rec["plan"]["force"] is True
+    assert rec.status == "succeeded" and rec.plan["force"] is True
 
 
 def test_second_rollout_is_refused_while_one_runs(env: dict[str, Any]) -> None:
@@ -141,10 +147,10 @@ def test_second_rollout_is_refused_while_one_runs(env: dict[str, Any]) -> None:
 
 def test_blue_green_switches_at_once_and_holds(env: dict[str, Any]) -> None:
     rec = deploy(env["settings"], "demo@2", "blue-green", **FAST, backend=env["backend"])
-    assert rec["status"] == "succeeded"
+    assert rec.status == "succeeded"
     pcts = [a.table.canary_percent for a in env["backend"].applied]
     assert pcts == [0, 100, 100, 0, 0]  # green up, one switch, stable takes v2, back to stable, release
-    assert [e["event"] for e in rec["history"] if e["event"] in ("smoke", "switch", "hold_passed", "promote")] == [
+    assert [e["event"] for e in rec.history if e["event"] in ("smoke", "switch", "hold_passed", "promote")] == [
         "smoke",
         "switch",
         "hold_passed",
@@ -156,7 +162,7 @@ def test_blue_green_switches_at_once_and_holds(env: dict[str, Any]) -> None:
 def test_blue_green_breach_in_hold_switches_back_and_restores_alias(env: dict[str, Any]) -> None:
     env["backend"].behaviours = {2: Behaviour(error_rate=0.5)}
     rec = deploy(env["settings"], "demo@2", "blue-green", interval_s=0.3, hold_s=2, backend=env["backend"])
-    assert rec["status"] == "rolled_back"
+    assert rec.status == "rolled_back"
     assert _final_app(env["backend"]) == (1, None, None, 0)
     assert env["reg"].aliases("demo") == {"production": 1}
     moves = [(h["alias"], h["from"], h["to"]) for h in env["reg"].alias_history("demo") if h["alias"] != "previous"]
@@ -168,13 +174,13 @@ def test_blue_green_refuses_a_green_that_fails_its_smoke_test(env: dict[str, Any
     with pytest.raises(RolloutError, match="failed its smoke test"):
         deploy(env["settings"], "demo@2", "blue-green", **FAST, backend=env["backend"])
     rec = env["reg"].rollouts("demo")[0]
-    assert rec["status"] == "failed" and _final_app(env["backend"]) == (1, None, None, 0)
+    assert rec.status == "failed" and _final_app(env["backend"]) == (1, None, None, 0)
     assert env["reg"].aliases("demo") == {"production": 1}
 
 
 def test_rolling_swaps_stable_in_place(env: dict[str, Any]) -> None:
     rec = deploy(env["settings"], "demo@2", "rolling", interval_s=0.2, backend=env["backend"])
-    assert rec["status"] == "succeeded"
+    assert rec.status == "succeeded"
     assert [a.version(CANARY) for a in env["backend"].applied] == [None] * len(env["backend"].applied)
     assert _final_app(env["backend"]) == (2, None, None, 0) and env["backend"].golden == [2]
 
@@ -182,21 +188,21 @@ def test_rolling_swaps_stable_in_place(env: dict[str, Any]) -> None:
 def test_shadow_reports_and_changes_nothing_served(env: dict[str, Any]) -> None:
     env["backend"].behaviours = {2: Behaviour(shadow_agreement=0.75)}
     rec = deploy(env["settings"], "demo@2", "shadow", interval_s=0.5, backend=env["backend"])
-    assert rec["status"] == "succeeded"
-    report = rec["state"]["report"]
+    assert rec.status == "succeeded"
+    report = rec.state.report
     assert report["pairs"] > 0 and report["exact_match_rate"] == 0.75 and report["shadow_versions"] == [2]
     assert report["verdict"] == "measured"
     assert all(a.table.canary_percent == 0 for a in env["backend"].applied)
     assert _final_app(env["backend"]) == (1, None, None, 0)
     assert env["reg"].aliases("demo") == {"production": 1}
-    assert env["reg"].resolve("demo@2").annotations["shadow"]["rollout_id"] == rec["id"]
+    assert env["reg"].resolve("demo@2").annotations["shadow"]["rollout_id"] == rec.id
 
 
 def test_canary_that_sees_no_traffic_is_inconclusive_and_rolls_back(env: dict[str, Any]) -> None:
     env["backend"].rps = 0  # nobody sends a request (or the stats actor lost every sample)
     rec = deploy(env["settings"], "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"])
-    assert rec["status"] == "rolled_back"
-    assert rec["state"]["reason"].startswith("inconclusive after"), rec["state"]["reason"]
+    assert rec.status == "rolled_back"
+    assert rec.state.reason.startswith("inconclusive after"), rec.state.reason
     assert _events(rec, "step_passed") == [] and _events(rec, "promote") == []
     (inc,) = _events(rec, "inconclusive")
     assert inc["canary"]["requests"] == 0 and any("< 20 needed" in r for r in inc["reasons"])
@@ -209,16 +215,16 @@ def test_canary_step_waits_for_samples_before_judging(env: dict[str, Any]) -> No
     # interval (up to max_step_wait_factor intervals), then fails closed instead of passing.
     env["backend"].rps = 10
     rec = deploy(env["settings"], "demo@2", "canary", steps=[10, 100], interval_s=1.0, backend=env["backend"])
-    assert rec["status"] == "rolled_back" and "inconclusive" in rec["state"]["reason"]
+    assert rec.status == "rolled_back" and "inconclusive" in rec.state.reason
     assert env["reg"].get_alias("demo", "production") == 1
 
 
 def test_rolling_and_blue_green_without_traffic_rely_on_the_golden_check(env: dict[str, Any]) -> None:
     env["backend"].rps = 0
     rec = deploy(env["settings"], "demo@2", "rolling", interval_s=0.3, backend=env["backend"])
-    assert rec["status"] == "succeeded" and env["reg"].get_alias("demo", "production") == 2
+    assert rec.status == "succeeded" and env["reg"].get_alias("demo", "production") == 2
     rec = deploy(env["settings"], "demo@1", "blue-green", force=True, hold_s=0.3, backend=env["backend"])
-    assert rec["status"] == "succeeded" and env["reg"].get_alias("demo", "production") == 1
+    assert rec.status == "succeeded" and env["reg"].get_alias("demo", "production") == 1
     # Without traffic the golden check is all that judges them: a failing one stops the switch.
     env["backend"].smoke_problems = ["slot canary: golden prompt 0 got status 500"]
     with pytest.raises(RolloutError, match="failed its smoke test"):
@@ -229,8 +235,8 @@ def test_rolling_and_blue_green_without_traffic_rely_on_the_golden_check(env: di
 def test_shadow_without_traffic_is_inconclusive(env: dict[str, Any]) -> None:
     env["backend"].rps = 0
     rec = deploy(env["settings"], "demo@2", "shadow", interval_s=0.3, backend=env["backend"])
-    assert rec["status"] == "rolled_back"
-    assert rec["state"]["report"]["verdict"] == "inconclusive" and rec["state"]["report"]["pairs"] == 0
+    assert rec.status == "rolled_back"
+    assert rec.state.report["verdict"] == "inconclusive" and rec.state.report["pairs"] == 0
     assert _final_app(env["backend"]) == (1, None, None, 0)
     assert env["reg"].aliases("demo") == {"production": 1}
 
@@ -239,18 +245,16 @@ def test_abort_command_reaches_a_running_controller(env: dict[str, Any]) -> None
     out: dict[str, Any] = {}
     t = threading.Thread(
         target=lambda: out.update(
-            deploy(env["settings"], "demo@2", "canary", steps=[10, 100], interval_s=30, backend=env["backend"])
+            rec=deploy(env["settings"], "demo@2", "canary", steps=[10, 100], interval_s=30, backend=env["backend"])
         )
     )
     t.start()
     deadline = time.monotonic() + 10
-    while (env["reg"].active_rollout("demo") or {}).get("state", {}).get(
-        "phase"
-    ) != "step" and time.monotonic() < deadline:
+    while _phase(env["reg"]) != "step" and time.monotonic() < deadline:
         time.sleep(0.05)
     rec = send_command(env["settings"], "demo", "abort", by="test", wait_s=10)
     t.join(10)
-    assert rec["status"] == "aborted" and out["status"] == "aborted"
+    assert rec.status == "aborted" and out["rec"].status == "aborted"
     assert _events(rec, "command_received")[0]["by"] == "test"
     assert _final_app(env["backend"]) == (1, None, None, 0)
 
@@ -263,13 +267,11 @@ def test_promote_command_finishes_early(env: dict[str, Any]) -> None:
     )
     t.start()
     deadline = time.monotonic() + 10
-    while (env["reg"].active_rollout("demo") or {}).get("state", {}).get(
-        "phase"
-    ) != "step" and time.monotonic() < deadline:
+    while _phase(env["reg"]) != "step" and time.monotonic() < deadline:
         time.sleep(0.05)
     rec = send_command(env["settings"], "demo", "promote", by="test", wait_s=10)
     t.join(10)
-    assert rec["status"] == "succeeded" and env["reg"].get_alias("demo", "production") == 2
+    assert rec.status == "succeeded" and env["reg"].get_alias("demo", "production") == 2
     assert _final_app(env["backend"]) == (2, None, None, 0)
 
 
@@ -289,12 +291,12 @@ def _orphan(env: dict[str, Any], phase: str) -> int:
     cfg1 = env["backend"].state.slots[STABLE]
     reg.update_rollout(
         rid,
-        state={
-            "phase": phase,
-            "from_cfg": cfg1.model_dump(),
-            "to_cfg": cfg2.model_dump(),
-            "aliases_before": {"production": 1, "previous": None, "canary": None},
-        },
+        state=RolloutState(
+            phase=phase,
+            from_cfg=cfg1.model_dump(),
+            to_cfg=cfg2.model_dump(),
+            aliases_before={"production": 1, "previous": None, "canary": None},
+        ),
     )
     reg.set_alias("demo", "canary", 2)
     env["backend"].apply(
@@ -312,17 +314,17 @@ def test_reconcile_rolls_back_an_orphaned_canary(env: dict[str, Any]) -> None:
     rid = _orphan(env, "step")
     assert not owner_alive(env["reg"].rollout(rid))
     out = reconcile(env["settings"], "demo", backend=env["backend"])
-    assert out["action"] == "rolled_back" and out["rollout"]["status"] == "rolled_back"
-    assert "is gone (phase step)" in out["rollout"]["state"]["reason"]
+    assert out.action == "rolled_back" and out.rollout.status == "rolled_back"
+    assert "is gone (phase step)" in out.rollout.state.reason
     assert _final_app(env["backend"]) == (1, None, None, 0)
     assert env["reg"].aliases("demo") == {"production": 1}
-    assert reconcile(env["settings"], "demo", backend=env["backend"])["action"] == "none"
+    assert reconcile(env["settings"], "demo", backend=env["backend"]).action == "none"
 
 
 def test_reconcile_finishes_an_orphaned_promotion(env: dict[str, Any]) -> None:
     _orphan(env, "promoting")
     out = reconcile(env["settings"], "demo", backend=env["backend"])
-    assert out["action"] == "rolled_forward"
+    assert out.action == "rolled_forward"
     assert _final_app(env["backend"]) == (2, None, None, 0)
     assert env["reg"].aliases("demo") == {"production": 2, "previous": 1}
 
@@ -330,7 +332,7 @@ def test_reconcile_finishes_an_orphaned_promotion(env: dict[str, Any]) -> None:
 def test_deploy_again_after_a_crash_reconciles_first(env: dict[str, Any]) -> None:
     old = _orphan(env, "step")
     rec = deploy(env["settings"], "demo@2", "canary", steps=[100], interval_s=0.2, backend=env["backend"])
-    assert env["reg"].rollout(old)["status"] == "rolled_back" and rec["status"] == "succeeded"
+    assert env["reg"].rollout(old).status == "rolled_back" and rec.status == "succeeded"
     assert env["reg"].get_alias("demo", "production") == 2
 
 
@@ -338,14 +340,14 @@ def test_reconcile_repairs_serve_drift_without_a_rollout(env: dict[str, Any]) ->
     cfg1 = env["backend"].state.slots[STABLE]
     env["backend"].apply(env["backend"].state.model_copy(update={"table": RouteTable(canary_percent=30, epoch=9)}))
     out = reconcile(env["settings"], "demo", backend=env["backend"])
-    assert out["action"] == "repaired"
+    assert out.action == "repaired"
     assert env["backend"].state.table.canary_percent == 0 and env["backend"].state.slots[STABLE] == cfg1
 
 
 def test_rollback_without_active_rollout_returns_to_previous(env: dict[str, Any]) -> None:
     deploy(env["settings"], "demo@2", "rolling", interval_s=0.2, backend=env["backend"])
     rec = send_command(env["settings"], "demo", "rollback", backend=env["backend"])
-    assert rec["status"] == "succeeded" and rec["to_version"] == 1
+    assert rec.status == "succeeded" and rec.to_version == 1
     assert env["reg"].get_alias("demo", "production") == 1 and _final_app(env["backend"]) == (1, None, None, 0)
     with pytest.raises(NotFoundError, match="no rollout of 'demo' is running"):
         send_command(env["settings"], "demo", "abort", backend=env["backend"])
@@ -357,7 +359,7 @@ def test_first_deploy_starts_the_app(tmp_path: Path) -> None:
     reg.register("demo", make_model_dir(tmp_path / "m1", seed=1))
     backend = FakeBackend()
     rec = deploy(settings, "demo@1", "canary", backend=backend)
-    assert rec["status"] == "succeeded" and rec["from_version"] is None
+    assert rec.status == "succeeded" and rec.from_version is None
     assert _final_app(backend) == (1, None, None, 0) and reg.get_alias("demo", "production") == 1
     assert reg.deployments("demo")[0]["slot"] == "stable"
 
@@ -366,7 +368,7 @@ def test_failed_serve_change_rolls_back_and_raises(env: dict[str, Any]) -> None:
     env["backend"].fail_apply_when = lambda st: st.table.canary_percent == 50
     with pytest.raises(RolloutError, match="failed and was rolled back: RuntimeError: simulated Serve failure"):
         deploy(env["settings"], "demo@2", "canary", steps=[10, 50, 100], **FAST, backend=env["backend"])
-    assert env["reg"].rollouts("demo")[0]["status"] == "failed"
+    assert env["reg"].rollouts("demo")[0].status == "failed"
     assert _final_app(env["backend"]) == (1, None, None, 0)
 
 
@@ -398,7 +400,7 @@ def test_dry_run_records_a_breach_and_acts_on_none(env: dict[str, Any]) -> None:
         update={"rollout": env["settings"].rollout.model_copy(update={"dry_run": True})}
     )
     rec = deploy(settings, "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"])
-    assert rec["status"] == "succeeded" and env["reg"].get_alias("demo", "production") == 2
+    assert rec.status == "succeeded" and env["reg"].get_alias("demo", "production") == 2
     assert _events(rec, "dry_run_breach") and not _events(rec, "breach") and not _events(rec, "rollback")
 
 
@@ -408,17 +410,17 @@ def test_failure_limit_tolerates_failed_judgements_but_not_a_failing_step(env: d
     settings = env["settings"].model_copy(update={"rollout": lenient})
     rec = deploy(settings, "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"])
     # Every judgement failed: tolerated while the step ran, but it ended failing, so it rolls back.
-    assert rec["status"] == "rolled_back" and "error rate" in rec["state"]["reason"]
+    assert rec.status == "rolled_back" and "error rate" in rec.state.reason
     assert env["reg"].get_alias("demo", "production") == 1
 
 
 def test_measurement_errors_in_a_row_make_the_step_inconclusive(env: dict[str, Any]) -> None:
     env["backend"].window_errors = 2  # a blip: within consecutive_error_limit (4), the rollout goes on
     rec = deploy(env["settings"], "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"])
-    assert rec["status"] == "succeeded" and len(_events(rec, "measurement_error")) == 2
+    assert rec.status == "succeeded" and len(_events(rec, "measurement_error")) == 2
     env["backend"].window_errors = 10**6  # the stats actor is gone for good
     rec = deploy(env["settings"], "demo@1", "canary", steps=[50, 100], force=True, **FAST, backend=env["backend"])
-    assert rec["status"] == "rolled_back" and "measurements in a row failed" in rec["state"]["reason"]
+    assert rec.status == "rolled_back" and "measurements in a row failed" in rec.state.reason
     assert env["reg"].get_alias("demo", "production") == 2
 
 
@@ -433,13 +435,13 @@ def test_a_stats_store_that_restarts_mid_step_rolls_the_canary_back(env: dict[st
     rec = deploy(
         env["settings"], "demo@2", "canary", steps=[50, 100], **FAST, backend=backend, on_event=restart_at_first_step
     )
-    assert rec["status"] == "rolled_back", rec["state"]
-    assert "StatsLost" in rec["state"]["reason"] and "restarted" in rec["state"]["reason"]
+    assert rec.status == "rolled_back", rec.state
+    assert "StatsLost" in rec.state.reason and "restarted" in rec.state.reason
     assert [e["percent"] for e in _events(rec, "step")] == [50]
     assert env["reg"].get_alias("demo", "production") == 1
     # Steps that begin after the restart are judged as before.
     rec = deploy(env["settings"], "demo@2", "canary", steps=[50, 100], **FAST, backend=backend)
-    assert rec["status"] == "succeeded" and env["reg"].get_alias("demo", "production") == 2
+    assert rec.status == "succeeded" and env["reg"].get_alias("demo", "production") == 2
 
 
 def test_an_inconclusive_step_can_hold_until_a_person_decides(env: dict[str, Any]) -> None:
@@ -448,13 +450,15 @@ def test_an_inconclusive_step_can_hold_until_a_person_decides(env: dict[str, Any
     settings = env["settings"].model_copy(update={"rollout": hold})
     out: dict[str, Any] = {}
     t = threading.Thread(
-        target=lambda: out.update(deploy(settings, "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"]))
+        target=lambda: out.update(
+            rec=deploy(settings, "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"])
+        )
     )
     t.start()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         active = env["reg"].active_rollout("demo")
-        if active is not None and active["state"].get("phase") == "holding":
+        if active is not None and active.state.phase == "holding":
             break
         time.sleep(0.05)
     else:
@@ -463,7 +467,7 @@ def test_an_inconclusive_step_can_hold_until_a_person_decides(env: dict[str, Any
     assert env["backend"].state.table.canary_percent == 50 and env["reg"].get_alias("demo", "production") == 1
     send_command(settings, "demo", "abort", backend=env["backend"], wait_s=20)
     t.join(timeout=20)
-    assert out["status"] == "aborted" and env["reg"].get_alias("demo", "production") == 1
+    assert out["rec"].status == "aborted" and env["reg"].get_alias("demo", "production") == 1
     assert _final_app(env["backend"]) == (1, None, None, 0)
 
 
@@ -483,7 +487,7 @@ cfg1 = ModelConfig(model="demo", version=1, fingerprint=v1.fingerprint)
 backend = FakeBackend(state=idle_state("demo", cfg1, RouteTable(versions={STABLE: 1})))
 try:
     rec = deploy(settings, "demo@2", "canary", steps=[50, 100], interval_s=60, backend=backend)
-    print("RESULT", rec["status"], flush=True)
+    print("RESULT", rec.status, flush=True)
 except Exception as e:
     print("ERROR", type(e).__name__, e, flush=True)
 """
@@ -497,20 +501,20 @@ def test_a_controller_paused_past_its_lease_stops_instead_of_writing(env: dict[s
     try:
         reg: Registry = env["reg"]
         deadline = time.monotonic() + 60
-        while (reg.active_rollout("demo") or {}).get("state", {}).get("phase") != "step":
+        while _phase(reg) != "step":
             assert time.monotonic() < deadline and a.poll() is None, "controller A never reached its first step"
             time.sleep(0.05)
-        rid = reg.active_rollout("demo")["id"]
+        rid = reg.active_rollout("demo").id
         a.send_signal(signal.SIGSTOP)  # A is paused (a long GC, a stopped VM): its lease runs out
-        while reg.lease(rid)["expires_at"] > time.time():
+        while reg.lease(rid).expires_at > time.time():
             time.sleep(0.05)
         # B takes over (a new fencing token) and rolls the orphaned canary back.
         settings = env["settings"].model_copy(
             update={"rollout": env["settings"].rollout.model_copy(update={"lease_s": 1.5})}
         )
         out = reconcile(settings, "demo", backend=env["backend"])
-        assert out["action"] == "rolled_back" and reg.lease(rid)["token"] == 2
-        events_after_b = len(reg.rollout(rid)["history"])
+        assert out.action == "rolled_back" and reg.lease(rid).token == 2
+        events_after_b = len(reg.rollout(rid).history)
         a.send_signal(signal.SIGCONT)  # A wakes up: its next write is refused, and it stops
         stdout, _ = a.communicate(timeout=60)
     finally:
@@ -518,7 +522,7 @@ def test_a_controller_paused_past_its_lease_stops_instead_of_writing(env: dict[s
             a.kill()
     assert "ERROR LeaseLostError" in stdout, stdout
     record = reg.rollout(rid)
-    assert record["status"] == "rolled_back" and len(record["history"]) == events_after_b
+    assert record.status == "rolled_back" and len(record.history) == events_after_b
     assert reg.aliases("demo") == {"production": 1}
 
 
@@ -534,11 +538,11 @@ def test_a_reused_pid_cannot_keep_a_rollout_stuck(env: dict[str, Any]) -> None:
         owner=f"{socket.gethostname()}:{os.getpid()}",
         lease_s=0.3,
     )
-    reg.update_rollout(rid, state={"phase": "step"})
-    while reg.lease(rid)["expires_at"] > time.time():
+    reg.update_rollout(rid, state=RolloutState(phase="step"))
+    while reg.lease(rid).expires_at > time.time():
         time.sleep(0.05)
     assert not owner_alive(reg.rollout(rid), lease=reg.lease(rid))
-    assert reconcile(env["settings"], "demo", backend=env["backend"])["action"] == "rolled_back"
+    assert reconcile(env["settings"], "demo", backend=env["backend"]).action == "rolled_back"
 
 
 def test_rolling_a_version_over_production_needs_the_gate_or_force(env: dict[str, Any], tmp_path: Path) -> None:
@@ -548,7 +552,7 @@ def test_rolling_a_version_over_production_needs_the_gate_or_force(env: dict[str
         deploy(env["settings"], "demo@3", "rolling", interval_s=0.2, backend=env["backend"])
     assert "rayloop eval demo@3" in (e.value.hint or "") and env["reg"].rollouts("demo") == []
     rec = deploy(env["settings"], "demo@3", "rolling", interval_s=0.2, force=True, backend=env["backend"])
-    assert rec["status"] == "succeeded" and reg.get_alias("demo", "production") == 3
+    assert rec.status == "succeeded" and reg.get_alias("demo", "production") == 3
     # Back to the version that was production before: it was vouched for then.
     rec = deploy(env["settings"], "demo@1", "rolling", interval_s=0.2, backend=env["backend"])
-    assert rec["status"] == "succeeded" and reg.get_alias("demo", "production") == 1
+    assert rec.status == "succeeded" and reg.get_alias("demo", "production") == 1
