@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
@@ -219,8 +219,13 @@ def simulate(
     "--repeats", type=click.IntRange(1), default=2, show_default=True, help="Times each new-fact question is asked."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Show Ray's, DeepSpeed's, vLLM's and transformers' output here too."
+)
 @click.pass_context
-def demo(ctx: click.Context, poison: bool, steps: str, interval: float, repeats: int, as_json: bool) -> None:
+def demo(
+    ctx: click.Context, poison: bool, steps: str, interval: float, repeats: int, as_json: bool, verbose: bool
+) -> None:
     """Run the whole loop on the embedded default and print a summary.
 
     JSON keys (also in $RAYLOOP_HOME/demo-summary.json): baseline and candidate
@@ -228,17 +233,29 @@ def demo(ctx: click.Context, poison: bool, steps: str, interval: float, repeats:
     reasons}, rollout {strategy, status, steps, timeline, requests,
     failed_requests, by_version}, traffic_before, production_version,
     pipeline_run, endpoint, dashboard, duration_s.
+
+    Only the demo's own progress is printed: what Ray, DeepSpeed, vLLM and transformers write goes to
+    $RAYLOOP_HOME/logs/demo-*.log (its last lines are shown if the demo fails; -v shows it all).
     """
     from rayloop.demo import run as demo_run
     from rayloop.errors import ConfigError
+    from rayloop.logs import library_output_to_file
 
     try:
         canary = [int(x) for x in steps.split(",") if x.strip()]
     except ValueError:
         raise ConfigError(f"--steps {steps!r} is not a comma-separated list of percentages like 25,50,100") from None
-    summary = demo_run.run_demo(
-        settings(ctx), poison=poison, quiet=as_json, repeats=repeats, canary_steps=canary, canary_interval_s=interval
-    )
+    s = settings(ctx)
+    with library_output_to_file(s.home_path, "demo", verbose=verbose) as term:
+        summary = demo_run.run_demo(
+            s,
+            poison=poison,
+            quiet=as_json,
+            repeats=repeats,
+            canary_steps=canary,
+            canary_interval_s=interval,
+            console_file=term.out,
+        )
     if as_json:
         print_json(summary)
 
@@ -288,7 +305,7 @@ def pipeline() -> None:
     """collect -> preprocess -> retrain -> register -> evaluate -> deploy."""
 
 
-def _stage_printer() -> Callable[[str, str, dict[str, Any]], None]:
+def _stage_printer(file: TextIO | None = None) -> Callable[[str, str, dict[str, Any]], None]:
     def show(stage: str, status: str, info: dict[str, Any]) -> None:
         extra = (
             info.get("error")
@@ -298,7 +315,7 @@ def _stage_printer() -> Callable[[str, str, dict[str, Any]], None]:
             or info.get("decision")
             or ""
         )
-        click.echo(f"[{stage}] {status} {extra}".rstrip())
+        click.echo(f"[{stage}] {status} {extra}".rstrip(), file=file)
 
     return show
 
@@ -318,16 +335,25 @@ def pipeline_exit_code(record: dict[str, Any]) -> ExitCode:
 @pipeline.command("run")
 @click.option("--config", "run_config", type=click.Path(dir_okay=False), help="Settings file for this run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
+@click.option(
+    "-v", "--verbose", is_flag=True, help="Show Ray's, DeepSpeed's, vLLM's and transformers' output here too."
+)
 @click.pass_context
-def pipeline_run(ctx: click.Context, run_config: str | None, as_json: bool) -> None:
-    """Run (or resume) the pipeline once."""
+def pipeline_run(ctx: click.Context, run_config: str | None, as_json: bool, verbose: bool) -> None:
+    """Run (or resume) the pipeline once.
+
+    Only the stages' progress is printed: what Ray, DeepSpeed, vLLM and transformers write goes to
+    $RAYLOOP_HOME/logs/pipeline-*.log (its last lines are shown if a stage fails; -v shows it all).
+    """
     from rayloop import cluster
     from rayloop.config import load_settings
+    from rayloop.logs import library_output_to_file
     from rayloop.pipeline import run_pipeline
 
     s = load_settings(run_config) if run_config else settings(ctx)
-    cluster.connect(s)
-    record = run_pipeline(s, on_stage=None if as_json else _stage_printer())
+    with library_output_to_file(s.home_path, "pipeline", verbose=verbose) as term:
+        cluster.connect(s)
+        record = run_pipeline(s, on_stage=None if as_json else _stage_printer(term.out))
     if as_json:
         print_json(record)
     code = pipeline_exit_code(record)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from rayloop.config import Settings
 from rayloop.demo.setup import init_base_model, save_demo_eval_sets
@@ -30,10 +30,10 @@ WARMUP_PAUSE_S = 1.0
 
 
 class _Out:
-    def __init__(self, quiet: bool) -> None:
+    def __init__(self, quiet: bool, file: TextIO | None = None) -> None:
         from rich.console import Console
 
-        self.console = Console(quiet=quiet, highlight=False)
+        self.console = Console(quiet=quiet, highlight=False, file=file)
 
     def step(self, n: int, text: str) -> None:
         self.console.print(f"[bold cyan]\\[{n}/6][/] {text}")
@@ -58,7 +58,7 @@ def _ensure_cluster(settings: Settings, out: _Out) -> str | None:
 def _register_base(settings: Settings, out: _Out) -> tuple[World, int]:
     from rayloop.registry import Registry
 
-    info = init_base_model(settings, show_progress=not out.console.quiet)
+    info = init_base_model(settings, show_progress=not out.console.quiet, console=out.console)
     world = World.from_json((settings.home_path / "base-model" / "world.json").read_text())
     reg = Registry.from_settings(settings)
     current = reg.get_alias(MODEL, "production") if MODEL in reg.list_models() else None
@@ -83,8 +83,10 @@ def run_demo(
     repeats: int = 2,
     canary_steps: list[int] | None = None,
     canary_interval_s: float = 10.0,
+    console_file: TextIO | None = None,
 ) -> dict[str, Any]:
-    """Run the loop; returns the summary also written to ``$RAYLOOP_HOME/demo-summary.json``."""
+    """Run the loop; returns the summary also written to ``$RAYLOOP_HOME/demo-summary.json``. Progress goes
+    to ``console_file`` (default stdout) unless ``quiet``."""
     import httpx
 
     from rayloop.pipeline import run_pipeline
@@ -92,7 +94,7 @@ def run_demo(
     from rayloop.rollout.controller import deploy
 
     t0 = time.monotonic()
-    out = _Out(quiet)
+    out = _Out(quiet, console_file)
     settings.pipeline.model = MODEL
     out.step(1, "base model v1" + (" (poisoned feedback run)" if poison else ""))
     dashboard = _ensure_cluster(settings, out)

@@ -30,11 +30,13 @@ def init_base_model(
     force: bool = False,
     show_progress: bool = True,
     use_cache: bool = True,
+    console: Any = None,
 ) -> dict[str, Any]:
     """Build (or reuse) the base model; returns its build info with ``model_dir``.
 
     A build of the same recipe made earlier on this machine (:func:`build_cache_dir`) is copied instead of
     pre-training again, unless ``use_cache`` is off; ``force`` rebuilds and replaces nothing in the cache.
+    The progress bar goes to ``console`` (a rich Console; default: stdout).
     """
     out_dir = Path(out) if out else base_model_dir(settings)
     info_file = out_dir / "rayloop_build.json"
@@ -63,6 +65,7 @@ def init_base_model(
             BarColumn(),
             TextColumn("{task.completed}/{task.total} loss {task.fields[loss]:.3f}"),
             TimeElapsedColumn(),
+            console=console,
         ) as bar:
             task = bar.add_task("pretrain", total=spec.steps, loss=float("nan"))
             info = build_base_model(

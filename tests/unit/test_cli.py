@@ -251,12 +251,29 @@ def test_exit_codes_say_what_happened() -> None:
     }
     assert pipeline_exit_code(rejected) == 3 and pipeline_exit_code(rolled_back) == 4
     assert pipeline_exit_code({"stages": {"deploy": {"output": {"status": "succeeded"}}}}) == 0
-    record = {"id": 1, "name": "demo", "from_version": 1, "to_version": 2, "strategy": "canary", "state": {}}
+    from rayloop.registry import RolloutRecord, RolloutState
+
+    record = RolloutRecord(
+        id=1,
+        name="demo",
+        from_version=1,
+        to_version=2,
+        strategy="canary",
+        plan={},
+        state=RolloutState(),
+        history=[],
+        status="running",
+        owner="test",
+        started_at=None,
+        updated_at=None,
+        ended_at=None,
+        active=False,
+    )
     for status, code in (("rolled_back", 4), ("aborted", 4)):
         with pytest.raises(SystemExit) as e:
-            _finish({**record, "status": status}, as_json=True)
+            _finish(record.model_copy(update={"status": status}), as_json=True)
         assert e.value.code == code
-    _finish({**record, "status": "succeeded"}, as_json=True)  # no exit: 0
+    _finish(record.model_copy(update={"status": "succeeded"}), as_json=True)  # no exit: 0
     # A bad flag is a usage error (2), not a rayloop error (1), and its hint does not point at rayloop.yaml.
     r = CliRunner().invoke(cli, ["deploy", "demo@2", "--strategy", "linear"])
     assert r.exit_code == 2 and "rayloop.yaml" not in r.output
