@@ -22,7 +22,7 @@ import io
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
 import click
@@ -36,8 +36,6 @@ class ExitCode(enum.IntEnum):
     USAGE = 2
     GATE_REJECTED = 3
     NOT_PROMOTED = 4
-
-
 
 
 # Where _print_json writes: the real stdout while a `--json` command runs with
@@ -124,3 +122,35 @@ def console() -> Any:
     from rich.console import Console
 
     return Console(stderr=False)
+
+
+@contextlib.contextmanager
+def byte_progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr for work measured in bytes (hashing, copying); yields the callback to call with
+    each chunk's byte count, from any thread. Drawn only when stderr is a terminal (never into a pipe or log)."""
+    import threading
+
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    err = Console(stderr=True)
+    if not err.is_terminal or total <= 0:
+        yield lambda n: None
+        return
+    lock = threading.Lock()
+    with Progress(
+        TextColumn(description),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=total)
+
+        def advance(n: int) -> None:
+            with lock:
+                bar.advance(task, n)
+
+        yield advance

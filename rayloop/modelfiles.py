@@ -30,7 +30,7 @@ import json
 import os
 import stat
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypedDict
@@ -240,8 +240,9 @@ def read_safetensors_header(
 
 
 # -- hashes and the fingerprint ------------------------------------------------
-def hash_stream(src: Any) -> FileDigest:
-    """sha256 and size of everything ``src`` (anything with ``readinto``) yields."""
+def hash_stream(src: Any, progress: Callable[[int], None] | None = None) -> FileDigest:
+    """sha256 and size of everything ``src`` (anything with ``readinto``) yields; ``progress`` gets each
+    chunk's byte count."""
     h = hashlib.sha256()
     size = 0
     buf = bytearray(CHUNK)
@@ -249,6 +250,8 @@ def hash_stream(src: Any) -> FileDigest:
     while n := src.readinto(buf):
         h.update(view[:n])
         size += n
+        if progress is not None:
+            progress(n)
     return {"sha256": h.hexdigest(), "size": size}
 
 

@@ -39,6 +39,10 @@ MARKER_FILE = ".rayloop-verified.json"
 UNSAFE_SUFFIXES = modelfiles.UNSAFE_SUFFIXES
 
 
+Progress = Callable[[int], None]
+"""Called with the byte count of each chunk copied or hashed (from I/O threads: it must be thread-safe)."""
+
+
 def version_prefix(name: str, version: int) -> str:
     return f"models/{name}/{version}"
 
@@ -94,7 +98,14 @@ def scan_model_dir(model_dir: str | Path) -> list[tuple[str, Path]]:
 
 
 # -- hashing while copying ---------------------------------------------------
-def _pipe(src: Any, write: Callable[[Any], Any], writer: ThreadPoolExecutor, *, reuse_buffers: bool) -> FileEntry:
+def _pipe(
+    src: Any,
+    write: Callable[[Any], Any],
+    writer: ThreadPoolExecutor,
+    *,
+    reuse_buffers: bool,
+    progress: Progress | None = None,
+) -> FileEntry:
     """Copy ``src`` -> ``write`` chunk by chunk; hash chunk k while chunk k is being written.
 
     ``reuse_buffers`` reads into two alternating preallocated buffers (no
@@ -123,6 +134,8 @@ def _pipe(src: Any, write: Callable[[Any], Any], writer: ThreadPoolExecutor, *, 
         h.update(view)
         size += n
         k += 1
+        if progress is not None:
+            progress(n)
     if pending is not None:
         pending.result()
     return {"sha256": h.hexdigest(), "size": size}
@@ -148,9 +161,15 @@ def hash_files(files: list[tuple[str, Path]], *, workers: int = 4) -> dict[str, 
 
 
 def upload_files(
-    storage: Storage, files: list[tuple[str, Path]], prefix: str, *, workers: int = 4
+    storage: Storage,
+    files: list[tuple[str, Path]],
+    prefix: str,
+    *,
+    workers: int = 4,
+    progress: Progress | None = None,
 ) -> dict[str, FileEntry]:
-    """Copy local files under ``prefix`` and return their manifest (hashed in the same pass)."""
+    """Copy local files under ``prefix`` and return their manifest (hashed in the same pass); ``progress`` is
+    called with each chunk's byte count as it is copied."""
     for d in sorted({posixpath.dirname(f"{prefix}/{rel}") for rel, _ in files}):
         storage.makedirs(d)
 
@@ -161,7 +180,7 @@ def upload_files(
             modelfiles.open_regular(src, rel) as fin,
             storage.fs.open_output_stream(storage.path(f"{prefix}/{rel}")) as out,
         ):
-            return rel, _pipe(fin, out.write, wr, reuse_buffers=storage.is_local)
+            return rel, _pipe(fin, out.write, wr, reuse_buffers=storage.is_local, progress=progress)
 
     return dict(_parallel(files, one, workers))
 
@@ -179,7 +198,14 @@ def _mismatch(ref: str, rel: str, want: FileEntry, got: FileEntry, where: str) -
 
 
 def download_verified(
-    storage: Storage, prefix: str, manifest: dict[str, FileEntry], target: Path, *, ref: str, workers: int = 4
+    storage: Storage,
+    prefix: str,
+    manifest: dict[str, FileEntry],
+    target: Path,
+    *,
+    ref: str,
+    workers: int = 4,
+    progress: Progress | None = None,
 ) -> None:
     """Materialise a version into ``target`` atomically; every file is checked against ``manifest``.
 
@@ -202,7 +228,7 @@ def download_verified(
                     f"{ref}: stored file {rel!r} is missing from {storage.uri_of(prefix)}", path=rel
                 ) from None
             with src, open(dst, "wb", buffering=0) as out:
-                got = _pipe(src, out.write, wr, reuse_buffers=True)
+                got = _pipe(src, out.write, wr, reuse_buffers=True, progress=progress)
             if got != manifest[rel]:
                 raise _mismatch(ref, rel, manifest[rel], got, "stored")
 
@@ -217,7 +243,15 @@ def download_verified(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def verify_stored(storage: Storage, prefix: str, manifest: dict[str, FileEntry], *, ref: str, workers: int = 4) -> None:
+def verify_stored(
+    storage: Storage,
+    prefix: str,
+    manifest: dict[str, FileEntry],
+    *,
+    ref: str,
+    workers: int = 4,
+    progress: Progress | None = None,
+) -> None:
     """Re-hash every stored file; refuse missing, truncated, modified or unexpected files."""
     present = {posixpath.relpath(k, prefix) for k in storage.list(prefix)}
     extra = sorted(present - set(manifest) - {MANIFEST_FILE})
@@ -229,7 +263,7 @@ def verify_stored(storage: Storage, prefix: str, manifest: dict[str, FileEntry],
 
     def one(rel: str, _wr: ThreadPoolExecutor) -> None:
         with storage.fs.open_input_stream(storage.path(f"{prefix}/{rel}")) as src:
-            got = modelfiles.hash_stream(src)
+            got = modelfiles.hash_stream(src, progress)
         if got != manifest[rel]:
             raise _mismatch(ref, rel, manifest[rel], got, "stored")
 

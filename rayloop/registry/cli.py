@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from rayloop.clisupport import Group, print_json, settings
+from rayloop.clisupport import Group, byte_progress, print_json, settings
 
 if TYPE_CHECKING:
     from rayloop.registry import ModelVersion, Registry
@@ -174,16 +174,21 @@ def register_cmd(
     as_json: bool,
 ) -> None:
     """Copy the HF model in MODEL_DIR into storage as a new version of NAME."""
+    from rayloop.modelfiles import list_files
+
     reg = _registry(ctx)
     actor = actor or _default_actor()
-    mv = reg.register(
-        name,
-        model_dir,
-        parent=parent,
-        metadata=_kv(meta, "--meta"),
-        lineage=_kv(lineage_kv, "--lineage"),
-        actor=actor,
-    )
+    total = sum(p.stat().st_size for _, p in list_files(model_dir))
+    with byte_progress(f"registering {name}", total) as progress:
+        mv = reg.register(
+            name,
+            model_dir,
+            parent=parent,
+            metadata=_kv(meta, "--meta"),
+            lineage=_kv(lineage_kv, "--lineage"),
+            actor=actor,
+            progress=progress,
+        )
     if alias:
         reg.set_alias(name, alias, mv.version, actor=actor, reason="set at registration")
         mv = reg.resolve(mv.ref)
@@ -330,7 +335,8 @@ def verify_cmd(ctx: click.Context, ref: str, as_json: bool) -> None:
     """Re-hash every stored file of REF against its manifest."""
     reg = _registry(ctx)
     mv = reg.resolve(ref)
-    reg.verify(mv.ref)
+    with byte_progress(f"verifying {mv.ref}", mv.size_bytes) as progress:
+        reg.verify(mv.ref, progress=progress)
     if as_json:
         print_json({"ref": mv.ref, "ok": True, "files": len(mv.manifest), "size_bytes": mv.size_bytes})
     else:
@@ -346,7 +352,8 @@ def fetch_cmd(ctx: click.Context, ref: str, dest: str | None, as_json: bool) -> 
     """Download REF as a local HF model directory (verified; cached by fingerprint)."""
     reg = _registry(ctx)
     mv = reg.resolve(ref)
-    path = reg.fetch(mv.ref, dest)
+    with byte_progress(f"fetching {mv.ref}", mv.size_bytes) as progress:
+        path = reg.fetch(mv.ref, dest, progress=progress)
     if as_json:
         print_json({"ref": mv.ref, "path": str(path)})
     else:

@@ -208,8 +208,10 @@ class Registry(RolloutBook):
         metadata: dict[str, Any] | None = None,
         lineage: dict[str, Any] | None = None,
         actor: str = "user",
+        progress: artifacts.Progress | None = None,
     ) -> ModelVersion:
-        """Copy an HF model directory into storage as a new immutable version.
+        """Copy an HF model directory into storage as a new immutable version (``progress`` gets the byte
+        count of each chunk copied; :func:`model_dir_bytes` is the total).
 
         Refuses pickle weights (:class:`UnsafeArtifactError`); requires
         ``config.json`` and ``*.safetensors``. ``lineage`` takes the keys of
@@ -250,7 +252,7 @@ class Registry(RolloutBook):
                 (name, version, now, actor, parent, meta_json, lin_json, self.storage.uri_of(prefix)),
             )
         try:
-            manifest = artifacts.upload_files(self.storage, files, prefix, workers=self.io_workers)
+            manifest = artifacts.upload_files(self.storage, files, prefix, workers=self.io_workers, progress=progress)
             fp = artifacts.fingerprint(manifest)
             doc = {"name": name, "version": version, "fingerprint": fp, "files": manifest, "parent": parent}
             doc |= {"metadata": json.loads(meta_json), "lineage": lin, "created_by": actor}
@@ -340,7 +342,14 @@ class Registry(RolloutBook):
         return chain
 
     # -- artifacts -----------------------------------------------------------
-    def fetch(self, ref: str | Ref, dest: str | Path | None = None, *, rehash: bool = False) -> Path:
+    def fetch(
+        self,
+        ref: str | Ref,
+        dest: str | Path | None = None,
+        *,
+        rehash: bool = False,
+        progress: artifacts.Progress | None = None,
+    ) -> Path:
         """Materialise a version as a local HF model directory, every hash verified.
 
         Without ``dest`` the copy is cached under ``cache_dir/models/<fingerprint>``
@@ -365,10 +374,12 @@ class Registry(RolloutBook):
             os.rename(target, aside)
             shutil.rmtree(aside, ignore_errors=True)
         prefix = artifacts.version_prefix(mv.name, mv.version)
-        artifacts.download_verified(self.storage, prefix, mv.manifest, target, ref=mv.ref, workers=self.io_workers)
+        artifacts.download_verified(
+            self.storage, prefix, mv.manifest, target, ref=mv.ref, workers=self.io_workers, progress=progress
+        )
         return target
 
-    def verify(self, ref: str | Ref) -> None:
+    def verify(self, ref: str | Ref, *, progress: artifacts.Progress | None = None) -> None:
         """Re-hash the stored files of a version; raise :class:`IntegrityError` naming the first bad file."""
         mv = self.resolve(ref)
         prefix = artifacts.version_prefix(mv.name, mv.version)
@@ -388,7 +399,9 @@ class Registry(RolloutBook):
                 f"{mv.ref}: {artifacts.MANIFEST_FILE} in storage disagrees with the registry database",
                 path=artifacts.MANIFEST_FILE,
             )
-        artifacts.verify_stored(self.storage, prefix, mv.manifest, ref=mv.ref, workers=self.io_workers)
+        artifacts.verify_stored(
+            self.storage, prefix, mv.manifest, ref=mv.ref, workers=self.io_workers, progress=progress
+        )
 
     # -- aliases -------------------------------------------------------------
     def get_alias(self, name: str, alias: str) -> int | None:

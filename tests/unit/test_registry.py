@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -67,6 +68,32 @@ def test_register_round_trip(reg: Registry, model: Path, tmp_path: Path) -> None
     fetched = reg.fetch("demo@1")
     for rel in files:
         assert (fetched / rel).read_bytes() == (model / rel).read_bytes()
+
+
+def test_register_fetch_and_verify_report_progress_in_bytes(reg: Registry, model: Path, tmp_path: Path) -> None:
+    """Every byte copied or hashed is reported once (the CLI draws its progress bars from this)."""
+    import threading
+
+    def counter() -> tuple[list[int], Any]:
+        seen: list[int] = []
+        lock = threading.Lock()
+
+        def add(n: int) -> None:
+            with lock:
+                seen.append(n)
+
+        return seen, add
+
+    total = sum(p.stat().st_size for p in model.rglob("*") if p.is_file() and not p.name.startswith("."))
+    registered, add = counter()
+    mv = reg.register("demo", model, progress=add)
+    assert sum(registered) == total == mv.size_bytes and all(n > 0 for n in registered)
+    verified, add = counter()
+    reg.verify(mv.ref, progress=add)
+    assert sum(verified) == total
+    fetched, add = counter()
+    reg.fetch(mv.ref, tmp_path / "copy", progress=add)
+    assert sum(fetched) == total
 
 
 def test_same_content_same_fingerprint_new_version(reg: Registry, model: Path, tmp_path: Path) -> None:
