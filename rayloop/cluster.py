@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -338,7 +339,8 @@ def drain(settings: Settings, address: str, timeout_s: float = 120.0) -> None:
         try:
             from ray import serve
 
-            serve.shutdown()  # replicas' graceful shutdown closes their capture clients (rows shipped)
+            shutdown: Callable[[], None] = serve.shutdown  # (Ray's function carries no annotations)
+            shutdown()  # replicas' graceful shutdown closes their capture clients (rows shipped)
         except Exception as e:
             log.warning("rayloop down: Serve did not shut down cleanly (%s)", e)
         try:

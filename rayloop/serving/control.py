@@ -248,7 +248,7 @@ def _still_held(held: Any) -> None:
 
 def _controller_client(*, required: bool) -> Any:
     """Serve's controller client of this driver, or None when Serve is not running (``required=False``)."""
-    from ray.serve._private.api import _get_global_client
+    from ray.serve.context import _get_global_client
 
     client = _get_global_client(raise_if_no_controller_running=False)
     if client is None and required:

@@ -87,7 +87,7 @@ def place_route(app: dict[str, Any], others: list[dict[str, Any]]) -> dict[str, 
 
 
 def _serve_apps() -> list[dict[str, Any]]:
-    from ray.serve._private.api import _get_global_client
+    from ray.serve.context import _get_global_client
 
     from rayloop.serving.control import deployed_apps
 
