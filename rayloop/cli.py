@@ -283,20 +283,19 @@ def eval_cmd(ctx: click.Context, ref: str, against: str | None, no_record: bool,
         cluster.connect(s)
     report = run_gate(s, ref, against=against, record=not no_record, use_ray=not local)
     if as_json:
-        print_json(report)
-        if report["gate"]["decision"] != "accepted":
+        print_json(report.to_json())
+        if not report.accepted:
             ctx.exit(ExitCode.GATE_REJECTED)
         return
     from rich.table import Table
 
-    t = Table("set", report["candidate"]["model"], report["production"]["model"])
-    for name, r in report["candidate"]["sets"].items():
-        p = report["production"]["sets"].get(name, {})
-        t.add_row(name, f"{r['accuracy']:.2f}", f"{p.get('accuracy', float('nan')):.2f}")
+    t = Table("set", report.candidate.model, report.production.model)
+    for name, r in report.candidate.sets.items():
+        p = report.production.sets.get(name)
+        t.add_row(name, f"{r.accuracy:.2f}", f"{p.accuracy:.2f}" if p is not None else "-")
     console().print(t)
-    gate = report["gate"]
-    click.echo(f"gate: {gate['decision']}: {'; '.join(gate['reasons'])}")
-    if gate["decision"] != "accepted":
+    click.echo(f"gate: {report.gate.decision}: {'; '.join(report.gate.reasons)}")
+    if not report.accepted:
         ctx.exit(ExitCode.GATE_REJECTED)
 
 

@@ -212,10 +212,10 @@ class Steps:
             self.settings, candidate_ref, against=base_ref, extra_sets={"eval_split": items} if items else {}
         )
         return Evaluated(
-            decision=report["gate"]["decision"],
-            reasons=report["gate"]["reasons"],
-            candidate={k: v["accuracy"] for k, v in report["candidate"]["sets"].items()},
-            production={k: v["accuracy"] for k, v in report["production"]["sets"].items()},
+            decision=report.gate.decision,
+            reasons=report.gate.reasons,
+            candidate={k: v.accuracy for k, v in report.candidate.sets.items()},
+            production={k: v.accuracy for k, v in report.production.sets.items()},
         )
 
     def deploy(self, candidate_ref: str, strategy: Any, deploy_kwargs: dict[str, Any]) -> Deployed:

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from(ns)
         ray.init(address=settings.ray.address or "auto", log_to_driver=True)
         report = run_gate(settings, ns.ref, against=ns.against)
-        return report, 0 if report["gate"]["decision"] == "accepted" else 2
+        return report.to_json(), 0 if report.accepted else 2
 
     return job_main(run, as_json=ns.json)
 

@@ -16,7 +16,7 @@ refuses candidates whose decision is not ``accepted``.
 
     from rayloop.evaluation.gate import run_gate
     report = run_gate(settings, "demo@candidate", against="demo@production")
-    report["gate"]["decision"]   # "accepted" or "rejected"
+    report.gate.decision   # "accepted" or "rejected"; report.candidate.sets["new_facts"].accuracy
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ import time
 from collections import defaultdict
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
 
 from rayloop.config import GateSettings, Settings
 from rayloop.errors import EvaluationError
@@ -209,6 +211,54 @@ def _golden_answers(storage: Any, fingerprint: str, settings: Settings) -> dict[
     return {"prompts": rec.prompts, "outputs": rec.outputs, "max_tokens": golden.MAX_TOKENS}
 
 
+class SetScore(BaseModel):
+    """One model on one evaluation set."""
+
+    n: int
+    correct: int
+    accuracy: float
+    loss: float | None = Field(default=None, description="Mean target NLL per token (None: no targets).")
+    perplexity: float | None = None
+    failures: list[dict[str, Any]] = Field(default_factory=list, description="Up to 5 wrong answers.")
+
+
+class EvalReport(BaseModel):
+    """One model's evaluation: a score per set, and how its weights got into the engine."""
+
+    model: str
+    model_dir: str
+    sets: dict[str, SetScore]
+    items: int
+    seconds: float
+    items_per_s: float | None = None
+    engine: list[dict[str, Any]] = Field(default_factory=list, description="Loads: fresh, or swapped in place.")
+
+
+class GateDecision(BaseModel):
+    """The gate's verdict with the checks behind it and the policy applied."""
+
+    decision: Literal["accepted", "rejected"]
+    reasons: list[str]
+    checks: list[dict[str, Any]]
+    policy: dict[str, Any]
+
+
+class GateReport(BaseModel):
+    """What :func:`run_gate` returns (and stores on the candidate as its ``evaluation`` annotation)."""
+
+    candidate: EvalReport
+    production: EvalReport
+    gate: GateDecision
+    evaluated_at: float
+
+    @property
+    def accepted(self) -> bool:
+        return self.gate.decision == ACCEPTED
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
 def run_gate(
     settings: Settings,
     candidate: str,
@@ -218,7 +268,7 @@ def run_gate(
     use_ray: bool = True,
     record: bool = True,
     actor: str = "gate",
-) -> dict[str, Any]:
+) -> GateReport:
     """Evaluate ``candidate`` against ``against`` (default: NAME@production) and record the decision."""
     from rayloop.evaluation.evalset import load_eval_set_files, load_eval_sets
     from rayloop.registry import Registry
@@ -242,19 +292,15 @@ def run_gate(
         labels=[f"{mv.name}@{mv.version}" for mv in versions],
         golden=[_golden_answers(storage, mv.fingerprint, settings) for mv in versions],
     )
-    gate = decide(cand_report, prod_report, settings.gate)
-    report = {
-        "candidate": cand_report,
-        "production": prod_report,
-        "gate": gate,
-        "evaluated_at": time.time(),
-    }
+    report = GateReport(
+        candidate=EvalReport.model_validate(cand_report),
+        production=EvalReport.model_validate(prod_report),
+        gate=GateDecision.model_validate(decide(cand_report, prod_report, settings.gate)),
+        evaluated_at=time.time(),
+    )
     if record:
-        reg.annotate(f"{cand.name}@{cand.version}", "evaluation", report, actor=actor)
-        reg.annotate(
-            f"{cand.name}@{cand.version}",
-            "gate",
-            {"decision": gate["decision"], "reasons": gate["reasons"], "against": prod.version},
-            actor=actor,
-        )
+        ref = f"{cand.name}@{cand.version}"
+        reg.annotate(ref, "evaluation", report.to_json(), actor=actor)
+        verdict = {"decision": report.gate.decision, "reasons": report.gate.reasons, "against": prod.version}
+        reg.annotate(ref, "gate", verdict, actor=actor)
     return report
