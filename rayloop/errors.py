@@ -119,6 +119,14 @@ class RolloutInProgressError(RolloutError):
 
 
 class LeaseLostError(RolloutError):
-    """Another controller took this rollout over (its lease had expired): this one must stop writing."""
+    """Another controller took this rollout over (its lease had expired): this one must stop writing.
+
+    ``stale_apply`` is set when the loss was found right *after* a Serve config went out: the holder froze
+    between its last check and the apply, so that config may have overwritten its successor's.
+    """
 
     default_hint = "Another controller owns the rollout now; see `rayloop status`."
+
+    def __init__(self, message: str, *, hint: str | None = None, stale_apply: bool = False) -> None:
+        super().__init__(message, hint=hint)
+        self.stale_apply = stale_apply

@@ -790,8 +790,13 @@ def _run_owned(ro: Rollout, kind: Strategy) -> RolloutRecord:
     except Breach as b:
         ro.rollback("; ".join(b.verdict.reasons[:3]))
         status = "rolled_back"
-    except LeaseLostError:
-        raise  # another controller owns the rollout now: write nothing, not even a rollback
+    except LeaseLostError as e:
+        # Another controller owns the rollout now: write nothing, not even a rollback. Unless a Serve config of
+        # ours went out after the loss (we froze between the lock's check and the apply): then Serve may run
+        # that stale config, and it is brought back to what the registry says.
+        if e.stale_apply:
+            _repair_after_stale_apply(ro)
+        raise
     except BaseException as e:
         reason = f"{type(e).__name__}: {e}"
         try:
@@ -808,6 +813,19 @@ def _run_owned(ro: Rollout, kind: Strategy) -> RolloutRecord:
         raise RolloutError(f"rollout {ro.rid} failed and was rolled back: {reason}") from e
     ro.end(status)
     return reg.rollout(ro.rid)
+
+
+def _repair_after_stale_apply(ro: Rollout) -> None:
+    """Serve may run a config this controller applied after losing its lease: reconcile Serve with the registry
+    (a rollout still held by a live controller is left to it; its own waits see the change)."""
+    import logging
+
+    log = logging.getLogger("rayloop")
+    try:
+        out = reconcile(ro.settings, ro.name, backend=ro.backend, actor=f"stale-apply repair of rollout {ro.rid}")
+        log.warning("rollout %s: a stale Serve config went out; reconcile: %s", ro.rid, out.action)
+    except Exception as e:  # the original LeaseLostError is what the caller must see
+        log.error("rollout %s: repairing Serve after a stale apply failed: %s", ro.rid, e)
 
 
 def _first_deploy(ro: Rollout) -> str:

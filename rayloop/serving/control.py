@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from rayloop.config import Settings
-from rayloop.errors import ClusterError, ServingError
+from rayloop.errors import ClusterError, LeaseLostError, ServingError
 from rayloop.serving.app import AppState, slot_deployment_name
 from rayloop.serving.routing import SLOTS, STABLE
 
@@ -163,8 +163,7 @@ class ServeControl:
             app = _built(
                 build, next((a for a in apps if a["name"] == name), None), [a for a in apps if a["name"] != name]
             )
-            _still_held(held)
-            self.apply([a for a in apps if a["name"] != name] + [app])
+            self.apply([a for a in apps if a["name"] != name] + [app], check=lambda: _still_held(held))
             return app
 
     def remove(self, name: str) -> bool:
@@ -172,8 +171,7 @@ class ServeControl:
             apps = self.apps()
             if not any(a["name"] == name for a in apps):
                 return False
-            _still_held(held)
-            self.apply([a for a in apps if a["name"] != name])
+            self.apply([a for a in apps if a["name"] != name], check=lambda: _still_held(held))
             return True
 
     def apps(self) -> list[dict[str, Any]]:
@@ -185,19 +183,47 @@ class ServeControl:
         details: dict[str, Any] = client.get_serve_details()
         return deployed_apps(details)
 
-    def apply(self, apps: list[dict[str, Any]]) -> None:
+    def apply(self, apps: list[dict[str, Any]], *, check: Callable[[], None] | None = None) -> None:
+        """Replace Serve's whole config with ``apps``.
+
+        ``check`` (the lock's) runs right before the config goes out, after everything else is prepared, and
+        again right after: a holder that froze in between and lost the lock meanwhile may have overwritten
+        its successor's config, which it reports as :class:`LeaseLostError` with ``stale_apply`` set (its
+        caller repairs Serve from the registry).
+        """
+        doc = self.prepare(apps)
+        if check is not None:
+            check()
+        self.put(doc)
+        if check is not None:
+            try:
+                check()
+            except LeaseLostError as e:
+                raise LeaseLostError(
+                    f"a Serve config went out after the lock was lost ({e}); it may have replaced a newer one",
+                    hint="rayloop repairs Serve from the registry; `rayloop status --reconcile` does it by hand.",
+                    stale_apply=True,
+                ) from e
+
+    def prepare(self, apps: list[dict[str, Any]]) -> dict[str, Any]:
+        """The validated deploy document for ``apps``, and what must exist before replicas start."""
         from rayloop.serving.routing import routing_secret
         from rayloop.storage import Storage
 
         doc = deploy_schema(self.settings, apps)
         # The session-bucket key exists before any replica starts (they read it; see routing_secret).
         routing_secret(Storage(self.settings.storage_root, s3_endpoint=self.settings.storage.s3_endpoint))
+        return doc
+
+    def put(self, doc: dict[str, Any]) -> None:
+        """Send a prepared deploy document to Serve (the one step after the lock's last check)."""
         if self.url is not None:
             # The dashboard starts Serve itself when the cluster has none yet.
             serve_rest(self.url, "PUT", "/api/serve/applications/", doc)
             return
         from ray.serve.schema import ServeDeploySchema
 
+        schema = ServeDeploySchema.model_validate(doc)
         client = _controller_client(required=False)
         if client is None:
             from ray import serve
@@ -205,7 +231,7 @@ class ServeControl:
             sv = self.settings.serving
             serve.start(http_options={"host": sv.http_host, "port": sv.http_port})
             client = _controller_client(required=True)
-        client.deploy_apps(ServeDeploySchema.model_validate(doc))
+        client.deploy_apps(schema)
 
 
 @contextmanager

@@ -9,7 +9,10 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from rayloop.config import Settings
+from rayloop.errors import LeaseLostError
 from rayloop.serving.control import ServeControl
 
 
@@ -23,8 +26,11 @@ class _FileServe(ServeControl):
     def apps(self) -> list[dict[str, Any]]:
         return json.loads(self.path.read_text()) if self.path.exists() else []
 
-    def apply(self, apps: list[dict[str, Any]]) -> None:
-        self.path.write_text(json.dumps(apps))
+    def prepare(self, apps: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"applications": apps}
+
+    def put(self, doc: dict[str, Any]) -> None:
+        self.path.write_text(json.dumps(doc["applications"]))
 
 
 def _deploy_one(home: str, path: str, name: str, both_read: Any) -> None:
@@ -80,3 +86,33 @@ def test_serve_progress_names_each_deployment_and_its_replica_states() -> None:
         },
     )
     assert describe_status(st) == "DEPLOYING; llm-canary: HEALTHY; llm-stable: UPDATING (1 running, 1 starting)"
+
+
+class _Held:
+    """A lock whose checks pass until ``lose_after`` of them ran (the holder froze and lost it meanwhile)."""
+
+    def __init__(self, lose_after: int) -> None:
+        self.checks, self.lose_after = 0, lose_after
+
+    def check(self) -> None:
+        self.checks += 1
+        if self.checks > self.lose_after:
+            raise LeaseLostError("lock 'serve-config' is no longer ours (token 1): held by B (token 2)")
+
+
+def test_a_config_that_went_out_after_the_lock_was_lost_is_reported_as_stale(tmp_path: Path) -> None:
+    settings = Settings.model_validate({"home": str(tmp_path / "home")})
+    path = tmp_path / "serve.json"
+    build = lambda mine: {"name": "a", "import_path": "x:y"}  # noqa: E731
+
+    # Lost before the apply: nothing goes out.
+    held = _Held(lose_after=0)
+    with pytest.raises(LeaseLostError) as e:
+        _FileServe(settings, path, lock=lambda: nullcontext(held)).update("a", build)
+    assert not e.value.stale_apply and not path.exists()
+    # Lost between the last check and the apply (a freeze there): it went out, and the caller is told so.
+    held = _Held(lose_after=1)
+    with pytest.raises(LeaseLostError) as e:
+        _FileServe(settings, path, lock=lambda: nullcontext(held)).update("a", build)
+    assert e.value.stale_apply and "went out after the lock was lost" in str(e.value)
+    assert [a["name"] for a in json.loads(path.read_text())] == ["a"] and held.checks == 2
