@@ -199,7 +199,7 @@ def test_concurrent_alias_moves_and_rollout_lock_exactly_one_wins(
         (1, alias_winners[0], f"w{alias_winners[0]}"),
     ]
     active = reg.active_rollout("demo")
-    assert active is not None and active["to_version"] == rollout_winners[0]
+    assert active is not None and active.to_version == rollout_winners[0]
     assert len(reg.rollouts("demo")) == 1
 
 
