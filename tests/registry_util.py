@@ -90,3 +90,26 @@ def lock_worker(db_url: str, rounds: int, barrier: Any, queue: Any) -> None:
                 queue.put(("held", t0, time.time(), held.token))
     except BaseException as e:
         queue.put(("error", 0.0, 0.0, repr(e)))
+
+
+def finished_rollout(**fields: Any) -> Any:
+    """A finished :class:`~rayloop.registry.RolloutRecord` for code that only reads one (``fields`` override)."""
+    from rayloop.registry import RolloutRecord, RolloutState
+
+    base: dict[str, Any] = {
+        "id": 1,
+        "name": "demo",
+        "from_version": 1,
+        "to_version": 2,
+        "strategy": "canary",
+        "plan": {},
+        "state": RolloutState(phase="done"),
+        "history": [],
+        "status": "succeeded",
+        "owner": "test",
+        "started_at": None,
+        "updated_at": None,
+        "ended_at": None,
+        "active": False,
+    }
+    return RolloutRecord(**{**base, **fields})

@@ -102,6 +102,11 @@ def _error(
     )
 
 
+def _unavailable(message: str, rid: str, *, retry_after: float = 5) -> JSONResponse:
+    """A 503 the client should retry after ``retry_after`` seconds (OpenAI's ServiceUnavailableError)."""
+    return _error(503, message, "ServiceUnavailableError", rid, **{"Retry-After": f"{retry_after:g}"})
+
+
 # Request bodies. Every refusal is an OpenAI-style error naming the problem, never an exception (a 500).
 MAX_JSON_DEPTH = 100  # arrays/objects nested in a body; Python's json itself stops near 1000 with RecursionError
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # how a lone surrogate gets into a strict-UTF-8 body
@@ -495,13 +500,7 @@ class OpenAIIngress:
             found = await self._lookup(target)
         except Exception as e:
             logger.warning("feedback lookup failed: %s", e)
-            return _error(
-                503,
-                "the interaction store is unavailable; retry",
-                "ServiceUnavailableError",
-                rid,
-                **{"Retry-After": "5"},
-            )
+            return _unavailable("the interaction store is unavailable; retry", rid)
         if found is None:
             return _error(404, f"no interaction with request_id {fb.request_id!r}", "NotFoundError", rid, "request_id")
         row = {
@@ -595,13 +594,7 @@ class OpenAIIngress:
                     other = await self.peers.app_for(name)
                 except Exception as e:
                     logger.warning("looking up the app of model %r failed: %s", name, e)
-                    return _error(
-                        503,
-                        "the model directory is unavailable; retry",
-                        "ServiceUnavailableError",
-                        rid,
-                        **{"Retry-After": "5"},
-                    )
+                    return _unavailable("the model directory is unavailable; retry", rid)
                 if other is None or other == self._own_app():
                     served = sorted({self.model, *(await self.peers.models())})
                     return _error(
@@ -674,13 +667,7 @@ class OpenAIIngress:
                 version = await self.alias_version(ref.alias)
             except Exception as e:
                 logger.warning("resolving %s in the registry failed: %s", model, e)
-                return _error(
-                    503,
-                    "the model registry is unavailable; retry",
-                    "ServiceUnavailableError",
-                    rid,
-                    **{"Retry-After": "5"},
-                )
+                return _unavailable("the model registry is unavailable; retry", rid)
             if version is None:
                 return _error(
                     404,
@@ -723,12 +710,8 @@ class OpenAIIngress:
             # The slot moved to another version between the pick and the answer (a swap in progress):
             # never hand a pinned client another version's answer.
             await _aclose(gen, cancel=True)
-            return _error(
-                503,
-                f"version {pin.version} of {self.model} is being replaced on this replica; retry",
-                "ServiceUnavailableError",
-                rid,
-                **{"Retry-After": "1"},
+            return _unavailable(
+                f"version {pin.version} of {self.model} is being replaced on this replica; retry", rid, retry_after=1
             )
         ctx = _RequestCtx(self, endpoint, slot, rid, body, request, started, head)
         headers = {REQUEST_ID_HEADER: rid}
@@ -746,21 +729,9 @@ class OpenAIIngress:
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         if isinstance(e, BackPressureError):
-            return _error(
-                503,
-                "the model is overloaded; retry later",
-                "ServiceUnavailableError",
-                rid,
-                **{"Retry-After": str(RETRY_AFTER_S)},
-            )
+            return _unavailable("the model is overloaded; retry later", rid, retry_after=RETRY_AFTER_S)
         if isinstance(e, DeploymentUnavailableError):
-            return _error(
-                503,
-                "no engine replica is available; retry later",
-                "ServiceUnavailableError",
-                rid,
-                **{"Retry-After": "5"},
-            )
+            return _unavailable("no engine replica is available; retry later", rid)
         logger.exception("request %s failed in the engine replica", rid)
         return _error(500, f"internal error on request {rid} ({type(e).__name__})", "InternalServerError", rid)
 

@@ -251,24 +251,10 @@ def test_exit_codes_say_what_happened() -> None:
     }
     assert pipeline_exit_code(rejected) == 3 and pipeline_exit_code(rolled_back) == 4
     assert pipeline_exit_code({"stages": {"deploy": {"output": {"status": "succeeded"}}}}) == 0
-    from rayloop.registry import RolloutRecord, RolloutState
+    from rayloop.registry import RolloutState
+    from tests.registry_util import finished_rollout
 
-    record = RolloutRecord(
-        id=1,
-        name="demo",
-        from_version=1,
-        to_version=2,
-        strategy="canary",
-        plan={},
-        state=RolloutState(),
-        history=[],
-        status="running",
-        owner="test",
-        started_at=None,
-        updated_at=None,
-        ended_at=None,
-        active=False,
-    )
+    record = finished_rollout(state=RolloutState(), status="running")
     for status, code in (("rolled_back", 4), ("aborted", 4)):
         with pytest.raises(SystemExit) as e:
             _finish(record.model_copy(update={"status": status}), as_json=True)

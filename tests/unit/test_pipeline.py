@@ -28,9 +28,9 @@ from rayloop.pipeline import (
     count_feedback,
     run_pipeline,
 )
-from rayloop.registry import Registry, RolloutRecord, RolloutState
+from rayloop.registry import Registry
 from rayloop.storage import Storage
-from tests.registry_util import make_model_dir
+from tests.registry_util import finished_rollout, make_model_dir
 
 
 class RecordingSteps(Steps):
@@ -51,9 +51,7 @@ class RecordingSteps(Steps):
             self.fail_retrain -= 1
             raise RuntimeError("worker died")
         make_model_dir(output_dir, seed=1)
-        return Trained(
-            model_dir=str(output_dir), train_loss=0.1, eval_loss=0.2, steps=5, checkpoint_uri="", config={}
-        )
+        return Trained(model_dir=str(output_dir), train_loss=0.1, eval_loss=0.2, steps=5, checkpoint_uri="", config={})
 
     def register(self, trained: Trained, base: Any, snapshot_id: str) -> Registered:
         self.calls.append("register")
@@ -67,22 +65,7 @@ class RecordingSteps(Steps):
     def deploy(self, candidate_ref: str, strategy: Any, deploy_kwargs: dict[str, Any]) -> Deployed:
         self.calls.append("deploy")
         version = int(candidate_ref.rpartition("@")[2])
-        record = RolloutRecord(
-            id=1,
-            name="demo",
-            from_version=version - 1,
-            to_version=version,
-            strategy=str(strategy),
-            plan={},
-            state=RolloutState(phase="done"),
-            history=[],
-            status="succeeded",
-            owner="test",
-            started_at=None,
-            updated_at=None,
-            ended_at=None,
-            active=False,
-        )
+        record = finished_rollout(from_version=version - 1, to_version=version, strategy=str(strategy))
         return Deployed(strategy=str(strategy), status=record.status, rollout=record)
 
 
