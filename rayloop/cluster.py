@@ -124,7 +124,8 @@ def use_auth(env: dict[str, str]) -> None:
 
 
 def write_prometheus_config(settings: Settings) -> Path:
-    """``$RAYLOOP_HOME/monitoring/prometheus.yml``: a scrape config for the head ``up`` starts.
+    """``$RAYLOOP_HOME/monitoring/prometheus.yml``: a scrape config for the head ``up`` starts, with rayloop's
+    alert rules and Grafana dashboard beside it (:mod:`rayloop.monitoring.assets`).
 
     It scrapes the head's fixed metrics port (``ray.metrics_export_port``), where Ray, Serve, vLLM and
     rayloop export. Ray's service-discovery file (``<temp dir>/prom_metrics_service_discovery.json``) is
@@ -133,8 +134,12 @@ def write_prometheus_config(settings: Settings) -> Path:
     """
     import yaml
 
+    from rayloop.monitoring.assets import RULES_FILE, write_files
+
+    interval = f"{settings.monitoring.scrape_interval_s:g}s"
     doc = {
-        "global": {"scrape_interval": "10s", "evaluation_interval": "10s"},
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [RULES_FILE],
         "scrape_configs": [
             {
                 "job_name": "ray",
@@ -144,8 +149,9 @@ def write_prometheus_config(settings: Settings) -> Path:
             }
         ],
     }
-    path = settings.home_path / "monitoring" / "prometheus.yml"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    directory = settings.home_path / "monitoring"
+    write_files(directory)
+    path = directory / "prometheus.yml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -238,9 +244,7 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
     return state
 
 
-def head_env(
-    settings: Settings, environ: dict[str, str] | None = None, *, token: Path | None = None
-) -> dict[str, str]:
+def head_env(settings: Settings, environ: dict[str, str] | None = None, *, token: Path | None = None) -> dict[str, str]:
     """The environment of the head `rayloop up` starts, which its jobs (``ray job submit``) inherit.
 
     A job's ``python`` is this environment's (rayloop's venv first on ``PATH``), and its settings find this

@@ -159,7 +159,7 @@ class RaySettings(_Model):
     auth: Literal["token", "disabled"] = Field(
         default="token",
         description="Ray's own authentication on the head `rayloop up` starts. 'token': every Ray client, job "
-        "submission and dashboard visitor needs the token in $RAYLOOP_HOME/ray-auth-token (`eval \"$(rayloop "
+        'submission and dashboard visitor needs the token in $RAYLOOP_HOME/ray-auth-token (`eval "$(rayloop '
         "env)\"` sets it up for `ray` commands). 'disabled': anyone who reaches the head's ports can run code "
         "on it.",
     )
@@ -190,6 +190,11 @@ class EngineSettings(_Model):
         default=0.85, gt=0, le=1, description="GPU only: fraction of memory vLLM may use."
     )
     enforce_eager: bool = Field(default=True, description="Skip graph capture (fast start; required on CPU).")
+    log_stats: bool = Field(
+        default=True,
+        description="vLLM's engine statistics (KV-cache use, queue length, preemptions, token counts) on Ray's "
+        "Prometheus endpoint, labelled with the Serve replica (ReplicaId).",
+    )
     accelerator: Literal["cpu", "gpu"] = Field(
         default="cpu",
         description="Where engines run: 'gpu' reserves one GPU per tensor-parallel shard (placement group).",
@@ -268,6 +273,11 @@ class ServingSettings(_Model):
         "starts on a loopback http_host (127.0.0.1, ::1, localhost). 'none': no authentication on any address "
         "(said explicitly; every start logs a warning when the address is not loopback).",
     )
+    metrics: bool = Field(
+        default=True,
+        description="Export request, traffic and swap metrics and vLLM's engine statistics to Ray's Prometheus "
+        "endpoint (see docs/monitoring.md).",
+    )
     capture: bool = Field(default=True, description="Record every interaction to the interaction store.")
     capture_scrub_pii: bool = Field(
         default=False,
@@ -338,8 +348,10 @@ class ServingSettings(_Model):
 
 
 class ExternalData(_Model):
-    path: str = Field(description="A JSONL or Parquet file of chat, prompt/completion or question/answer records "
-                      "(local path or object-store URI).")
+    path: str = Field(
+        description="A JSONL or Parquet file of chat, prompt/completion or question/answer records "
+        "(local path or object-store URI)."
+    )
     weight: float = Field(
         default=1.0, ge=0, description="Rows of this file mixed in per captured training row (sampled by content hash)."
     )
@@ -545,6 +557,20 @@ class PipelineSettings(_Model):
     )
 
 
+class MonitoringSettings(_Model):
+    scrape_interval_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Scrape and rule-evaluation interval, in seconds, of the Prometheus config `rayloop up` writes "
+        "to $RAYLOOP_HOME/monitoring/prometheus.yml.",
+    )
+    registry_poll_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds between the serving replicas' reads of the registry for the rollout and gate metrics.",
+    )
+
+
 class Settings(_Model):
     """All rayloop settings. Build with :func:`load_settings`."""
 
@@ -577,6 +603,10 @@ class Settings(_Model):
     pipeline: PipelineSettings = Field(
         default_factory=PipelineSettings,
         description="`rayloop pipeline run/watch`: retrain from new feedback, gate the candidate, roll it out.",
+    )
+    monitoring: MonitoringSettings = Field(
+        default_factory=MonitoringSettings,
+        description="Prometheus scrape config, alert rules and Grafana dashboard (docs/monitoring.md).",
     )
 
     @model_validator(mode="after")

@@ -14,6 +14,13 @@ same vLLM server. Reports output tokens/s (mean of the rounds), TTFT p50/p99
 at each server's start. Then it times an in-place upgrade (weights swap +
 golden check) against an engine rebuild with the new version. Prints JSON and
 a Markdown table.
+
+``--baseline-rev REV`` measures against rayloop at another commit instead of vLLM: that commit is checked
+out in a temporary git worktree and served by its own Ray cluster beside this one (this script, copied into
+the worktree, with ``--serve-only``), and the rounds alternate between the two. Before/after comparisons of
+a change then share the VM's drift, as the vLLM comparison does:
+
+    .venv/bin/python benchmarks/serve/bench_serve.py --model DIR --baseline-rev 2f38714 --variants default metrics-off
 """
 
 from __future__ import annotations
@@ -156,7 +163,61 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pacing-off": {"stream_interval_ms": 0, "stream_messages_per_s": 0},
     # No interaction capture: what recording every request (write-ahead included) costs is default / this.
     "capture-off": {"capture": False},
+    # No metrics (rayloop's request metrics and vLLM's engine statistics): what monitoring costs.
+    "metrics-off": {"metrics": False, "engine": {"log_stats": False}},
 }
+
+
+@contextlib.contextmanager
+def rev_server(rev: str, model_dir: str, args: argparse.Namespace) -> Iterator[tuple[str, float, float]]:
+    """rayloop at commit ``rev``, on a Ray cluster of its own: (url, start seconds, memory growth in GiB)."""
+    port = 18733
+    wt = Path(tempfile.mkdtemp(prefix="rl-bench-rev-")) / "wt"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(wt), rev], check=True)
+    script = wt / "benchmarks" / "serve" / "bench_serve.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(__file__, script)  # this script, importing rayloop from the worktree
+    env = {**os.environ, "PYTHONPATH": str(wt), "RAY_AUTH_MODE": "disabled"}
+    cmd = [
+        sys.executable, str(script), "--serve-only", "--model", model_dir, "--port", str(port),
+        "--engine-threads", str(args.engine_threads),
+    ]  # fmt: skip
+    mem = MemSampler()
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=wt, env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, timeout=600)
+        start_s = time.monotonic() - t0
+        time.sleep(3)
+        yield url, start_s, mem.stop()
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()  # --serve-only shuts its cluster down on EOF
+        try:
+            proc.wait(120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(wt)], check=False)
+
+
+def serve_only(model_dir: str, port: int, args: argparse.Namespace) -> None:
+    """Serve ``model_dir`` with this checkout's rayloop on ``port`` until standard input closes."""
+    import ray
+    from ray import serve
+
+    from rayloop.serving.deploy import deploy, model_config_for_path
+
+    home = tempfile.mkdtemp(prefix="rl-bench-base-")
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        settings = rayloop_settings(home, args, http_port=port)
+        deploy(settings, model_config_for_path("demo", model_dir, 1), timeout_s=400)
+        sys.stdin.read()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 @contextlib.contextmanager
@@ -186,6 +247,8 @@ def vllm_server(model_dir: str) -> Iterator[tuple[str, float, float]]:
 def rayloop_settings(home: str, args: argparse.Namespace, **serving: Any) -> Any:
     from rayloop.config import load_settings
 
+    engine = {"kv_cache_gib": 1, "max_model_len": 256, "max_num_seqs": 64, "cpu_threads": args.engine_threads}
+    engine.update(serving.pop("engine", {}))
     return load_settings(
         env={"RAYLOOP_HOME": home},
         overrides={
@@ -196,12 +259,7 @@ def rayloop_settings(home: str, args: argparse.Namespace, **serving: Any) -> Any
                 "replica_num_cpus": 0.5,
                 "capture": True,
                 "max_ongoing_requests": 64,
-                "engine": {
-                    "kv_cache_gib": 1,
-                    "max_model_len": 256,
-                    "max_num_seqs": 64,
-                    "cpu_threads": args.engine_threads,
-                },
+                "engine": engine,
                 **serving,
             }
         },
@@ -209,7 +267,8 @@ def rayloop_settings(home: str, args: argparse.Namespace, **serving: Any) -> Any
 
 
 def compare(vllm_url: str, rl_url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Both servers up, one loaded at a time, alternating ``--rounds`` times at each concurrency."""
+    """Both servers up, one loaded at a time, alternating ``--rounds`` times at each concurrency (``vllm`` is
+    the baseline: vLLM's server, or rayloop at ``--baseline-rev``)."""
     runs = []
     for c in args.concurrency:
         v, r = [], []
@@ -217,7 +276,7 @@ def compare(vllm_url: str, rl_url: str, args: argparse.Namespace) -> list[dict[s
             v.append(asyncio.run(run_load(vllm_url, "demo", c, args.seconds, args.tokens)))
             r.append(asyncio.run(run_load(rl_url, "demo", c, args.seconds, args.tokens)))
         runs.append({"concurrency": c, "vllm": v, "rayloop": r})
-        print(f"  c={c}: vLLM {_tok_s(v):.0f} tok/s, rayloop {_tok_s(r):.0f} tok/s", file=sys.stderr)
+        print(f"  c={c}: baseline {_tok_s(v):.0f} tok/s, rayloop {_tok_s(r):.0f} tok/s", file=sys.stderr)
     return runs
 
 
@@ -235,8 +294,9 @@ def bench(model_dir: str, v2_dir: str, args: argparse.Namespace) -> dict[str, An
 
     from rayloop.serving.deploy import deploy, model_config_for_path
 
-    out: dict[str, Any] = {"variants": []}
-    with vllm_server(model_dir) as (vllm_url, vllm_start, vllm_mem):
+    out: dict[str, Any] = {"variants": [], "baseline": f"rayloop@{args.baseline_rev}" if args.baseline_rev else "vLLM"}
+    baseline = rev_server(args.baseline_rev, model_dir, args) if args.baseline_rev else vllm_server(model_dir)
+    with baseline as (vllm_url, vllm_start, vllm_mem):
         out["vllm"] = {"start_s": vllm_start, "mem_gib": vllm_mem}
         home = tempfile.mkdtemp(prefix="rl-bench-")
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -300,6 +360,9 @@ def main() -> None:
         default=["default"],
         help="rayloop configurations, each measured against vLLM (upgrade timings with the defaults).",
     )
+    p.add_argument("--baseline-rev", help="Measure against rayloop at this git revision instead of vLLM.")
+    p.add_argument("--serve-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=18733, help=argparse.SUPPRESS)
     p.add_argument(
         "--engine-threads",
         type=int,
@@ -308,6 +371,9 @@ def main() -> None:
         "OpenMP threads spin on the cores the Serve processes need).",
     )
     args = p.parse_args()
+    if args.serve_only:
+        serve_only(args.model, args.port, args)
+        return
 
     sys.path.insert(0, str(ROOT / "tests" / "integration"))
     from serving_util import make_variant  # type: ignore[import-not-found]
@@ -318,9 +384,10 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
+    b = result["baseline"]
     print(
-        "\n| rayloop variant | concurrency | vLLM tok/s | rayloop tok/s | ratio | TTFT p50 vLLM / rayloop (ms) "
-        "| TTFT p99 vLLM / rayloop (ms) | messages per answer vLLM / rayloop |"
+        f"\n| rayloop variant | concurrency | {b} tok/s | rayloop tok/s | ratio | TTFT p50 {b} / rayloop (ms) "
+        f"| TTFT p99 {b} / rayloop (ms) | messages per answer {b} / rayloop |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for entry in result["variants"]:
@@ -334,14 +401,16 @@ def main() -> None:
                 f"| {_ms(v, 'ttft_p99_ms'):.0f} / {_ms(r, 'ttft_p99_ms'):.0f} | {msgs[0]:.1f} / {msgs[1]:.1f} |"
             )
     by_name = {e["variant"]: e for e in result["variants"]}
-    if "default" in by_name and "capture-off" in by_name:
-        # Each variant against vLLM in its own alternating rounds (the VM's drift cancels), then on / off.
-        for on, off in zip(by_name["default"]["runs"], by_name["capture-off"]["runs"], strict=True):
+    for what, off_name in (("capture", "capture-off"), ("metrics", "metrics-off")):
+        if "default" not in by_name or off_name not in by_name:
+            continue
+        # Each variant against the baseline in its own alternating rounds (the VM's drift cancels), then on / off.
+        for on, off in zip(by_name["default"]["runs"], by_name[off_name]["runs"], strict=True):
             rel_on = _tok_s(on["rayloop"]) / _tok_s(on["vllm"])
             rel_off = _tok_s(off["rayloop"]) / _tok_s(off["vllm"])
-            print(f"capture on / off at concurrency {on['concurrency']}: {rel_on / rel_off:.2f}x")
+            print(f"{what} on / off at concurrency {on['concurrency']}: {rel_on / rel_off:.2f}x")
     print(
-        f"\nmemory growth at start: vLLM {result['vllm']['mem_gib']:.2f} GiB, rayloop {result['rayloop_mem_gib']:.2f} GiB"
+        f"\nmemory growth at start: {b} {result['vllm']['mem_gib']:.2f} GiB, rayloop {result['rayloop_mem_gib']:.2f} GiB"
     )
     print(
         f"upgrade: in place {result['in_place_s'] * 1000:.0f} ms ({result['in_place_mode']}), "

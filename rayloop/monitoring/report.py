@@ -23,19 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from rayloop.config import Settings
 from rayloop.errors import NotFoundError
+from rayloop.monitoring.loop import VERDICT_EVENTS
 
 if TYPE_CHECKING:
     from rayloop.registry import RolloutRecord
 
-# Events of a rollout's history that carry the analysis verdict of a step (see rayloop.rollout.controller).
-VERDICT_EVENTS = {
-    "step_passed": "pass",
-    "watch_passed": "pass",
-    "hold_passed": "pass",
-    "breach": "fail",
-    "inconclusive": "inconclusive",
-    "hold": "inconclusive",
-}
 MAX_ROLLOUTS = 10
 
 

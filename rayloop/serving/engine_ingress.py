@@ -35,6 +35,7 @@ from typing import Any
 
 from fastapi import Request
 
+from rayloop.monitoring.loop import LoopExporter
 from rayloop.serving.ingress import OpenAIIngress
 from rayloop.serving.protocol import ReplyHead, ReplyTail, served_model_id
 from rayloop.serving.routing import CANARY, SHADOW, STABLE, Picker, RouteTable, routing_secret, session_key
@@ -111,6 +112,11 @@ class EngineIngress(OpenAIIngress):
         self.stats = StatsClient(self._stats_actor)
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self.shadow_skipped = 0
+        self.loop_metrics: LoopExporter | None = None
+        if sv.metrics:
+            # Rollout and gate metrics, read back from the registry (whoever runs the controller).
+            self.loop_metrics = LoopExporter(self.settings, model, self.settings.monitoring.registry_poll_s)
+            self.loop_metrics.start()
         if self.capture is not None:
             self.capture = TappedCapture(self.capture, self.stats, lambda: self.table.observe)  # type: ignore[assignment]
 
@@ -223,6 +229,7 @@ class EngineIngress(OpenAIIngress):
                 )
         if uc:
             await self.server.reconfigure(uc)
+        self.metrics.set_traffic(self.model, self.table, self.server.version)
 
     async def check_health(self) -> None:
         await self.server.check_health()

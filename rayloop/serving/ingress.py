@@ -343,9 +343,9 @@ class OpenAIIngress:
         sv = self.settings.serving
         self.no_capture_keys = KeyChecker(load_key_hashes(sv, keys_env=sv.no_capture_api_keys_env))
         self.keys = KeyChecker(load_key_hashes(sv) | set(api_key_hashes or []) | self.no_capture_keys.hashes)
-        from rayloop.serving.metrics import ServingMetrics
+        from rayloop.serving.metrics import serving_metrics
 
-        self.metrics = ServingMetrics()
+        self.metrics = serving_metrics(sv.metrics)
         from rayloop.serving.peers import Peers
 
         self.peers = Peers()
@@ -354,9 +354,7 @@ class OpenAIIngress:
         self._registry: Registry | None = None
         self.capture: CaptureClient | None = None
         if self.settings.serving.capture:
-            self.capture = CaptureClient.for_settings(
-                self.settings, on_drop=lambda table, n: self.metrics.dropped.inc(n, tags={"table": table})
-            )
+            self.capture = CaptureClient.for_settings(self.settings, on_drop=self.metrics.observe_dropped)
 
     # Whether other replicas of this deployment record capture rows too (flush waits for theirs).
     capture_peers = False
@@ -513,10 +511,7 @@ class OpenAIIngress:
             "model_version": found["model_version"],
         }
         self.capture.record("feedback", row)
-        if fb.rating is not None:
-            self.metrics.feedback.inc(
-                1, tags={"model": found["model_name"], "version": str(found["model_version"]), "rating": str(fb.rating)}
-            )
+        self.metrics.observe_feedback(found["model_name"], int(found["model_version"]), fb.rating)
         return JSONResponse(
             {"object": "feedback", "request_id": target, "status": "recorded"},
             headers={REQUEST_ID_HEADER: rid, VERSION_HEADER: str(found["model_version"])},
@@ -738,7 +733,15 @@ class OpenAIIngress:
     def record(self, ctx: _RequestCtx, status: int, tail: ReplyTail, latency_ms: float) -> None:
         head = ctx.head
         tags = {"model": head.model or self.model, "version": str(head.version), "slot": ctx.slot}
-        self.metrics.observe_request(tags, ctx.endpoint, status, latency_ms, tail.ttft_ms, tail.completion_tokens)
+        self.metrics.observe_request(
+            tags,
+            ctx.endpoint,
+            status,
+            latency_ms / 1000.0,
+            None if tail.ttft_ms is None else tail.ttft_ms / 1000.0,
+            tail.prompt_tokens,
+            tail.completion_tokens,
+        )
         if not head.version:
             return
         body = ctx.body

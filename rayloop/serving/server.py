@@ -37,6 +37,7 @@ from rayloop.config import Settings
 from rayloop.errors import ConfigError, EngineError, RayloopError
 from rayloop.serving import checkpoint, golden
 from rayloop.serving.engine import Engine, EngineReply, RequestStats
+from rayloop.serving.metrics import NoMetrics, ServingMetrics, serving_metrics
 from rayloop.serving.protocol import ModelConfig, ReplyHead, ReplyTail, openai_error
 from rayloop.serving.swap import golden_mismatch, swap_blocker
 from rayloop.storage import Storage
@@ -154,13 +155,11 @@ class LLMServer:
         self._storage = Storage(self._settings.storage_root, s3_endpoint=self._settings.storage.s3_endpoint)
         self.last_swap: SwapReport | None = None
         self._streams = 0  # streamed answers in flight on this replica
-        self._metrics: Any = None
+        self._metrics: ServingMetrics | NoMetrics = NoMetrics()
         try:
-            from rayloop.serving.metrics import ServingMetrics
-
-            self._metrics = ServingMetrics()
+            self._metrics = serving_metrics(self._settings.serving.metrics)
         except Exception:  # metrics are best effort (e.g. outside Ray)
-            self._metrics = None
+            logger.exception("serving metrics are off: creating them failed")
 
     # -- versions ----------------------------------------------------------
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -277,13 +276,11 @@ class LLMServer:
         logger.info(
             "replica now serves %s@v%d (%s, %.2fs) %s", rep.model, rep.version, rep.mode, rep.seconds, rep.reason
         )
-        self._count_swap(ModelConfig(model=rep.model, version=rep.version), rep.mode, "ok")
+        self._metrics.observe_swap(rep.model, rep.version, rep.mode, "ok", rep.seconds)
+        self._metrics.set_engine(rep.model, rep.version, self._slot)
 
     def _count_swap(self, cfg: ModelConfig, mode: str, outcome: str) -> None:
-        if self._metrics is not None:
-            self._metrics.swaps.inc(
-                1, tags={"model": cfg.model, "version": str(cfg.version), "mode": mode, "outcome": outcome}
-            )
+        self._metrics.observe_swap(cfg.model, cfg.version, mode, outcome)
 
     # -- requests ----------------------------------------------------------
     async def chat(self, body: dict[str, Any], request_id: str) -> AsyncIterator[ReplyHead | str | ReplyTail]:

@@ -148,11 +148,22 @@ class VLLMEngine:
         args = parser.parse_args(_engine_argv(model_dir, settings, served_names))
         engine_args = AsyncEngineArgs.from_cli_args(args)
 
+        stat_loggers: list[Any] | None = None
+        if settings.log_stats:
+            # vLLM's engine statistics (KV-cache use, queue, preemptions, ...) through Ray's metrics, tagged with
+            # the Serve replica's id (ReplicaId), as Ray Serve LLM exports them.
+            from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+            stat_loggers = [RayPrometheusStatLogger]
+
         def build() -> Any:
             with cpu_engine_env_applied(settings):
                 vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
                 return AsyncLLM.from_vllm_config(
-                    vllm_config=vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, disable_log_stats=True
+                    vllm_config=vllm_config,
+                    usage_context=UsageContext.OPENAI_API_SERVER,
+                    stat_loggers=stat_loggers,
+                    disable_log_stats=not settings.log_stats,
                 )
 
         try:

@@ -27,9 +27,11 @@ from click.testing import CliRunner
 
 from rayloop.cli import cli
 from rayloop.config import load_settings
+from rayloop.monitoring.assets import ALERTS, RULES_FILE, queries
 from rayloop.registry import Registry
 from rayloop.rollout.controller import deploy, send_command, status
 from rayloop.storage import Storage
+from tests.integration.prometheus_util import Prometheus
 from tests.integration.rollout_util import Load, active_phase, timeline, wait_for
 from tests.integration.serving_util import free_port, make_larger, serve_http_url
 
@@ -44,6 +46,7 @@ def _ts(iso: str) -> float:
 def env(
     ray_cluster: dict[str, object], base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
+    import ray
     from ray import serve
 
     from rayloop.demo.model import finetune
@@ -68,6 +71,10 @@ def env(
                 # into a running engine (in place, or rebuilt in the replica for another architecture) instead
                 # of starting a replica (~70 s under load here). The default (released to idle) is what the
                 # demo test runs.
+                # The session's cluster exports on this port; Prometheus (started by the `prometheus` fixture
+                # from the config rayloop generates) scrapes it every 2 s.
+                "ray": {"metrics_export_port": ray._private.worker.global_worker.node.metrics_export_port},
+                "monitoring": {"scrape_interval_s": 2, "registry_poll_s": 2},
                 "rollout": {
                     "min_requests_per_step": 20,
                     "min_ratings_per_step": 10,
@@ -112,6 +119,46 @@ def env(
         serve.delete(APP)
 
 
+@pytest.fixture(scope="module")
+def prometheus(env: dict[str, Any]) -> Iterator[Prometheus]:
+    """Prometheus with the scrape config and alert rules ``rayloop up`` writes (here for the test's cluster)."""
+    from rayloop.cluster import write_prometheus_config
+
+    config = write_prometheus_config(env["settings"])
+    rules = config.parent / RULES_FILE
+    for args in (["check", "config", str(config)], ["check", "rules", str(rules)]):
+        checked = subprocess.run(["promtool", *args], capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    with Prometheus(config, env["home"] / "prometheus-data") as prom:
+        wait_for(prom.targets_up, timeout=60, what="Prometheus scraping the cluster", every=1.0)
+        yield prom
+
+
+def _dashboard_and_alerts_see_stable_and_canary(prom: Prometheus, start: float) -> None:
+    """Every query of the Grafana dashboard, and each alert rule's query without its threshold, returns series
+    with the labels the panel shows; the per-version panels show stable v1 and canary v2 apart."""
+    end = time.time()
+    empty, unlabelled, merged = [], [], []
+    for title, q in queries():
+        expr = q.expr.replace("$model", "demo").replace("$__rate_interval", "1m")
+        series = prom.query_range(expr, start, end)
+        if not series:
+            empty.append((title, expr))
+            continue
+        unlabelled += [(title, s["metric"]) for s in series if not set(q.labels) <= set(s["metric"])]
+        if {"version", "slot"} <= set(q.labels) and "finished_reason" not in q.labels:
+            seen = {(s["metric"]["version"], s["metric"]["slot"]) for s in series}
+            if not {("1", "stable"), ("2", "canary")} <= seen:
+                merged.append((title, expr, seen))
+    assert not empty, f"dashboard queries with no data: {empty}"
+    assert not unlabelled, unlabelled[:5]
+    assert not merged, merged
+    for alert in ALERTS:
+        result = prom.query(alert.query)
+        assert result, f"{alert.name}: {alert.query} returned nothing"
+        assert all(set(alert.labels) <= set(s["metric"]) for s in result), (alert.name, result)
+
+
 def _slot_info(slot: str) -> dict[str, Any]:
     from ray import serve
 
@@ -152,8 +199,9 @@ def test_first_deploy_serves_v1_through_the_router(env: dict[str, Any]) -> None:
     assert r.status_code == 200 and r.headers["x-rayloop-model-version"] == "1" and r.json()["model"] == "demo@v1"
 
 
-def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, Any]) -> None:
+def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, Any], prometheus: Prometheus) -> None:
     reg: Registry = env["reg"]
+    watched_from = time.time()
     # Users dislike every v2 answer and like every v1 answer.
     with Load(env["url"], threads=3, sticky_threads=1, rate=lambda v: -1 if v == 2 else 1) as load:
         time.sleep(2)
@@ -181,6 +229,21 @@ def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, 
     assert {s.version for s in load.samples} == {1, 2}  # the canary did serve before it was judged
     assert reg.aliases("demo") == {"production": 1}
     assert status(env["settings"], "demo")["serve"]["slots"] == {"stable": 1, "canary": None, "shadow": None}
+
+    # Seen from Prometheus: the rollback alert fires (from the registry, through the serving replicas'
+    # metrics), and the dashboard has every panel's data, with the two versions apart.
+    def rollback_alert_fires() -> bool:
+        return any(
+            a["labels"].get("alertname") == "RayloopRollbackHappened"
+            and a["labels"].get("model") == "demo"
+            and a["state"] == "firing"
+            for a in prometheus.alerts()
+        )
+
+    wait_for(rollback_alert_fires, timeout=120, what="the RayloopRollbackHappened alert to fire", every=1.0)
+    _dashboard_and_alerts_see_stable_and_canary(prometheus, watched_from)
+    reasons = prometheus.query('max by (reason) (ray_rayloop_rollbacks_total{model="demo"})')
+    assert {s["metric"]["reason"] for s in reasons} == {"analysis_failed"}, reasons
 
 
 def test_slow_canary_is_rolled_back_automatically(env: dict[str, Any]) -> None:

@@ -303,12 +303,21 @@ def test_metrics_on_ray_prometheus_endpoint(serving: dict[str, Any]) -> None:
     deadline = time.monotonic() + 90
     want = (
         "ray_rayloop_requests_total",
-        "ray_rayloop_request_latency_ms_bucket",
-        "ray_rayloop_ttft_ms_bucket",
-        "ray_rayloop_generated_tokens_total",
+        "ray_rayloop_request_duration_seconds_bucket",
+        "ray_rayloop_time_to_first_token_seconds_bucket",
+        "ray_rayloop_time_per_output_token_seconds_bucket",
+        "ray_rayloop_prompt_tokens_total",
+        "ray_rayloop_generation_tokens_total",
         "ray_rayloop_feedback_total",
-        "ray_rayloop_in_flight_requests",
+        "ray_rayloop_feedback_rating_count",
+        "ray_rayloop_requests_in_flight",
         "ray_rayloop_weight_swaps_total",
+        "ray_rayloop_weight_swap_duration_seconds_count",
+        "ray_rayloop_traffic_weight",
+        "ray_rayloop_engine_info",
+        "ray_vllm_kv_cache_usage_perc",
+        "ray_vllm_num_requests_running",
+        "ray_vllm_request_success_total",
     )
     metrics: dict[str, list[Any]] = {}
 
@@ -316,8 +325,9 @@ def test_metrics_on_ray_prometheus_endpoint(serving: dict[str, Any]) -> None:
         # Each replica exports on its own schedule: wait for the 400s and both replicas' first loads too.
         return (
             all(w in m for w in want)
-            and any(s.labels.get("status") == "400" for s in m["ray_rayloop_requests_total"])
+            and any(s.labels.get("code") == "400" for s in m["ray_rayloop_requests_total"])
             and sum(s.value for s in m["ray_rayloop_weight_swaps_total"] if s.labels.get("mode") == "fresh") >= 2
+            and len({s.labels.get("ReplicaId") for s in m["ray_vllm_kv_cache_usage_perc"]}) >= 2
         )
 
     while time.monotonic() < deadline:
@@ -326,20 +336,36 @@ def test_metrics_on_ray_prometheus_endpoint(serving: dict[str, Any]) -> None:
             break
         time.sleep(3)
     missing = [w for w in want if w not in metrics]
-    assert not missing, (missing, sorted(k for k in metrics if "rayloop" in k))
+    assert not missing, (missing, sorted(k for k in metrics if "rayloop" in k or "vllm" in k))
     ok = [
         s
         for s in metrics["ray_rayloop_requests_total"]
-        if s.labels.get("status") == "200" and s.labels.get("version") == "1"
+        if s.labels.get("code") == "200" and s.labels.get("version") == "1"
     ]
     assert ok and sum(s.value for s in ok) >= 3
     assert all(s.labels["model"] == "demo" and s.labels["slot"] == "stable" for s in ok)
-    bad = [s for s in metrics["ray_rayloop_requests_total"] if s.labels.get("status") == "400"]
-    assert bad, "the bad-input tests' 400s are counted too"
-    assert any(s.labels.get("rating") == "1" and s.value >= 1 for s in metrics["ray_rayloop_feedback_total"])
-    assert any(s.value > 0 for s in metrics["ray_rayloop_generated_tokens_total"] if s.labels.get("version") == "1")
+    assert all(s.labels["status_class"] == "2xx" and s.labels.get("replica") for s in ok), "Serve's labels too"
+    bad = [s for s in metrics["ray_rayloop_requests_total"] if s.labels.get("code") == "400"]
+    assert bad and all(s.labels["status_class"] == "4xx" for s in bad), "the bad-input tests' 400s are counted too"
+    assert any(s.value >= 1 for s in metrics["ray_rayloop_feedback_total"] if s.labels.get("version") == "1")
+    assert any(s.value > 0 for s in metrics["ray_rayloop_generation_tokens_total"] if s.labels.get("version") == "1")
+    # Latency in seconds: a tiny model on CPU answers within seconds, so (almost) all are under 30 s and
+    # none under 1 ms (milliseconds in a seconds histogram would be the other way round).
+    buckets = {
+        s.labels["le"]: s.value
+        for s in metrics["ray_rayloop_request_duration_seconds_bucket"]
+        if s.labels.get("endpoint") == "completion" and s.labels.get("version") == "1"
+    }
+    assert buckets and buckets.get("0.005", 0.0) < buckets.get("+Inf", 0.0), buckets
     fresh = [s for s in metrics["ray_rayloop_weight_swaps_total"] if s.labels.get("mode") == "fresh"]
     assert sum(s.value for s in fresh) >= 2  # both replicas
+    # The version comes from rayloop: each engine replica says which version it serves, keyed like vLLM's
+    # own series (ReplicaId), and all the traffic is on the stable slot.
+    info = {s.labels["ReplicaId"]: s.labels["version"] for s in metrics["ray_rayloop_engine_info"] if s.value == 1}
+    kv = {s.labels["ReplicaId"] for s in metrics["ray_vllm_kv_cache_usage_perc"]}
+    assert len(info) >= 2 and kv <= set(info), (info, kv)
+    weights = [s for s in metrics["ray_rayloop_traffic_weight"] if s.value > 0]
+    assert weights and all((s.labels["slot"], s.value) == ("stable", 1.0) for s in weights), weights
 
 
 def test_tensor_parallel_2_gives_the_same_greedy_output(serving: dict[str, Any]) -> None:

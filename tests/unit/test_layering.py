@@ -69,3 +69,8 @@ def test_the_library_knows_no_demo() -> None:
     imports = _imports()
     for part in ("data", "evaluation", "serving", "rollout", "training", "registry"):
         assert "demo" not in imports[part], (part, imports[part])
+
+
+def test_monitoring_reads_the_registry_and_the_store_but_never_serving_or_rollout() -> None:
+    """Serving hosts the loop metrics' exporter (rayloop.monitoring.loop): monitoring below it, no cycle."""
+    assert not _imports()["monitoring"] & {"serving", "rollout", "pipeline", "cli", "demo"}, _imports()["monitoring"]
