@@ -40,9 +40,17 @@ class Backend(Protocol):
     def apply(self, state: AppState) -> None:
         """Ask for ``state`` (returns at once)."""
 
-    def wait(self, state: AppState, timeout_s: float, *, check: Callable[[], None] | None = None) -> None:
+    def wait(
+        self,
+        state: AppState,
+        timeout_s: float,
+        *,
+        check: Callable[[], None] | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         """Block until every slot serves its version and every stable replica applies the table; ``check`` runs
-        on every poll and may raise to stop waiting."""
+        on every poll and may raise to stop waiting; ``progress`` gets a line each time Serve's status of the
+        app changes."""
 
     def ensure_golden(self, cfg: ModelConfig) -> None:
         """Make sure a fresh engine's golden answers of ``cfg`` exist (in-place swaps verify against them)."""
@@ -152,7 +160,14 @@ class ServeBackend:
         self._since = time.time()
         self._deployed = self.control.update(self.app_name, build)
 
-    def wait(self, state: AppState, timeout_s: float, *, check: Callable[[], None] | None = None) -> None:
+    def wait(
+        self,
+        state: AppState,
+        timeout_s: float,
+        *,
+        check: Callable[[], None] | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         from rayloop.serving.control import wait_for_state
 
         try:
@@ -163,6 +178,7 @@ class ServeBackend:
                 timeout_s=timeout_s,
                 replicas=self.app_settings().serving.replicas,
                 check=check,
+                progress=progress,
             )
         except LeaseLostError:
             raise

@@ -47,7 +47,9 @@ def format_event(ev: dict[str, Any]) -> str:
         ts = time.strftime("%H:%M:%S", time.localtime(float(t or 0)))
     details = {k: v for k, v in ev.items() if k not in ("time", "event", "rollout_id", "plan", "canary", "stable")}
     line = f"{ts} rollout {ev['rollout_id']}: {ev['event']}" if "rollout_id" in ev else f"{ts} {ev['event']}"
-    if ev["event"] == "step_passed" and ev.get("canary"):
+    if ev["event"] == "serve":  # progress while Serve starts or moves replicas (not stored in the history)
+        line += f" {ev.get('status')}"
+    elif ev["event"] == "step_passed" and ev.get("canary"):
         c, s = ev["canary"], ev.get("stable") or {}
         line += (
             f" {ev['percent']}% canary: {c['requests']} req, {c['error_rate']:.1%} err, p95 {c['p95_ms']} ms,"

@@ -269,6 +269,24 @@ class Rollout:
             except Exception:
                 pass  # a broken callback must not break the rollout
 
+    def tell(self, event: str, **data: Any) -> None:
+        """Tell ``on_event`` something that is progress, not history (nothing is recorded)."""
+        if self.on_event is not None:
+            try:
+                self.on_event({"time": self.now(), "rollout_id": self.rid, "event": event, **data})
+            except Exception:
+                pass  # a broken callback must not break the rollout
+
+    def wait_serve(self, state: AppState) -> None:
+        """Wait until Serve runs ``state``, telling ``on_event`` each change of the app's status (``serve``
+        events: which deployments, which replica states) while replicas start."""
+        self.backend.wait(
+            state,
+            self.settings.rollout.ready_timeout_s,
+            check=self.still_owned,
+            progress=lambda line: self.tell("serve", status=line),
+        )
+
     def save(self, **updates: Any) -> None:
         """Merge ``updates`` (fields of :class:`RolloutState`) into the persisted state (written before acting on
         it); the rollout's status is its phase until it ends."""
@@ -355,7 +373,7 @@ class Rollout:
         t0 = self.now()
         self.check_lease()
         self.backend.apply(new)
-        self.backend.wait(new, self.settings.rollout.ready_timeout_s, check=self.still_owned)
+        self.wait_serve(new)
         self.app = new
         self._mark(new)
         if (t.canary_percent, t.shadow_percent) != (table.canary_percent, table.shadow_percent):
@@ -548,7 +566,7 @@ class Rollout:
             first = idle_state(self.name, self.to_cfg, RouteTable(epoch=1))
             self.check_lease()
             self.backend.apply(first)
-            self.backend.wait(first, self.settings.rollout.ready_timeout_s, check=self.still_owned)
+            self.wait_serve(first)
             self.app = cur = first
         if cur.slots.get(CANARY) == self.to_cfg and cur.table.canary_percent < 100:
             self.set_app(canary_percent=100)  # a manual promote mid-canary: everything to the new version first
@@ -842,7 +860,7 @@ def _first_deploy(ro: Rollout) -> str:
     ro.save(phase="promoting", desired=state.summary())
     ro.check_lease()
     ro.backend.apply(state)
-    ro.backend.wait(state, ro.settings.rollout.ready_timeout_s, check=ro.still_owned)
+    ro.wait_serve(state)
     ro.app = state
     ro._mark(state)
     ro.emit("slot_ready", slot=STABLE, version=ro.to_cfg.version)

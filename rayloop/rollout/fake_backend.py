@@ -73,9 +73,18 @@ class FakeBackend:
     def select(self, model: str) -> None:
         pass  # one app
 
-    def wait(self, state: AppState, timeout_s: float, *, check: Callable[[], None] | None = None) -> None:
+    def wait(
+        self,
+        state: AppState,
+        timeout_s: float,
+        *,
+        check: Callable[[], None] | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         if check is not None:
             check()
+        if progress is not None:
+            progress(f"{self.app_name}: {state.summary()}")
         assert self.state == state
 
     def ensure_golden(self, cfg: ModelConfig) -> None:

@@ -57,4 +57,6 @@ def test_the_quickstart_block_runs_as_written(tmp_path: Path) -> None:
     production = reg.get_alias("demo", "production")
     assert production == (2 if decision == "accepted" else 1), (decision, production)
     assert "rollout" in run.stdout or decision == "rejected"
+    if decision == "accepted":  # `rayloop deploy` said what Serve was doing while green's replicas started
+        assert re.search(r"rollout \d+: serve \S+", run.stdout), run.stdout[-3000:]
     print(json.dumps({"gate": decision, "production": production}))

@@ -179,3 +179,12 @@ def test_deploy_to_staging_takes_no_rollout_flags(tmp_path: Path, monkeypatch: p
     monkeypatch.setenv("RAYLOOP_HOME", str(tmp_path))
     r = CliRunner().invoke(cli, ["deploy", "demo@2", "--env", "staging", "--strategy", "canary"])
     assert r.exit_code == 2 and "--env staging" in r.output
+
+
+def test_deploy_progress_lines_say_what_serve_is_doing() -> None:
+    from rayloop.rollout.cli import format_event
+
+    line = format_event(
+        {"time": 0.0, "rollout_id": 7, "event": "serve", "status": "llm-canary: UPDATING (1 STARTING, 1 RUNNING)"}
+    )
+    assert line.endswith("rollout 7: serve llm-canary: UPDATING (1 STARTING, 1 RUNNING)"), line
