@@ -433,6 +433,26 @@ def serve(
             click.echo(f"  model {out['model']!r} on that endpoint; directly at route {out['route_prefix']}")
 
 
+@cli.command("console")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def console_cmd(ctx: click.Context, as_json: bool) -> None:
+    """Start the web console on the cluster (a read-only Serve app: models, versions, lineage, rollouts with
+    live traffic weights and per-slot charts, capture health) and print its URL. Behind the API keys."""
+    from rayloop import cluster
+    from rayloop.console.app import deploy_console
+    from rayloop.serving.auth import load_key_hashes
+
+    s = settings(ctx)
+    cluster.connect(s)
+    # The keys this shell knows (RAYLOOP_API_KEYS, serving.api_keys_file) go to the app as hashes, as with serve.
+    url = deploy_console(s, sorted(load_key_hashes(s.serving)))
+    if as_json:
+        print_json({"app": s.monitoring.console_app_name, "url": url})
+    else:
+        click.echo(f"console: {url}")
+
+
 @cli.command()
 @click.argument("name")
 @click.option(

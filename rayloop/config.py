@@ -569,6 +569,14 @@ class MonitoringSettings(_Model):
         gt=0,
         description="Seconds between the serving replicas' reads of the registry for the rollout and gate metrics.",
     )
+    console_app_name: str = Field(default="rayloop-console", description="Serve application of the web console.")
+    console_route_prefix: str = Field(
+        default="/console", description="HTTP route of the web console on the Serve proxy (`rayloop console`)."
+    )
+    console_num_cpus: float = Field(default=0.1, gt=0, description="CPUs reserved by the console's replica.")
+    console_session_hours: float = Field(
+        default=12.0, gt=0, description="How long a console sign-in (its session cookie) lasts, in hours."
+    )
 
 
 class Settings(_Model):

@@ -285,6 +285,19 @@ def _controller_client(*, required: bool) -> Any:
     return client
 
 
+def serve_proxy_url(settings: Settings) -> str:
+    """The Serve HTTP proxy's root URL: as the running Serve was started (whoever started it chose the port),
+    else as ``settings`` would start it."""
+    client = _controller_client(required=False)
+    if client is not None:
+        opts = client.get_serve_details().get("http_options") or {}
+        if opts.get("port"):
+            host = opts.get("host") or "127.0.0.1"
+            host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+            return f"http://{host}:{opts['port']}"
+    return f"http://{settings.serving.http_host}:{settings.serving.http_port}"
+
+
 def describe_status(st: Any) -> str:
     """One line of an app's Serve status: the app's, then each deployment's replicas by state."""
     parts = [str(getattr(st.status, "value", st.status))]

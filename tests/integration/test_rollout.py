@@ -31,6 +31,7 @@ from rayloop.monitoring.assets import ALERTS, RULES_FILE, queries
 from rayloop.registry import Registry
 from rayloop.rollout.controller import deploy, send_command, status
 from rayloop.storage import Storage
+from tests.integration.console_util import artifacts_dir, check_console_during_canary
 from tests.integration.prometheus_util import Prometheus
 from tests.integration.rollout_util import Load, active_phase, timeline, wait_for
 from tests.integration.serving_util import free_port, make_larger, serve_http_url
@@ -132,6 +133,21 @@ def prometheus(env: dict[str, Any]) -> Iterator[Prometheus]:
     with Prometheus(config, env["home"] / "prometheus-data") as prom:
         wait_for(prom.targets_up, timeout=60, what="Prometheus scraping the cluster", every=1.0)
         yield prom
+
+
+CONSOLE_KEY = "console-test-key"
+
+
+@pytest.fixture(scope="module")
+def console(env: dict[str, Any]) -> str:
+    """The web console, deployed as a user does (`rayloop console` with a key in RAYLOOP_API_KEYS)."""
+    r = CliRunner().invoke(
+        cli, ["--config", str(env["config"]), "console", "--json"], env={"RAYLOOP_API_KEYS": CONSOLE_KEY}
+    )
+    assert r.exit_code == 0, r.output
+    url: str = json.loads(r.stdout)["url"]
+    assert url.endswith("/console/")
+    return url
 
 
 def _dashboard_and_alerts_see_stable_and_canary(prom: Prometheus, start: float) -> None:
@@ -280,9 +296,23 @@ def test_slow_canary_is_rolled_back_automatically(env: dict[str, Any]) -> None:
     assert status(env["settings"], "demo")["serve"]["slots"] == {"stable": 1, "canary": None, "shadow": None}
 
 
-def test_canary_steps_shares_sticky_sessions_and_promotion(env: dict[str, Any]) -> None:
+def test_canary_steps_shares_sticky_sessions_and_promotion(env: dict[str, Any], console: str) -> None:
     reg: Registry = env["reg"]
     events: list[dict[str, Any]] = []
+    # During the 25% step an operator opens the web console in a browser (its own thread: the step goes on).
+    browsed: dict[str, Any] = {}
+
+    def browse() -> None:
+        try:
+            browsed.update(
+                check_console_during_canary(
+                    console, CONSOLE_KEY, "demo", lambda: status(env["settings"], "demo"), artifacts_dir()
+                )
+            )
+        except BaseException as e:  # reported after the rollout
+            browsed["error"] = e
+
+    browser = threading.Thread(target=browse, name="console-browser")
     # A step is judged only once the canary has answered enough requests: at 25% that is >= 1400 requests
     # in all, so the measured share rests on >= 1000 one-request sessions whatever the load manages. At
     # 100% there is no share to estimate: every fresh session must be on v2.
@@ -297,11 +327,20 @@ def test_canary_steps_shares_sticky_sessions_and_promotion(env: dict[str, Any]) 
             events.append(e)
             if e["event"] == "step":
                 load.resize(6)
+                if e.get("percent") == 25:
+                    browser.start()
 
         rec = deploy(settings, "demo@2", "canary", steps=[25, 100], interval_s=50, on_event=on_event)
         time.sleep(3)
+    browser.join(timeout=300)
     print(timeline(rec))
     assert rec.status == "succeeded", rec.state
+    if "error" in browsed:
+        raise browsed["error"]
+    # The console showed the 25% step as Serve applied it, while it lasted.
+    assert browsed["weights"] == [("canary", 2, 25.0), ("stable", 1, 75.0)], browsed
+    step_ends = [e["time"] for e in events if e["event"] == "step_passed"]
+    assert step_ends and browsed["at"] < step_ends[0], "the pages were checked during the 25% step"
     _no_failures(load)
     starts = [e for e in events if e["event"] == "step"]
     ends = [e for e in events if e["event"] == "step_passed"]

@@ -1,0 +1,1 @@
+"""The web console (read-only, served by the cluster): see :mod:`rayloop.console.app`."""
