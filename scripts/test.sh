@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's test command: install what the tests need, then lint, type-check
 # and run the whole suite (unit + integration on real Ray, vLLM CPU, DeepSpeed,
-# SQLite, PostgreSQL, S3 via moto, Prometheus).
+# SQLite, PostgreSQL, S3 via moto, Prometheus, headless Chromium).
 #
 #   bash scripts/test.sh                 # everything
 #   bash scripts/test.sh -m unit         # extra args go to pytest
@@ -14,8 +14,8 @@ bash scripts/install.sh
 if [ -f scripts/ci_postgres.sh ]; then
     bash scripts/ci_postgres.sh
 fi
-# Prometheus and promtool for the monitoring tests (dashboard queries and alert rules against a real server).
-bash scripts/ci_prometheus.sh
+# Prometheus (the dashboard's queries and alert rules) and Chromium (the web console) for the tests.
+bash scripts/ci_system_packages.sh
 
 echo "== ruff"; .venv/bin/ruff check .
 echo "== mypy"; .venv/bin/mypy

@@ -166,22 +166,33 @@ class ServeControl:
             self.apply([a for a in apps if a["name"] != name] + [app], check=lambda: _still_held(held))
             return app
 
-    def remove(self, name: str) -> bool:
+    def remove(self, name: str, *, wait_s: float = 120.0) -> bool:
+        """Remove app ``name`` from Serve's config and wait (up to ``wait_s``) until Serve has stopped it, so
+        that nothing answers for it once this returns. False when no such app was deployed."""
         with self._lock() as held:
             apps = self.apps()
             if not any(a["name"] == name for a in apps):
                 return False
             self.apply([a for a in apps if a["name"] != name], check=lambda: _still_held(held))
-            return True
+        deadline = time.monotonic() + wait_s
+        while name in self._details().get("applications", {}):  # DELETING while its replicas drain
+            if time.monotonic() > deadline:
+                raise ServingError(
+                    f"Serve app {name!r} was removed from the config but is still shutting down after {wait_s:.0f}s",
+                    hint="Check `serve status`; its replicas may be stuck draining requests.",
+                )
+            time.sleep(0.5)
+        return True
+
+    def _details(self) -> dict[str, Any]:
+        if self.url is not None:
+            return dict(serve_rest(self.url, "GET", "/api/serve/applications/") or {})
+        client = _controller_client(required=False)
+        return {} if client is None else dict(client.get_serve_details())
 
     def apps(self) -> list[dict[str, Any]]:
-        if self.url is not None:
-            return deployed_apps(serve_rest(self.url, "GET", "/api/serve/applications/") or {})
-        client = _controller_client(required=False)
-        if client is None:
-            return []  # Serve has not been started on this cluster: nothing runs yet
-        details: dict[str, Any] = client.get_serve_details()
-        return deployed_apps(details)
+        # (no Serve on the cluster yet: no details, nothing runs)
+        return deployed_apps(self._details())
 
     def apply(self, apps: list[dict[str, Any]], *, check: Callable[[], None] | None = None) -> None:
         """Replace Serve's whole config with ``apps``.

@@ -396,7 +396,7 @@ class OpenAIIngress:
         except Exception as e:
             return self._serve_error(e, rid)
         data = list(listing.get("data") or [])
-        for app_name in await self._peer_apps():
+        for app_name in await self._peer_apps(fresh=True):
             try:
                 other = await self._peer_handle(app_name).model_listing.remote()
             except Exception as e:  # one model's app being down must not hide the others
@@ -415,10 +415,10 @@ class OpenAIIngress:
     def _own_app(self) -> str:
         return serve.get_replica_context().app_name
 
-    async def _peer_apps(self) -> list[str]:
+    async def _peer_apps(self, *, fresh: bool = False) -> list[str]:
         """The other apps serving models behind this endpoint (none when they cannot be read now)."""
         try:
-            models = await self.peers.models()
+            models = await self.peers.models(fresh=fresh)
         except Exception as e:
             logger.warning("reading the other models' apps failed: %s", e)
             return []

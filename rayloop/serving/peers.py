@@ -121,9 +121,10 @@ class Peers:
             self._at = self._clock()
             return self._models
 
-    async def models(self) -> dict[str, str]:
-        """Model name -> app name of every model behind the endpoint."""
-        return dict(await self._refresh(force=False))
+    async def models(self, *, fresh: bool = False) -> dict[str, str]:
+        """Model name -> app name of every model behind the endpoint (``fresh``: read again unless it was
+        read within ``min_refresh_s``; for listings, which must not show an app just removed)."""
+        return dict(await self._refresh(force=fresh))
 
     async def app_for(self, model: str) -> str | None:
         """The app serving ``model`` (read again once when it is not known yet: it may have just started)."""

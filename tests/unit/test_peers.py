@@ -92,5 +92,10 @@ def test_peers_cache_and_read_again_on_a_miss() -> None:
         assert await peers.app_for("other") == "other" and len(calls) == 2  # a miss reads again
         now[0] = 7.0
         assert await peers.models() == {"demo": "rayloop", "other": "other"} and len(calls) == 3  # ttl
+        # A listing asks fresh: an app removed a second ago is no longer listed (the ttl would keep it).
+        apps.pop()
+        now[0] = 8.5
+        assert await peers.models() == {"demo": "rayloop", "other": "other"} and len(calls) == 3
+        assert await peers.models(fresh=True) == {"demo": "rayloop"} and len(calls) == 4
 
     asyncio.run(run())

@@ -116,3 +116,25 @@ def test_a_config_that_went_out_after_the_lock_was_lost_is_reported_as_stale(tmp
         _FileServe(settings, path, lock=lambda: nullcontext(held)).update("a", build)
     assert e.value.stale_apply and "went out after the lock was lost" in str(e.value)
     assert [a["name"] for a in json.loads(path.read_text())] == ["a"] and held.checks == 2
+
+
+def test_remove_returns_once_serve_has_stopped_the_app(tmp_path: Path) -> None:
+    """`rayloop undeploy` must not return while the app's replicas still answer (they drain for a while)."""
+
+    class Draining(_FileServe):
+        polls = 0
+
+        def _details(self) -> dict[str, Any]:
+            Draining.polls += 1
+            names = {a["name"] for a in self.apps()}
+            if Draining.polls <= 2:
+                names.add("other")  # Serve lists it as DELETING while its replicas stop
+            return {"applications": {n: {"status": "DELETING"} for n in names}}
+
+    path = tmp_path / "serve.json"
+    path.write_text(json.dumps([{"name": "rayloop", "import_path": "x:y"}, {"name": "other", "import_path": "x:y"}]))
+    control = Draining(Settings.model_validate({"home": str(tmp_path / "home")}), path, lock=nullcontext)
+    assert control.remove("other") is True
+    assert Draining.polls == 3, "it waited until Serve no longer listed the app"
+    assert [a["name"] for a in control.apps()] == ["rayloop"]
+    assert control.remove("gone") is False
