@@ -58,6 +58,8 @@ class Query:
     legend: str
     labels: tuple[str, ...] = ()
     """Labels every series of the result has (the tests check them)."""
+    needs: str | None = None
+    """What must have happened for the query to have data (None: serving under load, with a rollout)."""
 
 
 @dataclass(frozen=True)
@@ -289,6 +291,36 @@ ROWS: tuple[Row, ...] = (
                     ),
                 ),
                 "Sequences the scheduler preempted (KV cache full) since the engine started.",
+            ),
+        ),
+    ),
+    Row(
+        "Pipeline",
+        (
+            Panel(
+                "Pipeline stage durations (latest run)",
+                "s",
+                (
+                    Query(
+                        f"max by (model, stage) (ray_rayloop_pipeline_stage_last_duration_seconds{SEL})",
+                        "{{stage}}",
+                        ("model", "stage"),
+                        needs="a pipeline run",
+                    ),
+                ),
+            ),
+            Panel(
+                "Pipeline stages by outcome",
+                "short",
+                (
+                    Query(
+                        f"max by (model, stage, status) (ray_rayloop_pipeline_stages_total{SEL})",
+                        "{{stage}} {{status}}",
+                        ("model", "stage", "status"),
+                        needs="a pipeline run",
+                    ),
+                ),
+                "Stages done, skipped (a rejected candidate is not deployed) and failed, over all runs.",
             ),
         ),
     ),

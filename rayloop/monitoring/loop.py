@@ -16,7 +16,13 @@ rayloop_rollouts_total                          counter    model, strategy, stat
 rayloop_rollbacks_total                         counter    model, reason
 rayloop_rollout_last_rollback_timestamp_seconds gauge      model (UNIX time of the last rollback)
 rayloop_gate_decisions_total                    counter    model, decision (accepted, rejected)
+rayloop_pipeline_stages_total                   counter    model, stage, status (done, skipped, failed)
+rayloop_pipeline_stage_last_duration_seconds    gauge      model, stage (its latest run)
+rayloop_pipeline_last_run_timestamp_seconds     gauge      model (when the latest run last changed)
 ==============================================  =========  ==========================================
+
+The pipeline's numbers come from its run records (``pipelines/MODEL/runs/*.json`` in storage, written as
+each stage ends; see :mod:`rayloop.pipeline`).
 
 Counters equal the registry's totals: a restarted replica starts at the total, which Prometheus' ``rate``
 and ``increase`` do not count as an increase, and a series appears with its first event (so alert on "a
@@ -94,6 +100,26 @@ class LoopSnapshot:
     rollbacks: collections.Counter[str] = field(default_factory=collections.Counter)
     last_rollback: float | None = None
     gate: collections.Counter[str] = field(default_factory=collections.Counter)
+    stages: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    last_run: float | None = None
+
+
+def add_pipeline_runs(snap: LoopSnapshot, runs: list[dict[str, Any]]) -> None:
+    """Stage outcomes of every run, and the stage durations of the latest run that ran each stage."""
+    latest: dict[str, tuple[float, float]] = {}
+    for run in runs:
+        updated = float(run.get("updated_at") or run.get("created_at") or 0.0)
+        if snap.last_run is None or updated > snap.last_run:
+            snap.last_run = updated
+        for stage, rec in (run.get("stages") or {}).items():
+            if not isinstance(rec, dict):
+                continue
+            snap.stages[(str(stage), str(rec.get("status")))] += 1
+            finished = float(rec.get("finished_at") or 0.0)
+            if rec.get("seconds") is not None and finished >= latest.get(stage, (-1.0, 0.0))[0]:
+                latest[stage] = (finished, float(rec["seconds"]))
+    snap.stage_seconds = {stage: seconds for stage, (_, seconds) in latest.items()}
 
 
 def loop_snapshot(rollouts: list[RolloutRecord], versions: list[ModelVersion]) -> LoopSnapshot:
@@ -165,7 +191,23 @@ class LoopExporter:
             "gate": m.Counter(
                 "rayloop_gate_decisions_total", "Validation gate decisions on versions.", tag_keys=("model", "decision")
             ),
+            "stages": m.Counter(
+                "rayloop_pipeline_stages_total",
+                "Pipeline stages by outcome, over all runs.",
+                tag_keys=("model", "stage", "status"),
+            ),
         }
+        self._stage_seconds = m.Gauge(
+            "rayloop_pipeline_stage_last_duration_seconds",
+            "Seconds the stage took in the latest pipeline run that ran it.",
+            tag_keys=("model", "stage"),
+        )
+        self._last_run = m.Gauge(
+            "rayloop_pipeline_last_run_timestamp_seconds",
+            "UNIX time the latest pipeline run of the model last changed.",
+            tag_keys=("model",),
+        )
+        self._runs: dict[str, dict[str, Any]] = {}  # finished run records, read once
         self._exported: dict[tuple[str, tuple[str, ...]], float] = collections.defaultdict(float)
         self._registry: Any = None
         self._stop = threading.Event()
@@ -200,8 +242,28 @@ class LoopExporter:
             self._registry = Registry.from_settings(self.settings)
         reg = self._registry
         snap = loop_snapshot(reg.rollouts(self.model), reg.list_versions(self.model, include_deleted=True))
+        add_pipeline_runs(snap, self._pipeline_runs())
         self.export(snap)
         return snap
+
+    def _pipeline_runs(self) -> list[dict[str, Any]]:
+        import json
+
+        from rayloop.storage import Storage
+
+        st = Storage(self.settings.storage_root, s3_endpoint=self.settings.storage.s3_endpoint)
+        prefix = f"pipelines/{self.model}/runs"
+        if not st.exists(prefix):
+            return []
+        runs = []
+        for key in sorted(k for k in st.list(prefix) if k.endswith(".json")):
+            run = self._runs.get(key)
+            if run is None:
+                run = json.loads(st.read_bytes(key))
+                if run.get("finished_at"):
+                    self._runs[key] = run  # a finished run no longer changes
+            runs.append(run)
+        return runs
 
     def export(self, snap: LoopSnapshot) -> None:
         tags = {"model": self.model}
@@ -210,17 +272,23 @@ class LoopExporter:
         self._gauges["weight"].set(snap.canary_weight, tags=tags)
         if snap.last_rollback is not None:
             self._gauges["last_rollback"].set(snap.last_rollback, tags=tags)
+        if snap.last_run is not None:
+            self._last_run.set(snap.last_run, tags=tags)
+        for stage, seconds in snap.stage_seconds.items():
+            self._stage_seconds.set(seconds, tags={**tags, "stage": stage})
         counts: dict[str, dict[tuple[str, ...], int]] = {
             "analysis": {(v,): n for v, n in snap.analysis.items()},
             "rollouts": {(s, st): n for (s, st), n in snap.rollouts.items()},
             "rollbacks": {(r,): n for r, n in snap.rollbacks.items()},
             "gate": {(d,): n for d, n in snap.gate.items()},
+            "stages": {(st, status): n for (st, status), n in snap.stages.items()},
         }
         keys = {
             "analysis": ("verdict",),
             "rollouts": ("strategy", "status"),
             "rollbacks": ("reason",),
             "gate": ("decision",),
+            "stages": ("stage", "status"),
         }
         for name, values in counts.items():
             for labels, total in values.items():

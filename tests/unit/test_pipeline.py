@@ -211,3 +211,23 @@ def test_watch_keeps_watching_after_a_failed_run(settings: Settings, monkeypatch
     ev = _watch(settings, monkeypatch, [30, 30, 70], min_feedback=20, watch_interval_s=10, fail=True)
     assert [e for e in ev if isinstance(e, tuple)] == [("run", 0.0), ("run", 20.0)]
     assert "pipeline: run failed: DataError: nothing to train on" in ev
+
+
+def test_pipeline_runs_become_stage_metrics(settings: Settings, base: Registry) -> None:
+    """The serving replicas' loop exporter reads the run records: stage outcomes over all runs, the latest
+    run's stage durations (rayloop.monitoring.loop)."""
+    from rayloop.monitoring.loop import LoopExporter
+    from tests.unit.test_monitoring import _FakeMetrics, _value
+
+    _feedback(settings, 25)
+    run_pipeline(settings, steps=RecordingSteps(settings))
+    _feedback(settings, 30)
+    record = run_pipeline(settings, steps=RecordingSteps(settings, decision="rejected"))
+    exporter = LoopExporter(settings, "demo", interval_s=60, metrics=_FakeMetrics)
+    snap = exporter.poll()
+    assert snap.stages[("deploy", "done")] == 1 and snap.stages[("deploy", "skipped")] == 1
+    assert snap.stages[("evaluate", "done")] == 2
+    assert _value(exporter._counters["stages"], model="demo", stage="deploy", status="skipped") == 1.0
+    seconds = _value(exporter._stage_seconds, model="demo", stage="evaluate")
+    assert seconds == record["stages"]["evaluate"]["seconds"], "the latest run's duration"
+    assert _value(exporter._last_run, model="demo") == record["updated_at"]
