@@ -61,6 +61,7 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="rayloop", docs_url=None, redoc_url=None)
 
 RETRY_AFTER_S = 1
+PEER_LISTING_S = 10.0  # how long /v1/models waits for another model's app to list itself
 CLIENT_DISCONNECTED = "client disconnected"
 # Request ids this service issues (uuid4 hex); feedback for one may briefly precede its capture row.
 _ISSUED_ID = re.compile(r"[0-9a-f]{32}")
@@ -398,8 +399,9 @@ class OpenAIIngress:
         data = list(listing.get("data") or [])
         for app_name in await self._peer_apps(fresh=True):
             try:
-                other = await self._peer_handle(app_name).model_listing.remote()
-            except Exception as e:  # one model's app being down must not hide the others
+                # Bounded: a handle to an app removed since it was read waits for replicas that never come.
+                other = await asyncio.wait_for(self._peer_handle(app_name).model_listing.remote(), PEER_LISTING_S)
+            except Exception as e:  # one model's app being down (or gone) must not hide the others
                 logger.warning("listing the models of app %s failed: %s", app_name, e)
                 continue
             seen = {m.get("id") for m in data}

@@ -127,3 +127,25 @@ def check_console_during_canary(
         finally:
             browser.close()
     return seen
+
+
+def screenshot_prometheus_graphs(prom_url: str, exprs: list[str], path: Path, range_s: int) -> None:
+    """Prometheus' own graph page with ``exprs`` (the dashboard's queries, without Grafana), as a PNG."""
+    import urllib.parse
+
+    from playwright.sync_api import sync_playwright
+
+    params: dict[str, str] = {}
+    for i, expr in enumerate(exprs):
+        params.update({f"g{i}.expr": expr, f"g{i}.tab": "0", f"g{i}.range_input": f"{max(range_s, 60)}s"})
+    url = f"{prom_url}/graph?{urllib.parse.urlencode(params)}"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium_path(), args=["--no-sandbox", "--headless=new"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900 * len(exprs) // 2 + 400})
+            page.goto(url)
+            page.locator(".rickshaw_graph svg path").first.wait_for(state="attached", timeout=60_000)  # drawn
+            page.wait_for_load_state("networkidle")
+            page.screenshot(path=str(path), full_page=True)
+        finally:
+            browser.close()

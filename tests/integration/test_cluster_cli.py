@@ -102,7 +102,10 @@ def test_up_down_round_trip(tmp_path: Path, base_model_dir: Path) -> None:
         assert f"42 {home / 'storage'} sqlite:///{home / 'registry.db'}" in job.stdout, job.stdout
         # The README's pipeline job, exactly: it runs rayloop's pipeline against this head's registry (where
         # demo@production is) and store (no feedback yet), and stops there, failing closed with what to do.
-        for args in (["models", "register", "demo", str(base_model_dir)], ["models", "alias", "demo", "production", "1"]):
+        for args in (
+            ["models", "register", "demo", str(base_model_dir)],
+            ["models", "alias", "demo", "production", "1"],
+        ):
             r = subprocess.run([*cmd, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
             assert r.returncode == 0, r.stdout + r.stderr
         pipeline = subprocess.run(

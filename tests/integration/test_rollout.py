@@ -31,7 +31,11 @@ from rayloop.monitoring.assets import ALERTS, RULES_FILE, queries
 from rayloop.registry import Registry
 from rayloop.rollout.controller import deploy, send_command, status
 from rayloop.storage import Storage
-from tests.integration.console_util import artifacts_dir, check_console_during_canary
+from tests.integration.console_util import (
+    artifacts_dir,
+    check_console_during_canary,
+    screenshot_prometheus_graphs,
+)
 from tests.integration.prometheus_util import Prometheus
 from tests.integration.rollout_util import Load, active_phase, timeline, wait_for
 from tests.integration.serving_util import free_port, make_larger, serve_http_url
@@ -262,6 +266,12 @@ def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, 
     _dashboard_and_alerts_see_stable_and_canary(prometheus, watched_from)
     reasons = prometheus.query('max by (reason) (ray_rayloop_rollbacks_total{model="demo"})')
     assert {s["metric"]["reason"] for s in reasons} == {"analysis_failed"}, reasons
+    # A picture of the dashboard's traffic and feedback panels (Grafana itself is not packaged here).
+    picked = {"Traffic weight by version", "Feedback by version"}
+    exprs = [q.expr.replace("$model", "demo").replace("$__rate_interval", "1m") for t, q in queries() if t in picked]
+    screenshot_prometheus_graphs(
+        prometheus.url, exprs, artifacts_dir() / "dashboard-canary-rollback.png", int(time.time() - watched_from)
+    )
 
 
 def test_slow_canary_is_rolled_back_automatically(env: dict[str, Any]) -> None:
