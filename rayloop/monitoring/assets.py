@@ -39,6 +39,18 @@ def _ratio_5xx(window: str, sel: str = 'model=~"$model"') -> str:
     return f"({errors} or {total} * 0) / {total}"
 
 
+def _mean_rating(window: str, sel: str = 'model=~"$model"') -> str:
+    """Mean rating (-1..1) per version: (rate of +1 - rate of -1) / rate of rated feedback; a rating value
+    nobody gave counts 0 (its series does not exist)."""
+    by = "sum by (model, version)"
+    rated = f'{by} (rate(ray_rayloop_feedback_total{{{sel},rating=~"-1|0|1"}}[{window}]))'
+
+    def count(value: str) -> str:
+        return f'({by} (rate(ray_rayloop_feedback_total{{{sel},rating="{value}"}}[{window}])) or {rated} * 0)'
+
+    return f"({count('1')} - {count('-1')}) / {rated}"
+
+
 def _quantile(q: float, metric: str, by: str = "model, version, slot") -> str:
     return f"histogram_quantile({q}, sum by ({by}, le) (rate(ray_{metric}_bucket{SEL}[{RATE}])))"
 
@@ -226,12 +238,7 @@ ROWS: tuple[Row, ...] = (
                         "feedback/s v{{version}}",
                         ("model", "version"),
                     ),
-                    Query(
-                        f"sum by (model, version) (rate(ray_rayloop_feedback_rating_sum{SEL}[{RATE}])) / "
-                        f"sum by (model, version) (rate(ray_rayloop_feedback_rating_count{SEL}[{RATE}]))",
-                        "mean rating v{{version}}",
-                        ("model", "version"),
-                    ),
+                    Query(_mean_rating(RATE), "mean rating v{{version}}", ("model", "version")),
                 ),
                 "Ratings are -1, 0 or +1.",
             ),

@@ -17,8 +17,7 @@ rayloop_time_per_output_token_seconds      histogram  model, version, slot, endp
 rayloop_prompt_tokens_total                counter    model, version, slot
 rayloop_generation_tokens_total            counter    model, version, slot
 rayloop_requests_in_flight                 gauge      model, version, slot
-rayloop_feedback_total                     counter    model, version
-rayloop_feedback_rating                    histogram  model, version (``_sum / _count``: mean rating)
+rayloop_feedback_total                     counter    model, version, rating (-1, 0, 1; "none": a correction only)
 rayloop_traffic_weight                     gauge      model, version, slot (share 0-1; shadow: mirrored)
 rayloop_engine_info                        gauge      model, version, slot, ReplicaId (1 per engine)
 rayloop_weight_swaps_total                 counter    model, version, mode, outcome
@@ -42,8 +41,6 @@ GAUGE_REFRESH_S = 5.0
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 TOKEN_TIME_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 SWAP_BUCKETS_S = [0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0]
-# Ratings are -1, 0 or +1: a bucket boundary between each.
-RATING_BUCKETS = [-0.5, 0.5]
 
 SLOT_TAGS = ("model", "version", "slot")
 REQUEST_TAGS = (*SLOT_TAGS, "endpoint")
@@ -111,12 +108,10 @@ class ServingMetrics:
             "rayloop_generation_tokens_total", "Generated (completion) tokens.", tag_keys=SLOT_TAGS
         )
         self.in_flight = m.Gauge("rayloop_requests_in_flight", "Requests being answered.", tag_keys=SLOT_TAGS)
-        self.feedback = m.Counter("rayloop_feedback_total", "Feedback received.", tag_keys=("model", "version"))
-        self.rating = m.Histogram(
-            "rayloop_feedback_rating",
-            "Ratings received (sum / count: the mean rating).",
-            boundaries=RATING_BUCKETS,
-            tag_keys=("model", "version"),
+        # By rating value (Ray's histograms take positive bucket bounds only, and ratings go down to -1): the
+        # mean rating is (count of +1 - count of -1) / count of rated feedback.
+        self.feedback = m.Counter(
+            "rayloop_feedback_total", "Feedback received, by rating.", tag_keys=("model", "version", "rating")
         )
         self.traffic = m.Gauge(
             "rayloop_traffic_weight",
@@ -247,10 +242,9 @@ class ServingMetrics:
             self.generation_tokens.inc(generation_tokens, tags=tags)
 
     def observe_feedback(self, model: str, version: int, rating: int | None) -> None:
-        tags = {"model": model, "version": str(version)}
-        self.feedback.inc(1, tags=tags)
-        if rating is not None:
-            self.rating.observe(float(rating), tags=tags)
+        self.feedback.inc(
+            1, tags={"model": model, "version": str(version), "rating": "none" if rating is None else str(rating)}
+        )
 
     def observe_dropped(self, table: str, n: int) -> None:
         self.dropped.inc(n, tags={"table": table})

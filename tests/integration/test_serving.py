@@ -309,7 +309,6 @@ def test_metrics_on_ray_prometheus_endpoint(serving: dict[str, Any]) -> None:
         "ray_rayloop_prompt_tokens_total",
         "ray_rayloop_generation_tokens_total",
         "ray_rayloop_feedback_total",
-        "ray_rayloop_feedback_rating_count",
         "ray_rayloop_requests_in_flight",
         "ray_rayloop_weight_swaps_total",
         "ray_rayloop_weight_swap_duration_seconds_count",
@@ -347,7 +346,11 @@ def test_metrics_on_ray_prometheus_endpoint(serving: dict[str, Any]) -> None:
     assert all(s.labels["status_class"] == "2xx" and s.labels.get("replica") for s in ok), "Serve's labels too"
     bad = [s for s in metrics["ray_rayloop_requests_total"] if s.labels.get("code") == "400"]
     assert bad and all(s.labels["status_class"] == "4xx" for s in bad), "the bad-input tests' 400s are counted too"
-    assert any(s.value >= 1 for s in metrics["ray_rayloop_feedback_total"] if s.labels.get("version") == "1")
+    assert any(
+        s.value >= 1
+        for s in metrics["ray_rayloop_feedback_total"]
+        if (s.labels["version"], s.labels["rating"]) == ("1", "1")
+    )
     assert any(s.value > 0 for s in metrics["ray_rayloop_generation_tokens_total"] if s.labels.get("version") == "1")
     # Latency in seconds: a tiny model on CPU answers within seconds, so (almost) all are under 30 s and
     # none under 1 ms (milliseconds in a seconds histogram would be the other way round).

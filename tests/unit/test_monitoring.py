@@ -149,6 +149,18 @@ def test_request_metrics_are_in_seconds_with_a_status_class(monkeypatch: pytest.
     assert serving_metrics.NoMetrics().observe_request(tags, "chat", 200, 1.0, None, None, 0) is None
 
 
+def test_the_real_metric_classes_accept_every_definition() -> None:
+    """Ray validates names, tag keys and bucket bounds when a metric is made (positive bounds only): build
+    every metric with Ray's own classes (no cluster needed to construct them)."""
+    from ray.util import metrics as ray_metrics
+
+    m = serving_metrics.ServingMetrics()
+    assert m.requests is not None
+    for tags in ({"model": "demo", "version": "1"},):
+        m.observe_feedback(tags["model"], 1, -1)
+    LoopExporter(Settings(), "demo", interval_s=60, metrics=ray_metrics)
+
+
 def _defined_metric_names() -> set[str]:
     names: set[str] = set()
     for f in ("rayloop/serving/metrics.py", "rayloop/monitoring/loop.py", "rayloop/data/capture.py"):
