@@ -79,6 +79,34 @@ def _num(v: Any, digits: int = 3) -> str:
     return str(v)
 
 
+BOX_W, BOX_H, GAP_X, GAP_Y = 200, 86, 60, 34
+COLUMNS = {"snapshot": 0, "training": 1, "version": 2, "gate": 3}
+
+
+def _layout(data: dict[str, Any]) -> dict[str, Any]:
+    """Positions for the lineage graph: one row per version (oldest at the top), one column per kind."""
+    rows = {f"v{v.version}": i for i, v in enumerate(reversed(data["chain"]))}
+    boxes = {}
+    for n in data["nodes"]:
+        row = rows.get(f"v{n.id[1:]}", 0)
+        x = COLUMNS[n.kind] * (BOX_W + GAP_X) + 10
+        y = row * (BOX_H + GAP_Y) + 10
+        boxes[n.id] = {"node": n, "x": x, "y": y}
+    arrows = []
+    for src, dst, label in data["edges"]:
+        if src not in boxes or dst not in boxes:
+            continue
+        a, b = boxes[src], boxes[dst]
+        if a["y"] == b["y"]:  # same row: left to right
+            x1, y1, x2, y2 = a["x"] + BOX_W, a["y"] + BOX_H / 2, b["x"], b["y"] + BOX_H / 2
+        else:  # parent above child
+            x1, y1, x2, y2 = a["x"] + BOX_W / 2, a["y"] + BOX_H, b["x"] + BOX_W / 2, b["y"]
+        arrows.append({"x1": x1, "y1": y1, "x2": x2, "y2": y2, "label": label})
+    width = len(COLUMNS) * (BOX_W + GAP_X)
+    height = max(1, len(rows)) * (BOX_H + GAP_Y) + 10
+    return {"boxes": list(boxes.values()), "arrows": arrows, "width": width, "height": height, "w": BOX_W, "h": BOX_H}
+
+
 @serve.deployment(name=DEPLOYMENT)
 @serve.ingress(app)
 class Console:
@@ -217,34 +245,6 @@ class Console:
             prefix=self.prefix, signed_in=self.keys.enabled, title="Not found", message=message
         )
         return HTMLResponse(html, status_code=404)
-
-
-BOX_W, BOX_H, GAP_X, GAP_Y = 200, 86, 60, 34
-COLUMNS = {"snapshot": 0, "training": 1, "version": 2, "gate": 3}
-
-
-def _layout(data: dict[str, Any]) -> dict[str, Any]:
-    """Positions for the lineage graph: one row per version (oldest at the top), one column per kind."""
-    rows = {f"v{v.version}": i for i, v in enumerate(reversed(data["chain"]))}
-    boxes = {}
-    for n in data["nodes"]:
-        row = rows.get(f"v{n.id[1:]}", 0)
-        x = COLUMNS[n.kind] * (BOX_W + GAP_X) + 10
-        y = row * (BOX_H + GAP_Y) + 10
-        boxes[n.id] = {"node": n, "x": x, "y": y}
-    arrows = []
-    for src, dst, label in data["edges"]:
-        if src not in boxes or dst not in boxes:
-            continue
-        a, b = boxes[src], boxes[dst]
-        if a["y"] == b["y"]:  # same row: left to right
-            x1, y1, x2, y2 = a["x"] + BOX_W, a["y"] + BOX_H / 2, b["x"], b["y"] + BOX_H / 2
-        else:  # parent above child
-            x1, y1, x2, y2 = a["x"] + BOX_W / 2, a["y"] + BOX_H, b["x"] + BOX_W / 2, b["y"]
-        arrows.append({"x1": x1, "y1": y1, "x2": x2, "y2": y2, "label": label})
-    width = len(COLUMNS) * (BOX_W + GAP_X)
-    height = max(1, len(rows)) * (BOX_H + GAP_Y) + 10
-    return {"boxes": list(boxes.values()), "arrows": arrows, "width": width, "height": height, "w": BOX_W, "h": BOX_H}
 
 
 def build_app(args: dict[str, Any]) -> Any:

@@ -56,9 +56,11 @@ def check_console_during_canary(
             page.wait_for_url(f"{url}models/{model}")
             assert page.locator("h1").inner_text() == model
 
-            # Keyboard: the first Tab reaches the skip link, which moves focus to the content.
+            # Keyboard: the first Tab reaches the skip link, and Enter on it moves focus to the content.
             page.keyboard.press("Tab")
             assert page.evaluate("document.activeElement.textContent") == "Skip to content"
+            page.keyboard.press("Enter")
+            page.wait_for_function("document.activeElement && document.activeElement.id === 'main'")
 
             # Traffic now: the table and the weight chart show what Serve applies.
             status = live_status()
