@@ -37,6 +37,7 @@ from fastapi import Request
 
 from rayloop.monitoring.loop import LoopExporter
 from rayloop.serving.ingress import OpenAIIngress
+from rayloop.serving.metrics import metrics_module
 from rayloop.serving.protocol import ReplyHead, ReplyTail, served_model_id
 from rayloop.serving.routing import CANARY, SHADOW, STABLE, Picker, RouteTable, routing_secret, session_key
 from rayloop.serving.server import LLMServer
@@ -115,7 +116,11 @@ class EngineIngress(OpenAIIngress):
         self.loop_metrics: LoopExporter | None = None
         if sv.metrics:
             # Rollout and gate metrics, read back from the registry (whoever runs the controller).
-            self.loop_metrics = LoopExporter(self.settings, model, self.settings.monitoring.registry_poll_s)
+            # (Serve's metric classes: the series carry this app's `application` label, so several clusters'
+            # or registries' apps serving one model name stay apart)
+            self.loop_metrics = LoopExporter(
+                self.settings, model, self.settings.monitoring.registry_poll_s, metrics=metrics_module()
+            )
             self.loop_metrics.start()
         if self.capture is not None:
             self.capture = TappedCapture(self.capture, self.stats, lambda: self.table.observe)  # type: ignore[assignment]

@@ -51,7 +51,7 @@ def status_class(code: int) -> str:
     return f"{code // 100}xx"
 
 
-def _metrics_module() -> Any:
+def metrics_module() -> Any:
     """Serve's metric classes inside a replica (they add the replica's labels), else Ray's."""
     import importlib
 
@@ -79,7 +79,7 @@ class ServingMetrics:
     """Created once per replica process (metric objects are cheap handles)."""
 
     def __init__(self) -> None:
-        m = _metrics_module()
+        m = metrics_module()
         self.requests = m.Counter(
             "rayloop_requests_total",
             "Answered requests by HTTP status.",

@@ -263,8 +263,17 @@ def test_canary_with_worse_feedback_is_rolled_back_automatically(env: dict[str, 
         )
 
     wait_for(rollback_alert_fires, timeout=120, what="the RayloopRollbackHappened alert to fire", every=1.0)
+    # (other test modules' apps on this session cluster serve a "demo" too, from registries of their own: this
+    # app's series are told apart by Serve's `application` label)
+    ours = f'model="demo",application="{APP}"'
+
+    def our_rollback_is_recent() -> bool:
+        age = prometheus.query(f"time() - max(ray_rayloop_rollout_last_rollback_timestamp_seconds{{{ours}}})")
+        return bool(age) and float(age[0]["value"][1]) < 900
+
+    wait_for(our_rollback_is_recent, timeout=60, what="this app's rollback time on Prometheus", every=1.0)
     _dashboard_and_alerts_see_stable_and_canary(prometheus, watched_from)
-    reasons = prometheus.query('max by (reason) (ray_rayloop_rollbacks_total{model="demo"})')
+    reasons = prometheus.query(f"max by (reason) (ray_rayloop_rollbacks_total{{{ours}}})")
     assert {s["metric"]["reason"] for s in reasons} == {"analysis_failed"}, reasons
     # A picture of the dashboard's traffic and feedback panels (Grafana itself is not packaged here).
     picked = {"Traffic weight by version", "Feedback by version"}

@@ -123,7 +123,7 @@ def test_the_exporter_sends_increments_up_to_the_registrys_totals(settings: Sett
 
 
 def test_traffic_weights_follow_the_route_table(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serving_metrics, "_metrics_module", lambda: _FakeMetrics)
+    monkeypatch.setattr(serving_metrics, "metrics_module", lambda: _FakeMetrics)
     m = serving_metrics.ServingMetrics()
     m.set_traffic("demo", RouteTable(), 1)
     assert _value(m.traffic, model="demo", version="1", slot="stable") == 1.0
@@ -140,7 +140,7 @@ def test_traffic_weights_follow_the_route_table(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_request_metrics_are_in_seconds_with_a_status_class(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(serving_metrics, "_metrics_module", lambda: _FakeMetrics)
+    monkeypatch.setattr(serving_metrics, "metrics_module", lambda: _FakeMetrics)
     m = serving_metrics.ServingMetrics()
     tags = {"model": "demo", "version": "1", "slot": "stable"}
     m.observe_request(tags, "chat", 503, 1.5, 0.5, 7, 11)
