@@ -212,6 +212,42 @@ class EngineSettings(_Model):
     )
 
 
+class AutoscalingSettings(_Model):
+    """Ray Serve autoscaling of a version slot's engine replicas (``autoscaling_config`` of its deployment)."""
+
+    min_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Fewest replicas per active slot (an engine start takes "
+        "tens of seconds, so a slot never scales to zero).",
+    )
+    max_replicas: int = Field(default=2, ge=1, description="Most replicas per active slot.")
+    target_ongoing_requests: float = Field(
+        default=8.0, gt=0, description="Requests in flight per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(default=10.0, ge=0, description="Seconds of sustained load before adding a replica.")
+    downscale_delay_s: float = Field(default=300.0, ge=0, description="Seconds of low load before removing a replica.")
+
+    @model_validator(mode="after")
+    def _check_range(self) -> AutoscalingSettings:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"serving.autoscaling.max_replicas ({self.max_replicas}) is below min_replicas ({self.min_replicas})"
+            )
+        return self
+
+    def serve_config(self) -> dict[str, float | int]:
+        """Serve's ``autoscaling_config`` for a deployment."""
+        return {
+            "min_replicas": self.min_replicas,
+            "initial_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+        }
+
+
 class ServingSettings(_Model):
     app_name: str = Field(default="rayloop", description="Serve application name.")
     route_prefix: str = Field(default="/", description="HTTP route prefix of the application.")
@@ -224,7 +260,12 @@ class ServingSettings(_Model):
     http_host: str = Field(default="127.0.0.1", description="Serve HTTP proxy host.")
     http_port: int = Field(default=8000, ge=1, le=65535, description="Serve HTTP proxy port.")
     model: str = Field(default="demo", description="Registry model name served by default.")
-    replicas: int = Field(default=1, ge=1, description="Replicas per version slot.")
+    replicas: int = Field(default=1, ge=1, description="Replicas per version slot (without autoscaling).")
+    autoscaling: AutoscalingSettings | None = Field(
+        default=None,
+        description="Scale each active slot's replicas with its load (Ray Serve autoscaling) instead of a fixed "
+        "`replicas`. A replica added during or after a rollout starts on the version its slot serves.",
+    )
     replica_num_cpus: float = Field(
         default=0.5, gt=0, description="CPUs reserved per replica (fractional on small machines)."
     )
@@ -340,6 +381,17 @@ class ServingSettings(_Model):
     engine: EngineSettings = Field(
         default_factory=EngineSettings, description="The vLLM engine of each serving replica."
     )
+
+    @property
+    def max_replicas(self) -> int:
+        """The most replicas one active slot may have (fixed ``replicas``, or the autoscaler's maximum)."""
+        return self.replicas if self.autoscaling is None else self.autoscaling.max_replicas
+
+    def replica_count(self) -> dict[str, Any]:
+        """The replica-count part of an active slot's Serve deployment options."""
+        if self.autoscaling is None:
+            return {"num_replicas": self.replicas}
+        return {"autoscaling_config": self.autoscaling.serve_config()}
 
     @property
     def base_url(self) -> str:

@@ -121,11 +121,13 @@ class ServeBackend:
             self.app_name = app_for_model(self.control.apps(), model, sv.app_name, sv.route_prefix)
 
     def read(self) -> AppState | None:
-        from rayloop.serving.app import read_state
+        from rayloop.serving.control import running_state
 
         mine = self._mine(self.control.apps())
         self._deployed = mine
-        return None if mine is None else read_state(mine)
+        # (an app whose config names an alias instead of a version, as a KubeRay manifest does: what its
+        # replicas serve)
+        return None if mine is None else running_state(mine)
 
     def app_settings(self) -> Settings:
         """Settings the running app was built with (its replicas use these, not the caller's)."""
@@ -176,7 +178,7 @@ class ServeBackend:
                 state,
                 since=self._since,
                 timeout_s=timeout_s,
-                replicas=self.app_settings().serving.replicas,
+                replicas=self.app_settings().serving.max_replicas,
                 check=check,
                 progress=progress,
             )

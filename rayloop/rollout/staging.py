@@ -28,6 +28,7 @@ def staging_settings(settings: Settings) -> Settings:
             "app_name": f"{s.app_name}-{STAGING}",
             "route_prefix": s.staging_route_prefix,
             "replicas": s.staging_replicas,
+            "autoscaling": None,  # testers' traffic: a fixed staging_replicas
             "capture": False,
         }
     )

@@ -183,7 +183,7 @@ def slot_options(settings: Settings, slot: str, cfg: ModelConfig | None) -> dict
         return {"name": slot_deployment_name(slot), "num_replicas": 1, "ray_actor_options": {"num_cpus": IDLE_NUM_CPUS}}
     return {
         "name": slot_deployment_name(slot),
-        "num_replicas": settings.serving.replicas,
+        **settings.serving.replica_count(),
         "ray_actor_options": engine_actor_options(settings),
         "user_config": cfg.user_config(),
         **_placement(settings),
@@ -207,7 +207,7 @@ def app_config(
     deployments: list[dict[str, Any]] = [
         {
             "name": slot_deployment_name(STABLE),
-            "num_replicas": settings.serving.replicas,
+            **settings.serving.replica_count(),
             "ray_actor_options": engine_actor_options(settings),
             "user_config": stable_user_config(state.slots.get(STABLE), state.table),
             **_placement(settings),
@@ -297,7 +297,7 @@ def build_app(args: ServeArgs | dict[str, Any]) -> Any:
     admitted = s.serving.max_ongoing_requests + s.serving.max_queued_requests
     opts: dict[str, Any] = {
         "name": slot_deployment_name(STABLE),
-        "num_replicas": s.serving.replicas,
+        **s.serving.replica_count(),
         "max_ongoing_requests": admitted + 32,
         "max_queued_requests": -1,
         "ray_actor_options": engine_actor_options(s),

@@ -30,10 +30,9 @@ from rayloop.serving.app import (
     engine_actor_options,
     idle_state,
     parked_slots,
-    read_state,
     slot_deployment_name,
 )
-from rayloop.serving.control import Control, ServeControl, wait_for_state
+from rayloop.serving.control import Control, ServeControl, running_state, wait_for_state
 from rayloop.serving.protocol import ModelConfig, parse_ref
 from rayloop.serving.routing import STABLE, RouteTable
 from rayloop.storage import Storage
@@ -176,7 +175,7 @@ def deploy(
     previous: int | None = plan["previous"]
     replicas: list[dict[str, Any]] = []
     if wait:
-        n = plan["settings"].serving.replicas
+        n = plan["settings"].serving.max_replicas
         wait_for_state(name, plan["state"], since=since, timeout_s=timeout_s, replicas=n, progress=progress)
         replicas = replica_infos(name, 2 * n)
     return DeployResult(
@@ -191,7 +190,7 @@ def _check_upgrade(name: str, mine: dict[str, Any], cfg: ModelConfig, args: Serv
             f"app {name!r} is not a rayloop serving app (import_path {mine.get('import_path')!r})",
             hint="Pick another --app name, or delete that app first with `serve delete`.",
         )
-    cur = read_state(mine)
+    cur = running_state(mine)
     if cur.model != cfg.model:
         raise ServingError(
             f"app {name!r} serves model {cur.model!r}, not {cfg.model!r}",

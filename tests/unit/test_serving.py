@@ -607,3 +607,38 @@ def test_a_registry_password_never_travels_in_serve_args(tmp_path: Path) -> None
     replica = ServeArgs.model_validate(_json.loads(dumped))
     assert database_url(replica.settings) == "postgresql://rayloop:s3cr%2Ft@db.internal:5432/rayloop"
     assert ServeArgs(model="demo", settings=s).model_dump() == args.model_dump()  # the same args each time
+
+
+def test_autoscaling_replaces_fixed_replicas_on_active_slots_only(tmp_path: Path) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayloop.config import settings_from_dict
+    from rayloop.serving.app import AppState, app_config, slot_deployment_name
+    from rayloop.serving.routing import CANARY, SHADOW, STABLE, RouteTable
+
+    scaled = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}
+    s = settings_from_dict({"home": str(tmp_path), "serving": {"replicas": 2, "autoscaling": scaled}})
+    assert s.serving.max_replicas == 3
+    v1 = ModelConfig(model="demo", version=1, fingerprint="a" * 64)
+    v2 = ModelConfig(model="demo", version=2, fingerprint="b" * 64)
+    state = AppState(model="demo", slots={STABLE: v1, CANARY: v2, SHADOW: None}, table=RouteTable(canary_percent=25))
+    app = app_config(s, ServeArgs(model="demo", settings=s), state)
+    deps = {d["name"]: d for d in app["deployments"]}
+    for slot in (STABLE, CANARY):  # the active slots scale with their load, from min_replicas up
+        d = deps[slot_deployment_name(slot)]
+        assert "num_replicas" not in d
+        assert d["autoscaling_config"]["min_replicas"] == 1 and d["autoscaling_config"]["max_replicas"] == 3
+        assert d["autoscaling_config"]["target_ongoing_requests"] == 4
+    idle = deps[slot_deployment_name(SHADOW)]
+    assert idle["num_replicas"] == 1 and "autoscaling_config" not in idle
+    ServeDeploySchema.model_validate({"applications": [app]})  # Serve accepts it as written
+
+    fixed = app_config(
+        s.model_copy(update={"serving": s.serving.model_copy(update={"autoscaling": None})}),
+        ServeArgs(model="demo", settings=s),
+        state,
+    )
+    assert {d["name"]: d.get("num_replicas") for d in fixed["deployments"]}[slot_deployment_name(STABLE)] == 2
+
+    with pytest.raises(ConfigError, match=r"max_replicas \(1\) is below min_replicas \(2\)"):
+        settings_from_dict({"home": str(tmp_path), "serving": {"autoscaling": {"min_replicas": 2, "max_replicas": 1}}})
