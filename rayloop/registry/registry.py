@@ -20,6 +20,7 @@ version, and the number it took is never handed out again.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -359,13 +360,36 @@ class Registry(RolloutBook):
         match the manifest raises :class:`IntegrityError` naming the file.
         """
         mv = self.resolve(ref)
-        target = Path(dest).expanduser().absolute() if dest is not None else self.cache_dir / "models" / mv.fingerprint
+        if dest is not None:
+            return self._fetch_into(
+                mv, Path(dest).expanduser().absolute(), dest_given=True, rehash=rehash, progress=progress
+            )
+        # The node-local cache: replicas starting together on one node share one download (the first one to
+        # take the lock fetches, the others find its verified copy).
+        target = self.cache_dir / "models" / mv.fingerprint
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target.parent / f".{mv.fingerprint}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                return self._fetch_into(mv, target, dest_given=False, rehash=rehash, progress=progress)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _fetch_into(
+        self,
+        mv: ModelVersion,
+        target: Path,
+        *,
+        dest_given: bool,
+        rehash: bool,
+        progress: artifacts.Progress | None,
+    ) -> Path:
         if target.exists() and not target.is_dir():
             raise RegistryError(f"destination {str(target)!r} is a file", hint="Pass a directory path as dest.")
         if target.exists():
             if artifacts.local_copy_ok(target, mv.manifest, rehash=rehash):
                 return target
-            if dest is not None and any(target.iterdir()) and not (target / artifacts.MARKER_FILE).is_file():
+            if dest_given and any(target.iterdir()) and not (target / artifacts.MARKER_FILE).is_file():
                 raise RegistryError(
                     f"destination {str(target)!r} is not empty", hint="Pass an empty or missing directory as dest."
                 )

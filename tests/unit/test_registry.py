@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import pickle
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,50 @@ def test_same_content_same_fingerprint_new_version(reg: Registry, model: Path, t
     assert [a.version, b.version, c.version] == [1, 2, 3]
     assert a.fingerprint == b.fingerprint != c.fingerprint
     assert reg.fetch("demo@1") == reg.fetch("demo@2")  # one cached copy per content
+
+
+def test_replicas_starting_together_on_one_node_share_one_download(
+    reg: Registry, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four replicas of a node fetch one version at once: one download, all four get the verified copy."""
+    import threading
+
+    from rayloop.registry import artifacts
+
+    mv = reg.register("demo", model)
+    real = artifacts.download_verified
+    downloads: list[str] = []
+    started = threading.Event()
+
+    resolved = threading.Semaphore(0)
+    real_resolve = reg.resolve
+
+    def counting_resolve(ref: Any) -> ModelVersion:
+        resolved.release()
+        return real_resolve(ref)
+
+    def slow_download(*a: Any, **kw: Any) -> None:
+        downloads.append(mv.ref)
+        started.set()
+        for _ in range(4):  # every replica has asked for the version while this download runs
+            assert resolved.acquire(timeout=30)
+        time.sleep(0.2)  # a download takes a while: the others look for the copy meanwhile
+        real(*a, **kw)
+
+    monkeypatch.setattr(reg, "resolve", counting_resolve)
+    monkeypatch.setattr(artifacts, "download_verified", slow_download)
+    got: list[Path] = []
+    first = threading.Thread(target=lambda: got.append(reg.fetch(mv.ref)))
+    first.start()
+    assert started.wait(30)
+    others = [threading.Thread(target=lambda: got.append(reg.fetch(mv.ref))) for _ in range(3)]
+    for t in others:
+        t.start()
+    for t in [first, *others]:
+        t.join(60)
+    assert downloads == [mv.ref]
+    assert len(got) == 4 and len(set(got)) == 1
+    assert artifacts.local_copy_ok(got[0], mv.manifest, rehash=True)
 
 
 def test_versions_are_never_reused_after_delete(reg: Registry, model: Path) -> None:
