@@ -343,6 +343,19 @@ def _print_status(st: dict[str, Any]) -> None:
                 str(m.get("mean_rating") if m.get("mean_rating") is not None else ""),
             )
         con.print(t)
+        placed = [(slot, r) for slot, reps in (st.get("replicas") or {}).items() for r in reps]
+        if placed:
+            t = Table("replica", "slot", "state", "node", "version")
+            for slot, r in placed:
+                v = r.get("version", "?")
+                t.add_row(
+                    str(r["replica"]),
+                    slot,
+                    str(r["state"]),
+                    f"{r.get('node_ip') or ''} {str(r.get('node_id') or '')[:12]}".strip(),
+                    "-" if v is None else (f"v{v}" if isinstance(v, int) else str(v)),
+                )
+            con.print(t)
     cap = st.get("capture")
     if cap:
         con.print(_capture_line(cap))

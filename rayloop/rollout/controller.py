@@ -1087,6 +1087,7 @@ def status(
     app: AppState | None = None
     app_error: str | None = None
     live: dict[str, Any] = {}
+    placement: dict[str, Any] = {}
     try:
         be = be or _default_backend(settings, start_local=False)
         if name is not None:
@@ -1097,6 +1098,11 @@ def status(
             live = {k: v.summary() for k, v in be.window(now - window_s).items()}
             if app.slots.get(SHADOW) is not None:
                 live["shadow_pairs"] = be.shadow_window(now - window_s)
+            from rayloop.rollout.backend import ServeBackend
+            from rayloop.serving.control import ServeControl
+
+            if isinstance(be, ServeBackend) and isinstance(be.control, ServeControl):
+                placement = be.control.placement(be.app_name)
     except Exception as e:  # status must work without a cluster
         app_error = f"{type(e).__name__}: {e}"
     capture: dict[str, Any] | None = None
@@ -1128,6 +1134,7 @@ def status(
         "serve_error": app_error,
         "live_window_s": window_s,
         "live": live,
+        "replicas": placement,
         "capture": capture,
         "models": models,
     }

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from rayloop.config import Settings
 from rayloop.errors import ClusterError, LeaseLostError, ServingError
-from rayloop.serving.app import AppState, slot_deployment_name
+from rayloop.serving.app import AppState, read_state, slot_deployment_name
+from rayloop.serving.protocol import ModelConfig
 from rayloop.serving.routing import SLOTS, STABLE
 
 if TYPE_CHECKING:
@@ -141,6 +142,75 @@ def deployed_apps(details: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def running_state(app: dict[str, Any]) -> AppState:
+    """The :class:`AppState` of a deployed app. When its config names no version for the stable slot (a Serve
+    config or KubeRay manifest that gives ``NAME@ALIAS``, resolved when Serve built the app), the version comes
+    from the stable replicas themselves. Needs a connected Ray driver in that case."""
+    state = read_state(app)
+    args = app.get("args") or {}
+    if state.slots.get(STABLE) is not None or not ("@" in str(args.get("model", "")) or args.get("path")):
+        return state  # the config names the version, or the app was built with none (idle)
+    cfg = stable_from_replicas(app["name"])
+    return state if cfg is None else state.model_copy(update={"slots": {**state.slots, STABLE: cfg}})
+
+
+def stable_from_replicas(app_name: str, asks: int = 6) -> ModelConfig | None:
+    """The version the stable replicas of ``app_name`` serve (None: none loaded); raises when they disagree."""
+    from ray import serve
+
+    h = serve.get_deployment_handle(slot_deployment_name(STABLE), app_name)
+    seen: set[ModelConfig] = set()
+    for _ in range(asks):
+        info = h.info.remote().result(timeout_s=30)
+        if info.get("version") is not None:
+            seen.add(
+                ModelConfig(
+                    model=info["model"], version=info["version"], fingerprint=info["fingerprint"], path=info.get("path")
+                )
+            )
+    if len(seen) > 1:
+        raise ServingError(
+            f"the stable replicas of Serve app {app_name!r} serve different versions "
+            f"({', '.join(sorted(f'v{c.version}' for c in seen))}) and its config names none",
+            hint="Wait until Serve has finished starting the app (`serve status`), then try again.",
+        )
+    return next(iter(seen), None)
+
+
+def replica_placement(details: dict[str, Any], app_name: str) -> dict[str, list[dict[str, Any]]]:
+    """slot -> its replicas as Serve's details report them: replica id, state, node id and IP."""
+    app = (details.get("applications") or {}).get(app_name) or {}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for slot in SLOTS:
+        dep = (app.get("deployments") or {}).get(slot_deployment_name(slot)) or {}
+        out[slot] = [
+            {
+                "replica": r.get("replica_id"),
+                "state": r.get("state"),
+                "node_id": r.get("node_id"),
+                "node_ip": r.get("node_ip"),
+            }
+            for r in dep.get("replicas") or []
+        ]
+    return out
+
+
+def replica_versions(app_name: str, slot: str, replicas: int, *, tries: int = 0) -> dict[str, int | None]:
+    """replica id -> the version it serves, for the running replicas of a slot that answer ``info`` within
+    ``tries`` calls (default 4 per replica; Serve spreads calls, so a replica may be missed). Needs a Ray driver."""
+    from ray import serve
+
+    h = serve.get_deployment_handle(slot_deployment_name(slot), app_name)
+    seen: dict[str, int | None] = {}
+    for _ in range(tries or 4 * replicas):
+        info = h.info.remote().result(timeout_s=10)
+        if info.get("replica"):
+            seen[info["replica"]] = None if info.get("parked") else info.get("version")
+        if len(seen) >= replicas:
+            break
+    return seen
+
+
 class ServeControl:
     """:class:`Control` on a live cluster: the dashboard REST API when its address is known, else this
     driver's Serve controller client (the same calls the REST API makes). Needs a connected Ray driver
@@ -193,6 +263,23 @@ class ServeControl:
     def apps(self) -> list[dict[str, Any]]:
         # (no Serve on the cluster yet: no details, nothing runs)
         return deployed_apps(self._details())
+
+    def placement(self, app_name: str) -> dict[str, list[dict[str, Any]]]:
+        """slot -> replicas of ``app_name`` with their node and state, and the version each running one serves
+        (None: idle or parked; absent: it did not answer)."""
+        placed = replica_placement(self._details(), app_name)
+        for slot, reps in placed.items():
+            running = [r for r in reps if r["state"] == "RUNNING"]
+            if not running:
+                continue
+            try:
+                versions = replica_versions(app_name, slot, len(running))
+            except Exception:  # a replica that does not answer leaves its version unknown
+                versions = {}
+            for r in reps:
+                if r["replica"] in versions:
+                    r["version"] = versions[r["replica"]]
+        return placed
 
     def apply(self, apps: list[dict[str, Any]], *, check: Callable[[], None] | None = None) -> None:
         """Replace Serve's whole config with ``apps``.

@@ -134,6 +134,25 @@ class _Loaded:
     signature: checkpoint.Signature
 
 
+def _placement_of_this_replica() -> dict[str, str | None]:
+    """The Serve replica id and Ray node id of the calling replica (None for either outside Serve or Ray)."""
+    replica = node = None
+    try:
+        from ray import serve
+
+        replica = serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not in a Serve replica (unit tests, the evaluation engine)
+        pass
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except Exception:
+        pass
+    return {"replica": replica, "node_id": node}
+
+
 class LLMServer:
     """Serve deployment class: one engine, one model version at a time.
 
@@ -359,8 +378,10 @@ class LLMServer:
             "version": lo.cfg.version if lo else None,
             "parked": lo.cfg.parked if lo else False,
             "fingerprint": lo.fingerprint if lo else None,
+            "path": lo.cfg.path if lo else None,
             "model_dir": lo.model_dir if lo else None,
             "last_swap": asdict(self.last_swap) if self.last_swap else None,
+            **_placement_of_this_replica(),
         }
 
     async def check_health(self) -> None:

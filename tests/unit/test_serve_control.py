@@ -138,3 +138,30 @@ def test_remove_returns_once_serve_has_stopped_the_app(tmp_path: Path) -> None:
     assert Draining.polls == 3, "it waited until Serve no longer listed the app"
     assert [a["name"] for a in control.apps()] == ["rayloop"]
     assert control.remove("gone") is False
+
+
+def test_replica_placement_reads_node_and_state_per_slot_from_serves_details() -> None:
+    from rayloop.serving.control import replica_placement
+
+    def rep(rid: str, state: str, node: str) -> dict[str, Any]:
+        return {"replica_id": rid, "state": state, "node_id": node, "node_ip": f"10.0.0.{node[-1]}", "pid": 1}
+
+    details = {
+        "applications": {
+            "rayloop": {
+                "deployments": {
+                    "llm-stable": {"replicas": [rep("a", "RUNNING", "n1"), rep("b", "STARTING", "n2")]},
+                    "llm-canary": {"replicas": [rep("c", "RUNNING", "n2")]},
+                }
+            },
+            "other": {"deployments": {"llm-stable": {"replicas": [rep("x", "RUNNING", "n3")]}}},
+        }
+    }
+    placed = replica_placement(details, "rayloop")
+    assert placed["stable"] == [
+        {"replica": "a", "state": "RUNNING", "node_id": "n1", "node_ip": "10.0.0.1"},
+        {"replica": "b", "state": "STARTING", "node_id": "n2", "node_ip": "10.0.0.2"},
+    ]
+    assert [r["replica"] for r in placed["canary"]] == ["c"] and placed["shadow"] == []
+    assert replica_placement(details, "missing") == {"stable": [], "canary": [], "shadow": []}
+    assert replica_placement({}, "rayloop") == {"stable": [], "canary": [], "shadow": []}
