@@ -1,5 +1,7 @@
 """``ray job submit --working-dir . -- python -m train_jobs.retrain --snapshot ID [--base NAME@REF] ...``.
 
+``--snapshot`` defaults to ``$RAYLOOP_SNAPSHOT`` (how ``cluster/rayjob.yaml`` passes it).
+
 Validates arguments into :class:`RetrainArgs` and settings, then trains with
 Ray Train + DeepSpeed, exports safetensors and registers the candidate. The
 last stdout line is ``RAYLOOP_RESULT {json}``.
@@ -14,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from rayloop.config import Settings
 from train_jobs._args import common_parser, described, run, settings_from
+
+# A job on Kubernetes gets its snapshot from the environment (a ConfigMap), so its manifest stays the same per run.
+SNAPSHOT_ENV = "RAYLOOP_SNAPSHOT"
 
 
 class RetrainArgs(BaseModel):
@@ -32,7 +37,11 @@ class RetrainArgs(BaseModel):
 def parse(argv: list[str]) -> tuple[RetrainArgs, Settings]:
     """The job's command line as validated arguments and settings (nothing runs)."""
     ap = common_parser("Fine-tune the parent on a snapshot with Ray Train + DeepSpeed.")
-    ap.add_argument("--snapshot", required=True, help=described(RetrainArgs, "snapshot"))
+    ap.add_argument(
+        "--snapshot",
+        default=os.environ.get(SNAPSHOT_ENV) or None,
+        help=f"{described(RetrainArgs, 'snapshot')} Default: ${SNAPSHOT_ENV}.",
+    )
     ap.add_argument("--base", help=described(RetrainArgs, "base"))
     ap.add_argument("--workers", type=int, help=described(RetrainArgs, "workers"))
     ap.add_argument("--zero-stage", type=int, help=described(RetrainArgs, "zero_stage"))
@@ -45,6 +54,11 @@ def parse(argv: list[str]) -> tuple[RetrainArgs, Settings]:
 
     from rayloop.errors import ConfigError
 
+    if not ns.snapshot:
+        raise ConfigError(
+            "no snapshot to train on",
+            hint=f"Pass --snapshot ID or set {SNAPSHOT_ENV} (`rayloop data preprocess` prints the id of the snapshot it makes).",
+        )
     try:
         args = RetrainArgs(
             snapshot=ns.snapshot,
