@@ -212,6 +212,8 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
         f"--metrics-export-port={settings.ray.metrics_export_port}",
         "--disable-usage-stats",
     ]
+    if settings.ray.resources:
+        cmd.append(f"--resources={json.dumps(settings.ray.resources)}")
     token = ensure_auth_token(settings) if settings.ray.auth == "token" else None
     env = head_env(settings, token=token)
     # The supervisor (rayloop.head) drains Serve and the capture writer before it signals Ray. Ray's own

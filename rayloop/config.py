@@ -20,6 +20,9 @@ setting, an empty variable is ignored. These older names still work; the
 - ``RAYLOOP_REGISTRY_URL``: ``registry.url``, ``sqlite:///path.db`` or ``postgresql://...``.
 - ``RAY_ADDRESS``: ``ray.address``, attach to this cluster instead of the local one.
 
+``RAYLOOP_NODE_DIR`` (read on each node, not a setting): the node's own directory for the model cache and
+the capture journal, where the nodes of a cluster do not share the head's ``home`` path.
+
 ``RAYLOOP_HOME`` (``home``) is the root of the embedded default (``./.rayloop``);
 storage and the SQLite registry live under it unless set explicitly.
 
@@ -46,6 +49,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from rayloop.errors import ConfigError
 
 _STORAGE_SCHEMES = ("file", "s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+NODE_DIR_ENV = "RAYLOOP_NODE_DIR"  # a node's own directory (see Settings.node_path)
 
 
 class _Model(BaseModel):
@@ -131,10 +135,11 @@ class RaySettings(_Model):
     port: int = Field(default=6379, ge=1, le=65535, description="GCS port of the local head `rayloop up` starts.")
     num_cpus: int = Field(
         default=4,
-        ge=1,
+        ge=0,
         description="Logical CPUs the local head advertises (explicit: never autodetected). More than a small "
         "machine's cores on purpose: Serve replicas, Train workers and Ray Data's 1-CPU file listing task must "
-        "all be schedulable at once during a rollout; the work itself is light.",
+        "all be schedulable at once during a rollout; the work itself is light. 0: a head that only "
+        "coordinates, with worker nodes doing the work (as KubeRay's head with num-cpus 0).",
     )
     num_gpus: int = Field(default=0, ge=0, description="GPUs the local head advertises.")
     dashboard_host: str = Field(default="127.0.0.1", description="Dashboard bind address.")
@@ -155,6 +160,11 @@ class RaySettings(_Model):
         le=65535,
         description="Port of the Prometheus endpoint the head `rayloop up` starts exports Ray's, Serve's, vLLM's "
         "and rayloop's metrics on; $RAYLOOP_HOME/monitoring/prometheus.yml scrapes it.",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom resources the local head advertises (ray start --resources), for example a label "
+        "resource that pins work to this node.",
     )
     auth: Literal["token", "disabled"] = Field(
         default="token",
@@ -259,6 +269,12 @@ class ServingSettings(_Model):
     staging_replicas: int = Field(default=1, ge=1, description="Engine replicas of the staging app.")
     http_host: str = Field(default="127.0.0.1", description="Serve HTTP proxy host.")
     http_port: int = Field(default=8000, ge=1, le=65535, description="Serve HTTP proxy port.")
+    proxy_location: Literal["EveryNode", "HeadOnly", "Disabled"] = Field(
+        default="EveryNode",
+        description="Where Serve runs HTTP proxies: on every node (put a load balancer in front of them), on the "
+        "head only, or nowhere. Several Ray nodes on one machine as different Unix users cannot share a port: "
+        "use HeadOnly there.",
+    )
     model: str = Field(default="demo", description="Registry model name served by default.")
     replicas: int = Field(default=1, ge=1, description="Replicas per version slot (without autoscaling).")
     autoscaling: AutoscalingSettings | None = Field(
@@ -339,6 +355,19 @@ class ServingSettings(_Model):
         gt=0,
         description="Longest time, in seconds, between two writes of the capture writer's buffer to storage "
         "(replicas hand their rows to the writer, which logs them ahead on its node's disk, every 0.5 s at most).",
+    )
+    capture_ack: bool = Field(
+        default=True,
+        description="A response completes only once the capture writer holds its interaction row (in its journal "
+        "on the head's disk), so a replica's node that dies cannot take with it the row of a request its client "
+        "saw succeed. Costs one round trip to the writer per request, shared by the requests in flight. false: "
+        "rows go out every 0.5 s, and a dying node loses up to that much.",
+    )
+    capture_ack_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Longest wait for that acknowledgement; past it the response completes and the row stays "
+        "queued for a later shipment.",
     )
     capture_max_buffer: int = Field(default=10_000, ge=1, description="Rows buffered before new ones are dropped.")
     capture_batch_bytes: int = Field(
@@ -681,6 +710,19 @@ class Settings(_Model):
     @property
     def home_path(self) -> Path:
         return Path(self.home).expanduser().absolute()
+
+    @property
+    def node_path(self) -> Path:
+        """This node's own directory for what each node keeps apart (the model cache, the capture journal):
+        ``$RAYLOOP_NODE_DIR`` of the process asking, where the node sets it, else :attr:`home_path`.
+
+        Settings travel from the driver to replicas and tasks on other nodes, so ``home`` there is the head's
+        path. Where every node has that path (KubeRay pods, one machine) nothing needs setting; where it does
+        not, start each node with ``RAYLOOP_NODE_DIR`` in its environment (``ray start`` passes it on to the
+        node's workers).
+        """
+        node_dir = os.environ.get(NODE_DIR_ENV)
+        return Path(node_dir).expanduser().absolute() if node_dir else self.home_path
 
     @property
     def base_model_path(self) -> Path:

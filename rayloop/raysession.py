@@ -9,9 +9,12 @@ and the caller shuts it down when done (``ensure_ray`` returns True then).
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from rayloop.config import Settings
 from rayloop.errors import ClusterError
+
+HEAD_RESOURCE = "node:__internal_head__"  # every Ray head node has one
 
 
 def ensure_ray(settings: Settings) -> bool:
@@ -62,3 +65,16 @@ def data_context() -> object:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     return ctx
+
+
+def on_the_head() -> dict[str, Any]:
+    """Actor options that put a cluster-wide singleton (the capture writer, a stats actor) on the head node.
+
+    The head holds the cluster's control state (GCS, Serve's controller) and outlives worker nodes, which
+    come and go with autoscaling and failures: a singleton there keeps its local journal when a worker node
+    dies. It asks for a sliver of the head's own resource (``node:__internal_head__``) rather than for the
+    head's node id: a head that comes back (GCS fault tolerance on KubeRay) has a new id but the same
+    resource, so the actor restarts there. (Soft node affinity is not enough: Ray places an actor whose
+    creator has a runtime environment on another node whenever the head has no CPUs.)
+    """
+    return {"resources": {HEAD_RESOURCE: 0.001}}

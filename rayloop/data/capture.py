@@ -55,12 +55,12 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rayloop.config import Settings
+from rayloop.config import NODE_DIR_ENV, Settings
 from rayloop.data.schema import (
     FEEDBACK_DIR,
     FEEDBACK_SCHEMA,
@@ -476,13 +476,14 @@ class _WriteAhead:
 
 
 def default_journal_dir(home: str | None = None) -> str:
-    """``<home>/capture-journal`` (``home`` or ``$RAYLOOP_HOME``) if that is an absolute path, else
-    ``<temp dir>/rayloop-capture-journal``.
+    """``<dir>/capture-journal`` on the writer's node: ``dir`` is ``$RAYLOOP_NODE_DIR`` where the node sets
+    it, else ``home`` or ``$RAYLOOP_HOME`` if that is an absolute path; else
+    ``<temp dir>/rayloop-capture-journal``. Resolved in the writer process, on its own node.
 
     A relative home is not used: it would resolve against the writer process's working directory, which
     under Ray is not the one the user started from.
     """
-    home = home or os.environ.get("RAYLOOP_HOME")
+    home = os.environ.get(NODE_DIR_ENV) or home or os.environ.get("RAYLOOP_HOME")
     if home and Path(home).expanduser().is_absolute():
         return str(Path(home).expanduser() / "capture-journal")
     return os.path.join(tempfile.gettempdir(), "rayloop-capture-journal")
@@ -512,6 +513,7 @@ class CaptureWriter:
         journal_dir: str | None = None,
         journal_max_bytes: int | None = None,
         scrub_pii: bool = False,
+        home: str | None = None,
     ) -> None:
         if isinstance(storage_root, Storage):
             self._storage = storage_root
@@ -530,7 +532,7 @@ class CaptureWriter:
         self._retry_base_s = float(opt(retry_base_s, "retry_base_s"))
         self._retry_max_s = float(opt(retry_max_s, "retry_max_s"))
         self._journal = _Journal(
-            Path(journal_dir or default_journal_dir()).expanduser().absolute() / writer_name(self._storage.uri),
+            Path(journal_dir or default_journal_dir(home)).expanduser().absolute() / writer_name(self._storage.uri),
             int(opt(journal_max_bytes, "journal_max_bytes")),
         )
         self._buffers: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
@@ -938,10 +940,13 @@ def get_or_create_writer(settings: Settings) -> Any:
     """The shared writer actor for ``settings``' storage root (created on first use, detached)."""
     import ray
 
+    from rayloop.raysession import on_the_head
+
     s = settings.serving
     return (
         ray.remote(CaptureWriter)
         .options(
+            **on_the_head(),
             name=writer_name(settings.storage_root),
             namespace=NAMESPACE,
             lifetime="detached",
@@ -964,11 +969,23 @@ def get_or_create_writer(settings: Settings) -> Any:
             write_attempts=s.capture_write_attempts,
             retry_base_s=s.capture_retry_base_s,
             retry_max_s=s.capture_retry_max_s,
-            journal_dir=s.capture_journal_dir or default_journal_dir(settings.home),
+            journal_dir=s.capture_journal_dir,  # None: resolved by the writer on its own node
+            home=settings.home,
             journal_max_bytes=s.capture_journal_max_bytes,
             scrub_pii=s.capture_scrub_pii,
         )
     )
+
+
+async def _answer(value: bool) -> bool:
+    return value
+
+
+async def _wait_ack(done: asyncio.Future[bool], timeout_s: float) -> bool:
+    try:
+        return await asyncio.wait_for(asyncio.shield(done), timeout_s)
+    except TimeoutError:
+        return False
 
 
 class CaptureClient:
@@ -999,6 +1016,8 @@ class CaptureClient:
         self._pending_bytes = 0
         # Rows handed to the writer but not yet acknowledged: lookups must still find them.
         self._shipping: list[tuple[str, dict[str, Any]]] = []
+        # id(row) -> the future :meth:`record_acked` waits on, resolved when the writer has the row.
+        self._acks: dict[int, asyncio.Future[bool]] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
@@ -1043,6 +1062,27 @@ class CaptureClient:
         if len(self._pending) >= self._batch_rows or self._pending_bytes >= self._batch_bytes:
             self._wake.set()
         return True
+
+    def record_acked(self, table: str, row: dict[str, Any], timeout_s: float) -> Awaitable[bool]:
+        """Queue one row (now, as :meth:`record`), ship it at once, and return what waits until the writer
+        holds it (in its journal on disk).
+
+        That resolves True once it does; False when the row was dropped (counted) or the writer did not take it
+        within ``timeout_s`` (the row stays queued for a later round). Rows recorded while a shipment is in
+        flight go together in the next one, so under load one round trip carries many rows.
+        """
+        if not self.record(table, row):
+            return _answer(False)
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._acks[id(row)] = done
+        self._wake.set()
+        return _wait_ack(done, timeout_s)
+
+    def _settle(self, rows: list[dict[str, Any]], taken: bool) -> None:
+        for row in rows:
+            done = self._acks.pop(id(row), None)
+            if done is not None and not done.done():
+                done.set_result(taken)
 
     def _drop(self, table: str, n: int) -> None:
         self.dropped += n
@@ -1096,6 +1136,9 @@ class CaptureClient:
                 continue
             if dropped:
                 self._drop(table, int(dropped))
+            # The writer says how many it dropped, not which: a row it kept is acknowledged only when it kept
+            # them all.
+            self._settle(rows, taken=not dropped)
         return delivered
 
     def _reresolve(self) -> None:
@@ -1120,6 +1163,7 @@ class CaptureClient:
             kept += 1
         if kept < len(rows):
             self._drop(table, len(rows) - kept)
+            self._settle(rows[: len(rows) - kept], taken=False)
 
     async def close(self) -> None:
         """Ship what is queued and make the writer write everything (graceful shutdown)."""
@@ -1129,6 +1173,7 @@ class CaptureClient:
         await self._ship()
         if self._pending:  # the writer stayed away: these rows are lost, and counted
             lost = collections.Counter(table for table, _ in self._pending)
+            self._settle([row for _, row in self._pending], taken=False)
             self._pending.clear()
             self._pending_sizes.clear()
             self._pending_bytes = 0

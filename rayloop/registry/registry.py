@@ -24,6 +24,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from rayloop.config import NODE_DIR_ENV
 from rayloop.errors import AliasConflictError, IntegrityError, InUseError, NotFoundError, RegistryError
 from rayloop.registry import artifacts
 from rayloop.registry.models import Lineage, ModelVersion, iso, ts
@@ -124,7 +126,7 @@ class Registry(RolloutBook):
     @classmethod
     def from_settings(cls, settings: Settings) -> Registry:
         storage = Storage(settings.storage_root, s3_endpoint=settings.storage.s3_endpoint)
-        return cls(storage, database_url(settings), cache_dir=settings.home_path / "cache")
+        return cls(storage, database_url(settings), cache_dir=settings.node_path / "cache")
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Travels to Ray tasks and spawned processes as its addresses; the copy reconnects.
@@ -367,8 +369,17 @@ class Registry(RolloutBook):
         # The node-local cache: replicas starting together on one node share one download (the first one to
         # take the lock fetches, the others find its verified copy).
         target = self.cache_dir / "models" / mv.fingerprint
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.parent / f".{mv.fingerprint}.lock", "a") as lock:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(target.parent / f".{mv.fingerprint}.lock", "a")  # noqa: SIM115 (closed below)
+        except OSError as e:
+            raise RegistryError(
+                f"cannot use the model cache {str(self.cache_dir)!r} on host {socket.gethostname()} "
+                f"(uid {os.getuid()}): {e.strerror or e}",
+                hint="Each node caches versions on its own disk: where the nodes do not share rayloop's home path, "
+                f"start every node with {NODE_DIR_ENV}=<a writable local directory> in its environment.",
+            ) from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 return self._fetch_into(mv, target, dest_given=False, rehash=rehash, progress=progress)

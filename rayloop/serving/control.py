@@ -126,6 +126,7 @@ def deploy_schema(settings: Settings, apps: list[dict[str, Any]]) -> dict[str, A
 
     doc = {
         "http_options": {"host": settings.serving.http_host, "port": settings.serving.http_port},
+        "proxy_location": settings.serving.proxy_location,
         "applications": apps,
     }
     ServeDeploySchema.model_validate(doc)
@@ -327,7 +328,7 @@ class ServeControl:
             from ray import serve
 
             sv = self.settings.serving
-            serve.start(http_options={"host": sv.http_host, "port": sv.http_port})
+            serve.start(http_options={"host": sv.http_host, "port": sv.http_port}, proxy_location=sv.proxy_location)
             client = _controller_client(required=True)
         client.deploy_apps(schema)
 

@@ -28,7 +28,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -295,12 +295,14 @@ class _RequestCtx:
         self._done = False
         ing.metrics.inc_in_flight(self.tags, 1)
 
-    def finish(self, status: int, tail: ReplyTail) -> None:
+    def finish(self, status: int, tail: ReplyTail) -> Awaitable[bool] | None:
+        """Count and record the request; returns what to await before the response completes (the capture
+        writer's acknowledgement of its row, ``serving.capture_ack``), if anything."""
         if self._done:
-            return
+            return None
         self._done = True
         self.ing.metrics.inc_in_flight(self.tags, -1)
-        self.ing.record(self, status, tail, (time.monotonic() - self.started) * 1000.0)
+        return self.ing.record(self, status, tail, (time.monotonic() - self.started) * 1000.0)
 
     async def relay(self, gen: Any) -> AsyncIterator[str]:
         tail: ReplyTail | None = None
@@ -318,10 +320,12 @@ class _RequestCtx:
         finally:
             if tail is None:
                 tail = ReplyTail(error=CLIENT_DISCONNECTED)
-            self.finish(200, tail)
+            acked = self.finish(200, tail)
             # A local slot's generator (EngineIngress) must be closed here to stop the engine's work on a
             # disconnect; Serve's response generators have no aclose and are cancelled by Serve itself.
             await _aclose(gen)
+            if acked is not None:  # the stream ends only once its row is safe
+                await acked
 
 
 @serve.ingress(app)
@@ -718,7 +722,9 @@ class OpenAIIngress:
         if head.status == 503:
             headers["Retry-After"] = "5"
         if not head.streaming:
-            ctx.finish(head.status, head.tail or ReplyTail())
+            acked = ctx.finish(head.status, head.tail or ReplyTail())
+            if acked is not None:
+                await acked
             return JSONResponse(head.body, status_code=head.status, headers=headers)
         return StreamingResponse(ctx.relay(gen), media_type="text/event-stream", headers=headers)
 
@@ -732,7 +738,7 @@ class OpenAIIngress:
         logger.exception("request %s failed in the engine replica", rid)
         return _error(500, f"internal error on request {rid} ({type(e).__name__})", "InternalServerError", rid)
 
-    def record(self, ctx: _RequestCtx, status: int, tail: ReplyTail, latency_ms: float) -> None:
+    def record(self, ctx: _RequestCtx, status: int, tail: ReplyTail, latency_ms: float) -> Awaitable[bool] | None:
         head = ctx.head
         tags = {"model": head.model or self.model, "version": str(head.version), "slot": ctx.slot}
         self.metrics.observe_request(
@@ -745,7 +751,7 @@ class OpenAIIngress:
             tail.completion_tokens,
         )
         if not head.version:
-            return
+            return None
         body = ctx.body
         prompt = body.get("prompt")
         row = {
@@ -775,14 +781,20 @@ class OpenAIIngress:
             "error": tail.error,
             "finish_reason": tail.finish_reason,
         }
+        acked: Awaitable[bool] | None = None
         if not capture_allowed(ctx.request, self.no_capture_keys):
             row["opted_out"] = True  # stats may count it; nothing of it is stored, shadow copies included
         elif self.capture is not None:
-            self.capture.record("interactions", row)
+            sv = self.settings.serving
+            if sv.capture_ack:
+                acked = self.capture.record_acked("interactions", row, sv.capture_ack_timeout_s)
+            else:
+                self.capture.record("interactions", row)
         try:
             self.after_response(ctx.slot, row)
         except Exception:
             logger.exception("after_response hook failed")
+        return acked
 
     async def __del__(self) -> None:
         # Graceful shutdown: rows still queued here reach Parquet.

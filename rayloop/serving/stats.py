@@ -197,9 +197,18 @@ def get_stats_actor(app_name: str, settings: Settings, *, create: bool = True) -
             return ray.get_actor(name, namespace=NAMESPACE)
         except ValueError:
             return None
+    from rayloop.raysession import on_the_head
+
     return (
         ray.remote(RouterStats)
-        .options(name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0)
+        .options(
+            **on_the_head(),
+            name=name,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+        )
         .remote()
     )
 

@@ -329,7 +329,9 @@ def test_buffers_are_bounded_in_bytes(tmp_path: Path) -> None:
         # Many partitions, none full: all written once the writer holds max_buffer_bytes.
         # (its own journal: the first writer was not flushed, so a writer on its journal would recover its
         # four rows from the write-ahead log and write them again)
-        w2 = _writer(str(root), tmp_path, batch_bytes=1 << 30, max_buffer_bytes=10_000, journal_dir=str(tmp_path / "j2"))
+        w2 = _writer(
+            str(root), tmp_path, batch_bytes=1 << 30, max_buffer_bytes=10_000, journal_dir=str(tmp_path / "j2")
+        )
         for v in range(2, 6):
             await w2.append("interactions", [_chat(f"b{v}", version=v, completion=big)])
         s = await w2.stats()
@@ -447,6 +449,36 @@ def test_client_counts_what_it_cannot_deliver_at_shutdown() -> None:
         return client
 
     assert asyncio.run(run()).dropped == 7
+
+
+def test_an_acked_row_is_answered_only_once_the_writer_holds_it_and_rows_in_flight_share_a_round_trip() -> None:
+    writer = _FlakyWriter(fail=0)
+
+    async def run() -> list[bool]:
+        # flush_s is long: without the ack the rows would wait for the next round.
+        client = CaptureClient(writer, batch_rows=1000, flush_s=60, max_buffer=1000)
+        waits = [client.record_acked("interactions", {"request_id": f"r{i}"}, 10) for i in range(20)]
+        assert writer.rows == []  # recorded, not yet shipped: nothing awaited so far
+        answers = await asyncio.gather(*waits)
+        assert sorted(r["request_id"] for r in writer.rows) == sorted(f"r{i}" for i in range(20))
+        return list(answers)
+
+    assert asyncio.run(run()) == [True] * 20
+    assert writer.calls == 1  # twenty rows recorded together went in one append
+
+
+def test_an_acked_row_the_writer_does_not_take_in_time_is_answered_false_and_kept() -> None:
+    away, back = _FlakyWriter(fail=10**6), _FlakyWriter(fail=0)
+
+    async def run() -> tuple[bool, CaptureClient]:
+        client = CaptureClient(away, batch_rows=1000, flush_s=60, max_buffer=1000, resolve=lambda: back)
+        answer = await client.record_acked("interactions", {"request_id": "r0"}, 0.2)
+        await client.flush()  # the writer is back: the kept row reaches it
+        return answer, client
+
+    answer, client = asyncio.run(run())
+    assert answer is False
+    assert [r["request_id"] for r in back.rows] == ["r0"] and client.dropped == 0
 
 
 def test_feedback_for_ids_never_captured_is_answered_without_reading_storage(tmp_path: Path) -> None:

@@ -1,0 +1,164 @@
+"""rayloop on a Ray cluster of three nodes that share nothing but the network (see ``multinode.py``).
+
+The head (``rayloop up``, 0 CPUs: it only coordinates, as KubeRay's head) and two worker nodes, each its own
+Unix user with its own home and ``RAYLOOP_NODE_DIR``; storage on S3, the registry on PostgreSQL. Everything is
+driven the way a user drives it, with the ``rayloop`` CLI run on the head and the official ``openai`` client
+against the head's HTTP proxy.
+
+- replicas of the engine (which is also the router at 100%) spread over both worker nodes, each node fetches
+  the version into its own cache, and ``rayloop status`` shows which node runs which replica and version;
+  the capture writer and the stats actor run on the head, which outlives worker nodes;
+- a worker node killed under load: Serve puts its replica back on the surviving node at the version the slot
+  serves; only requests in flight there may fail, and every successful request's interaction is captured.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+import pytest
+
+from tests.integration.multinode import MultiNodeCluster, multinode_cluster
+from tests.integration.rollout_util import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def cluster(base_model_dir: Path) -> Iterator[MultiNodeCluster]:
+    # Not under pytest's tmp_path: that is readable by this user only, and the worker nodes' users need to
+    # reach their own directories under the root.
+    root = Path(tempfile.mkdtemp(prefix="rayloop-multinode-"))
+    try:
+        with multinode_cluster(root, {"w1": {"num_cpus": 3}, "w2": {"num_cpus": 3}}, head_cpus=0) as c:
+            c.write_config(serving={"replicas": 2, "replica_num_cpus": 1})
+            c.rayloop("models", "register", "demo", str(base_model_dir))
+            c.rayloop("models", "alias", "demo", "production", "1")
+            yield c
+    finally:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _stable(cluster: MultiNodeCluster) -> list[dict[str, Any]]:
+    """The stable slot's replicas as `rayloop status --json` shows them."""
+    placed = cluster.rayloop_json("status", "demo").get("replicas") or {}
+    return list(placed.get("stable") or [])
+
+
+def _running_on(cluster: MultiNodeCluster) -> dict[str, str]:
+    """replica id -> node name (w1, w2, head) of the stable slot's RUNNING replicas."""
+    names = {v: k for k, v in cluster.node_ids().items()}
+    return {r["replica"]: names.get(r["node_id"], r["node_id"]) for r in _stable(cluster) if r["state"] == "RUNNING"}
+
+
+def test_replicas_spread_over_nodes_that_share_nothing(cluster: MultiNodeCluster) -> None:
+    out = cluster.rayloop_json("serve", "--model", "demo@production", timeout=600)
+    assert out["version"] == 1
+    replicas = _stable(cluster)
+    running = [r for r in replicas if r["state"] == "RUNNING"]
+    names = {v: k for k, v in cluster.node_ids().items()}
+    assert sorted(names[r["node_id"]] for r in running) == ["w1", "w2"], replicas
+    assert {r.get("version") for r in running} == {1}, replicas
+    # Each worker node fetched the version into its own cache (RAYLOOP_NODE_DIR), not the head's home.
+    for node in cluster.workers.values():
+        cached = list((node.root / "rayloop" / "cache" / "models").glob("*/config.json"))
+        assert len(cached) == 1, f"{node.name}: {cached}"
+        assert cached[0].stat().st_uid == node.user.pw_uid
+    assert not (cluster.head_dir / ".rayloop" / "cache").exists()
+    # The human table says the same.
+    table = cluster.rayloop("status", "demo").stdout
+    for r in running:
+        assert r["replica"] in table and r["node_id"][:8] in table, table
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{cluster.ports['http']}/v1", api_key="none", max_retries=0)
+    answer = client.chat.completions.create(
+        model="demo", messages=[{"role": "user", "content": "What is the capital of Norland?"}], max_tokens=8
+    )
+    assert answer.choices[0].message.content
+    # The cluster-wide singletons live on the head.
+    head = cluster.node_ids()["head"]
+    actors = cluster.actors()
+    writers = [a for a in actors if a["name"].startswith("rayloop-capture-") and a["state"] == "ALIVE"]
+    assert len(writers) == 1 and writers[0]["node_id"] == head, actors
+    stats = [a for a in actors if a["name"].startswith("rayloop-router-stats-")]  # made when slots route
+    assert all(a["node_id"] == head for a in stats), stats
+
+
+def test_a_worker_node_killed_under_load_costs_only_its_in_flight_requests(cluster: MultiNodeCluster) -> None:
+    import openai
+
+    if len(_running_on(cluster)) < 2:
+        cluster.rayloop("serve", "--model", "demo@production", timeout=600)
+    before = _running_on(cluster)
+    assert sorted(before.values()) == ["w1", "w2"], before
+    url = f"http://127.0.0.1:{cluster.ports['http']}/v1"
+    stop = threading.Event()
+    lock = threading.Lock()
+    ok: list[str] = []
+    failed: list[str] = []
+
+    def user() -> None:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+        while not stop.is_set():
+            try:
+                r = client.chat.completions.create(
+                    model="demo",
+                    messages=[{"role": "user", "content": "What is the capital of Norland?"}],
+                    max_tokens=4,
+                )
+                with lock:
+                    ok.append(r.id)
+            except openai.APIError as e:
+                with lock:
+                    failed.append(repr(e))
+
+    users = 4
+    with ThreadPoolExecutor(users) as pool:
+        futures = [pool.submit(user) for _ in range(users)]
+        try:
+            wait_for(lambda: len(ok) >= 8, 180, "requests answered before the kill")
+            cluster.workers["w2"].kill()
+            killed_at = len(ok)
+            # Serve notices the dead node and starts its replica again where there is room: on w1 (each worker
+            # node has a CPU to spare for this; without one the replica would wait for a node to join).
+            wait_for(lambda: sorted(_running_on(cluster).values()) == ["w1", "w1"], 300, "two running replicas on w1")
+            wait_for(lambda: len(ok) >= killed_at + 8, 180, "requests answered after the kill")
+        finally:
+            stop.set()
+        for f in futures:
+            f.result()
+    # Only requests in flight on the dead node could fail: at most one per user thread.
+    assert len(failed) <= users, failed
+    replicas = [r for r in _stable(cluster) if r["state"] == "RUNNING"]
+    assert {r.get("version") for r in replicas} == {1}, replicas
+    # No capture row of a successful request is lost.
+    from rayloop.data.capture import read_interactions
+    from rayloop.storage import Storage
+
+    storage = Storage(cluster.config["storage"]["root"], s3_endpoint=cluster.s3_endpoint)
+    want = {rid.removeprefix("chatcmpl-") for rid in ok}
+
+    def captured() -> set[str]:
+        try:
+            tbl = read_interactions(storage)
+        except FileNotFoundError:
+            return set()
+        return set(pc.unique(tbl["request_id"]).to_pylist())
+
+    try:
+        wait_for(lambda: want <= captured(), 120, "every successful request's interaction in storage", every=2)
+    except AssertionError:
+        missing = want - captured()
+        raise AssertionError(f"{len(missing)} of {len(want)} successful requests have no captured row") from None
+    # Put the node back for whatever runs next on this cluster.
+    cluster.add_worker("w2", num_cpus=3)
