@@ -292,3 +292,22 @@ def test_schema_describes_every_setting_without_benchmark_history() -> None:
         assert description, f"{path} has no description"
         for history in ("benchmark", "measured", "dev machine", "gave "):
             assert history not in description, f"{path}: {description}"
+
+
+def test_every_rayloop_yaml_in_the_readme_is_valid_settings(tmp_path: Path) -> None:
+    """The README's configuration examples load as written (an unknown or misspelt key would be an error)."""
+    import re
+
+    from rayloop.config import load_settings
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        f = tmp_path / f"block{i}.yaml"
+        f.write_text(block)
+        s = load_settings(f, env={"RAYLOOP_HOME": str(tmp_path / "home")})
+        assert s.storage_root
+    cluster = next(b for b in blocks if "autoscaling" in b)
+    s = load_settings(tmp_path / f"block{blocks.index(cluster)}.yaml", env={})
+    assert s.ray.num_cpus == 0 and s.serving.autoscaling is not None and s.serving.autoscaling.max_replicas == 6
