@@ -470,6 +470,12 @@ class DataSettings(_Model):
 class TrainingSettings(_Model):
     num_workers: int = Field(default=2, ge=1, description="Ray Train workers.")
     worker_num_cpus: float = Field(default=0.5, gt=0, description="CPUs reserved per worker.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        default="PACK",
+        description="How Ray places the training workers: PACK fills a node first (fast collectives), SPREAD "
+        "puts them on different nodes where it can (a lost node costs fewer workers); STRICT_ variants refuse "
+        "to start otherwise.",
+    )
     data_num_cpus: float = Field(
         default=0.1,
         gt=0,

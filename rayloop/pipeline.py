@@ -172,10 +172,12 @@ class Steps:
         info = preprocess(self.settings, model_dir=base_dir, model_name=self.settings.pipeline.model, replay=replay)
         return Snapshotted(snapshot_id=info.snapshot_id, uri=info.uri, counts=info.counts)
 
-    def retrain(self, snapshot_id: str, base_dir: Path, output_dir: Path) -> Trained:
+    def retrain(self, snapshot_id: str, base_dir: Path, output_dir: Path, base_ref: str | None = None) -> Trained:
         from rayloop.training.retrain import retrain
 
-        res = retrain(self.settings, snapshot_id=snapshot_id, base_dir=base_dir, output_dir=output_dir)
+        res = retrain(
+            self.settings, snapshot_id=snapshot_id, base_dir=base_dir, output_dir=output_dir, base_ref=base_ref
+        )
         return Trained(
             model_dir=str(res.model_dir),
             train_loss=res.train_loss,
@@ -307,11 +309,15 @@ def run_pipeline(
     base_dir = reg.fetch(base.ref)
     snap = done(stage("preprocess", Snapshotted, lambda: do.preprocess(base_dir, base)))
     work = settings.home_path / "work" / run_id
-    trained = done(stage("retrain", Trained, lambda: do.retrain(snap.snapshot_id, base_dir, work / "candidate")))
+    trained = done(
+        stage("retrain", Trained, lambda: do.retrain(snap.snapshot_id, base_dir, work / "candidate", base.ref))
+    )
     if run.done("register") is None and not Path(trained.model_dir).is_dir():
         # The trained files were local to a machine that is gone: train again.
         run.record["stages"].pop("retrain", None)
-        trained = done(stage("retrain", Trained, lambda: do.retrain(snap.snapshot_id, base_dir, work / "candidate")))
+        trained = done(
+            stage("retrain", Trained, lambda: do.retrain(snap.snapshot_id, base_dir, work / "candidate", base.ref))
+        )
     cand = done(stage("register", Registered, lambda: do.register(trained, base, snap.snapshot_id)))
     verdict = done(stage("evaluate", Evaluated, lambda: do.evaluate(cand.ref, base.ref, snap.snapshot_id)))
 

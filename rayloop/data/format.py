@@ -17,9 +17,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import shutil
+import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from rayloop.config import NODE_DIR_ENV
 
 IGNORE = -100
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -60,18 +66,61 @@ class TokenizerRef:
     It pickles as its path and fingerprint, so the Ray Data tasks that tokenize
     load it in their worker once per process (:func:`_cached_tokenizer`) instead
     of receiving a pickled tokenizer with every task (a large vocabulary is
-    megabytes).
+    megabytes). :meth:`shipped` also puts the tokenizer's files in Ray's object
+    store once, for tasks on nodes that do not have ``model_dir``: they write
+    them to a directory of their own node (``$RAYLOOP_NODE_DIR`` or the temp
+    directory) and load from there.
     """
 
-    def __init__(self, model_dir: str | Path, fingerprint: str) -> None:
+    def __init__(self, model_dir: str | Path, fingerprint: str, files: Any = None) -> None:
         self.model_dir = str(model_dir)
         self.fingerprint = fingerprint
+        self.files = files  # ObjectRef of {file name: bytes}, or None
+
+    def shipped(self) -> TokenizerRef:
+        """This tokenizer with its files in Ray's object store (needs a connected Ray driver)."""
+        import ray
+
+        d = Path(self.model_dir)
+        files = {n: (d / n).read_bytes() for n in TOKENIZER_FILES if (d / n).is_file()}
+        return TokenizerRef(self.model_dir, self.fingerprint, ray.put(files))
 
     def get(self) -> Any:
-        return _cached_tokenizer(self.model_dir, self.fingerprint)
+        return _cached_tokenizer(self.local_dir(), self.fingerprint)
+
+    def local_dir(self) -> str:
+        """``model_dir`` where this node has it, else the shipped files written out on this node."""
+        if self.files is None or _readable_dir(Path(self.model_dir)):
+            return self.model_dir
+        return _written_out(self.fingerprint, self.files)
 
     def __repr__(self) -> str:
         return f"TokenizerRef({self.model_dir!r}, {self.fingerprint!r})"
+
+
+def _readable_dir(d: Path) -> bool:
+    try:
+        return d.is_dir() and os.access(d, os.R_OK | os.X_OK)
+    except OSError:  # a directory above it this user may not enter
+        return False
+
+
+def _written_out(fingerprint: str, files: Any) -> str:
+    """The shipped tokenizer files under ``<node dir>/tokenizers/<fingerprint>`` (written once per node)."""
+    import ray
+
+    base = os.environ.get(NODE_DIR_ENV) or os.path.join(tempfile.gettempdir(), f"rayloop-{os.getuid()}")
+    target = Path(base) / "tokenizers" / fingerprint
+    if not target.is_dir():
+        tmp = target.with_name(f".{fingerprint}-{uuid.uuid4().hex[:8]}")
+        tmp.mkdir(parents=True)
+        for name, data in ray.get(files).items():
+            (tmp / name).write_bytes(data)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process on this node wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
 
 
 @functools.lru_cache(maxsize=4)

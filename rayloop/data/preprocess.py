@@ -176,6 +176,7 @@ def preprocess(
 
     started_ray = ensure_ray(settings)
     data_context()
+    tok = tok.shipped()  # tasks on nodes without model_dir load the tokenizer from Ray's object store
     staging = posixpath.join(SNAPSHOTS_DIR, "_staging", uuid.uuid4().hex[:12])
     try:
         counts: dict[str, int] = {
@@ -269,7 +270,14 @@ def preprocess(
                 read_pairs(ext.path, s3_endpoint=settings.storage.s3_endpoint), name=f"external:{ext.path}"
             )
             ext_ds, info = _replay(
-                settings, st, source, sides["train"], tok, exclude=eval_questions, ratio=ext.weight, label=f"external-{i}"
+                settings,
+                st,
+                source,
+                sides["train"],
+                tok,
+                exclude=eval_questions,
+                ratio=ext.weight,
+                label=f"external-{i}",
             )
             external_info.append({"path": ext.path, "weight": ext.weight, **info})
             if ext_ds is not None:

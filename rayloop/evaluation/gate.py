@@ -48,6 +48,7 @@ def _predict(
     settings: Settings,
     use_ray: bool,
     golden: list[dict[str, Any] | None],
+    refs: list[str | None] | None = None,
 ) -> list[dict[str, Any]]:
     from rayloop.evaluation.inference import VLLMPredictor
 
@@ -57,6 +58,8 @@ def _predict(
         "engine": engine,
         "max_tokens": settings.gate.max_tokens,
         "golden": golden,
+        "refs": refs,
+        "node_settings": settings.dump(),
     }
     if not use_ray:
         p = VLLMPredictor(**kwargs)  # type: ignore[arg-type]
@@ -123,11 +126,14 @@ def evaluate_models(
     use_ray: bool = True,
     labels: list[str] | None = None,
     golden: list[dict[str, Any] | None] | None = None,
+    refs: list[str | None] | None = None,
 ) -> list[dict[str, Any]]:
     """Accuracy, loss and throughput of each model on every set, all answered by one vLLM engine.
 
     ``golden`` (per model, optional) are a fresh engine's answers to the golden prompts; a model with
     them is swapped into the engine in place and checked against them, else it gets a fresh engine.
+    ``refs`` (per model, optional) name registered versions: the engine, wherever Ray places it, fetches
+    one from the registry when its directory is not on that node.
     """
     rows = _rows(sets)
     if not rows:
@@ -137,7 +143,7 @@ def evaluate_models(
         )
     dirs = [Path(d) for d in model_dirs]
     names = labels or [""] * len(dirs)
-    results = _predict(dirs, rows, settings, use_ray, golden or [None] * len(dirs))
+    results = _predict(dirs, rows, settings, use_ray, golden or [None] * len(dirs), refs)
     return [_report(results, i, d, names[i]) for i, d in enumerate(dirs)]
 
 
@@ -291,6 +297,7 @@ def run_gate(
         use_ray=use_ray,
         labels=[f"{mv.name}@{mv.version}" for mv in versions],
         golden=[_golden_answers(storage, mv.fingerprint, settings) for mv in versions],
+        refs=[mv.ref for mv in versions],
     )
     report = GateReport(
         candidate=EvalReport.model_validate(cand_report),

@@ -66,6 +66,8 @@ class VLLMPredictor:
         max_tokens: answer length.
         golden: per model, a fresh engine's :class:`GoldenAnswers` (as a dict) or None; a version
             without them is never swapped in, it gets a fresh engine.
+        refs, node_settings: per model its registered ``NAME@VERSION`` (or None), and the settings to reach
+            the registry with: a directory this node does not have is fetched from there.
     """
 
     def __init__(
@@ -74,10 +76,21 @@ class VLLMPredictor:
         engine: dict[str, Any],
         max_tokens: int = 32,
         golden: list[dict[str, Any] | None] | None = None,
+        refs: list[str | None] | None = None,
+        node_settings: dict[str, Any] | None = None,
     ) -> None:
         self.model_dirs = [model_dir] if isinstance(model_dir, str) else [str(d) for d in model_dir]
         if not self.model_dirs:
             raise ValueError("VLLMPredictor needs at least one model directory")
+        if node_settings is not None:
+            # This actor may run on another node than the driver that fetched the directories: load each from
+            # here, fetching the registered version into this node's cache where the directory is not here.
+            from rayloop.registry.registry import model_dir_on_this_node
+
+            refs = refs or [None] * len(self.model_dirs)
+            self.model_dirs = [
+                str(model_dir_on_this_node(d, r, node_settings)) for d, r in zip(self.model_dirs, refs, strict=True)
+            ]
         self.golden = [GoldenAnswers(**g) if g else None for g in (golden or [None] * len(self.model_dirs))]
         if len(self.golden) != len(self.model_dirs):
             raise ValueError(f"{len(self.golden)} golden entries for {len(self.model_dirs)} models")

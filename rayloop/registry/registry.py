@@ -28,11 +28,11 @@ import socket
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import ValidationError
 
-from rayloop.config import NODE_DIR_ENV
+from rayloop.config import NODE_DIR_ENV, Settings
 from rayloop.errors import AliasConflictError, IntegrityError, InUseError, NotFoundError, RegistryError
 from rayloop.registry import artifacts
 from rayloop.registry.models import Lineage, ModelVersion, iso, ts
@@ -41,9 +41,6 @@ from rayloop.registry.rollouts import Fence, RolloutBook, check_fence
 from rayloop.registry.sql import Database, Tx
 from rayloop.registry.tables import ensure_schema
 from rayloop.storage import Storage
-
-if TYPE_CHECKING:
-    from rayloop.config import Settings
 
 ABSENT = 0
 """``expect=ABSENT`` in :meth:`Registry.set_alias`: the alias must not exist yet (versions start at 1)."""
@@ -698,3 +695,32 @@ class Registry(RolloutBook):
 
 def _rebuild(storage_uri: str, s3_endpoint: str | None, db_url: str, cache_dir: str, io_workers: int) -> Registry:
     return Registry(storage_uri, db_url, cache_dir=cache_dir, s3_endpoint=s3_endpoint, io_workers=io_workers)
+
+
+def model_dir_on_this_node(path: str | Path, ref: str | None, settings: Settings | dict[str, Any]) -> Path:
+    """The model directory to load here: ``path`` where this node has it, else version ``ref`` fetched from
+    the registry into this node's cache (:attr:`Settings.node_path`).
+
+    Drivers resolve model directories on their own node; the training workers and evaluation engines that
+    load them may run on others, which do not have the driver's disk. Called there, with the ref the driver
+    resolved (``NAME@VERSION``) and the driver's settings (a :meth:`Settings.dump` travels too).
+    """
+    p = Path(path)
+    if _readable_model_dir(p):
+        return p
+    if ref is None:
+        raise RegistryError(
+            f"model directory {str(p)!r} is not on host {socket.gethostname()} (uid {os.getuid()}), and it is no "
+            "registered version that this node could fetch",
+            hint="Register the model (`rayloop models register NAME DIR`) and pass NAME@VERSION, so every node "
+            "fetches it from storage; or put the directory on a disk all nodes mount.",
+        )
+    s = settings if isinstance(settings, Settings) else Settings.model_validate(settings)
+    return Registry.from_settings(s).fetch(ref)
+
+
+def _readable_model_dir(p: Path) -> bool:
+    try:
+        return (p / "config.json").is_file() and os.access(p / "config.json", os.R_OK)
+    except OSError:  # a directory above it this user may not enter
+        return False

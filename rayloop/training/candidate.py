@@ -34,15 +34,22 @@ def run_train(
         settings = settings.model_copy(update={"training": settings.training.model_copy(update={"use_gpu": True})})
     base_dir, _ = resolve_parent(settings, None, base)
     parent_version: int | None = None
+    base_ref: str | None = None
     model_name = name or settings.serving.model
     if base and not Path(base).is_dir():
         from rayloop.registry import Registry
 
         mv = Registry.from_settings(settings).resolve(base)
-        parent_version, model_name = mv.version, name or parse_ref(base).name
+        parent_version, model_name, base_ref = mv.version, name or parse_ref(base).name, mv.ref
     out_dir = Path(out) if out else settings.home_path / "runs" / f"{snapshot_id[:12]}-{time.strftime('%Y%m%d-%H%M%S')}"
     res = retrain(
-        settings, snapshot_id=snapshot_id, base_dir=base_dir, output_dir=out_dir, workers=workers, zero_stage=zero_stage
+        settings,
+        snapshot_id=snapshot_id,
+        base_dir=base_dir,
+        output_dir=out_dir,
+        workers=workers,
+        zero_stage=zero_stage,
+        base_ref=base_ref,
     )
     summary: dict[str, Any] = {
         "model_dir": str(res.model_dir),

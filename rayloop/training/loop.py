@@ -117,7 +117,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     torch.manual_seed(cfg["seed"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["base_dir"], torch_dtype=torch.float32)
+    base_dir = cfg["base_dir"]
+    if cfg.get("settings") is not None:  # this worker's node may not have the driver's directory
+        from rayloop.registry.registry import model_dir_on_this_node
+
+        base_dir = str(model_dir_on_this_node(base_dir, cfg.get("base_ref"), cfg["settings"]))
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg["ds_config"])
 
     step = 0

@@ -132,8 +132,12 @@ def retrain(
     output_dir: Path,
     workers: int | None = None,
     zero_stage: int | None = None,
+    base_ref: str | None = None,
 ) -> RetrainResult:
-    """Train ``base_dir`` on snapshot ``snapshot_id``; export the result to ``output_dir``."""
+    """Train ``base_dir`` on snapshot ``snapshot_id``; export the result to ``output_dir``.
+
+    ``base_ref`` (``NAME@VERSION``) is the registered version ``base_dir`` holds: a training worker on a node
+    without ``base_dir`` fetches it from the registry into its node's cache."""
     import ray.data
     from ray.train.torch import TorchTrainer
 
@@ -190,6 +194,10 @@ def retrain(
         for var in ("OMP_NUM_THREADS", "RAYLOOP_HOME"):
             if os.environ.get(var):
                 env[var] = os.environ[var]
+        # Workers load the base model on their own nodes (see training.loop): where to find it there. Not in
+        # cfg["resolved"], which is written beside checkpoints and into lineage.
+        cfg["base_ref"] = base_ref
+        cfg["settings"] = settings.dump()
         name = f"retrain-{snapshot_id[:12]}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         resources = {"CPU": ts.worker_num_cpus}
         if ts.use_gpu:
@@ -197,7 +205,12 @@ def retrain(
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=cfg,
-            scaling_config=ScalingConfig(num_workers=n_workers, use_gpu=ts.use_gpu, resources_per_worker=resources),
+            scaling_config=ScalingConfig(
+                num_workers=n_workers,
+                use_gpu=ts.use_gpu,
+                resources_per_worker=resources,
+                placement_strategy=ts.placement_strategy,
+            ),
             datasets=datasets,
             run_config=_any(RunConfig)(
                 name=name,

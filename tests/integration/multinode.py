@@ -245,12 +245,12 @@ class MultiNodeCluster:
         return nodes
 
     def actors(self) -> list[dict[str, Any]]:
-        """Alive and restarting actors: name, state, node id (Ray's state API, from the head)."""
+        """Actors, the dead ones too: name, class, state, node id (Ray's state API, from the head)."""
         probe = (
             "import json; from rayloop.config import load_settings; from rayloop.cluster import connect; "
             "connect(load_settings()); from ray.util.state import list_actors; "
-            "print(json.dumps([{'name': a.name or '', 'state': a.state, 'node_id': a.node_id} "
-            "for a in list_actors(limit=1000)]))"
+            "print(json.dumps([{'name': a.name or '', 'class_name': a.class_name, 'state': a.state, "
+            "'node_id': a.node_id} for a in list_actors(limit=10000)]))"
         )
         out = subprocess.run(
             [sys.executable, "-c", probe], cwd=self.head_dir, env=self.env, capture_output=True, text=True, timeout=120

@@ -9,7 +9,11 @@ against the head's HTTP proxy.
   the version into its own cache, and ``rayloop status`` shows which node runs which replica and version;
   the capture writer and the stats actor run on the head, which outlives worker nodes;
 - a worker node killed under load: Serve puts its replica back on the surviving node at the version the slot
-  serves; only requests in flight there may fail, and every successful request's interaction is captured.
+  serves; only requests in flight there may fail, and every successful request's interaction is captured;
+- a node killed in the middle of a canary: the rollout ends promoted or rolled back, with one production
+  version that the stable slot serves, and no rollout left active;
+- the whole loop as the README's Ray job: capture from both nodes, preprocessing, retraining with a worker on
+  each node, the gate, and a rolling upgrade of the replicas on both nodes.
 """
 
 from __future__ import annotations
@@ -162,3 +166,145 @@ def test_a_worker_node_killed_under_load_costs_only_its_in_flight_requests(clust
         raise AssertionError(f"{len(missing)} of {len(want)} successful requests have no captured row") from None
     # Put the node back for whatever runs next on this cluster.
     cluster.add_worker("w2", num_cpus=3)
+
+
+def _registry(cluster: MultiNodeCluster) -> Any:
+    from rayloop.registry import Registry
+
+    return Registry(cluster.config["storage"]["root"], cluster.registry_url, s3_endpoint=cluster.s3_endpoint)
+
+
+def test_a_node_killed_mid_canary_ends_the_rollout_consistently(
+    cluster: MultiNodeCluster, base_model_dir: Path
+) -> None:
+    import openai
+
+    cluster.write_config(rollout={"min_samples": 3})
+    reg = _registry(cluster)
+    if reg.resolve("demo@production").version == 1 and len(reg.list_versions("demo")) < 2:
+        cluster.rayloop("models", "register", "demo", str(base_model_dir))  # v2: the same weights, a new version
+    if len(_running_on(cluster)) < 2:
+        cluster.rayloop("serve", "--model", "demo@production", timeout=600)
+    production = reg.resolve("demo@production").version
+    candidate = max(v.version for v in reg.list_versions("demo"))
+    assert candidate != production
+    url = f"http://127.0.0.1:{cluster.ports['http']}/v1"
+    stop = threading.Event()
+
+    def user() -> None:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+        while not stop.is_set():
+            try:
+                client.chat.completions.create(
+                    model="demo", messages=[{"role": "user", "content": "Where is Norland?"}], max_tokens=4
+                )
+            except openai.APIError:
+                pass
+
+    deploy: dict[str, Any] = {}
+
+    def run_deploy() -> None:
+        deploy["out"] = cluster.rayloop(
+            "deploy",
+            f"demo@{candidate}",
+            "--strategy",
+            "canary",
+            "--steps",
+            "50,100",
+            "--interval",
+            "20s",
+            "--force",
+            "--json",
+            timeout=900,
+            check=False,
+        )
+
+    with ThreadPoolExecutor(5) as pool:
+        users = [pool.submit(user) for _ in range(3)]
+        rollout = pool.submit(run_deploy)
+        try:
+            wait_for(
+                lambda: reg.active_rollout("demo") is not None and reg.active_rollout("demo").state.phase == "step",
+                300,
+                "the canary's first step",
+            )
+            canary_nodes = {
+                r["node_id"]
+                for r in (cluster.rayloop_json("status", "demo").get("replicas") or {}).get("canary", [])
+                if r["state"] == "RUNNING"
+            }
+            names = {v: k for k, v in cluster.node_ids().items()}
+            victim = next((names[n] for n in canary_nodes if names.get(n) in cluster.workers), "w2")
+            cluster.workers[victim].kill()
+            rollout.result(timeout=900)
+        finally:
+            stop.set()
+        for f in users:
+            f.result()
+    out = deploy["out"]
+    # Promoted or rolled back, never half: one production version, the stable slot serves it, no rollout left.
+    assert out.returncode in (0, 4), out.stderr[-3000:]  # promoted, or rolled back
+    final = reg.resolve("demo@production").version
+    assert final in (production, candidate)
+    assert reg.active_rollout("demo") is None
+    st = cluster.rayloop_json("status", "demo")
+    assert st["serve"]["slots"]["stable"] == final, st["serve"]
+    running = [r for r in (st.get("replicas") or {}).get("stable", []) if r["state"] == "RUNNING"]
+    assert running and {r.get("version") for r in running} <= {final}, running
+    cluster.add_worker(victim, num_cpus=3)
+
+
+def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, base_model_dir: Path) -> None:
+    """Capture from replicas on both worker nodes, then the README's pipeline job: Ray Data preprocessing,
+    DeepSpeed retraining with a worker on each node (neither has the driver's copy of the base model or its
+    tokenizer: they fetch from the registry and the object store), the gate (its engine on a worker node
+    fetches both versions), and a rolling upgrade of the replicas on both nodes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from rayloop.demo.setup import demo_eval_sets
+    from rayloop.demo.world import World
+    from rayloop.evaluation.evalset import save_eval_set
+    from rayloop.storage import Storage
+
+    cluster.write_config(
+        training={"num_workers": 2, "worker_num_cpus": 1, "placement_strategy": "SPREAD"},
+        pipeline={"strategy": "rolling"},
+    )
+    if sorted(_running_on(cluster).values()) != ["w1", "w2"]:
+        cluster.rayloop("serve", "--model", "demo@production", timeout=600)
+    reg = _registry(cluster)
+    production = reg.resolve("demo@production").version
+    # The demo's fixed evaluation sets, as `rayloop init` stores them.
+    world = World.from_json((base_model_dir / "world.json").read_text())
+    storage = Storage(cluster.config["storage"]["root"], s3_endpoint=cluster.s3_endpoint)
+    for name, items in demo_eval_sets(world).items():
+        save_eval_set(storage, "demo", name, items)
+    traffic = cluster.rayloop_json("simulate", "--repeats", "2", timeout=600)
+    assert traffic["failed_requests"] == 0 and traffic["feedback_sent"] > 0, traffic
+
+    job = subprocess.run(
+        ["bash", "-c", 'eval "$(rayloop env)"\nray job submit --working-dir . -- python -m train_jobs.pipeline'],
+        cwd=cluster.head_dir,
+        env={**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    logs = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in logs, logs[-5000:]
+    record, _ = json.JSONDecoder().raw_decode(logs[logs.rindex("\n{") + 1 :])
+    stages = record["stages"]
+    assert all(stages[s]["status"] == "done" for s in ("preprocess", "retrain", "register", "evaluate", "deploy"))
+    cand = reg.resolve(stages["register"]["output"]["ref"])
+    assert cand.parent == production and reg.resolve("demo@production").version == cand.version
+    # The replicas on both worker nodes serve it now.
+    running = [r for r in _stable(cluster) if r["state"] == "RUNNING"]
+    names = {v: k for k, v in cluster.node_ids().items()}
+    assert sorted(names[r["node_id"]] for r in running) == ["w1", "w2"]
+    assert {r.get("version") for r in running} == {cand.version}, running
+    # The training workers ran on both worker nodes.
+    train_nodes = {a["node_id"] for a in cluster.actors() if a["class_name"] == "RayTrainWorker"}
+    assert {names.get(n) for n in train_nodes} == {"w1", "w2"}, train_nodes

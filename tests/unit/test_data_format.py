@@ -192,3 +192,29 @@ def test_dedupe_bucket_keeps_the_smallest_request_id_of_each_kept_key() -> None:
     )
     out = dedupe_bucket(t, KEPT_LABELS)
     assert sorted(out["request_id"].to_pylist()) == ["r1", "r4"]  # r3 duplicates r1; r2 was dropped by the policy
+
+
+def test_a_shipped_tokenizer_loads_on_a_node_without_the_model_directory(tmp_path: Any, monkeypatch: Any) -> None:
+    """Ray Data's tokenizing tasks on other nodes: the files come from the object store (here: the plain
+    dict Ray would hand back), are written once under the node's directory, and tokenize the same."""
+    import pickle
+    import shutil
+
+    import ray
+
+    from rayloop.data.format import TokenizerRef, load_tokenizer, tokenizer_fingerprint
+    from rayloop.demo.model import train_tokenizer
+    from rayloop.demo.world import World
+
+    monkeypatch.setattr(ray, "put", lambda value: value)
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    monkeypatch.setenv("RAYLOOP_NODE_DIR", str(tmp_path / "node"))
+    train_tokenizer(World.build(), 640).save_pretrained(str(tmp_path / "m"))
+    want = load_tokenizer(tmp_path / "m")("What is the capital of Avaria?")["input_ids"]
+    ref = TokenizerRef(tmp_path / "m", tokenizer_fingerprint(tmp_path / "m")).shipped()
+    assert ref.local_dir() == str(tmp_path / "m")  # where the directory is there, it is used
+    shutil.rmtree(tmp_path / "m")  # a node that has no copy of it
+    elsewhere = pickle.loads(pickle.dumps(ref))
+    assert elsewhere.local_dir() == str(tmp_path / "node" / "tokenizers" / ref.fingerprint)
+    assert elsewhere.get()("What is the capital of Avaria?")["input_ids"] == want
+    assert tokenizer_fingerprint(elsewhere.local_dir()) == ref.fingerprint

@@ -45,7 +45,7 @@ class RecordingSteps(Steps):
         assert (base_dir / "config.json").is_file()
         return Snapshotted(snapshot_id="snap1", uri="mem://", counts={"train": 10})
 
-    def retrain(self, snapshot_id: str, base_dir: Path, output_dir: Path) -> Trained:
+    def retrain(self, snapshot_id: str, base_dir: Path, output_dir: Path, base_ref: str | None = None) -> Trained:
         self.calls.append("retrain")
         if self.fail_retrain:
             self.fail_retrain -= 1

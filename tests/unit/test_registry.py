@@ -538,3 +538,39 @@ def test_a_retrained_candidate_may_be_its_models_first_version(tmp_path: Path) -
     res = RetrainResult(model_dir=out, train_loss=0.1, eval_loss=None, steps=3, checkpoint_uri="file:///ckpt")
     mv = register_candidate(settings, res, name="fresh", parent_version=None, snapshot_id="snap-a")
     assert mv.version == 1 and Registry.from_settings(settings).get_alias("fresh", "candidate") == 1
+
+
+def test_a_node_without_the_drivers_model_directory_fetches_the_version_into_its_own_cache(
+    tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a training worker or an evaluation engine on another node does with the driver's directory."""
+    from rayloop.config import load_settings
+    from rayloop.registry.registry import model_dir_on_this_node
+
+    settings = load_settings(
+        env={"RAYLOOP_STORAGE": str(tmp_path / "storage"), "RAYLOOP_REGISTRY_URL": f"sqlite:///{tmp_path / 'r.db'}"}
+    )
+    mv = Registry.from_settings(settings).register("demo", model)
+    # On the driver's node the directory is used as it is.
+    assert model_dir_on_this_node(model, mv.ref, settings) == model
+    # Elsewhere (here: a path this node does not have) the version comes from the registry, into the node's dir.
+    monkeypatch.setenv("RAYLOOP_NODE_DIR", str(tmp_path / "node"))
+    got = model_dir_on_this_node(tmp_path / "on-the-head" / "m0", mv.ref, settings.dump())
+    assert got.parent == tmp_path / "node" / "cache" / "models"
+    assert _sha(got / "model.safetensors") == _sha(model / "model.safetensors")
+    # Without a registered version to fall back on, the error says which node lacks what, and what to do.
+    with pytest.raises(RegistryError, match="is not on host") as e:
+        model_dir_on_this_node(tmp_path / "on-the-head" / "m0", None, settings)
+    assert "rayloop models register" in (e.value.hint or "")
+
+
+def test_a_model_cache_the_node_cannot_write_is_an_error_naming_the_variable(
+    tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg = Registry(str(tmp_path / "storage"), f"sqlite:///{tmp_path / 'reg.db'}", cache_dir=tmp_path / "ro" / "cache")
+    mv = reg.register("demo", model)
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "cache").write_text("not a directory")  # mkdir under it fails, as on a read-only path
+    with pytest.raises(RegistryError, match="cannot use the model cache") as e:
+        reg.fetch(mv.ref)
+    assert "RAYLOOP_NODE_DIR" in (e.value.hint or "")
