@@ -270,7 +270,8 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     from rayloop.storage import Storage
 
     cluster.write_config(
-        training={"num_workers": 2, "worker_num_cpus": 1, "placement_strategy": "SPREAD"},
+        # 0.9 CPU a worker: after a node dies, both fit beside the replicas on the one that is left.
+        training={"num_workers": 2, "worker_num_cpus": 0.9, "placement_strategy": "SPREAD"},
         pipeline={"strategy": "rolling"},
     )
     if sorted(_running_on(cluster).values()) != ["w1", "w2"]:
@@ -308,3 +309,77 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     # The training workers ran on both worker nodes.
     train_nodes = {a["node_id"] for a in cluster.actors() if a["class_name"] == "RayTrainWorker"}
     assert {names.get(n) for n in train_nodes} == {"w1", "w2"}, train_nodes
+
+
+def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_storage(
+    cluster: MultiNodeCluster,
+) -> None:
+    """`ray job submit -- python -m train_jobs.retrain` with a worker on each node; one node is killed after
+    the first checkpoint: Ray Train starts the worker group again on what is left, it resumes from that
+    checkpoint in S3, and the run registers exactly one candidate."""
+    import os
+    import subprocess
+    import sys
+
+    from rayloop.storage import Storage
+
+    cluster.write_config(
+        training={"num_workers": 2, "worker_num_cpus": 0.9, "placement_strategy": "SPREAD", "checkpoint_every": 2}
+    )
+    if len(cluster.workers["w2"].pids()) == 0:
+        cluster.add_worker("w2", num_cpus=3)
+    reg = _registry(cluster)
+    if not any(True for _ in _feedback_rows(cluster)):
+        cluster.rayloop_json("simulate", "--repeats", "2", timeout=600)
+    snapshot = cluster.rayloop_json("data", "preprocess", "--model", "demo", "--base", "demo@production", timeout=600)
+    before = {v.version for v in reg.list_versions("demo")}
+    storage = Storage(cluster.config["storage"]["root"], s3_endpoint=cluster.s3_endpoint)
+    seen_before = {k for k in storage.list("checkpoints") if "/step-" in k}
+    env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    submit = (
+        "ray job submit --working-dir . -- python -m train_jobs.retrain "
+        f"--snapshot {snapshot['snapshot_id']} --base demo@production"
+    )
+    log = cluster.root / "retrain-job.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen(
+            ["bash", "-c", f'eval "$(rayloop env)"\n{submit}'],
+            cwd=cluster.head_dir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: (
+                any("/step-" in k for k in set(storage.list("checkpoints")) - seen_before) or job.poll() is not None
+            ),
+            600,
+            "the run's first checkpoint in S3",
+            every=1,
+        )
+        assert job.poll() is None, "the run ended before its first checkpoint: give it more steps"
+        cluster.workers["w2"].kill()
+        job.wait(timeout=1200)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    logs = log.read_text()
+    assert job.returncode == 0 and "succeeded" in logs, logs[-5000:]
+    assert "from checkpoint" in logs, logs[-5000:]  # the new worker group resumed, it did not start over
+    new = {v.version for v in reg.list_versions("demo")} - before
+    assert len(new) == 1, new
+    mv = reg.resolve(f"demo@{new.pop()}")
+    assert mv.lineage["snapshot_id"] == snapshot["snapshot_id"]
+    cluster.add_worker("w2", num_cpus=3)
+
+
+def _feedback_rows(cluster: MultiNodeCluster) -> list[str]:
+    from rayloop.data.capture import read_feedback
+    from rayloop.storage import Storage
+
+    try:
+        tbl = read_feedback(Storage(cluster.config["storage"]["root"], s3_endpoint=cluster.s3_endpoint))
+    except FileNotFoundError:
+        return []
+    return [str(x) for x in tbl["request_id"].to_pylist()]
