@@ -24,7 +24,6 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -111,19 +110,10 @@ def wait(pred: Any, timeout: float, what: str) -> None:
 
 def restart_replicas(c: MultiNodeCluster) -> float:
     """Restart the stable slot's replicas one at a time (a rolling restart); seconds until all serve again."""
-    probe = (
-        "import ray, sys; from ray import serve; from rayloop.config import load_settings; "
-        "from rayloop.cluster import connect; connect(load_settings()); "
-        "ray.kill(ray.get_actor(sys.argv[1], namespace='serve'), no_restart=True)"
-    )
     t0 = time.monotonic()
     for r in stable_replicas(c):
         actor = f"SERVE_REPLICA::{c.config['serving'].get('app_name', 'rayloop')}#llm-stable#{r['replica']}"
-        out = subprocess.run(
-            [sys.executable, "-c", probe, actor], cwd=c.head_dir, env=c.env, capture_output=True, text=True, timeout=120
-        )
-        if out.returncode != 0:
-            raise SystemExit(f"cannot kill replica {r['replica']}: {out.stderr[-2000:]}")
+        c.probe(f"ray.kill(ray.get_actor({actor!r}, namespace='serve'), no_restart=True); print('{{}}')")
         wait(lambda r=r: r["replica"] not in {x["replica"] for x in stable_replicas(c)}, 120, "the old replica gone")
         wait(lambda: len(stable_replicas(c)) == 2, 600, "two running replicas again")
     return time.monotonic() - t0

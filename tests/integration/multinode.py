@@ -230,33 +230,35 @@ class MultiNodeCluster:
         self.wait_for_nodes()
         return node
 
-    def nodes(self) -> list[dict[str, Any]]:
-        """Alive nodes: id and resources, from the head's dashboard as `ray list nodes` shows them."""
-        probe = (
-            "import json, ray; from rayloop.config import load_settings; from rayloop.cluster import connect; "
-            "connect(load_settings()); "
-            "print(json.dumps([{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))"
-        )
+    def probe(self, code: str) -> Any:
+        """Run ``code`` as a Ray driver on the head (this process is attached to another cluster); it prints
+        one JSON document last, which is returned."""
+        script = "import json, ray; from rayloop.config import load_settings; from rayloop.cluster import connect; "
         out = subprocess.run(
-            [sys.executable, "-c", probe], cwd=self.head_dir, env=self.env, capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", script + "connect(load_settings()); " + code],
+            cwd=self.head_dir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert out.returncode == 0, out.stderr[-3000:]
-        nodes: list[dict[str, Any]] = json.loads(out.stdout.strip().splitlines()[-1])
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Alive nodes: id and resources."""
+        nodes: list[dict[str, Any]] = self.probe(
+            "print(json.dumps([{'id': n['NodeID'], 'resources': n['Resources']} for n in ray.nodes() if n['Alive']]))"
+        )
         return nodes
 
     def actors(self) -> list[dict[str, Any]]:
-        """Actors, the dead ones too: name, class, state, node id (Ray's state API, from the head)."""
-        probe = (
-            "import json; from rayloop.config import load_settings; from rayloop.cluster import connect; "
-            "connect(load_settings()); from ray.util.state import list_actors; "
+        """Actors, the dead ones too: name, class, state, node id (Ray's state API)."""
+        actors: list[dict[str, Any]] = self.probe(
+            "from ray.util.state import list_actors; "
             "print(json.dumps([{'name': a.name or '', 'class_name': a.class_name, 'state': a.state, "
             "'node_id': a.node_id} for a in list_actors(limit=10000)]))"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", probe], cwd=self.head_dir, env=self.env, capture_output=True, text=True, timeout=120
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        actors: list[dict[str, Any]] = json.loads(out.stdout.strip().splitlines()[-1])
         return actors
 
     def node_ids(self) -> dict[str, str]:
