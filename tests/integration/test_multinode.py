@@ -39,7 +39,19 @@ def cluster(base_model_dir: Path) -> Iterator[MultiNodeCluster]:
     root = Path(tempfile.mkdtemp(prefix="rayloop-multinode-"))
     try:
         with multinode_cluster(root, {"w1": {"num_cpus": 3}, "w2": {"num_cpus": 3}}, head_cpus=0) as c:
-            c.write_config(serving={"replicas": 2, "replica_num_cpus": 1})
+            # One rayloop.yaml for everything, written before anything is served (the app's args carry it).
+            # Training: a worker on each node, 0.9 CPU each so that both fit beside the replicas on the node
+            # that is left after one dies; a checkpoint every 2 steps.
+            c.write_config(
+                serving={"replicas": 2, "replica_num_cpus": 1},
+                training={
+                    "num_workers": 2,
+                    "worker_num_cpus": 0.9,
+                    "placement_strategy": "SPREAD",
+                    "checkpoint_every": 2,
+                },
+                pipeline={"strategy": "rolling"},
+            )
             c.rayloop("models", "register", "demo", str(base_model_dir))
             c.rayloop("models", "alias", "demo", "production", "1")
             yield c
@@ -96,11 +108,71 @@ def test_replicas_spread_over_nodes_that_share_nothing(cluster: MultiNodeCluster
     assert all(a["node_id"] == head for a in stats), stats
 
 
+def _registry(cluster: MultiNodeCluster) -> Any:
+    from rayloop.registry import Registry
+
+    return Registry(cluster.config["storage"]["root"], cluster.registry_url, s3_endpoint=cluster.s3_endpoint)
+
+
+def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, base_model_dir: Path) -> None:
+    """Capture from replicas on both worker nodes, then the README's pipeline job: Ray Data preprocessing,
+    DeepSpeed retraining with a worker on each node (neither has the driver's copy of the base model or its
+    tokenizer: they fetch from the registry and the object store), the gate (its engine on a worker node
+    fetches both versions), and a rolling upgrade of the replicas on both nodes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from rayloop.demo.setup import demo_eval_sets
+    from rayloop.demo.world import World
+    from rayloop.evaluation.evalset import save_eval_set
+    from rayloop.storage import Storage
+
+    if not _running_on(cluster):
+        cluster.rayloop("serve", "--model", "demo@production", timeout=600)
+    assert sorted(_running_on(cluster).values()) == ["w1", "w2"]
+    reg = _registry(cluster)
+    production = reg.resolve("demo@production").version
+    # The demo's fixed evaluation sets, as `rayloop init` stores them.
+    world = World.from_json((base_model_dir / "world.json").read_text())
+    storage = Storage(cluster.config["storage"]["root"], s3_endpoint=cluster.s3_endpoint)
+    for name, items in demo_eval_sets(world).items():
+        save_eval_set(storage, "demo", name, items)
+    traffic = cluster.rayloop_json("simulate", "--repeats", "2", timeout=600)
+    assert traffic["failed_requests"] == 0 and traffic["feedback_sent"] > 0, traffic
+
+    job = subprocess.run(
+        ["bash", "-c", 'eval "$(rayloop env)"\nray job submit --working-dir . -- python -m train_jobs.pipeline'],
+        cwd=cluster.head_dir,
+        env={**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    logs = job.stdout + job.stderr
+    assert job.returncode == 0 and "succeeded" in logs, logs[-5000:]
+    record, _ = json.JSONDecoder().raw_decode(logs[logs.rindex("\n{") + 1 :])
+    stages = record["stages"]
+    assert all(stages[s]["status"] == "done" for s in ("preprocess", "retrain", "register", "evaluate", "deploy"))
+    cand = reg.resolve(stages["register"]["output"]["ref"])
+    assert cand.parent == production and reg.resolve("demo@production").version == cand.version
+    # The replicas on both worker nodes serve it now.
+    running = [r for r in _stable(cluster) if r["state"] == "RUNNING"]
+    names = {v: k for k, v in cluster.node_ids().items()}
+    assert sorted(names[r["node_id"]] for r in running) == ["w1", "w2"]
+    assert {r.get("version") for r in running} == {cand.version}, running
+    # The training workers ran on both worker nodes.
+    train_nodes = {a["node_id"] for a in cluster.actors() if a["class_name"] == "RayTrainWorker"}
+    assert {names.get(n) for n in train_nodes} == {"w1", "w2"}, train_nodes
+
+
 def test_a_worker_node_killed_under_load_costs_only_its_in_flight_requests(cluster: MultiNodeCluster) -> None:
     import openai
 
     if len(_running_on(cluster)) < 2:
         cluster.rayloop("serve", "--model", "demo@production", timeout=600)
+    production = _registry(cluster).resolve("demo@production").version
     before = _running_on(cluster)
     assert sorted(before.values()) == ["w1", "w2"], before
     url = f"http://127.0.0.1:{cluster.ports['http']}/v1"
@@ -142,7 +214,7 @@ def test_a_worker_node_killed_under_load_costs_only_its_in_flight_requests(clust
     # Only requests in flight on the dead node could fail: at most one per user thread.
     assert len(failed) <= users, failed
     replicas = [r for r in _stable(cluster) if r["state"] == "RUNNING"]
-    assert {r.get("version") for r in replicas} == {1}, replicas
+    assert {r.get("version") for r in replicas} == {production}, replicas
     # No capture row of a successful request is lost.
     from rayloop.data.capture import read_interactions
     from rayloop.storage import Storage
@@ -166,69 +238,6 @@ def test_a_worker_node_killed_under_load_costs_only_its_in_flight_requests(clust
     cluster.add_worker("w2", num_cpus=3)
 
 
-def _registry(cluster: MultiNodeCluster) -> Any:
-    from rayloop.registry import Registry
-
-    return Registry(cluster.config["storage"]["root"], cluster.registry_url, s3_endpoint=cluster.s3_endpoint)
-
-
-def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, base_model_dir: Path) -> None:
-    """Capture from replicas on both worker nodes, then the README's pipeline job: Ray Data preprocessing,
-    DeepSpeed retraining with a worker on each node (neither has the driver's copy of the base model or its
-    tokenizer: they fetch from the registry and the object store), the gate (its engine on a worker node
-    fetches both versions), and a rolling upgrade of the replicas on both nodes."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    from rayloop.demo.setup import demo_eval_sets
-    from rayloop.demo.world import World
-    from rayloop.evaluation.evalset import save_eval_set
-    from rayloop.storage import Storage
-
-    cluster.write_config(
-        # 0.9 CPU a worker: after a node dies, both fit beside the replicas on the one that is left.
-        training={"num_workers": 2, "worker_num_cpus": 0.9, "placement_strategy": "SPREAD"},
-        pipeline={"strategy": "rolling"},
-    )
-    if sorted(_running_on(cluster).values()) != ["w1", "w2"]:
-        cluster.rayloop("serve", "--model", "demo@production", timeout=600)
-    reg = _registry(cluster)
-    production = reg.resolve("demo@production").version
-    # The demo's fixed evaluation sets, as `rayloop init` stores them.
-    world = World.from_json((base_model_dir / "world.json").read_text())
-    storage = Storage(cluster.config["storage"]["root"], s3_endpoint=cluster.s3_endpoint)
-    for name, items in demo_eval_sets(world).items():
-        save_eval_set(storage, "demo", name, items)
-    traffic = cluster.rayloop_json("simulate", "--repeats", "2", timeout=600)
-    assert traffic["failed_requests"] == 0 and traffic["feedback_sent"] > 0, traffic
-
-    job = subprocess.run(
-        ["bash", "-c", 'eval "$(rayloop env)"\nray job submit --working-dir . -- python -m train_jobs.pipeline'],
-        cwd=cluster.head_dir,
-        env={**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    logs = job.stdout + job.stderr
-    assert job.returncode == 0 and "succeeded" in logs, logs[-5000:]
-    record, _ = json.JSONDecoder().raw_decode(logs[logs.rindex("\n{") + 1 :])
-    stages = record["stages"]
-    assert all(stages[s]["status"] == "done" for s in ("preprocess", "retrain", "register", "evaluate", "deploy"))
-    cand = reg.resolve(stages["register"]["output"]["ref"])
-    assert cand.parent == production and reg.resolve("demo@production").version == cand.version
-    # The replicas on both worker nodes serve it now.
-    running = [r for r in _stable(cluster) if r["state"] == "RUNNING"]
-    names = {v: k for k, v in cluster.node_ids().items()}
-    assert sorted(names[r["node_id"]] for r in running) == ["w1", "w2"]
-    assert {r.get("version") for r in running} == {cand.version}, running
-    # The training workers ran on both worker nodes.
-    train_nodes = {a["node_id"] for a in cluster.actors() if a["class_name"] == "RayTrainWorker"}
-    assert {names.get(n) for n in train_nodes} == {"w1", "w2"}, train_nodes
-
-
 def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_storage(
     cluster: MultiNodeCluster,
 ) -> None:
@@ -241,9 +250,6 @@ def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_s
 
     from rayloop.storage import Storage
 
-    cluster.write_config(
-        training={"num_workers": 2, "worker_num_cpus": 0.9, "placement_strategy": "SPREAD", "checkpoint_every": 2}
-    )
     if len(cluster.workers["w2"].pids()) == 0:
         cluster.add_worker("w2", num_cpus=3)
     reg = _registry(cluster)
