@@ -354,7 +354,8 @@ class ServingSettings(_Model):
         default=2.0,
         gt=0,
         description="Longest time, in seconds, between two writes of the capture writer's buffer to storage "
-        "(replicas hand their rows to the writer, which logs them ahead on its node's disk, every 0.5 s at most).",
+        "(replicas hand their rows to the writer, which logs them ahead on its node's disk: at once with "
+        "capture_ack, else every 0.5 s at most).",
     )
     capture_ack: bool = Field(
         default=True,
