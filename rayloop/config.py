@@ -500,6 +500,18 @@ class TrainingSettings(_Model):
     )
     checkpoint_every: int = Field(default=50, ge=1, description="Checkpoint every N optimizer steps.")
     max_failures: int = Field(default=2, ge=0, description="Worker-group restarts before the run fails.")
+    start_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="How long the worker group may wait for room on the cluster each time it (re)starts, for "
+        "example after a node died (on an autoscaling cluster: long enough for a node to join).",
+    )
+    max_start_failures: int = Field(
+        default=2,
+        ge=0,
+        description="Starts of the worker group that may time out before the run fails: a run never waits for "
+        "resources without end.",
+    )
     seed: int = Field(default=0, description="Random seed.")
 
 

@@ -47,10 +47,11 @@ class Backend(Protocol):
         *,
         check: Callable[[], None] | None = None,
         progress: Callable[[str], None] | None = None,
+        released: frozenset[str] = frozenset(),
     ) -> None:
         """Block until every slot serves its version and every stable replica applies the table; ``check`` runs
         on every poll and may raise to stop waiting; ``progress`` gets a line each time Serve's status of the
-        app changes."""
+        app changes; slots in ``released`` (routed nothing, on their way out) are not waited for."""
 
     def ensure_golden(self, cfg: ModelConfig) -> None:
         """Make sure a fresh engine's golden answers of ``cfg`` exist (in-place swaps verify against them)."""
@@ -169,6 +170,7 @@ class ServeBackend:
         *,
         check: Callable[[], None] | None = None,
         progress: Callable[[str], None] | None = None,
+        released: frozenset[str] = frozenset(),
     ) -> None:
         from rayloop.serving.control import wait_for_state
 
@@ -181,6 +183,7 @@ class ServeBackend:
                 replicas=self.app_settings().serving.max_replicas,
                 check=check,
                 progress=progress,
+                released=released,
             )
         except LeaseLostError:
             raise

@@ -277,14 +277,15 @@ class Rollout:
             except Exception:
                 pass  # a broken callback must not break the rollout
 
-    def wait_serve(self, state: AppState) -> None:
-        """Wait until Serve runs ``state``, telling ``on_event`` each change of the app's status (``serve``
-        events: which deployments, which replica states) while replicas start."""
+    def wait_serve(self, state: AppState, released: frozenset[str] = frozenset()) -> None:
+        """Wait until Serve runs ``state`` (``released`` slots aside), telling ``on_event`` each change of the
+        app's status (``serve`` events: which deployments, which replica states) while replicas start."""
         self.backend.wait(
             state,
             self.settings.rollout.ready_timeout_s,
             check=self.still_owned,
             progress=lambda line: self.tell("serve", status=line),
+            released=released,
         )
 
     def save(self, **updates: Any) -> None:
@@ -345,11 +346,13 @@ class Rollout:
         canary_percent: float | None = None,
         shadow_percent: float | None = None,
         observe: bool = True,
+        released: frozenset[str] = frozenset(),
     ) -> AppState:
         """Ask Serve for a new state (changing only what is given) and wait until it is there.
 
         ``observe``: the ingress sends live per-slot observations to the stats actor (while the rollout
-        judges traffic; the rollout's last change turns it off, back to the lean layout)."""
+        judges traffic; the rollout's last change turns it off, back to the lean layout). ``released``: slots
+        that route nothing in the new state and are not waited for (a rollback's way out of a broken canary)."""
         cur = self.app or self.backend.read()
         if cur is None:
             raise RolloutError(f"Serve app {self.backend.app_name!r} does not exist")
@@ -373,7 +376,7 @@ class Rollout:
         t0 = self.now()
         self.check_lease()
         self.backend.apply(new)
-        self.wait_serve(new)
+        self.wait_serve(new, released)
         self.app = new
         self._mark(new)
         if (t.canary_percent, t.shadow_percent) != (table.canary_percent, table.shadow_percent):
@@ -580,24 +583,34 @@ class Rollout:
         self.save(phase="done")
 
     def rollback(self, reason: str) -> None:
-        """All traffic to the old version at once, new version released, aliases back."""
+        """All traffic to the old version at once, new version released, aliases back.
+
+        The way back waits only for what it keeps: the stable slot on the old version. A canary or shadow
+        slot that cannot become ready (its node died and there is no room for its replicas) is released
+        without waiting for it. The aliases go back even when Serve does not get there in time, so the
+        registry never names the rolled-back version production.
+        """
         self.save(phase="rolling_back", reason=reason)
         self.emit("rollback", reason=reason)
         old = self.from_cfg
         cur = self.app or self.backend.read()
-        if cur is not None and old is not None:
-            if cur.slots.get(STABLE) != old:
-                self.backend.ensure_golden(old)
-            # Traffic first (one route-table change), then free the new version's engines.
-            self.set_app(stable=old, canary_percent=0, shadow_percent=0)
-            self.set_app(canary=None, shadow=None, observe=False)
-        before = self.state.aliases_before
-        if old is not None and self.reg.get_alias(self.name, PRODUCTION) == self.to_cfg.version:
-            self._alias(PRODUCTION, before.get(PRODUCTION, old.version), f"rollback: {reason}")
-            self._alias(PREVIOUS, before.get(PREVIOUS), f"rollback: {reason}")
-            self.emit("alias", alias=PRODUCTION, version=before.get(PRODUCTION, old.version), was=self.to_cfg.version)
-        if self.reg.get_alias(self.name, CANARY_ALIAS) == self.to_cfg.version:
-            self._alias(CANARY_ALIAS, None, f"rollback: {reason}")
+        try:
+            if cur is not None and old is not None:
+                if cur.slots.get(STABLE) != old:
+                    self.backend.ensure_golden(old)
+                # Traffic first (one route-table change), then free the new version's engines.
+                self.set_app(stable=old, canary_percent=0, shadow_percent=0, released=frozenset({CANARY, SHADOW}))
+                self.set_app(canary=None, shadow=None, observe=False, released=frozenset({CANARY, SHADOW}))
+        finally:
+            before = self.state.aliases_before
+            if old is not None and self.reg.get_alias(self.name, PRODUCTION) == self.to_cfg.version:
+                self._alias(PRODUCTION, before.get(PRODUCTION, old.version), f"rollback: {reason}")
+                self._alias(PREVIOUS, before.get(PREVIOUS), f"rollback: {reason}")
+                self.emit(
+                    "alias", alias=PRODUCTION, version=before.get(PRODUCTION, old.version), was=self.to_cfg.version
+                )
+            if self.reg.get_alias(self.name, CANARY_ALIAS) == self.to_cfg.version:
+                self._alias(CANARY_ALIAS, None, f"rollback: {reason}")
         self.save(phase="done")
 
     def finish_without_promotion(self) -> None:
@@ -824,7 +837,14 @@ def _run_owned(ro: Rollout, kind: Strategy) -> RolloutRecord:
         except BaseException as e2:
             ro.emit("rollback_failed", reason=f"{type(e2).__name__}: {e2}")
             ro.end("failed")
-            raise
+            if isinstance(e2, KeyboardInterrupt):
+                raise
+            raise RolloutError(
+                f"rollout {ro.rid} failed ({reason}) and so did its rollback ({type(e2).__name__}: {e2}); the "
+                f"aliases are back, Serve may still run the new version",
+                hint=f"Fix what stops Serve (`serve status`, the replica logs), then `rayloop status {ro.name} "
+                "--reconcile` brings Serve back to the registry's production.",
+            ) from e2
         ro.end("failed")
         if isinstance(e, RolloutError | KeyboardInterrupt):
             raise

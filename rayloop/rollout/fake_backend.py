@@ -53,6 +53,7 @@ class FakeBackend:
         self.fail_apply_when: Any = None  # callable(AppState) -> bool: raise on apply
         self.window_errors = 0  # the next this many window() calls raise (a stats actor that is gone)
         self.stats_started = 0.0  # when the stats store started (set it later: a store that restarted, empty)
+        self.unready_slots: set[str] = set()  # slots whose replicas cannot start (their node is gone): waits fail
         self._timeline: list[tuple[float, AppState]] = []
         self._lock = threading.Lock()
 
@@ -80,12 +81,18 @@ class FakeBackend:
         *,
         check: Callable[[], None] | None = None,
         progress: Callable[[str], None] | None = None,
+        released: frozenset[str] = frozenset(),
     ) -> None:
+        from rayloop.errors import RolloutError
+
         if check is not None:
             check()
         if progress is not None:
             progress(f"{self.app_name}: {state.summary()}")
         assert self.state == state
+        stuck = sorted(s for s in self.unready_slots if s not in released and state.slots.get(s) is not None)
+        if stuck:
+            raise RolloutError(f"slot {stuck[0]} did not become ready within {timeout_s:.0f}s (simulated)")
 
     def ensure_golden(self, cfg: ModelConfig) -> None:
         self.golden.append(cfg.version)

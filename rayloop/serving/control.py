@@ -417,9 +417,14 @@ def wait_for_state(
     replicas: int,
     progress: Callable[[str], None] | None = None,
     check: Callable[[], None] | None = None,
+    released: frozenset[str] = frozenset(),
 ) -> None:
     """Block until ``app_name`` runs ``state``: every slot's replicas serve its version (idle ones none) and
     every stable replica applies its route table. Needs a connected Ray driver.
+
+    ``released``: slots on their way out (routed nothing in ``state``): neither their health nor their version
+    is waited for. A rollback waits only for what it keeps: a canary that lost a node and cannot be placed
+    again must not hold the way back.
 
     ``since``: when the config was applied (Serve's status must be at least that new); ``replicas``: replicas per
     active slot (each is asked twice as many times, so every replica is likely asked at least once);
@@ -442,8 +447,13 @@ def wait_for_state(
                 progress(line)
             if st.status == "DEPLOY_FAILED":
                 raise ServingError(f"Serve app {app_name!r} failed to deploy: {st.message}")
-            healthy = st.status == "RUNNING" and all(d.status == "HEALTHY" for d in st.deployments.values())
-            if healthy and st.last_deployed_time_s >= since - 1 and _converged(app_name, state, replicas):
+            gone = {slot_deployment_name(s) for s in released}
+            kept = [d for name, d in st.deployments.items() if name not in gone]
+            # The app's own status counts the released slots too: with some, their deployments' do instead.
+            healthy = all(d.status == "HEALTHY" for d in kept) and (
+                st.status == "RUNNING" or (bool(released) and st.status in ("DEPLOYING", "UNHEALTHY"))
+            )
+            if healthy and st.last_deployed_time_s >= since - 1 and _converged(app_name, state, replicas, released):
                 return
         time.sleep(0.5)
     raise ServingError(
@@ -452,12 +462,14 @@ def wait_for_state(
     )
 
 
-def _converged(app_name: str, state: AppState, replicas: int) -> bool:
+def _converged(app_name: str, state: AppState, replicas: int, released: frozenset[str] = frozenset()) -> bool:
     from ray import serve
 
     n = max(2, 2 * replicas)
     try:
         for slot in SLOTS:
+            if slot in released:
+                continue
             h = serve.get_deployment_handle(slot_deployment_name(slot), app_name)
             want = state.version(slot)
             for _ in range(n if want is not None or slot == STABLE else 2):

@@ -20,6 +20,8 @@ import math
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from rayloop.training.deepspeed_config import build_ds_config
 from rayloop.training.loop import CKPT_TAG, STATE_FILE
 
 CACHE_SHARD_MAX_BYTES = 256 << 20
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"  # Ray Train's own knob (default 60 s)
 
 
 @dataclass
@@ -118,6 +121,20 @@ def resolve_config(
             "code_version": code_version(),
         },
     }
+
+
+@contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the duration of the block."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 def _any(x: Any) -> Any:
@@ -216,15 +233,27 @@ def retrain(
                 name=name,
                 storage_path=st.path("checkpoints"),
                 storage_filesystem=st.fs,
-                failure_config=FailureConfig(max_failures=ts.max_failures),
+                failure_config=FailureConfig(
+                    max_failures=ts.max_failures, controller_failure_limit=ts.max_start_failures
+                ),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
                 worker_runtime_env={"env_vars": env},
             ),
         )
         t_fit = time.monotonic()
         try:
-            result = trainer.fit()
+            # Ray Train reads the start timeout from the driver's environment (and passes it on to its controller).
+            with _env(START_TIMEOUT_ENV, str(ts.start_timeout_s)):
+                result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors; keep the cause in the message
+            if "worker group startup timed out" in str(e) or "WorkerGroupStartupTimeout" in repr(e):
+                raise TrainingError(
+                    f"training run {name} failed: its {n_workers} workers ({resources} each) found no room on the "
+                    f"cluster within training.start_timeout_s ({ts.start_timeout_s:.0f}s), "
+                    f"{ts.max_start_failures + 1} times",
+                    hint="See `ray status` for what is free; lower training.num_workers or worker_num_cpus, add a "
+                    "node, or raise training.start_timeout_s where nodes take long to join.",
+                ) from e
             raise TrainingError(
                 f"training run {name} failed: {e}", hint="See the worker logs in the Ray dashboard."
             ) from e

@@ -164,9 +164,14 @@ class MultiNodeCluster:
             self.config.setdefault(key, {}).update(value)
         (self.head_dir / "rayloop.yaml").write_text(yaml.safe_dump(self.config))
 
-    def rayloop(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def rayloop(
+        self, *args: str, timeout: float = 300, check: bool = True, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """``rayloop ARGS`` on the head, in its working directory (``env``: variables to add, e.g. a setting)."""
         cmd = [sys.executable, "-m", "rayloop.cli", *args]
-        out = subprocess.run(cmd, cwd=self.head_dir, env=self.env, capture_output=True, text=True, timeout=timeout)
+        out = subprocess.run(
+            cmd, cwd=self.head_dir, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout
+        )
         if check and out.returncode != 0:
             raise AssertionError(f"rayloop {' '.join(args)} failed ({out.returncode}):\n{out.stderr[-4000:]}")
         return out

@@ -11,7 +11,11 @@ against the head's HTTP proxy.
 - a worker node killed under load: Serve puts its replica back on the surviving node at the version the slot
   serves; only requests in flight there may fail, and every successful request's interaction is captured;
 - the whole loop as the README's Ray job: capture from both nodes, preprocessing, retraining with a worker on
-  each node, the gate, and a rolling upgrade of the replicas on both nodes.
+  each node, the gate, and a rolling upgrade of the replicas on both nodes;
+- a node killed mid-canary: the rollout ends promoted or rolled back, never with two production versions, and
+  without waiting for the replicas that have no node any more;
+- a worker node killed during retraining (and replaced, as a cluster's autoscaler or KubeRay would): Ray Train
+  starts the worker group again, resumes from the last checkpoint in S3, and one candidate is registered.
 """
 
 from __future__ import annotations
@@ -236,3 +240,177 @@ def test_a_worker_node_killed_under_load_costs_only_its_in_flight_requests(clust
         raise AssertionError(f"{len(missing)} of {len(want)} successful requests have no captured row") from None
     # Put the node back for whatever runs next on this cluster.
     cluster.add_worker("w2", num_cpus=3)
+
+
+def _versions_running(cluster: MultiNodeCluster) -> set[Any]:
+    return {r.get("version") for r in _stable(cluster) if r["state"] == "RUNNING"}
+
+
+def test_a_node_killed_mid_canary_ends_the_rollout_consistently(
+    cluster: MultiNodeCluster, base_model_dir: Path
+) -> None:
+    """A canary across both worker nodes under load; the node with a canary replica dies at the first step.
+    The canary cannot be whole again (the surviving node has no room for its second replica), so the rollout
+    must not wait for it without end: it rolls back (or, had it been whole, promotes), within the rollout's
+    ready timeout, and leaves one production version that every stable replica serves."""
+    import openai
+
+    if len(cluster.workers["w2"].pids()) == 0:
+        cluster.add_worker("w2", num_cpus=3)
+    if len(_running_on(cluster)) < 2:
+        cluster.rayloop("serve", "--model", "demo@production", timeout=600)
+    reg = _registry(cluster)
+    production = reg.resolve("demo@production").version
+    candidate = cluster.rayloop_json("models", "register", "demo", str(base_model_dir))["version"]
+    url = f"http://127.0.0.1:{cluster.ports['http']}/v1"
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def user() -> None:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+        while not stop.is_set():
+            try:
+                client.chat.completions.create(
+                    model="demo", messages=[{"role": "user", "content": "Where is Norland?"}], max_tokens=4
+                )
+                answered.append(1)
+            except openai.APIError:
+                pass
+
+    deploy: dict[str, Any] = {}
+    # The rollout gives a slot 150 s to become ready (rollout.ready_timeout_s, a setting of the deploying
+    # process, not of the app): past it, the step fails and the rollout rolls back.
+    timeout_env = {"RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "150", "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3"}
+
+    def run_deploy() -> None:
+        deploy["out"] = cluster.rayloop(
+            "deploy",
+            f"demo@{candidate}",
+            "--strategy",
+            "canary",
+            "--steps",
+            "50,100",
+            "--interval",
+            "15s",
+            "--force",
+            timeout=900,
+            check=False,
+            env=timeout_env,
+        )
+
+    with ThreadPoolExecutor(4) as pool:
+        users = [pool.submit(user) for _ in range(3)]
+        rollout = pool.submit(run_deploy)
+        victim = "w2"
+        try:
+
+            def at_first_step() -> bool:
+                active = reg.active_rollout("demo")
+                return rollout.done() or (active is not None and active.state.phase == "step")
+
+            wait_for(at_first_step, 600, "the canary's first step")
+            assert not rollout.done(), deploy["out"].stderr[-3000:]
+            names = {v: k for k, v in cluster.node_ids().items()}
+            canary = (cluster.rayloop_json("status", "demo").get("replicas") or {}).get("canary", [])
+            on = sorted(names.get(r["node_id"], "?") for r in canary if r["state"] == "RUNNING")
+            assert on and set(on) <= {"w1", "w2"}, canary
+            victim = "w2" if "w2" in on else "w1"
+            cluster.workers[victim].kill()
+            rollout.result(timeout=900)
+        finally:
+            stop.set()
+        for f in users:
+            f.result()
+    out = deploy["out"]
+    # Promoted (0), rolled back on a verdict (4), or failed at a step and rolled back (1): an ending either way.
+    assert out.returncode in (0, 1, 4), out.stderr[-3000:]
+    if out.returncode == 1:
+        assert "failed and was rolled back" in out.stderr, out.stderr[-3000:]
+    final = reg.resolve("demo@production").version
+    assert final == (candidate if out.returncode == 0 else production), out.stderr[-3000:]
+    assert reg.active_rollout("demo") is None
+    last = reg.rollouts("demo")[0]
+    assert not [e for e in last.history if e["event"] == "rollback_failed"], last.history[-5:]
+    # One production version, and the stable slot serves it on every running replica.
+    st = cluster.rayloop_json("status", "demo")
+    assert st["serve"]["slots"]["stable"] == final, st["serve"]
+    wait_for(lambda: _versions_running(cluster) == {final}, 300, f"every running stable replica on v{final}")
+    assert answered, "no request was answered during the rollout"
+    cluster.add_worker(victim, num_cpus=3)
+
+
+def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_storage(
+    cluster: MultiNodeCluster,
+) -> None:
+    """`ray job submit -- python -m train_jobs.retrain` with a worker on each node (SPREAD); the node of one
+    of them is killed after Ray Train registered a checkpoint, and replaced (a new node joins, as a cluster's
+    autoscaler or KubeRay would start one): Ray Train starts the worker group again, it resumes from that
+    checkpoint in S3, and the run registers exactly one candidate. (Without a replacement and without room on
+    what is left, the run fails after training.max_start_failures timed-out starts: see test_retrain.py.)"""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from rayloop.storage import Storage
+
+    for name in ("w1", "w2"):
+        if len(cluster.workers[name].pids()) == 0:
+            cluster.add_worker(name, num_cpus=3)
+    reg = _registry(cluster)
+    snapshot = cluster.rayloop_json("data", "preprocess", "--model", "demo", "--base", "demo@production", timeout=600)
+    before = {v.version for v in reg.list_versions("demo")}
+    storage = Storage(cluster.config["storage"]["root"], s3_endpoint=cluster.s3_endpoint)
+    earlier = {k for k in storage.list("checkpoints") if k.endswith("checkpoint_manager_snapshot.json")}
+
+    def registered_steps() -> list[str]:
+        """Checkpoints Ray Train's controller registered for the new run (files alone may not be reported yet)."""
+        found: list[str] = []
+        for key in storage.list("checkpoints"):
+            if key.endswith("checkpoint_manager_snapshot.json") and key not in earlier:
+                try:
+                    found += re.findall(r"step-\d{6}", storage.read_bytes(key).decode())
+                except (OSError, FileNotFoundError):
+                    continue
+        return sorted(set(found))
+
+    env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    submit = (
+        "ray job submit --working-dir . -- python -m train_jobs.retrain "
+        f"--snapshot {snapshot['snapshot_id']} --base demo@production"
+    )
+    log = cluster.root / "retrain-job.log"
+    with open(log, "w") as out:
+        job = subprocess.Popen(
+            ["bash", "-c", f'eval "$(rayloop env)"\n{submit}'],
+            cwd=cluster.head_dir,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(lambda: bool(registered_steps()) or job.poll() is not None, 600, "a registered checkpoint", every=1)
+        assert job.poll() is None, "the run ended before its first checkpoint: give it more steps"
+        names = {v: k for k, v in cluster.node_ids().items()}
+        train_nodes = {
+            names.get(a["node_id"])
+            for a in cluster.actors()
+            if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"
+        }
+        assert train_nodes <= {"w1", "w2"} and train_nodes, train_nodes
+        victim = "w2" if "w2" in train_nodes else "w1"
+        cluster.workers[victim].kill()
+        cluster.add_worker(victim, num_cpus=3)  # the replacement node
+        job.wait(timeout=1200)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    logs = log.read_text()
+    assert job.returncode == 0 and "succeeded" in logs, logs[-5000:]
+    new = {v.version for v in reg.list_versions("demo")} - before
+    assert len(new) == 1, new
+    mv = reg.resolve(f"demo@{new.pop()}")
+    assert mv.lineage["snapshot_id"] == snapshot["snapshot_id"]
+    # The new worker group resumed from the checkpoint in S3; it did not start over (each worker says where it
+    # starts; Ray passes the workers' stderr on to the job's log).
+    assert re.search(r"starts at step [1-9]\d* from checkpoint", logs), logs[-5000:]

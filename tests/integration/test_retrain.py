@@ -20,6 +20,7 @@ from rayloop.data.snapshot import storage_of
 from rayloop.demo.model import greedy_answers
 from rayloop.demo.synthetic import write_interactions
 from rayloop.demo.world import World
+from rayloop.errors import TrainingError
 from rayloop.training.retrain import RetrainResult, retrain
 
 
@@ -98,6 +99,22 @@ def _worker_pids() -> list[int]:
         except psutil.Error:
             continue
     return sorted(pids)
+
+
+def test_a_worker_group_that_finds_no_room_fails_instead_of_waiting(
+    snap: dict[str, Any], base_model_dir: Path, tmp_path: Path
+) -> None:
+    """Workers that cannot be placed (here: more CPUs each than the node has; on a cluster: a node died and
+    nothing replaced it) end the run with an error naming the settings, after a bounded number of tries."""
+    settings: Settings = snap["settings"].model_copy(deep=True)
+    settings.training.worker_num_cpus = 64
+    settings.training.start_timeout_s = 3
+    settings.training.max_start_failures = 1
+    with pytest.raises(
+        TrainingError, match=r"found no room on the cluster within training.start_timeout_s \(3s\), 2 times"
+    ):
+        retrain(settings, snapshot_id=snap["info"].snapshot_id, base_dir=base_model_dir, output_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()
 
 
 def test_zero3_worker_kill_resumes_and_export_loads_in_vllm(

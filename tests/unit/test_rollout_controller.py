@@ -377,6 +377,55 @@ def test_failed_serve_change_rolls_back_and_raises(env: dict[str, Any]) -> None:
     assert _final_app(env["backend"]) == (1, None, None, 0)
 
 
+def test_a_canary_that_lost_its_node_mid_step_is_rolled_back_without_waiting_for_it(env: dict[str, Any]) -> None:
+    """The canary's replicas cannot start again (their node died, no room elsewhere): the next step's wait fails,
+    and the way back waits only for the stable slot, not for the canary it releases."""
+    backend = env["backend"]
+
+    def lose_the_canary_node(event: dict[str, Any]) -> None:
+        if event["event"] == "step" and event["percent"] == 10:
+            backend.unready_slots.add(CANARY)
+
+    with pytest.raises(RolloutError, match="slot canary did not become ready"):
+        deploy(
+            env["settings"],
+            "demo@2",
+            "canary",
+            steps=[10, 100],
+            **FAST,
+            backend=backend,
+            on_event=lose_the_canary_node,
+        )
+    rec = env["reg"].rollouts("demo")[0]
+    assert rec.status == "failed" and _events(rec, "rollback") and not _events(rec, "rollback_failed")
+    assert _final_app(backend) == (1, None, None, 0)
+    assert env["reg"].aliases("demo") == {"production": 1}
+    assert env["reg"].active_rollout("demo") is None
+
+
+def test_aliases_go_back_even_when_serve_cannot_roll_back(env: dict[str, Any]) -> None:
+    """Serve refuses every change once the promotion began: the rollback cannot reach Serve, but the registry
+    must not keep naming the new version production (nor canary)."""
+    backend = env["backend"]
+    promoting: list[bool] = []
+    backend.fail_apply_when = lambda st: bool(promoting)
+    with pytest.raises(RolloutError, match="and so did its rollback") as err:
+        deploy(
+            env["settings"],
+            "demo@2",
+            "canary",
+            steps=[100],
+            **FAST,
+            backend=backend,
+            on_event=lambda e: promoting.append(True) if e["event"] == "promote" else None,
+        )
+    rec = env["reg"].rollouts("demo")[0]
+    assert rec.status == "failed" and _events(rec, "rollback_failed")
+    assert "--reconcile" in (err.value.hint or "")
+    assert env["reg"].aliases("demo") == {"production": 1}
+    assert env["reg"].active_rollout("demo") is None
+
+
 def test_status_reports_slots_aliases_and_live_metrics(env: dict[str, Any]) -> None:
     deploy(env["settings"], "demo@2", "canary", steps=[100], interval_s=0.2, backend=env["backend"])
     time.sleep(0.1)  # some simulated traffic on the promoted stable slot
