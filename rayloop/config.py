@@ -209,6 +209,13 @@ class EngineSettings(_Model):
         default="cpu",
         description="Where engines run: 'gpu' reserves one GPU per tensor-parallel shard (placement group).",
     )
+    accelerator_resource: str = Field(
+        default="GPU",
+        min_length=1,
+        description="With accelerator 'gpu': the Ray resource each tensor-parallel shard reserves, all of an "
+        "engine's on one node (STRICT_PACK). 'GPU', or the custom resource your nodes declare for their "
+        "accelerators (`ray start --resources`).",
+    )
     cpu_threads_bind: str | None = Field(
         default=None,
         description="CPU only: VLLM_CPU_OMP_THREADS_BIND for engine workers, e.g. '0|1' for tensor_parallel_size 2 "

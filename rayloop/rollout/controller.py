@@ -846,8 +846,10 @@ def _run_owned(ro: Rollout, kind: Strategy) -> RolloutRecord:
                 "--reconcile` brings Serve back to the registry's production.",
             ) from e2
         ro.end("failed")
-        if isinstance(e, RolloutError | KeyboardInterrupt):
+        if isinstance(e, KeyboardInterrupt):
             raise
+        if type(e) is RolloutError:  # say that it was rolled back; subclasses keep their type for callers
+            raise RolloutError(f"rollout {ro.rid} failed and was rolled back: {e.message}", hint=e.hint) from e
         raise RolloutError(f"rollout {ro.rid} failed and was rolled back: {reason}") from e
     ro.end(status)
     return reg.rollout(ro.rid)

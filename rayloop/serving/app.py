@@ -162,11 +162,11 @@ def engine_actor_options(settings: Settings) -> dict[str, Any]:
 
 
 def _placement(settings: Settings) -> dict[str, Any]:
-    """GPU engines: one bundle for the replica, one GPU per tensor-parallel shard, all on one node."""
+    """GPU engines: one bundle for the replica, one accelerator (GPU) per tensor-parallel shard, all on one node."""
     es = settings.serving.engine
     if es.accelerator != "gpu":
         return {}
-    bundles = [{"CPU": settings.serving.replica_num_cpus}] + [{"GPU": 1}] * es.tensor_parallel_size
+    bundles = [{"CPU": settings.serving.replica_num_cpus}] + [{es.accelerator_resource: 1}] * es.tensor_parallel_size
     return {"placement_group_bundles": bundles, "placement_group_strategy": "STRICT_PACK"}
 
 

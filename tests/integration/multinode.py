@@ -197,6 +197,8 @@ class MultiNodeCluster:
         shutil.copyfile(self.token, token)
         os.chown(token, user.pw_uid, user.pw_gid)
         os.chmod(token, 0o600)
+        if resources is None and name in self.workers:  # the node comes back as it was
+            resources = {k: v for k, v in self.workers[name].resources.items() if k != f"rl_{name}"}
         node = WorkerNode(name, user, node_root, {f"rl_{name}": 1, **(resources or {})})
         env = {
             "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",

@@ -42,7 +42,9 @@ def cluster(base_model_dir: Path) -> Iterator[MultiNodeCluster]:
     # reach their own directories under the root.
     root = Path(tempfile.mkdtemp(prefix="rayloop-multinode-"))
     try:
-        with multinode_cluster(root, {"w1": {"num_cpus": 3}, "w2": {"num_cpus": 3}}, head_cpus=0) as c:
+        # Each worker node also has two "accel" units: a custom resource standing in for GPUs (placement only).
+        nodes = {w: {"num_cpus": 3, "resources": {"accel": 2}} for w in ("w1", "w2")}
+        with multinode_cluster(root, nodes, head_cpus=0) as c:
             # One rayloop.yaml for everything, written before anything is served (the app's args carry it).
             # Training: a worker on each node, 0.9 CPU each so that both fit beside the replicas on the node
             # that is left after one dies; a checkpoint every 2 steps.
@@ -110,6 +112,52 @@ def test_replicas_spread_over_nodes_that_share_nothing(cluster: MultiNodeCluster
     assert len(writers) == 1 and writers[0]["node_id"] == head, actors
     stats = [a for a in actors if a["name"].startswith("rayloop-router-stats-")]  # made when slots route
     assert all(a["node_id"] == head for a in stats), stats
+
+
+def test_a_tensor_parallel_engine_is_packed_on_one_node(cluster: MultiNodeCluster) -> None:
+    """TP=2 on accelerators: each replica reserves one accelerator per shard in a STRICT_PACK placement group,
+    so its shards share a node; the two replicas land on different nodes (two units each). The accelerator is
+    the custom resource "accel" standing in for GPUs (serving.engine.accelerator_resource), and the engine is
+    the fake one: this is about where Ray puts things, not about running vLLM's TP workers."""
+    import openai
+
+    overrides = {
+        "serving": {
+            "app_name": "tp2",
+            "route_prefix": "/tp2",
+            "replicas": 2,
+            "replica_num_cpus": 0.1,
+            "engine": {"accelerator": "gpu", "accelerator_resource": "accel", "tensor_parallel_size": 2},
+        }
+    }
+    placed = cluster.probe(
+        "from ray.util import placement_group_table; "
+        "from rayloop.serving.deploy import deploy, resolve_version; "
+        f"s = load_settings(overrides={overrides!r}); "
+        "deploy(s, resolve_version(s, 'demo@production'), app_name='tp2', "
+        "engine_cls='rayloop.serving.fake_engine:FakeEngine', record_golden=False, timeout_s=100); "
+        "pgs = [p for p in placement_group_table().values() if p['state'] == 'CREATED' "
+        "and any('accel' in b for b in p['bundles'].values())]; "
+        "print(json.dumps([{'strategy': p['strategy'], 'nodes': sorted(set(p['bundles_to_node_id'].values())), "
+        "'bundles': list(p['bundles'].values())} for p in pgs]))"
+    )
+    try:
+        assert len(placed) == 2, placed
+        names = {v: k for k, v in cluster.node_ids().items()}
+        for pg in placed:
+            assert pg["strategy"] == "STRICT_PACK", pg
+            assert [b.get("accel", 0) for b in pg["bundles"]] == [0, 1, 1], pg  # the replica, then one per shard
+            assert len(pg["nodes"]) == 1, pg  # every shard of the engine on one node
+        assert sorted(names[pg["nodes"][0]] for pg in placed) == ["w1", "w2"], placed
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{cluster.ports['http']}/tp2/v1", api_key="none", max_retries=0
+        )
+        reply = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "hello there"}], max_tokens=4
+        )
+        assert reply.choices[0].message.content
+    finally:
+        cluster.probe("from ray import serve; serve.delete('tp2'); print('{}')")
 
 
 def _registry(cluster: MultiNodeCluster) -> Any:

@@ -642,3 +642,25 @@ def test_autoscaling_replaces_fixed_replicas_on_active_slots_only(tmp_path: Path
 
     with pytest.raises(ConfigError, match=r"max_replicas \(1\) is below min_replicas \(2\)"):
         settings_from_dict({"home": str(tmp_path), "serving": {"autoscaling": {"min_replicas": 2, "max_replicas": 1}}})
+
+
+def test_tensor_parallel_shards_reserve_the_configured_accelerator_on_one_node(tmp_path: Path) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayloop.config import settings_from_dict
+    from rayloop.serving.app import AppState, app_config, slot_deployment_name
+    from rayloop.serving.routing import STABLE, RouteTable
+
+    v1 = ModelConfig(model="demo", version=1, fingerprint="a" * 64)
+    state = AppState(model="demo", slots={STABLE: v1}, table=RouteTable())
+    for resource in ("GPU", "accel"):
+        engine = {"accelerator": "gpu", "tensor_parallel_size": 2, "accelerator_resource": resource}
+        s = settings_from_dict({"home": str(tmp_path), "serving": {"replica_num_cpus": 1, "engine": engine}})
+        app = app_config(s, ServeArgs(model="demo", settings=s), state)
+        stable = {d["name"]: d for d in app["deployments"]}[slot_deployment_name(STABLE)]
+        assert stable["placement_group_bundles"] == [{"CPU": 1}, {resource: 1}, {resource: 1}]
+        assert stable["placement_group_strategy"] == "STRICT_PACK"
+        ServeDeploySchema.model_validate({"applications": [app]})
+    cpu = settings_from_dict({"home": str(tmp_path), "serving": {"engine": {"tensor_parallel_size": 2}}})
+    app = app_config(cpu, ServeArgs(model="demo", settings=cpu), state)
+    assert all("placement_group_bundles" not in d for d in app["deployments"])  # vLLM on CPU: no accelerators
