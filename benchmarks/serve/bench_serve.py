@@ -163,6 +163,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pacing-off": {"stream_interval_ms": 0, "stream_messages_per_s": 0},
     # No interaction capture: what recording every request (write-ahead included) costs is default / this.
     "capture-off": {"capture": False},
+    # Responses do not wait for the capture writer's acknowledgement (rows shipped every 0.5 s instead):
+    # what serving.capture_ack's round trip costs is default / this.
+    "capture-ack-off": {"capture_ack": False},
     # No metrics (rayloop's request metrics and vLLM's engine statistics): what monitoring costs.
     "metrics-off": {"metrics": False, "engine": {"log_stats": False}},
 }
@@ -401,7 +404,7 @@ def main() -> None:
                 f"| {_ms(v, 'ttft_p99_ms'):.0f} / {_ms(r, 'ttft_p99_ms'):.0f} | {msgs[0]:.1f} / {msgs[1]:.1f} |"
             )
     by_name = {e["variant"]: e for e in result["variants"]}
-    for what, off_name in (("capture", "capture-off"), ("metrics", "metrics-off")):
+    for what, off_name in (("capture", "capture-off"), ("capture ack", "capture-ack-off"), ("metrics", "metrics-off")):
         if "default" not in by_name or off_name not in by_name:
             continue
         # Each variant against the baseline in its own alternating rounds (the VM's drift cancels), then on / off.

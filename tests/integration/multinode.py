@@ -268,6 +268,15 @@ class MultiNodeCluster:
         )
         return actors
 
+    def tasks(self) -> list[dict[str, Any]]:
+        """Ray tasks (not actor methods) the cluster ran: name and node id (Ray's state API)."""
+        tasks: list[dict[str, Any]] = self.probe(
+            "from ray.util.state import list_tasks; "
+            "print(json.dumps([{'name': t.name, 'node_id': t.node_id} for t in "
+            "list_tasks(filters=[('type', '=', 'NORMAL_TASK')], limit=10000, detail=True)]))"
+        )
+        return tasks
+
     def node_ids(self) -> dict[str, str]:
         """node name (head, w1, ...) -> Ray node id, from each node's own resource."""
         out = {}

@@ -8,10 +8,12 @@ against the head's HTTP proxy.
 - replicas of the engine (which is also the router at 100%) spread over both worker nodes, each node fetches
   the version into its own cache, and ``rayloop status`` shows which node runs which replica and version;
   the capture writer and the stats actor run on the head, which outlives worker nodes;
+- a tensor-parallel engine (TP=2 on a custom resource standing in for GPUs): each replica's shards packed on
+  one node, the replicas on both;
 - a worker node killed under load: Serve puts its replica back on the surviving node at the version the slot
   serves; only requests in flight there may fail, and every successful request's interaction is captured;
-- the whole loop as the README's Ray job: capture from both nodes, preprocessing, retraining with a worker on
-  each node, the gate, and a rolling upgrade of the replicas on both nodes;
+- the whole loop as the README's Ray job: capture from both nodes, preprocessing tasks on both, retraining
+  with a worker on each node, the gate, and a rolling upgrade of the replicas on both nodes;
 - a node killed mid-canary: the rollout ends promoted or rolled back, never with two production versions, and
   without waiting for the replicas that have no node any more;
 - a worker node killed during retraining (and replaced, as a cluster's autoscaler or KubeRay would): Ray Train
@@ -217,6 +219,9 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     # The training workers ran on both worker nodes.
     train_nodes = {a["node_id"] for a in cluster.actors() if a["class_name"] == "RayTrainWorker"}
     assert {names.get(n) for n in train_nodes} == {"w1", "w2"}, train_nodes
+    # So did Ray Data's preprocessing: its fused operators that write the snapshot's blocks ran on both.
+    writers = {names.get(t["node_id"]) for t in cluster.tasks() if t["name"].endswith("->Write")}
+    assert writers == {"w1", "w2"}, writers
 
 
 def test_a_worker_node_killed_under_load_costs_only_its_in_flight_requests(cluster: MultiNodeCluster) -> None:
@@ -326,9 +331,9 @@ def test_a_node_killed_mid_canary_ends_the_rollout_consistently(
                 pass
 
     deploy: dict[str, Any] = {}
-    # The rollout gives a slot 150 s to become ready (rollout.ready_timeout_s, a setting of the deploying
-    # process, not of the app): past it, the step fails and the rollout rolls back.
-    timeout_env = {"RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "150", "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3"}
+    # The rollout gives a slot 300 s to become ready (rollout.ready_timeout_s, a setting of the deploying
+    # process, not of the app; the default is 600): past it, the step fails and the rollout rolls back.
+    timeout_env = {"RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "300", "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3"}
 
     def run_deploy() -> None:
         deploy["out"] = cluster.rayloop(
@@ -347,17 +352,19 @@ def test_a_node_killed_mid_canary_ends_the_rollout_consistently(
         )
 
     with ThreadPoolExecutor(4) as pool:
-        users = [pool.submit(user) for _ in range(3)]
         rollout = pool.submit(run_deploy)
         victim = "w2"
+        users = []
         try:
 
             def at_first_step() -> bool:
                 active = reg.active_rollout("demo")
                 return rollout.done() or (active is not None and active.state.phase == "step")
 
+            # The load starts with the first step (the canary's engines start faster without it).
             wait_for(at_first_step, 600, "the canary's first step")
             assert not rollout.done(), deploy["out"].stderr[-3000:]
+            users = [pool.submit(user) for _ in range(3)]
             names = {v: k for k, v in cluster.node_ids().items()}
             canary = (cluster.rayloop_json("status", "demo").get("replicas") or {}).get("canary", [])
             on = sorted(names.get(r["node_id"], "?") for r in canary if r["state"] == "RUNNING")
