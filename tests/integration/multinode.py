@@ -200,6 +200,8 @@ class MultiNodeCluster:
         if resources is None and name in self.workers:  # the node comes back as it was
             resources = {k: v for k, v in self.workers[name].resources.items() if k != f"rl_{name}"}
         node = WorkerNode(name, user, node_root, {f"rl_{name}": 1, **(resources or {})})
+        (node_root / "tmp").mkdir(mode=0o700, exist_ok=True)
+        os.chown(node_root / "tmp", user.pw_uid, user.pw_gid)
         env = {
             "PATH": f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin",
             "HOME": str(node_root),
@@ -207,6 +209,9 @@ class MultiNodeCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN_PATH": str(token),
             "RAYLOOP_NODE_DIR": str(node_root / "rayloop"),
+            # Its own temp directory, as a machine of its own has (Ray keeps lock files there: a /tmp shared
+            # between the nodes' users would let one node's lock directory lock out the others).
+            "TMPDIR": str(node_root / "tmp"),
             "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
             "PYTHONPATH": str(REPO),
             **S3_ENV,

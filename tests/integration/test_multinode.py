@@ -162,6 +162,10 @@ def test_a_tensor_parallel_engine_is_packed_on_one_node(cluster: MultiNodeCluste
         cluster.probe("from ray import serve; serve.delete('tp2'); print('{}')")
 
 
+# What one test leaves for a later one (the snapshot the whole loop's job built).
+_SHARED: dict[str, Any] = {}
+
+
 def _registry(cluster: MultiNodeCluster) -> Any:
     from rayloop.registry import Registry
 
@@ -208,6 +212,7 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     assert job.returncode == 0 and "succeeded" in logs, logs[-5000:]
     record, _ = json.JSONDecoder().raw_decode(logs[logs.rindex("\n{") + 1 :])
     stages = record["stages"]
+    _SHARED["snapshot_id"] = stages["preprocess"]["output"]["snapshot_id"]
     assert all(stages[s]["status"] == "done" for s in ("preprocess", "retrain", "register", "evaluate", "deploy"))
     cand = reg.resolve(stages["register"]["output"]["ref"])
     assert cand.parent == production and reg.resolve("demo@production").version == cand.version
@@ -413,7 +418,12 @@ def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_s
         if len(cluster.workers[name].pids()) == 0:
             cluster.add_worker(name, num_cpus=3)
     reg = _registry(cluster)
-    snapshot = cluster.rayloop_json("data", "preprocess", "--model", "demo", "--base", "demo@production", timeout=600)
+    snapshot_id = _SHARED.get("snapshot_id")
+    if snapshot_id is None:  # run on its own: traffic with feedback, then a snapshot of it
+        cluster.rayloop_json("simulate", "--repeats", "2", timeout=600)
+        snapshot_id = cluster.rayloop_json(
+            "data", "preprocess", "--model", "demo", "--base", "demo@production", timeout=600
+        )["snapshot_id"]
     before = {v.version for v in reg.list_versions("demo")}
     storage = Storage(cluster.config["storage"]["root"], s3_endpoint=cluster.s3_endpoint)
     earlier = {k for k in storage.list("checkpoints") if k.endswith("checkpoint_manager_snapshot.json")}
@@ -430,9 +440,11 @@ def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_s
         return sorted(set(found))
 
     env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # Fewer epochs than the fixture's config (a setting given to the job's entrypoint): enough to checkpoint
+    # before the kill and to go on after it.
     submit = (
-        "ray job submit --working-dir . -- python -m train_jobs.retrain "
-        f"--snapshot {snapshot['snapshot_id']} --base demo@production"
+        "ray job submit --working-dir . -- env RAYLOOP_TRAINING__EPOCHS=6 python -m train_jobs.retrain "
+        f"--snapshot {snapshot_id} --base demo@production"
     )
     log = cluster.root / "retrain-job.log"
     with open(log, "w") as out:
@@ -465,7 +477,7 @@ def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_s
     new = {v.version for v in reg.list_versions("demo")} - before
     assert len(new) == 1, new
     mv = reg.resolve(f"demo@{new.pop()}")
-    assert mv.lineage["snapshot_id"] == snapshot["snapshot_id"]
+    assert mv.lineage["snapshot_id"] == snapshot_id
     # The new worker group resumed from the checkpoint in S3; it did not start over (each worker says where it
     # starts; Ray passes the workers' stderr on to the job's log).
     assert re.search(r"starts at step [1-9]\d* from checkpoint", logs), logs[-5000:]
