@@ -407,12 +407,14 @@ def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_s
     autoscaler or KubeRay would start one): Ray Train starts the worker group again, it resumes from that
     checkpoint in S3, and the run registers exactly one candidate. (Without a replacement and without room on
     what is left, the run fails after training.max_start_failures timed-out starts: see test_retrain.py.)"""
+    import json
     import os
     import re
     import subprocess
     import sys
 
     from rayloop.storage import Storage
+    from rayloop.training.loop import STATE_FILE
 
     for name in ("w1", "w2"):
         if len(cluster.workers[name].pids()) == 0:
@@ -465,6 +467,7 @@ def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_s
             if a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"
         }
         assert train_nodes <= {"w1", "w2"} and train_nodes, train_nodes
+        killed_after = registered_steps()[-1]
         victim = "w2" if "w2" in train_nodes else "w1"
         cluster.workers[victim].kill()
         cluster.add_worker(victim, num_cpus=3)  # the replacement node
@@ -478,6 +481,13 @@ def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_s
     assert len(new) == 1, new
     mv = reg.resolve(f"demo@{new.pop()}")
     assert mv.lineage["snapshot_id"] == snapshot_id
-    # The new worker group resumed from the checkpoint in S3; it did not start over (each worker says where it
-    # starts; Ray passes the workers' stderr on to the job's log).
-    assert re.search(r"starts at step [1-9]\d* from checkpoint", logs), logs[-5000:]
+    # The new worker group resumed from a checkpoint in S3; it did not start over: the run's last checkpoint
+    # records the restart in its history, at a step the run had reached before the kill.
+    found = re.search(r"RAYLOOP_RESULT (\{.*\})", logs)
+    assert found, logs[-5000:]
+    result = json.loads(found.group(1))
+    key = result["checkpoint_uri"].removeprefix(cluster.config["storage"]["root"].rstrip("/") + "/")
+    state = json.loads(storage.read_bytes(f"{key}/{STATE_FILE}"))
+    resumed = [h for h in state["history"] if h.get("event") == "resumed"]
+    assert resumed and resumed[0]["step"] >= int(killed_after.removeprefix("step-")), (killed_after, resumed)
+    assert state["step"] == result["steps"]
