@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rayloop.config import EngineSettings
+from rayloop.envvars import environ_set
 
 
 def cpu_engine_env(settings: EngineSettings) -> dict[str, str]:
@@ -48,13 +49,5 @@ def cpu_engine_env_applied(settings: EngineSettings) -> Iterator[None]:
     wanted = cpu_engine_env(settings)
     if "VLLM_CPU_KVCACHE_SPACE" in os.environ:
         wanted.pop("VLLM_CPU_KVCACHE_SPACE", None)
-    saved = {key: os.environ.get(key) for key in wanted}
-    os.environ.update(wanted)
-    try:
+    with environ_set(wanted):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value

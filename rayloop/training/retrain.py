@@ -20,14 +20,13 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rayloop.config import Settings
 from rayloop.data.snapshot import parquet_files, read_manifest, snapshot_key, storage_of
+from rayloop.envvars import environ_set
 from rayloop.errors import DataError, TrainingError
 from rayloop.training.deepspeed_config import build_ds_config
 from rayloop.training.loop import CKPT_TAG, STATE_FILE
@@ -121,20 +120,6 @@ def resolve_config(
             "code_version": code_version(),
         },
     }
-
-
-@contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    """``os.environ[name] = value`` for the duration of the block."""
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = before
 
 
 def _any(x: Any) -> Any:
@@ -243,7 +228,7 @@ def retrain(
         t_fit = time.monotonic()
         try:
             # Ray Train reads the start timeout from the driver's environment (and passes it on to its controller).
-            with _env(START_TIMEOUT_ENV, str(ts.start_timeout_s)):
+            with environ_set({START_TIMEOUT_ENV: str(ts.start_timeout_s)}):
                 result = trainer.fit()
         except Exception as e:  # Ray wraps worker errors; keep the cause in the message
             if "worker group startup timed out" in str(e) or "WorkerGroupStartupTimeout" in repr(e):
