@@ -58,6 +58,7 @@ def cluster(base_model_dir: Path) -> Iterator[MultiNodeCluster]:
                     "placement_strategy": "SPREAD",
                 },
                 pipeline={"strategy": "rolling"},
+                rollout={"interval_s": 10},  # a rolling upgrade watches the new version this long
             )
             c.rayloop("models", "register", "demo", str(base_model_dir))
             c.rayloop("models", "alias", "demo", "production", "1")
