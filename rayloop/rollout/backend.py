@@ -198,7 +198,13 @@ class ServeBackend:
     def ensure_golden(self, cfg: ModelConfig) -> None:
         from rayloop.serving.deploy import ensure_golden
 
-        ensure_golden(self.app_settings(), cfg, engine_cls=self._deployed_engine_cls())
+        # Bounded by this process's rollout.ready_timeout_s (the app's settings carry the one it was served with).
+        ensure_golden(
+            self.app_settings(),
+            cfg,
+            engine_cls=self._deployed_engine_cls(),
+            timeout_s=self.settings.rollout.ready_timeout_s,
+        )
 
     def _deployed_engine_cls(self) -> str | None:
         if self._deployed is None:

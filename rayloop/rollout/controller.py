@@ -561,8 +561,13 @@ class Rollout:
         """Make the new version production everywhere: aliases, stable slot, traffic; release the others."""
         self.save(phase="promoting", reason=reason)
         self.emit("promote", reason=reason)
-        self.move_production(self.to_cfg.version, reason)
         cur = self.app or self.backend.read()
+        if cur is not None and cur.slots.get(STABLE) != self.to_cfg:
+            # The stable slot will swap in place, verified against the new version's golden answers. Recording
+            # them takes a fresh engine: do it before anything moves, so that a cluster with no room for it
+            # (bounded by rollout.ready_timeout_s) ends in a rollback with production untouched.
+            self.backend.ensure_golden(self.to_cfg)
+        self.move_production(self.to_cfg.version, reason)
         if cur is None:  # crashed before the first deploy reached Serve
             from rayloop.serving.app import idle_state
 
@@ -574,7 +579,6 @@ class Rollout:
         if cur.slots.get(CANARY) == self.to_cfg and cur.table.canary_percent < 100:
             self.set_app(canary_percent=100)  # a manual promote mid-canary: everything to the new version first
         if cur.slots.get(STABLE) != self.to_cfg:
-            self.backend.ensure_golden(self.to_cfg)
             # All traffic is on the canary slot (or nowhere new yet): stable swaps in place unseen.
             self.set_app(stable=self.to_cfg)
         self.set_app(canary_percent=0, shadow_percent=0)

@@ -49,6 +49,7 @@ class FakeBackend:
         self.clock = clock
         self.applied: list[AppState] = []
         self.golden: list[int] = []
+        self.golden_error: Exception | None = None  # ensure_golden raises it (no room for the recording engine)
         self.smoke_problems: list[str] = []
         self.fail_apply_when: Any = None  # callable(AppState) -> bool: raise on apply
         self.window_errors = 0  # the next this many window() calls raise (a stats actor that is gone)
@@ -95,6 +96,8 @@ class FakeBackend:
             raise RolloutError(f"slot {stuck[0]} did not become ready within {timeout_s:.0f}s (simulated)")
 
     def ensure_golden(self, cfg: ModelConfig) -> None:
+        if self.golden_error is not None:
+            raise self.golden_error
         self.golden.append(cfg.version)
 
     def smoke(self, slot: str) -> list[str]:

@@ -69,18 +69,36 @@ class DeployResult:
     route_prefix: str | None = None  # where the app answers directly (another model's app: /models/NAME)
 
 
-def ensure_golden(settings: Settings, cfg: ModelConfig, *, engine_cls: str | None = None) -> golden.GoldenRecord:
-    """The golden record of ``cfg``'s version; recorded by a fresh engine in a Ray task if missing."""
+def ensure_golden(
+    settings: Settings, cfg: ModelConfig, *, engine_cls: str | None = None, timeout_s: float | None = None
+) -> golden.GoldenRecord:
+    """The golden record of ``cfg``'s version; recorded by a fresh engine in a Ray task if missing.
+
+    The task needs an engine replica's resources. ``timeout_s`` bounds the wait (default
+    ``rollout.ready_timeout_s``): on a cluster with no room for it (a node died), the task is cancelled and
+    a ServingError says so, instead of waiting for room without end.
+    """
     import ray
+    from ray.exceptions import GetTimeoutError
 
     storage = Storage(settings.storage_root, s3_endpoint=settings.storage.s3_endpoint)
     es = settings.serving.engine
     fp = cfg.fingerprint
     if fp is not None and (rec := golden.load_golden(storage, fp, es)) is not None:
         return rec
+    limit = settings.rollout.ready_timeout_s if timeout_s is None else timeout_s
     opts = engine_actor_options(settings)
-    task = ray.remote(_record_golden).options(**opts)
-    result: golden.GoldenRecord = ray.get(task.remote(settings.dump(), cfg.model_dump(), engine_cls))
+    ref = ray.remote(_record_golden).options(**opts).remote(settings.dump(), cfg.model_dump(), engine_cls)
+    try:
+        result: golden.GoldenRecord = ray.get(ref, timeout=limit)
+    except GetTimeoutError:
+        ray.cancel(ref, force=True)
+        raise ServingError(
+            f"recording the golden answers of {cfg.model} v{cfg.version} (a fresh engine, which in-place swaps "
+            f"are verified against) did not finish within {limit:.0f}s; the task asks for {opts}",
+            hint="Check `ray status` for room on the cluster (a node may have died); raise "
+            "rollout.ready_timeout_s for slow engine starts.",
+        ) from None
     return result
 
 
@@ -152,7 +170,7 @@ def deploy(
         _check_upgrade(name, running, cfg, args)
         if record_golden:
             # An upgrade: replicas verify their in-place swap against a fresh engine's answers.
-            ensure_golden(settings, cfg, engine_cls=engine_cls)
+            ensure_golden(settings, cfg, engine_cls=engine_cls, timeout_s=timeout_s)
     plan: dict[str, Any] = {}
 
     def build(mine: dict[str, Any] | None) -> dict[str, Any]:

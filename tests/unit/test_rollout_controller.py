@@ -403,6 +403,33 @@ def test_a_canary_that_lost_its_node_mid_step_is_rolled_back_without_waiting_for
     assert env["reg"].active_rollout("demo") is None
 
 
+def test_a_promotion_with_no_room_for_its_golden_record_rolls_back_before_production_moves(
+    env: dict[str, Any],
+) -> None:
+    """Promoting swaps the stable slot in place, verified against golden answers a fresh engine records. When
+    that engine finds no room (a node died mid-canary), the recording times out: the rollout rolls back, and
+    production never named the new version, not even for a moment."""
+    from rayloop.errors import ServingError
+
+    backend = env["backend"]
+    backend.golden_error = ServingError("recording the golden answers of demo v2 did not finish within 1s")
+    with pytest.raises(RolloutError, match=r"failed and was rolled back: .*golden answers"):
+        deploy(
+            env["settings"],
+            "demo@2",
+            "canary",
+            steps=[50, 100],
+            **FAST,
+            backend=backend,
+        )
+    rec = env["reg"].rollouts("demo")[0]
+    assert rec.status == "failed" and _events(rec, "promote") and _events(rec, "rollback")
+    assert not _events(rec, "rollback_failed")
+    assert not [e for e in rec.history if e["event"] == "alias" and e.get("alias") == "production"], rec.history
+    assert _final_app(backend) == (1, None, None, 0)
+    assert env["reg"].aliases("demo") == {"production": 1}
+
+
 def test_aliases_go_back_even_when_serve_cannot_roll_back(env: dict[str, Any]) -> None:
     """Serve refuses every change once the promotion began: the rollback cannot reach Serve, but the registry
     must not keep naming the new version production (nor canary)."""
