@@ -48,10 +48,12 @@ class Backend(Protocol):
         check: Callable[[], None] | None = None,
         progress: Callable[[str], None] | None = None,
         released: frozenset[str] = frozenset(),
+        whole: bool = True,
     ) -> None:
         """Block until every slot serves its version and every stable replica applies the table; ``check`` runs
         on every poll and may raise to stop waiting; ``progress`` gets a line each time Serve's status of the
-        app changes; slots in ``released`` (routed nothing, on their way out) are not waited for."""
+        app changes; slots in ``released`` (routed nothing, on their way out) are not waited for; with
+        ``whole=False`` the kept slots' running replicas count, not their number (a rollback's way back)."""
 
     def ensure_golden(self, cfg: ModelConfig) -> None:
         """Make sure a fresh engine's golden answers of ``cfg`` exist (in-place swaps verify against them)."""
@@ -171,6 +173,7 @@ class ServeBackend:
         check: Callable[[], None] | None = None,
         progress: Callable[[str], None] | None = None,
         released: frozenset[str] = frozenset(),
+        whole: bool = True,
     ) -> None:
         from rayloop.serving.control import wait_for_state
 
@@ -184,6 +187,7 @@ class ServeBackend:
                 check=check,
                 progress=progress,
                 released=released,
+                whole=whole,
             )
         except LeaseLostError:
             raise

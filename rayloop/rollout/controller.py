@@ -277,7 +277,7 @@ class Rollout:
             except Exception:
                 pass  # a broken callback must not break the rollout
 
-    def wait_serve(self, state: AppState, released: frozenset[str] = frozenset()) -> None:
+    def wait_serve(self, state: AppState, released: frozenset[str] = frozenset(), *, whole: bool = True) -> None:
         """Wait until Serve runs ``state`` (``released`` slots aside), telling ``on_event`` each change of the
         app's status (``serve`` events: which deployments, which replica states) while replicas start."""
         self.backend.wait(
@@ -286,6 +286,7 @@ class Rollout:
             check=self.still_owned,
             progress=lambda line: self.tell("serve", status=line),
             released=released,
+            whole=whole,
         )
 
     def save(self, **updates: Any) -> None:
@@ -347,12 +348,14 @@ class Rollout:
         shadow_percent: float | None = None,
         observe: bool = True,
         released: frozenset[str] = frozenset(),
+        whole: bool = True,
     ) -> AppState:
         """Ask Serve for a new state (changing only what is given) and wait until it is there.
 
         ``observe``: the ingress sends live per-slot observations to the stats actor (while the rollout
         judges traffic; the rollout's last change turns it off, back to the lean layout). ``released``: slots
-        that route nothing in the new state and are not waited for (a rollback's way out of a broken canary)."""
+        that route nothing in the new state and are not waited for (a rollback's way out of a broken canary);
+        ``whole=False``: the kept slots' running replicas must serve the new state, not all they should have."""
         cur = self.app or self.backend.read()
         if cur is None:
             raise RolloutError(f"Serve app {self.backend.app_name!r} does not exist")
@@ -376,7 +379,7 @@ class Rollout:
         t0 = self.now()
         self.check_lease()
         self.backend.apply(new)
-        self.wait_serve(new, released)
+        self.wait_serve(new, released, whole=whole)
         self.app = new
         self._mark(new)
         if (t.canary_percent, t.shadow_percent) != (table.canary_percent, table.shadow_percent):
@@ -589,9 +592,11 @@ class Rollout:
     def rollback(self, reason: str) -> None:
         """All traffic to the old version at once, new version released, aliases back.
 
-        The way back waits only for what it keeps: the stable slot on the old version. A canary or shadow
-        slot that cannot become ready (its node died and there is no room for its replicas) is released
-        without waiting for it. The aliases go back even when Serve does not get there in time, so the
+        The way back waits only for what it keeps: the stable slot's running replicas on the old version. A
+        canary or shadow slot that cannot become ready (its node died and there is no room for its replicas)
+        is released without waiting for it, and stable replicas lost with that node are not waited for either:
+        the room they need may be what the released canary holds until it is gone (Serve starts them again by
+        itself). The aliases go back even when Serve does not get there in time, so the
         registry never names the rolled-back version production.
         """
         self.save(phase="rolling_back", reason=reason)
@@ -603,8 +608,9 @@ class Rollout:
                 if cur.slots.get(STABLE) != old:
                     self.backend.ensure_golden(old)
                 # Traffic first (one route-table change), then free the new version's engines.
-                self.set_app(stable=old, canary_percent=0, shadow_percent=0, released=frozenset({CANARY, SHADOW}))
-                self.set_app(canary=None, shadow=None, observe=False, released=frozenset({CANARY, SHADOW}))
+                out = frozenset({CANARY, SHADOW})
+                self.set_app(stable=old, canary_percent=0, shadow_percent=0, released=out, whole=False)
+                self.set_app(canary=None, shadow=None, observe=False, released=out, whole=False)
         finally:
             before = self.state.aliases_before
             if old is not None and self.reg.get_alias(self.name, PRODUCTION) == self.to_cfg.version:

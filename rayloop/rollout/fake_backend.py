@@ -55,6 +55,9 @@ class FakeBackend:
         self.window_errors = 0  # the next this many window() calls raise (a stats actor that is gone)
         self.stats_started = 0.0  # when the stats store started (set it later: a store that restarted, empty)
         self.unready_slots: set[str] = set()  # slots whose replicas cannot start (their node is gone): waits fail
+        # slot -> the slot whose engines hold the room its lost replicas need: it runs short (a wait for it whole
+        # fails) until a state without that slot is applied.
+        self.short_slots: dict[str, str] = {}
         self._timeline: list[tuple[float, AppState]] = []
         self._lock = threading.Lock()
 
@@ -70,6 +73,7 @@ class FakeBackend:
         with self._lock:
             self.state = state
             self.applied.append(state)
+            self.short_slots = {s: by for s, by in self.short_slots.items() if state.slots.get(by) is not None}
             self._timeline.append((self.clock(), state))
 
     def select(self, model: str) -> None:
@@ -83,6 +87,7 @@ class FakeBackend:
         check: Callable[[], None] | None = None,
         progress: Callable[[str], None] | None = None,
         released: frozenset[str] = frozenset(),
+        whole: bool = True,
     ) -> None:
         from rayloop.errors import RolloutError
 
@@ -94,6 +99,9 @@ class FakeBackend:
         stuck = sorted(s for s in self.unready_slots if s not in released and state.slots.get(s) is not None)
         if stuck:
             raise RolloutError(f"slot {stuck[0]} did not become ready within {timeout_s:.0f}s (simulated)")
+        short = sorted(s for s in self.short_slots if s not in released and state.slots.get(s) is not None)
+        if whole and short:
+            raise RolloutError(f"slot {short[0]} is short of replicas after {timeout_s:.0f}s (simulated)")
 
     def ensure_golden(self, cfg: ModelConfig) -> None:
         if self.golden_error is not None:

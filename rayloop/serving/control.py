@@ -23,7 +23,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -418,6 +418,7 @@ def wait_for_state(
     progress: Callable[[str], None] | None = None,
     check: Callable[[], None] | None = None,
     released: frozenset[str] = frozenset(),
+    whole: bool = True,
 ) -> None:
     """Block until ``app_name`` runs ``state``: every slot's replicas serve its version (idle ones none) and
     every stable replica applies its route table. Needs a connected Ray driver.
@@ -425,6 +426,11 @@ def wait_for_state(
     ``released``: slots on their way out (routed nothing in ``state``): neither their health nor their version
     is waited for. A rollback waits only for what it keeps: a canary that lost a node and cannot be placed
     again must not hold the way back.
+
+    ``whole=False``: a kept slot need not have all its replicas, only its running ones must serve ``state``
+    (at least one each). A rollback's way back is done once no request reaches the new version: replicas of
+    the stable slot that died with their node may be waiting for the room the released canary still holds,
+    and Serve starts them again by itself once it is free.
 
     ``since``: when the config was applied (Serve's status must be at least that new); ``replicas``: replicas per
     active slot (each is asked twice as many times, so every replica is likely asked at least once);
@@ -450,9 +456,16 @@ def wait_for_state(
             gone = {slot_deployment_name(s) for s in released}
             kept = [d for name, d in st.deployments.items() if name not in gone]
             # The app's own status counts the released slots too: with some, their deployments' do instead.
-            healthy = all(d.status == "HEALTHY" for d in kept) and (
-                st.status == "RUNNING" or (bool(released) and st.status in ("DEPLOYING", "UNHEALTHY"))
-            )
+            if whole:
+                healthy = all(d.status == "HEALTHY" for d in kept) and (
+                    st.status == "RUNNING" or (bool(released) and st.status in ("DEPLOYING", "UNHEALTHY"))
+                )
+            else:
+                healthy = all(_running(d.replica_states) >= 1 for d in kept) and st.status in (
+                    "RUNNING",
+                    "DEPLOYING",
+                    "UNHEALTHY",
+                )
             if healthy and st.last_deployed_time_s >= since - 1 and _converged(app_name, state, replicas, released):
                 return
         time.sleep(0.5)
@@ -460,6 +473,11 @@ def wait_for_state(
         f"Serve app {app_name!r} did not reach {state.summary()} within {timeout_s:.0f}s ({last})",
         hint="Check `serve status` and the replica logs; raise rollout.ready_timeout_s for slow engine starts.",
     )
+
+
+def _running(replica_states: Mapping[Any, int]) -> int:
+    """Replicas in state RUNNING (Serve keys them by its ``ReplicaState``, a ``str`` enum)."""
+    return sum(n for state, n in replica_states.items() if state == "RUNNING")
 
 
 def _converged(app_name: str, state: AppState, replicas: int, released: frozenset[str] = frozenset()) -> bool:

@@ -282,6 +282,21 @@ class MultiNodeCluster:
         )
         return tasks
 
+    def diagnose(self) -> str:
+        """What Serve and Ray say about where things are and what cannot be placed (for a failed wait)."""
+        try:
+            report: Any = self.probe(
+                "from ray import serve; from ray._private.state import available_resources_per_node; "
+                "st = serve.status(); "
+                "print(json.dumps({'available': available_resources_per_node(), 'deployments': {"
+                "f'{a}/{d}': {'status': str(ds.status), 'message': ds.message, "
+                "'replicas': {str(k): v for k, v in ds.replica_states.items()}} "
+                "for a, app in st.applications.items() for d, ds in app.deployments.items()}}))"
+            )
+        except AssertionError as e:
+            return f"(diagnosis failed: {e})"
+        return json.dumps(report, indent=1, default=str)
+
     def node_ids(self) -> dict[str, str]:
         """node name (head, w1, ...) -> Ray node id, from each node's own resource."""
         out = {}

@@ -73,6 +73,10 @@ def test_serve_then_every_strategy_on_a_fresh_cluster(tmp_path: Path, base_model
         f"  metrics_export_port: {free_port()}\n"
         f"serving:\n  http_port: {http}\n  engine:\n    kv_cache_gib: 1\n"
         "rollout:\n  min_requests_per_step: 10\n  min_ratings_per_step: 10\n  ready_timeout_s: 300\n"
+        # Canary and stable hold the same weights and share two cores with the CLI and the proxy here: a p95
+        # over a 4 s step is noise (CI once saw 191 ms vs 88 ms and rolled back). This test is about the CLI's
+        # flows; latency verdicts are tested with a deliberately slow canary in test_rollout.
+        "  latency_slack_ms: 1000\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAYLOOP_", "RAY_DASHBOARD"))}
     env["RAYLOOP_HOME"] = str(tmp_path / ".rayloop")

@@ -321,11 +321,17 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
             killed_at = len(ok)
             rollout.result(timeout=900)
             # The stable slot is whole again on the surviving node, and users are answered.
-            wait_for(
-                lambda: sorted(_running_on(cluster).values()) == [survivor, survivor],
-                300,
-                f"two running stable replicas on {survivor}",
-            )
+            try:
+                wait_for(
+                    lambda: sorted(_running_on(cluster).values()) == [survivor, survivor],
+                    300,
+                    f"two running stable replicas on {survivor}",
+                )
+            except AssertionError as e:
+                out = deploy["out"]
+                raise AssertionError(
+                    f"{e}\nrollout rc {out.returncode}: {out.stderr[-2000:]}\n{cluster.diagnose()}"
+                ) from None
             wait_for(lambda: len(ok) >= killed_at + 8, 180, "requests answered after the kill")
         finally:
             stop.set()

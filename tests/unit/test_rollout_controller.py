@@ -403,6 +403,31 @@ def test_a_canary_that_lost_its_node_mid_step_is_rolled_back_without_waiting_for
     assert env["reg"].active_rollout("demo") is None
 
 
+def test_a_rollback_does_not_wait_for_stable_replicas_that_need_the_released_canarys_room(
+    env: dict[str, Any],
+) -> None:
+    """A node with a stable and a canary replica dies mid-step: neither slot is whole again, and the surviving
+    node's room for the lost stable replica is held by the canary's. The way back must not wait for the stable
+    slot to be whole before it releases the canary (it never would be): it moves traffic back and releases the
+    canary with the running stable replicas serving the old version, and then the slot can be whole."""
+    backend = env["backend"]
+
+    def lose_a_node(event: dict[str, Any]) -> None:
+        if event["event"] == "step" and event["percent"] == 10:
+            backend.unready_slots.add(CANARY)
+            backend.short_slots[STABLE] = CANARY
+
+    with pytest.raises(RolloutError, match="slot canary did not become ready"):
+        deploy(
+            env["settings"], "demo@2", "canary", steps=[10, 100], **FAST, backend=backend, on_event=lose_a_node
+        )
+    rec = env["reg"].rollouts("demo")[0]
+    assert rec.status == "failed" and _events(rec, "rollback") and not _events(rec, "rollback_failed"), rec.history
+    assert _final_app(backend) == (1, None, None, 0)
+    assert backend.short_slots == {}  # the canary's room is free: Serve can make the stable slot whole
+    assert env["reg"].aliases("demo") == {"production": 1}
+
+
 def test_a_promotion_with_no_room_for_its_golden_record_rolls_back_before_production_moves(
     env: dict[str, Any],
 ) -> None:
