@@ -11,7 +11,8 @@ against the head's HTTP proxy.
 - a tensor-parallel engine (TP=2 on a custom resource standing in for GPUs): each replica's shards packed on
   one node, the replicas on both;
 - the whole loop as the README's Ray job: capture from both nodes, preprocessing tasks on both, retraining
-  with a worker on each node, the gate, and a rolling upgrade of the replicas on both nodes;
+  with a worker on each node, the gate, and a canary across replicas on both nodes, judged on users'
+  requests and promoted;
 - a worker node killed under load mid-canary: Serve puts its stable replica back on the surviving node at the
   version the slot serves; only requests in flight there may fail, every answered request's interaction is
   captured; the rollout ends promoted or rolled back, never with two production versions, and without
@@ -57,8 +58,11 @@ def cluster(base_model_dir: Path) -> Iterator[MultiNodeCluster]:
                     "worker_num_cpus": 0.9,
                     "placement_strategy": "SPREAD",
                 },
-                pipeline={"strategy": "rolling"},
-                rollout={"interval_s": 10},  # a rolling upgrade watches the new version this long
+                pipeline={"strategy": "canary"},
+                # Canary steps of 10 s, judged on a few requests. Canary and stable share two cores with
+                # everything else here, so p95 is noise: latency verdicts are tested on one node
+                # (test_rollout.py's slow canary); errors and feedback are judged as configured.
+                rollout={"interval_s": 10, "canary_steps": [50, 100], "min_samples": 5, "latency_slack_ms": 1000},
             )
             c.rayloop("models", "register", "demo", str(base_model_dir))
             c.rayloop("models", "alias", "demo", "production", "1")
@@ -176,7 +180,8 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     """Capture from replicas on both worker nodes, then the README's pipeline job: Ray Data preprocessing,
     DeepSpeed retraining with a worker on each node (neither has the driver's copy of the base model or its
     tokenizer: they fetch from the registry and the object store), the gate (its engine on a worker node
-    fetches both versions), and a rolling upgrade of the replicas on both nodes."""
+    fetches both versions), and a canary with a replica on each node, judged on users' requests at each
+    step and promoted: the stable replicas on both nodes serve the candidate."""
     import json
     import os
     import subprocess
@@ -200,14 +205,59 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     traffic = cluster.rayloop_json("simulate", "--repeats", "2", timeout=600)
     assert traffic["failed_requests"] == 0 and traffic["feedback_sent"] > 0, traffic
 
-    job = subprocess.run(
-        ["bash", "-c", 'eval "$(rayloop env)"\nray job submit --working-dir . -- python -m train_jobs.pipeline'],
-        cwd=cluster.head_dir,
-        env={**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
+    # Users while the job's canary runs (a canary that sees no traffic is never promoted); they start when the
+    # rollout does, so that preprocessing and training have the cores to themselves. Meanwhile, where the
+    # canary's replicas run at its steps.
+    import openai
+
+    url = f"http://127.0.0.1:{cluster.ports['http']}/v1"
+    stop = threading.Event()
+    answered: list[str] = []
+    failed: list[str] = []
+    canary_nodes: set[str] = set()
+    names = {v: k for k, v in cluster.node_ids().items()}
+
+    def user() -> None:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+        while not stop.is_set():
+            if reg.active_rollout("demo") is None:
+                stop.wait(0.5)
+                continue
+            try:
+                r = client.chat.completions.create(
+                    model="demo", messages=[{"role": "user", "content": "Where is Norland?"}], max_tokens=4
+                )
+                answered.append(r.model)
+            except openai.APIError as e:
+                failed.append(repr(e))
+
+    def watch_canary() -> None:
+        while not stop.is_set():
+            active = reg.active_rollout("demo")
+            if active is not None and active.state.phase == "step":
+                replicas = (cluster.rayloop_json("status", "demo").get("replicas") or {}).get("canary", [])
+                canary_nodes.update(names.get(r["node_id"], "?") for r in replicas if r["state"] == "RUNNING")
+            stop.wait(2)
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(user), pool.submit(user), pool.submit(watch_canary)]
+        try:
+            job = subprocess.run(
+                [
+                    "bash",
+                    "-c",
+                    'eval "$(rayloop env)"\nray job submit --working-dir . -- python -m train_jobs.pipeline',
+                ],
+                cwd=cluster.head_dir,
+                env={**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+                capture_output=True,
+                text=True,
+                timeout=1200,
+            )
+        finally:
+            stop.set()
+        for f in futures:
+            f.result()
     logs = job.stdout + job.stderr
     assert job.returncode == 0 and "succeeded" in logs, logs[-5000:]
     record, _ = json.JSONDecoder().raw_decode(logs[logs.rindex("\n{") + 1 :])
@@ -216,9 +266,16 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     assert all(stages[s]["status"] == "done" for s in ("preprocess", "retrain", "register", "evaluate", "deploy"))
     cand = reg.resolve(stages["register"]["output"]["ref"])
     assert cand.parent == production and reg.resolve("demo@production").version == cand.version
+    # The canary: a replica on each worker node, each step judged on users' requests, then promoted.
+    deployed = stages["deploy"]["output"]
+    assert deployed["strategy"] == "canary" and deployed["status"] == "succeeded", deployed
+    passed = [e for e in deployed["rollout"]["history"] if e["event"] == "step_passed"]
+    assert [e["percent"] for e in passed] == [50, 100], passed
+    assert all(e["decision"] == "pass" and e["canary"]["requests"] >= 5 for e in passed), passed
+    assert canary_nodes == {"w1", "w2"}, canary_nodes
+    assert f"demo@v{cand.version}" in answered and not failed, failed[:5]
     # The replicas on both worker nodes serve it now.
     running = [r for r in _stable(cluster) if r["state"] == "RUNNING"]
-    names = {v: k for k, v in cluster.node_ids().items()}
     assert sorted(names[r["node_id"]] for r in running) == ["w1", "w2"]
     assert {r.get("version") for r in running} == {cand.version}, running
     # The training workers ran on both worker nodes.
