@@ -428,7 +428,7 @@ def wait_for_state(
     again must not hold the way back.
 
     ``whole=False``: a kept slot need not have all its replicas, only its running ones must serve ``state``
-    (at least one each). A rollback's way back is done once no request reaches the new version: replicas of
+    (at least one each, none still being reconfigured). A rollback's way back is done once no request reaches the new version: replicas of
     the stable slot that died with their node may be waiting for the room the released canary still holds,
     and Serve starts them again by itself once it is free.
 
@@ -461,7 +461,11 @@ def wait_for_state(
                     st.status == "RUNNING" or (bool(released) and st.status in ("DEPLOYING", "UNHEALTHY"))
                 )
             else:
-                healthy = all(_running(d.replica_states) >= 1 for d in kept) and st.status in (
+                # Running replicas must all have applied the new config: none is still being reconfigured
+                # (Serve reconfigures a slot's replicas a batch at a time, each UPDATING until it is done).
+                healthy = all(
+                    _count(d.replica_states, "RUNNING") >= 1 and _count(d.replica_states, "UPDATING") == 0 for d in kept
+                ) and st.status in (
                     "RUNNING",
                     "DEPLOYING",
                     "UNHEALTHY",
@@ -475,9 +479,9 @@ def wait_for_state(
     )
 
 
-def _running(replica_states: Mapping[Any, int]) -> int:
-    """Replicas in state RUNNING (Serve keys them by its ``ReplicaState``, a ``str`` enum)."""
-    return sum(n for state, n in replica_states.items() if state == "RUNNING")
+def _count(replica_states: Mapping[Any, int], state: str) -> int:
+    """Replicas in ``state`` (Serve keys them by its ``ReplicaState``, a ``str`` enum)."""
+    return sum(n for s, n in replica_states.items() if s == state)
 
 
 def _converged(app_name: str, state: AppState, replicas: int, released: frozenset[str] = frozenset()) -> bool:

@@ -304,7 +304,11 @@ def test_slow_canary_is_rolled_back_automatically(env: dict[str, Any]) -> None:
     canary, stable = breach["canary"], breach["stable"]
     assert canary["p95_ms"] > 1.5 * stable["p95_ms"], breach
     assert any("p95 latency" in r for r in breach["reasons"]) and "p95 latency" in rec.state.reason, breach
-    assert [e["percent"] for e in rec.history if e["event"] == "step"] == [20]  # caught at the first step
+    # Caught at a step, never promoted: usually the first, but on a loaded machine the slow canary's p95 can
+    # stay just under 1.5x stable's there (CI once saw 856 vs 603 ms at 20%, then 808 vs 437 ms at 50%).
+    steps = [e["percent"] for e in rec.history if e["event"] == "step"]
+    promoted = [e for e in rec.history if e["event"] == "promote"]
+    assert steps and steps == [20, 50, 100][: len(steps)] and not promoted, rec.history
     # The canary slot's engine, kept warm since the last rollout, was rebuilt in its replica for the other
     # architecture (no in-place swap across shapes).
     canary_slot = _slot_info("canary")
