@@ -428,9 +428,9 @@ def wait_for_state(
     again must not hold the way back.
 
     ``whole=False``: a kept slot need not have all its replicas, only its running ones must serve ``state``
-    (at least one each, none still being reconfigured). A rollback's way back is done once no request reaches the new version: replicas of
-    the stable slot that died with their node may be waiting for the room the released canary still holds,
-    and Serve starts them again by itself once it is free.
+    (at least one each, none still being reconfigured). A rollback's way back is done once no request
+    reaches the new version: replicas of the stable slot that died with their node may be waiting for the
+    room the released canary still holds, and Serve starts them again by itself once it is free.
 
     ``since``: when the config was applied (Serve's status must be at least that new); ``replicas``: replicas per
     active slot (each is asked twice as many times, so every replica is likely asked at least once);
@@ -463,13 +463,10 @@ def wait_for_state(
             else:
                 # Running replicas must all have applied the new config: none is still being reconfigured
                 # (Serve reconfigures a slot's replicas a batch at a time, each UPDATING until it is done).
-                healthy = all(
+                settled = all(
                     _count(d.replica_states, "RUNNING") >= 1 and _count(d.replica_states, "UPDATING") == 0 for d in kept
-                ) and st.status in (
-                    "RUNNING",
-                    "DEPLOYING",
-                    "UNHEALTHY",
                 )
+                healthy = settled and st.status in ("RUNNING", "DEPLOYING", "UNHEALTHY")
             if healthy and st.last_deployed_time_s >= since - 1 and _converged(app_name, state, replicas, released):
                 return
         time.sleep(0.5)
