@@ -112,12 +112,17 @@ class WorkerNode:
         if self.proc is not None:
             self.proc.wait(30)
 
-    def stop(self) -> None:
-        """`ray stop` as the node's user would: SIGTERM its `ray start --block`, then sweep what is left."""
+    def terminate(self) -> None:
+        """Ask the node to stop (SIGTERM to its `ray start --block`, which stops the node's processes)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 30) -> None:
+        """`ray stop` as the node's user would: SIGTERM its `ray start --block`, then sweep what is left."""
+        self.terminate()
+        if self.proc is not None:
             try:
-                self.proc.wait(30)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
         self.kill()
@@ -187,7 +192,10 @@ class MultiNodeCluster:
         self.token = Path(state["auth_token_path"])
 
     # -- worker nodes ------------------------------------------------------------------------------
-    def add_worker(self, name: str, *, num_cpus: int = 2, resources: dict[str, float] | None = None) -> WorkerNode:
+    def add_worker(
+        self, name: str, *, num_cpus: int = 2, resources: dict[str, float] | None = None, wait: bool = True
+    ) -> WorkerNode:
+        """Start worker node ``name`` (``wait``: until it has joined the cluster)."""
         user = node_user(name)
         node_root = self.root / name
         node_root.mkdir(mode=0o700, exist_ok=True)  # a node that comes back keeps its disk
@@ -239,7 +247,8 @@ class MultiNodeCluster:
                 start_new_session=True,
             )
         self.workers[name] = node
-        self.wait_for_nodes()
+        if wait:
+            self.wait_for_nodes()
         return node
 
     def probe(self, code: str) -> Any:
@@ -319,6 +328,8 @@ class MultiNodeCluster:
         raise AssertionError(f"timed out waiting for nodes {sorted(want)}; have {sorted(self.node_ids())}")
 
     def down(self) -> None:
+        for node in self.workers.values():  # all at once, as when a cluster is deleted
+            node.terminate()
         for node in self.workers.values():
             node.stop()
         self.rayloop("down", timeout=180, check=False)
@@ -365,8 +376,9 @@ def multinode_cluster(
         os.chmod(root, 0o755)  # worker users reach their own directories under it, nothing of the head's
         try:
             cluster.up()
-            for name, kwargs in workers.items():
-                cluster.add_worker(name, **kwargs)
+            for name, kwargs in workers.items():  # they join together, as a cluster's first workers do
+                cluster.add_worker(name, **kwargs, wait=False)
+            cluster.wait_for_nodes()
             yield cluster
         finally:
             cluster.down()
