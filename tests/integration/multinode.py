@@ -117,12 +117,12 @@ class WorkerNode:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
 
-    def stop(self, timeout: float = 30) -> None:
+    def stop(self) -> None:
         """`ray stop` as the node's user would: SIGTERM its `ray start --block`, then sweep what is left."""
         self.terminate()
         if self.proc is not None:
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 pass
         self.kill()
