@@ -95,6 +95,13 @@ def up(ctx: click.Context) -> None:
     s = settings(ctx)
     state = cluster.up(s)
     click.echo(f"Ray head running (pid {state.pid}) at {state.address}; dashboard {state.dashboard_url}")
+    if state.recovered:
+        click.echo(
+            f"Started again from the state the last head left in {state.gcs_storage_path}: worker nodes reconnect, "
+            "and Serve's apps and rayloop's actors come back on their own (`rayloop status` shows them)."
+        )
+    elif state.gcs_storage_path:
+        click.echo(f"The head keeps its state in {state.gcs_storage_path}: if it dies, `rayloop up` brings it back.")
     if state.auth_token_path:
         click.echo(
             f"Ray token authentication is on (token in {state.auth_token_path}); "

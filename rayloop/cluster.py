@@ -5,7 +5,14 @@
 --block`` and, on SIGTERM, drains Serve and the capture writer before Ray
 stops. It records the supervisor's PID and the address in
 ``$RAYLOOP_HOME/cluster.json``; ``rayloop down`` sends that PID SIGTERM and
-waits, then makes sure nothing of either process group is left. When ``RAY_ADDRESS`` (or ``ray.address`` in settings) is set, rayloop
+waits, then makes sure nothing of either process group is left.
+
+With ``ray.gcs_storage_path`` the head keeps Ray's control state on disk: a
+head that died (not one ``rayloop down`` stopped) and is started again with
+``rayloop up`` carries on, with its worker nodes, Serve's apps and its
+detached actors.
+
+When ``RAY_ADDRESS`` (or ``ray.address`` in settings) is set, rayloop
 attaches to that cluster instead and never stops it.
 """
 
@@ -13,12 +20,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,8 @@ class ClusterState:
     started_at: float
     auth_token_path: str | None = None  # Ray token auth is on when set (state files from before it: off)
     supervised: bool = False  # pid is rayloop.head's, which drains on SIGTERM (older state files: ray's own)
+    gcs_storage_path: str | None = None  # the GCS's RocksDB directory (ray.gcs_storage_path); None: in memory
+    recovered: bool = False  # this head started from the state a head before it left there (it had died)
 
     def auth_env(self) -> dict[str, str]:
         """The variables a Ray client (``ray.init``, ``ray job submit``) needs to talk to this head."""
@@ -54,11 +64,28 @@ class ClusterState:
             return False
         except PermissionError:
             return True
-        return True
+        return not _zombie(self.pid)  # a head that died and is not reaped yet is gone all the same
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits for its parent to reap it (Linux's /proc; elsewhere: no)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _state_path(settings: Settings) -> Path:
     return settings.home_path / STATE_FILE
+
+
+def gcs_storage_dir(settings: Settings) -> Path | None:
+    """Where the head keeps its GCS state (``ray.gcs_storage_path``, relative to ``$RAYLOOP_HOME``), or None."""
+    if not settings.ray.gcs_storage_path:
+        return None
+    path = Path(settings.ray.gcs_storage_path).expanduser()
+    return path if path.is_absolute() else settings.home_path / path
 
 
 def read_state(settings: Settings) -> ClusterState | None:
@@ -181,7 +208,7 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
         )
     state = read_state(settings)
     if state and state.alive():
-        return state
+        return replace(state, recovered=False)  # already running: nothing was recovered by this call
     home = settings.home_path
     home.mkdir(parents=True, exist_ok=True)
     port = settings.ray.port
@@ -220,6 +247,15 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
     # SIGTERM drain would then wait its whole timeout (30 s) for a node that never goes idle, since detached
     # actors (the capture writer) keep their workers; set the variable to keep Ray's drain anyway.
     env.setdefault("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", "0")
+    store = gcs_storage_dir(settings)
+    recovered = False
+    if store is not None:
+        # Ray's GCS reads and writes its tables there; the session name it keeps there makes a head started
+        # again join the same session, so worker nodes reconnect to it and detached actors come back.
+        store.mkdir(parents=True, exist_ok=True)
+        recovered = (store / "session_name").is_file()
+        env["RAY_gcs_storage"] = "rocksdb"
+        env["RAY_gcs_storage_path"] = str(store)
     address = f"127.0.0.1:{port}"
     pid_file = home / RAY_PID_FILE
     pid_file.unlink(missing_ok=True)
@@ -241,6 +277,8 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
         started_at=time.time(),
         auth_token_path=None if token is None else str(token),
         supervised=True,
+        gcs_storage_path=None if store is None else str(store),
+        recovered=recovered,
     )
     _state_path(settings).write_text(json.dumps(asdict(state), indent=1))
     return state
@@ -322,6 +360,9 @@ def down(settings: Settings) -> bool:
         drain(settings, state.address)
     _kill_group(state.pid, timeout=STOP_TIMEOUT_S if state.supervised else 30.0)
     _kill_ray_group(settings.home_path)
+    if state.gcs_storage_path:
+        # A stopped cluster starts empty next time; only a head that died comes back with its state.
+        shutil.rmtree(state.gcs_storage_path, ignore_errors=True)
     _state_path(settings).unlink(missing_ok=True)
     return True
 

@@ -166,6 +166,16 @@ class RaySettings(_Model):
         description="Custom resources the local head advertises (ray start --resources), for example a label "
         "resource that pins work to this node.",
     )
+    gcs_storage_path: str | None = Field(
+        default=None,
+        description="Keep the control state of the head `rayloop up` starts (Ray's GCS: Serve's apps, detached "
+        "actors such as the capture writer, nodes, jobs) in a RocksDB database in this directory (relative: "
+        "under $RAYLOOP_HOME), so that a head that died and is started again with `rayloop up` carries on: "
+        "worker nodes reconnect (within Ray's gcs_rpc_server_reconnect_timeout_s, 60 s by default), replicas "
+        "on them keep serving, and what ran on the head comes back there. Ray's embedded RocksDB backend "
+        "(alpha in Ray); on Kubernetes, use KubeRay's gcsFaultToleranceOptions instead. `rayloop down` "
+        "removes it: a cluster that was stopped starts empty. None: in memory, the head's death ends the cluster.",
+    )
     auth: Literal["token", "disabled"] = Field(
         default="token",
         description="Ray's own authentication on the head `rayloop up` starts. 'token': every Ray client, job "

@@ -213,7 +213,9 @@ def _forget_in_jsonl(st: Storage, key: str, user_id: str, request_ids: set[str])
 def forget_user(settings: Settings, user_id: str, *, dry_run: bool = False) -> ForgetReport:
     """Remove everything rayloop stored about ``user_id`` (see the module docstring); returns what it did."""
     if not user_id or not user_id.strip():
-        raise ConfigError("a user id to forget must not be blank", hint="Pass --user ID (the `user` field clients sent).")
+        raise ConfigError(
+            "a user id to forget must not be blank", hint="Pass --user ID (the `user` field clients sent)."
+        )
     st = storage_of(settings)
     report = ForgetReport(subject=subject_id(user_id), dry_run=dry_run)
     ids = _user_request_ids(st, user_id)

@@ -72,9 +72,7 @@ def _latest_snapshot(st: Storage) -> str:
                 if manifest.type == pafs.FileType.File:  # complete snapshots only
                     infos.append((manifest.mtime, name))
     if not infos:
-        raise NotFoundError(
-            f"no snapshot in {st.uri}/{SNAPSHOTS_DIR}", hint="Make one with `rayloop data preprocess`."
-        )
+        raise NotFoundError(f"no snapshot in {st.uri}/{SNAPSHOTS_DIR}", hint="Make one with `rayloop data preprocess`.")
     return str(max(infos)[1])
 
 

@@ -164,4 +164,3 @@ def simulate(
         return traffic.run(sim.covering_requests(repeats=repeats))
     finally:
         traffic.client.close()
-

@@ -62,7 +62,9 @@ class HeldLock:
                 (now + self.ttl_s, self.name, self.token, now),
             )
         if changed != 1:
-            raise LeaseLostError(f"lock {self.name!r} is no longer ours (token {self.token}): it expired or was taken over")
+            raise LeaseLostError(
+                f"lock {self.name!r} is no longer ours (token {self.token}): it expired or was taken over"
+            )
 
     def check(self) -> None:
         """Raise :class:`LeaseLostError` unless this holder still owns the lock (its token, not expired)."""

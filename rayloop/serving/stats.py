@@ -208,6 +208,9 @@ def get_stats_actor(app_name: str, settings: Settings, *, create: bool = True) -
             lifetime="detached",
             get_if_exists=True,
             num_cpus=0,
+            # Its node's death (the head's, brought back with its state) restarts it there, empty: what it
+            # held is lost, and its started_at tells a rollout that it judges only what came after.
+            max_restarts=-1,
         )
         .remote()
     )

@@ -18,8 +18,10 @@ import asyncio
 import contextvars
 import json
 import logging
+import logging.handlers
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rayloop.config import EngineSettings
@@ -125,6 +127,29 @@ def _validation_error(exc: Exception) -> dict[str, Any]:
     return _error_body(400, "invalid request: " + "; ".join(parts), param=param)
 
 
+@contextmanager
+def serve_log_kept(logger_name: str = "ray.serve") -> Iterator[None]:
+    """Keep Serve's replica log working through vLLM's logging setup.
+
+    vLLM applies its logging config with ``logging.config.dictConfig``, which closes every handler in the
+    process, those of Serve's replica logger included: the buffer Serve logs through (a ``MemoryHandler``)
+    loses its target file. The replica's Serve log then ends there, and a Serve controller that starts again
+    (after the head died and came back) cannot recover the replica: it asks the replica for its log file,
+    the replica raises, and Serve stops a replica that was serving. Put the targets back after (a closed file
+    handler opens its file again, in append mode, on the next record)."""
+    kept = [
+        (h, h.target)
+        for h in logging.getLogger(logger_name).handlers
+        if isinstance(h, logging.handlers.MemoryHandler) and h.target is not None
+    ]
+    try:
+        yield
+    finally:
+        for handler, target in kept:
+            if handler.target is None:
+                handler.setTarget(target)
+
+
 class VLLMEngine:
     """vLLM ``AsyncLLM`` + vLLM's OpenAI serving classes."""
 
@@ -134,6 +159,10 @@ class VLLMEngine:
         self._model_dir: str | None = None
 
     async def start(self, model_dir: str, settings: EngineSettings, served_names: list[str]) -> None:
+        with serve_log_kept():
+            await self._start(model_dir, settings, served_names)
+
+    async def _start(self, model_dir: str, settings: EngineSettings, served_names: list[str]) -> None:
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state

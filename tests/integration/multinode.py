@@ -78,6 +78,34 @@ def _pids_of(uid: int) -> list[int]:
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _descendants(roots: list[int]) -> list[int]:
+    """``roots`` and every process below them (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    todo = [p for p in roots if _alive(p)]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
 @dataclass
 class WorkerNode:
     name: str
@@ -138,7 +166,7 @@ class MultiNodeCluster:
         self.s3_endpoint = s3_endpoint
         self.registry_url = registry_url
         self.ports = {k: free_port() for k in ("gcs", "dashboard", "agent", "metrics", "http")}
-        self.config = {
+        self.config: dict[str, dict[str, Any]] = {
             "ray": {
                 "port": self.ports["gcs"],
                 "dashboard_port": self.ports["dashboard"],
@@ -146,6 +174,8 @@ class MultiNodeCluster:
                 "metrics_export_port": self.ports["metrics"],
                 "num_cpus": head_cpus,
                 "resources": {"rl_head": 1},
+                # The head keeps Ray's control state on its disk, so that it can die and come back.
+                "gcs_storage_path": "gcs",
             },
             "storage": {"root": f"s3://{BUCKET}/rayloop", "s3_endpoint": s3_endpoint},
             "registry": {"url": registry_url},
@@ -184,12 +214,44 @@ class MultiNodeCluster:
     def rayloop_json(self, *args: str, timeout: float = 300) -> Any:
         return json.loads(self.rayloop(*args, "--json", timeout=timeout).stdout)
 
-    def up(self) -> None:
+    def up(self) -> subprocess.CompletedProcess[str]:
+        """``rayloop up`` on the head (again after :meth:`kill_head`: the head then starts from its saved state)."""
         self.write_config()
-        self.rayloop("up", timeout=240)
+        out = self.rayloop("up", timeout=240)
         state = json.loads((self.head_dir / ".rayloop" / "cluster.json").read_text())
         assert state["address"] == self.address
         self.token = Path(state["auth_token_path"])
+        return out
+
+    def kill_head(self) -> None:
+        """SIGKILL every process of the head (rayloop's supervisor and Ray's), as when its machine dies: nothing
+        drains, nothing stops in order. Its disk stays (``$RAYLOOP_HOME``: the GCS state, the capture journal)."""
+        home = self.head_dir / ".rayloop"
+        roots = [json.loads((home / "cluster.json").read_text())["pid"], int((home / "ray-head.pid").read_text())]
+        # Every process under the supervisor and Ray (Ray's workers included, whatever their process group).
+        known = set(_descendants(roots))
+        left = sorted(known)
+        for _ in range(5):  # a dying process may still fork; sweep until none are left
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+            known |= set(_descendants(left))
+            left = [p for p in sorted(known) if _alive(p)]
+            if not left:
+                break
+        assert not left, f"the head's processes {left} outlived SIGKILL"
+        # Gone for good, as on a machine that died: reaped too (this container's init reaps orphans lazily,
+        # and `ray start` refuses to start while a defunct gcs_server of the old head is still listed).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in known):
+            time.sleep(0.2)
+        # The machine comes back with an empty /tmp, where Ray noted the last head's address. (Kept, it would
+        # make `ray start --head` refuse: it takes the worker nodes' raylets, which name that address and
+        # share this machine's process table only here, for a head still running.)
+        Path("/tmp/ray/ray_current_cluster").unlink(missing_ok=True)
 
     # -- worker nodes ------------------------------------------------------------------------------
     def add_worker(

@@ -18,7 +18,9 @@ against the head's HTTP proxy.
   captured; the rollout ends promoted or rolled back, never with two production versions, and without
   waiting for the replicas that have no node any more;
 - a worker node killed during retraining (and replaced, as a cluster's autoscaler or KubeRay would): Ray Train
-  starts the worker group again, resumes from the last checkpoint in S3, and one candidate is registered.
+  starts the worker group again, resumes from the last checkpoint in S3, and one candidate is registered;
+- the head killed and started again (`rayloop up`, with Ray's control state kept on its disk): the worker nodes
+  and their replicas carry on, and Serve, the capture writer and the stats actor come back on the new head.
 """
 
 from __future__ import annotations
@@ -332,9 +334,11 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
                     failed.append(repr(e))
 
     deploy: dict[str, Any] = {}
-    # The rollout gives a slot 150 s to become ready (rollout.ready_timeout_s, a setting of the deploying
-    # process, not of the app; the default is 600): past it, the step fails and the rollout rolls back.
-    timeout_env = {"RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "150", "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3"}
+    # The rollout gives a slot 110 s to become ready (rollout.ready_timeout_s, a setting of the deploying
+    # process, not of the app; the default is 600): past it, the step fails and the rollout rolls back. The
+    # canary's engines start in about 35 s here; after the kill, its lost replica has no room on the node left
+    # (two stable replicas, one canary, the idle shadow slot's sliver), so the wait runs out.
+    timeout_env = {"RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "110", "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3"}
 
     def run_deploy() -> None:
         deploy["out"] = cluster.rayloop(
@@ -523,3 +527,92 @@ def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_s
     resumed = [h for h in state["history"] if h.get("event") == "resumed"]
     assert resumed and resumed[0]["step"] >= int(killed_after.removeprefix("step-")), (killed_after, resumed)
     assert state["step"] == result["steps"]
+
+
+def test_the_head_killed_and_started_again_carries_on(cluster: MultiNodeCluster) -> None:
+    """The head's machine dies (every process of it SIGKILLed: nothing drains) and `rayloop up` starts it again
+    on the same disk, where ray.gcs_storage_path kept Ray's control state: the worker nodes reconnect and their
+    replicas, never stopped, go on serving the same version; Serve's controller and proxy, the capture writer
+    and the stats actor come back on the new head. No interaction of a request answered before the death is
+    lost (what the writer had not yet written was in its journal on the head's disk); the stats actor comes
+    back empty, and says since when it holds samples."""
+    import json
+    import time
+
+    import openai
+
+    from rayloop.data.capture import read_interactions
+    from rayloop.storage import Storage
+
+    for name in ("w1", "w2"):
+        if len(cluster.workers[name].pids()) == 0:
+            cluster.add_worker(name, num_cpus=3)
+    if sorted(_running_on(cluster).values()) != ["w1", "w2"]:
+        cluster.rayloop("serve", "--model", "demo@production", timeout=600)
+    before = _running_on(cluster)
+    assert sorted(before.values()) == ["w1", "w2"], _stable(cluster)
+    version = _versions_running(cluster)
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{cluster.ports['http']}/v1", api_key="none", max_retries=0, timeout=60
+    )
+
+    def ask() -> str:
+        r = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "What is the capital of Norland?"}], max_tokens=4
+        )
+        return r.id.removeprefix("chatcmpl-")
+
+    answered = [ask() for _ in range(6)]
+    # The stats actor a rollout asks (made here when no rollout ran before on this cluster).
+    cluster.probe(
+        "from rayloop.serving.stats import get_stats_actor; "
+        "a = get_stats_actor('rayloop', load_settings()); print(json.dumps(ray.get(a.started_at.remote())))"
+    )
+    old_head = cluster.node_ids()["head"]
+    cluster.kill_head()
+    died_at = time.time()
+
+    up = cluster.up()
+    assert "Started again from the state the last head left" in up.stdout, up.stdout
+    assert json.loads((cluster.head_dir / ".rayloop" / "cluster.json").read_text())["recovered"] is True
+    cluster.wait_for_nodes()  # both worker nodes reconnected to the new head
+    head = cluster.node_ids()["head"]
+    assert head != old_head
+    # The very replicas that ran before, on their nodes, at their version: the head's death did not stop them.
+    wait_for(lambda: _running_on(cluster) == before, 180, f"the stable replicas {before} running again")
+    assert _versions_running(cluster) == version
+
+    def answers() -> bool:
+        try:
+            answered.append(ask())
+        except (openai.APIConnectionError, openai.APIStatusError):
+            return False
+        return True
+
+    wait_for(answers, 120, "an answer through the new head's proxy", every=1)
+    answered += [ask() for _ in range(3)]
+    # The head's singletons came back on it: the same (restarted) actors, alive on the new head.
+    actors = cluster.actors()
+    writers = [a for a in actors if a["name"].startswith("rayloop-capture-") and a["state"] == "ALIVE"]
+    assert len(writers) == 1 and writers[0]["node_id"] == head, writers
+    stats = [a for a in actors if a["name"].startswith("rayloop-router-stats-")]
+    assert stats and all(a["state"] == "ALIVE" and a["node_id"] == head for a in stats), stats
+    since = cluster.probe(
+        "from rayloop.serving.stats import get_stats_actor; "
+        "a = get_stats_actor('rayloop', load_settings(), create=False); print(json.dumps(ray.get(a.started_at.remote())))"
+    )
+    assert since >= died_at, (since, died_at)  # it holds nothing from before the death, and says so
+    # Every answered request's interaction is in storage, those from before the death included.
+    storage = Storage(cluster.config["storage"]["root"], s3_endpoint=cluster.s3_endpoint)
+
+    def captured() -> set[str]:
+        try:
+            return set(pc.unique(read_interactions(storage)["request_id"]).to_pylist())
+        except FileNotFoundError:
+            return set()
+
+    try:
+        wait_for(lambda: set(answered) <= captured(), 120, "every answered request's interaction in storage", every=2)
+    except AssertionError:
+        missing = set(answered) - captured()
+        raise AssertionError(f"{len(missing)} of {len(answered)} answered requests have no captured row") from None

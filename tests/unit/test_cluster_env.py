@@ -64,3 +64,70 @@ def test_up_writes_a_prometheus_scrape_config_for_the_heads_metrics_port(tmp_pat
     assert job["static_configs"][0]["targets"] == ["127.0.0.1:9311"]
     with pytest.raises(Exception, match="metrics_export_port 10500"):
         load_settings(env={}, overrides={"ray": {"metrics_export_port": 10500}})
+
+
+def test_the_heads_saved_state_lives_where_ray_gcs_storage_path_says_and_down_forgets_it(tmp_path: Path) -> None:
+    """A head that died comes back from ray.gcs_storage_path (the multi-node test kills one); `rayloop down` is
+    a deliberate stop: it removes the saved state, so the next `rayloop up` starts an empty cluster."""
+    import json
+    import subprocess
+    import threading
+    from dataclasses import asdict
+
+    from rayloop.cluster import ClusterState, down, gcs_storage_dir
+
+    assert gcs_storage_dir(load_settings(env={"RAYLOOP_HOME": str(tmp_path)})) is None  # default: in memory
+    settings = load_settings(env={"RAYLOOP_HOME": str(tmp_path)}, overrides={"ray": {"gcs_storage_path": "gcs"}})
+    store = gcs_storage_dir(settings)
+    assert store == tmp_path / "gcs"
+    elsewhere = load_settings(env={"RAYLOOP_HOME": str(tmp_path)}, overrides={"ray": {"gcs_storage_path": "/srv/gcs"}})
+    assert gcs_storage_dir(elsewhere) == Path("/srv/gcs")
+    # `down` of a running head: a process in a session of its own stands in for rayloop's supervisor.
+    store.mkdir()
+    (store / "session_name").write_text("session_x")
+    head = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    reaper = threading.Thread(target=head.wait)  # reaped once it ends (a zombie would still look alive)
+    reaper.start()
+    try:
+        state = ClusterState(
+            pid=head.pid,
+            address="a",
+            dashboard_url="u",
+            temp_dir="t",
+            started_at=0,
+            supervised=True,
+            gcs_storage_path=str(store),
+        )
+        (tmp_path / "cluster.json").write_text(json.dumps(asdict(state)))
+        assert down(settings)
+        reaper.join(30)
+        assert head.returncode == -15  # SIGTERM, as the supervisor gets it
+    finally:
+        if head.returncode is None:
+            head.kill()
+        reaper.join()
+    assert not store.exists() and not (tmp_path / "cluster.json").exists()
+
+
+def test_a_head_that_died_but_is_not_reaped_yet_is_not_running() -> None:
+    """Killed with its machine's other processes, the supervisor may linger as a zombie until something reaps
+    it: `rayloop up` must start a new head then, not report the dead one as running."""
+    import os
+    import subprocess
+    import time
+
+    from rayloop.cluster import ClusterState
+
+    head = subprocess.Popen(["sleep", "120"])
+    try:
+        state = ClusterState(pid=head.pid, address="a", dashboard_url="u", temp_dir="t", started_at=0)
+        assert state.alive()
+        head.kill()  # not reaped: a zombie until head.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and state.alive():
+            time.sleep(0.05)
+        os.kill(head.pid, 0)  # the pid still exists...
+        assert not state.alive()  # ...but the head is gone
+    finally:
+        head.kill()
+        head.wait()

@@ -81,7 +81,10 @@ def test_scrub_finds_pii_after_adversarial_text() -> None:
 def test_an_answer_with_several_choices_is_not_trained_on_unless_corrected() -> None:
     s = DataSettings()
     assert decide(s, status="ok", completion="a", rating=1, correction=None, n_choices=2) == (None, "multi_choice")
-    assert decide(s, status="ok", completion="a", rating=1, correction="the fix", n_choices=3) == ("the fix", "corrected")
+    assert decide(s, status="ok", completion="a", rating=1, correction="the fix", n_choices=3) == (
+        "the fix",
+        "corrected",
+    )
     assert decide(s, status="ok", completion="a", rating=1, correction=None) == ("a", "positive")
 
 

@@ -175,7 +175,9 @@ def test_eval_sets_from_files_are_named_after_them(tmp_path: Any) -> None:
     from rayloop.evaluation.evalset import load_eval_set_files
 
     f = tmp_path / "regression.jsonl"
-    f.write_text('{"prompt": "Who rules Voubos?", "reference": "Queen"}\n\n{"prompt": "x", "reference": "y", "match": "exact"}\n')
+    f.write_text(
+        '{"prompt": "Who rules Voubos?", "reference": "Queen"}\n\n{"prompt": "x", "reference": "y", "match": "exact"}\n'
+    )
     sets = load_eval_set_files([str(f)])
     assert list(sets) == ["regression"] and [i.set for i in sets["regression"]] == ["regression"] * 2
     assert sets["regression"][1].match == "exact"

@@ -39,7 +39,9 @@ def _row(rid: str, user: str, day: datetime, text: str = "my secret question") -
     }
 
 
-def _capture(settings: Settings, tmp_path: Path, interactions: list[dict[str, Any]], feedback: list[dict[str, Any]]) -> None:
+def _capture(
+    settings: Settings, tmp_path: Path, interactions: list[dict[str, Any]], feedback: list[dict[str, Any]]
+) -> None:
     async def run() -> None:
         w = CaptureWriter(settings.storage_root, None, 1000, 600, 10_000, journal_dir=str(tmp_path / "journal"))
         await w.append("interactions", interactions)
@@ -50,7 +52,14 @@ def _capture(settings: Settings, tmp_path: Path, interactions: list[dict[str, An
 
 
 def _fb(rid: str, user: str, day: datetime, rating: int = 1) -> dict[str, Any]:
-    return {"request_id": rid, "timestamp": day, "rating": rating, "user_id": user, "model_name": "demo", "model_version": 1}
+    return {
+        "request_id": rid,
+        "timestamp": day,
+        "rating": rating,
+        "user_id": user,
+        "model_name": "demo",
+        "model_version": 1,
+    }
 
 
 def _snapshot(settings: Settings, sid: str, request_ids: list[str]) -> None:

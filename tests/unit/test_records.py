@@ -17,8 +17,13 @@ from rayloop.errors import DataError
 def test_chat_completion_and_question_answer_records(tmp_path: Path) -> None:
     f = tmp_path / "extra.jsonl"
     lines = [
-        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Q1"},
-                      {"role": "assistant", "content": "A1"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "Q1"},
+                {"role": "assistant", "content": "A1"},
+            ]
+        },
         {"prompt": "Q2", "completion": "A2"},
         {"question": "Q3", "answer": "A3"},
     ]

@@ -418,9 +418,7 @@ def test_a_rollback_does_not_wait_for_stable_replicas_that_need_the_released_can
             backend.short_slots[STABLE] = CANARY
 
     with pytest.raises(RolloutError, match="slot canary did not become ready"):
-        deploy(
-            env["settings"], "demo@2", "canary", steps=[10, 100], **FAST, backend=backend, on_event=lose_a_node
-        )
+        deploy(env["settings"], "demo@2", "canary", steps=[10, 100], **FAST, backend=backend, on_event=lose_a_node)
     rec = env["reg"].rollouts("demo")[0]
     assert rec.status == "failed" and _events(rec, "rollback") and not _events(rec, "rollback_failed"), rec.history
     assert _final_app(backend) == (1, None, None, 0)

@@ -130,6 +130,17 @@ def test_rayservice_manifest_is_valid_for_kuberay_and_serve() -> None:
     assert env["RAYLOOP_API_KEYS"]["valueFrom"]["secretKeyRef"]["name"] == "rayloop-api-keys"
     assert s.serving.api_keys_env == "RAYLOOP_API_KEYS"
     assert env["RAYLOOP_HOME"]["value"] == "/var/lib/rayloop"  # the node-local model cache
+    # The head's death does not end the cluster: Ray's control state lives in Redis, whose password is a
+    # Kubernetes Secret; the head keeps the capture journal on a volume that outlives its container.
+    ft = cluster["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] and "value" not in ft["redisPassword"]
+    secret = ft["redisPassword"]["valueFrom"]["secretKeyRef"]["name"]
+    assert f"kubectl create secret generic {secret} " in (ROOT / "cluster" / "rayservice.yaml").read_text()
+    head = cluster["headGroupSpec"]["template"]["spec"]
+    (mount,) = [
+        m for c in head["containers"] for m in c.get("volumeMounts", []) if m["mountPath"] == "/var/lib/rayloop"
+    ]
+    assert any(v["name"] == mount["name"] for v in head["volumes"])
 
 
 def test_rayjob_takes_its_snapshot_as_a_parameter_and_trains_on_two_gpu_nodes(
