@@ -390,11 +390,14 @@ class MultiNodeCluster:
         raise AssertionError(f"timed out waiting for nodes {sorted(want)}; have {sorted(self.node_ids())}")
 
     def down(self) -> None:
-        for node in self.workers.values():  # all at once, as when a cluster is deleted
+        """``rayloop down`` first (Serve's replicas stop gracefully on their live nodes), then the worker nodes
+        all at once. (The other way round, Serve's shutdown waits for replicas on nodes already gone until the
+        GCS marks them dead: 30 s more after a head that came back, whose GCS misses the nodes' goodbyes.)"""
+        self.rayloop("down", timeout=180, check=False)
+        for node in self.workers.values():
             node.terminate()
         for node in self.workers.values():
             node.stop()
-        self.rayloop("down", timeout=180, check=False)
 
 
 @contextmanager

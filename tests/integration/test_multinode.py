@@ -547,10 +547,10 @@ def test_the_head_killed_and_started_again_carries_on(cluster: MultiNodeCluster)
     for name in ("w1", "w2"):
         if len(cluster.workers[name].pids()) == 0:
             cluster.add_worker(name, num_cpus=3)
-    if sorted(_running_on(cluster).values()) != ["w1", "w2"]:
+    if len(_running_on(cluster)) < 2:
         cluster.rayloop("serve", "--model", "demo@production", timeout=600)
-    before = _running_on(cluster)
-    assert sorted(before.values()) == ["w1", "w2"], _stable(cluster)
+    before = _running_on(cluster)  # on both worker nodes, or both on one after a node was replaced before
+    assert len(before) == 2 and set(before.values()) <= {"w1", "w2"}, _stable(cluster)
     version = _versions_running(cluster)
     client = openai.OpenAI(
         base_url=f"http://127.0.0.1:{cluster.ports['http']}/v1", api_key="none", max_retries=0, timeout=60
