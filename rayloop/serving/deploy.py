@@ -221,14 +221,37 @@ def _check_upgrade(name: str, mine: dict[str, Any], cfg: ModelConfig, args: Serv
             hint=f"See `rayloop status`; finish it with `rayloop promote {cfg.model}` or `rayloop abort "
             f"{cfg.model}`, then serve again.",
         )
-    if mine.get("args") != args.model_dump(mode="json", exclude_none=True):
+    new = args.model_dump(mode="json", exclude_none=True)
+    if mine.get("args") != new:
         # Changed args would restart every replica instead of reconfiguring them.
+        changed = [_ARG_NAMES.get(c, c.removeprefix("settings.")) for c in args_changed(mine.get("args") or {}, new)]
+        shown = ", ".join(changed[:8]) + (f" and {len(changed) - 8} more" if len(changed) > 8 else "")
         raise ServingError(
-            f"app {name!r} runs with other args (settings, model name or API keys differ); an in-place upgrade "
-            "needs equal args",
-            hint="Use the same settings as the running app, or delete it first with `serve delete`.",
+            f"app {name!r} runs with other settings than this `rayloop serve` would give it ({shown} differ): "
+            "an in-place upgrade keeps the app's settings, and changing them restarts every replica",
+            hint=f"Put those settings back as the running app has them, or stop the app first (`serve delete "
+            f"{name}`) and serve again with the new ones.",
         )
     return cur
+
+
+_ARG_NAMES = {"api_key_hashes": "the API keys", "model": "the model reference", "engine_cls": "the engine class"}
+
+
+def args_changed(running: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted paths of what differs between two apps' args (``settings.serving.replicas``); values are not
+    shown (some are secrets' hashes)."""
+    out: list[str] = []
+    for key in sorted(set(running) | set(new)):
+        a, b = running.get(key), new.get(key)
+        if a == b:
+            continue
+        path = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += args_changed(a, b, f"{path}.")
+        else:
+            out.append(path)
+    return out
 
 
 def model_config(settings: Settings, model_ref: str, path: str | None, version: int | None) -> ModelConfig:

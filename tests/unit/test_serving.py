@@ -664,3 +664,34 @@ def test_tensor_parallel_shards_reserve_the_configured_accelerator_on_one_node(t
     cpu = settings_from_dict({"home": str(tmp_path), "serving": {"engine": {"tensor_parallel_size": 2}}})
     app = app_config(cpu, ServeArgs(model="demo", settings=cpu), state)
     assert all("placement_group_bundles" not in d for d in app["deployments"])  # vLLM on CPU: no accelerators
+
+
+def test_rayloop_serve_names_the_settings_that_differ_from_the_running_apps(settings: Any) -> None:
+    """Settings changed in rayloop.yaml after `rayloop serve` would restart every replica: serve refuses, and
+    says which ones changed (never their values: API keys are hashes of secrets)."""
+    from rayloop.config import load_settings
+    from rayloop.errors import ServingError
+    from rayloop.serving import deploy as deploy_mod
+    from rayloop.serving.app import AppState, ServeArgs, app_config
+    from rayloop.serving.control import InMemoryControl
+    from rayloop.serving.protocol import ModelConfig
+
+    v1 = ModelConfig(model="demo", version=1, path="/m1")
+    running = app_config(
+        settings, ServeArgs(model="demo", settings=settings), AppState(model="demo", slots={"stable": v1})
+    )
+    control = InMemoryControl([running])
+    edited = load_settings(
+        env={"RAYLOOP_HOME": settings.home},
+        overrides={"serving": {"replicas": settings.serving.replicas + 1}, "ray": {"gcs_storage_path": "gcs"}},
+    )
+    with pytest.raises(ServingError) as e:
+        deploy_mod.deploy(
+            edited, ModelConfig(model="demo", version=2, path="/m2"), control=control, api_key_hashes=["ab" * 32]
+        )
+    msg = e.value.message
+    assert "(the API keys, ray.gcs_storage_path, serving.replicas differ)" in msg, msg
+    assert "ab" * 32 not in msg and "serve delete rayloop" in (e.value.hint or "")
+    assert control.deployed == [running] and control.applied == 0
+    # The same settings upgrade in place (nothing to name).
+    assert deploy_mod.args_changed({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 4}) == ["a.c", "d"]
