@@ -233,3 +233,4 @@ def _print_summary(out: _Out, s: dict[str, Any], path: Any) -> None:
     )
     if s.get("dashboard"):
         out.info(f"dashboard: {s['dashboard']}  lineage: rayloop models lineage {MODEL}@{s['candidate']['version']}")
+    out.info("web console (versions, lineage, rollouts with live traffic): rayloop console")
