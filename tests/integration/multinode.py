@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +106,22 @@ def _descendants(roots: list[int]) -> list[int]:
     return out
 
 
+def _sigkill_until_gone(find: Callable[[], list[int]], rounds: int = 5) -> list[int]:
+    """SIGKILL what ``find`` returns, again while it returns any (a dying process may still fork); returns
+    what is left."""
+    for _ in range(rounds):
+        pids = find()
+        if not pids:
+            return []
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    return find()
+
+
 @dataclass
 class WorkerNode:
     name: str
@@ -127,16 +143,7 @@ class WorkerNode:
 
     def kill(self) -> None:
         """The machine goes away: every process of the node, SIGKILLed at once."""
-        for _ in range(5):  # a dying raylet may still fork; sweep until none are left
-            pids = self.pids()
-            if not pids:
-                break
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.2)
+        _sigkill_until_gone(self.pids)
         if self.proc is not None:
             self.proc.wait(30)
 
@@ -230,18 +237,12 @@ class MultiNodeCluster:
         roots = [json.loads((home / "cluster.json").read_text())["pid"], int((home / "ray-head.pid").read_text())]
         # Every process under the supervisor and Ray (Ray's workers included, whatever their process group).
         known = set(_descendants(roots))
-        left = sorted(known)
-        for _ in range(5):  # a dying process may still fork; sweep until none are left
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.2)
-            known |= set(_descendants(left))
-            left = [p for p in sorted(known) if _alive(p)]
-            if not left:
-                break
+
+        def live() -> list[int]:
+            known.update(_descendants(sorted(known)))  # children forked meanwhile by those still alive
+            return [p for p in sorted(known) if _alive(p)]
+
+        left = _sigkill_until_gone(live)
         assert not left, f"the head's processes {left} outlived SIGKILL"
         # Gone for good, as on a machine that died: reaped too (this container's init reaps orphans lazily,
         # and `ray start` refuses to start while a defunct gcs_server of the old head is still listed).

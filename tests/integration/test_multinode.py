@@ -288,6 +288,26 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     assert writers == {"w1", "w2"}, writers
 
 
+def _wait_until_captured(cluster: MultiNodeCluster, request_ids: set[str], timeout: float = 120) -> None:
+    """Wait until every one of ``request_ids`` has its interaction row in the cluster's storage."""
+    from rayloop.data.capture import read_interactions
+    from rayloop.storage import Storage
+
+    storage = Storage(cluster.config["storage"]["root"], s3_endpoint=cluster.s3_endpoint)
+
+    def captured() -> set[str]:
+        try:
+            return set(pc.unique(read_interactions(storage)["request_id"]).to_pylist())
+        except FileNotFoundError:
+            return set()
+
+    try:
+        wait_for(lambda: request_ids <= captured(), timeout, "every answered request's interaction in storage", every=2)
+    except AssertionError:
+        missing = request_ids - captured()
+        raise AssertionError(f"{len(missing)} of {len(request_ids)} answered requests have no captured row") from None
+
+
 def _versions_running(cluster: MultiNodeCluster) -> set[Any]:
     return {r.get("version") for r in _stable(cluster) if r["state"] == "RUNNING"}
 
@@ -302,9 +322,6 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
     rolls back without waiting for the canary's lost replica (had the canary been whole, it would promote):
     it ends with one production version, which every stable replica serves."""
     import openai
-
-    from rayloop.data.capture import read_interactions
-    from rayloop.storage import Storage
 
     if len(cluster.workers["w2"].pids()) == 0:
         cluster.add_worker("w2", num_cpus=3)
@@ -415,21 +432,7 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
     # Only requests in flight on the dead node could fail: at most one per user thread.
     assert len(failed) <= users, failed
     # No capture row of an answered request is lost.
-    storage = Storage(cluster.config["storage"]["root"], s3_endpoint=cluster.s3_endpoint)
-    want = {rid.removeprefix("chatcmpl-") for rid in ok}
-
-    def captured() -> set[str]:
-        try:
-            tbl = read_interactions(storage)
-        except FileNotFoundError:
-            return set()
-        return set(pc.unique(tbl["request_id"]).to_pylist())
-
-    try:
-        wait_for(lambda: want <= captured(), 120, "every answered request's interaction in storage", every=2)
-    except AssertionError:
-        missing = want - captured()
-        raise AssertionError(f"{len(missing)} of {len(want)} answered requests have no captured row") from None
+    _wait_until_captured(cluster, {rid.removeprefix("chatcmpl-") for rid in ok})
     # Put the node back for whatever runs next on this cluster.
     cluster.add_worker(victim, num_cpus=3)
 
@@ -541,9 +544,6 @@ def test_the_head_killed_and_started_again_carries_on(cluster: MultiNodeCluster)
 
     import openai
 
-    from rayloop.data.capture import read_interactions
-    from rayloop.storage import Storage
-
     for name in ("w1", "w2"):
         if len(cluster.workers[name].pids()) == 0:
             cluster.add_worker(name, num_cpus=3)
@@ -603,16 +603,4 @@ def test_the_head_killed_and_started_again_carries_on(cluster: MultiNodeCluster)
     )
     assert since >= died_at, (since, died_at)  # it holds nothing from before the death, and says so
     # Every answered request's interaction is in storage, those from before the death included.
-    storage = Storage(cluster.config["storage"]["root"], s3_endpoint=cluster.s3_endpoint)
-
-    def captured() -> set[str]:
-        try:
-            return set(pc.unique(read_interactions(storage)["request_id"]).to_pylist())
-        except FileNotFoundError:
-            return set()
-
-    try:
-        wait_for(lambda: set(answered) <= captured(), 120, "every answered request's interaction in storage", every=2)
-    except AssertionError:
-        missing = set(answered) - captured()
-        raise AssertionError(f"{len(missing)} of {len(answered)} answered requests have no captured row") from None
+    _wait_until_captured(cluster, set(answered))
