@@ -164,9 +164,11 @@ def init(
     The build is deterministic: one made earlier on this machine with the same recipe is copied from the
     build cache instead of pre-training again (--no-cache pre-trains anyway).
     """
+    from rayloop.cluster import ensure_home
     from rayloop.demo import setup
 
     s = settings(ctx)
+    ensure_home(s)
     info = setup.init_base_model(
         s, out=out, steps=steps, seed=seed, force=force, show_progress=not as_json, use_cache=not no_cache
     )
@@ -244,6 +246,7 @@ def demo(
     Only the demo's own progress is printed: what Ray, DeepSpeed, vLLM and transformers write goes to
     $RAYLOOP_HOME/logs/demo-*.log (its last lines are shown if the demo fails; -v shows it all).
     """
+    from rayloop.cluster import ensure_home
     from rayloop.demo import run as demo_run
     from rayloop.errors import ConfigError
     from rayloop.logs import library_output_to_file
@@ -253,6 +256,7 @@ def demo(
     except ValueError:
         raise ConfigError(f"--steps {steps!r} is not a comma-separated list of percentages like 25,50,100") from None
     s = settings(ctx)
+    ensure_home(s)
     with library_output_to_file(s.home_path, "demo", verbose=verbose) as term:
         summary = demo_run.run_demo(
             s,

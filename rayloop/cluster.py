@@ -76,6 +76,25 @@ def _zombie(pid: int) -> bool:
         return False
 
 
+# rayloop's home holds the embedded storage and registry, logs, the capture journal, Ray's control state and
+# its auth token: nothing to commit, and nothing `ray job submit --working-dir .` may pack up from the directory
+# it is in (Ray skips what .gitignore and .rayignore name). Packed, every job would upload all of it, more each
+# time, and a file written while Ray hashes the directory twice gives the job a package that was never uploaded.
+HOME_IGNORE = "# rayloop's state: not for git, nor for a Ray job's working_dir (rayloop writes this file)\n*\n"
+
+
+def ensure_home(settings: Settings) -> Path:
+    """Create ``$RAYLOOP_HOME`` if needed, with ``.gitignore`` and ``.rayignore`` files that leave all of it out
+    of git and of Ray job packages (files already there are left as they are)."""
+    home = settings.home_path
+    home.mkdir(parents=True, exist_ok=True)
+    for name in (".gitignore", ".rayignore"):
+        path = home / name
+        if not path.exists():
+            path.write_text(HOME_IGNORE)
+    return home
+
+
 def _state_path(settings: Settings) -> Path:
     return settings.home_path / STATE_FILE
 
@@ -209,8 +228,7 @@ def up(settings: Settings, timeout: float = 300.0) -> ClusterState:
     state = read_state(settings)
     if state and state.alive():
         return replace(state, recovered=False)  # already running: nothing was recovered by this call
-    home = settings.home_path
-    home.mkdir(parents=True, exist_ok=True)
+    home = ensure_home(settings)
     port = settings.ray.port
     agent_port = settings.ray.dashboard_agent_port
     if _port_in_use(settings.ray.dashboard_host, agent_port):

@@ -224,7 +224,9 @@ class MultiNodeCluster:
     def up(self) -> subprocess.CompletedProcess[str]:
         """``rayloop up`` on the head (again after :meth:`kill_head`: the head then starts from its saved state)."""
         self.write_config()
-        out = self.rayloop("up", timeout=240)
+        # Ray's GCS declares a node dead after 5 missed health checks, one every 3 s by default; one a second
+        # here (a raylet that is killed refuses the check at once, a busy one still has 10 s to answer each).
+        out = self.rayloop("up", timeout=240, env={"RAY_health_check_period_ms": "1000"})
         state = json.loads((self.head_dir / ".rayloop" / "cluster.json").read_text())
         assert state["address"] == self.address
         self.token = Path(state["auth_token_path"])

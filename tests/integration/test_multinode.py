@@ -61,10 +61,10 @@ def cluster(base_model_dir: Path) -> Iterator[MultiNodeCluster]:
                     "placement_strategy": "SPREAD",
                 },
                 pipeline={"strategy": "canary"},
-                # Canary steps of 10 s, judged on a few requests. Canary and stable share two cores with
+                # Canary steps of 6 s, judged on a few requests. Canary and stable share two cores with
                 # everything else here, so p95 is noise: latency verdicts are tested on one node
                 # (test_rollout.py's slow canary); errors and feedback are judged as configured.
-                rollout={"interval_s": 10, "canary_steps": [50, 100], "min_samples": 5, "latency_slack_ms": 1000},
+                rollout={"interval_s": 6, "canary_steps": [50, 100], "min_samples": 5, "latency_slack_ms": 1000},
             )
             c.rayloop("models", "register", "demo", str(base_model_dir))
             c.rayloop("models", "alias", "demo", "production", "1")
@@ -207,9 +207,9 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     traffic = cluster.rayloop_json("simulate", "--repeats", "2", timeout=600)
     assert traffic["failed_requests"] == 0 and traffic["feedback_sent"] > 0, traffic
 
-    # Users while the job's canary runs (a canary that sees no traffic is never promoted); they start when the
-    # rollout does, so that preprocessing and training have the cores to themselves. Meanwhile, where the
-    # canary's replicas run at its steps.
+    # Users while the job's canary runs (a canary that sees no traffic is never promoted); they start with its
+    # first step and go on through the promotion, so that preprocessing, training and the canary's engines
+    # have the cores to themselves. Meanwhile, where the canary's replicas run at its steps.
     import openai
 
     url = f"http://127.0.0.1:{cluster.ports['http']}/v1"
@@ -218,13 +218,17 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     failed: list[str] = []
     canary_nodes: set[str] = set()
     names = {v: k for k, v in cluster.node_ids().items()}
+    stepping = threading.Event()  # set once the first step began
 
     def user() -> None:
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
         while not stop.is_set():
-            if reg.active_rollout("demo") is None:
-                stop.wait(0.5)
-                continue
+            if not stepping.is_set():
+                active = reg.active_rollout("demo")
+                if active is None or active.state.phase != "step":
+                    stop.wait(0.5)
+                    continue
+                stepping.set()
             try:
                 r = client.chat.completions.create(
                     model="demo", messages=[{"role": "user", "content": "Where is Norland?"}], max_tokens=4
@@ -351,11 +355,11 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
                     failed.append(repr(e))
 
     deploy: dict[str, Any] = {}
-    # The rollout gives a slot 110 s to become ready (rollout.ready_timeout_s, a setting of the deploying
+    # The rollout gives a slot 75 s to become ready (rollout.ready_timeout_s, a setting of the deploying
     # process, not of the app; the default is 600): past it, the step fails and the rollout rolls back. The
-    # canary's engines start in about 35 s here; after the kill, its lost replica has no room on the node left
-    # (two stable replicas, one canary, the idle shadow slot's sliver), so the wait runs out.
-    timeout_env = {"RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "110", "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3"}
+    # canary's engines start in about 30 s here (no users yet); after the kill, its lost replica has no room on
+    # the node left (two stable replicas, one canary, the idle shadow slot's sliver), so the wait runs out.
+    timeout_env = {"RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "75", "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3"}
 
     def run_deploy() -> None:
         deploy["out"] = cluster.rayloop(
@@ -398,7 +402,10 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
             cluster.workers[victim].kill()
             killed_at = len(ok)
             rollout.result(timeout=900)
-            # The stable slot is whole again on the surviving node, and users are answered.
+            # Users are answered by what is left, then the load stops: the stable slot becomes whole again on
+            # the surviving node (its lost replica starts there once the released canary made room).
+            wait_for(lambda: len(ok) >= killed_at + 8, 180, "requests answered after the kill")
+            stop.set()
             try:
                 wait_for(
                     lambda: sorted(_running_on(cluster).values()) == [survivor, survivor],
@@ -410,7 +417,6 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
                 raise AssertionError(
                     f"{e}\nrollout rc {out.returncode}: {out.stderr[-2000:]}\n{cluster.diagnose()}"
                 ) from None
-            wait_for(lambda: len(ok) >= killed_at + 8, 180, "requests answered after the kill")
         finally:
             stop.set()
         for f in futures:
@@ -480,10 +486,10 @@ def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_s
         return sorted(set(found))
 
     env = {**cluster.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    # Fewer epochs than the fixture's config and a checkpoint every 4 steps (settings given to the job's
-    # entrypoint): enough to checkpoint before the kill and to go on after it.
+    # A checkpoint every 4 steps and 3 epochs (settings given to the job's entrypoint; about 50 steps): enough
+    # to checkpoint before the kill and to go on after it.
     submit = (
-        "ray job submit --working-dir . -- env RAYLOOP_TRAINING__EPOCHS=6 RAYLOOP_TRAINING__CHECKPOINT_EVERY=4 "
+        "ray job submit --working-dir . -- env RAYLOOP_TRAINING__EPOCHS=3 RAYLOOP_TRAINING__CHECKPOINT_EVERY=4 "
         "python -m train_jobs.retrain "
         f"--snapshot {snapshot_id} --base demo@production"
     )

@@ -131,3 +131,53 @@ def test_a_head_that_died_but_is_not_reaped_yet_is_not_running() -> None:
     finally:
         head.kill()
         head.wait()
+
+
+@pytest.mark.parametrize("include_gitignore", [True, False], ids=["ray-default", "RAY_RUNTIME_ENV_IGNORE_GITIGNORE"])
+def test_a_job_submitted_from_the_homes_directory_packs_none_of_the_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, include_gitignore: bool
+) -> None:
+    """`ray job submit --working-dir .` where `.rayloop` lives: Ray's own packaging leaves the home out, so a log
+    line or a database write there neither changes the package nor ships the home's files with the job."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import create_package, get_uri_for_directory
+
+    from rayloop.cluster import ensure_home
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(env={})
+    (tmp_path / "rayloop.yaml").write_text("serving: {replicas: 1}\n")
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "mine.py").write_text("print('hello')\n")
+    home = ensure_home(settings)
+    assert home == tmp_path / ".rayloop"
+    (home / "ray-auth-token").write_text("secret")
+    (home / "logs").mkdir()
+    (home / "logs" / "head.log").write_text("one line\n")
+
+    def uri() -> str:
+        return get_uri_for_directory(str(tmp_path), include_gitignore=include_gitignore)
+
+    before = uri()
+    (home / "logs" / "head.log").write_text("one line\nand another\n")
+    (home / "registry.db").write_bytes(b"\0" * 1024)
+    assert uri() == before  # the home changed, the package did not
+    package = tmp_path.parent / f"{tmp_path.name}-pkg.zip"
+    create_package(str(tmp_path), package, include_gitignore=include_gitignore)
+    names = zipfile.ZipFile(package).namelist()
+    assert "rayloop.yaml" in names and "jobs/mine.py" in names, names
+    assert not [n for n in names if n.startswith(".rayloop/") and n != ".rayloop/"], names
+    (tmp_path / "rayloop.yaml").write_text("serving: {replicas: 2}\n")
+    assert uri() != before  # what the job does use still counts
+
+
+def test_ensure_home_keeps_ignore_files_a_user_wrote(tmp_path: Path) -> None:
+    from rayloop.cluster import HOME_IGNORE, ensure_home
+
+    settings = load_settings(env={}, overrides={"home": str(tmp_path / "home")})
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / ".gitignore").write_text("logs/\n")
+    ensure_home(settings)
+    assert (tmp_path / "home" / ".gitignore").read_text() == "logs/\n"
+    assert (tmp_path / "home" / ".rayignore").read_text() == HOME_IGNORE
