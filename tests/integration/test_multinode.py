@@ -355,11 +355,11 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
                     failed.append(repr(e))
 
     deploy: dict[str, Any] = {}
-    # The rollout gives a slot 75 s to become ready (rollout.ready_timeout_s, a setting of the deploying
+    # The rollout gives a slot 60 s to become ready (rollout.ready_timeout_s, a setting of the deploying
     # process, not of the app; the default is 600): past it, the step fails and the rollout rolls back. The
     # canary's engines start in about 30 s here (no users yet); after the kill, its lost replica has no room on
     # the node left (two stable replicas, one canary, the idle shadow slot's sliver), so the wait runs out.
-    timeout_env = {"RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "75", "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3"}
+    timeout_env = {"RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "60", "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3"}
 
     def run_deploy() -> None:
         deploy["out"] = cluster.rayloop(
