@@ -585,7 +585,8 @@ class Rollout:
             # All traffic is on the canary slot (or nowhere new yet): stable swaps in place unseen.
             self.set_app(stable=self.to_cfg)
         self.set_app(canary_percent=0, shadow_percent=0)
-        self.set_app(canary=None, shadow=None, observe=False)
+        # The canary's engines stop on their own; the rollout is done once stable serves all (as a rollback).
+        self.set_app(canary=None, shadow=None, observe=False, released=frozenset({CANARY, SHADOW}))
         self._alias(CANARY_ALIAS, None, reason)
         self.save(phase="done")
 

@@ -58,6 +58,8 @@ class FakeBackend:
         # slot -> the slot whose engines hold the room its lost replicas need: it runs short (a wait for it whole
         # fails) until a state without that slot is applied.
         self.short_slots: dict[str, str] = {}
+        # Slots whose engines are slow to stop once released: a wait for them idle fails, unless it lets them go.
+        self.stopping_slots: set[str] = set()
         self._timeline: list[tuple[float, AppState]] = []
         self._lock = threading.Lock()
 
@@ -100,6 +102,9 @@ class FakeBackend:
         if stuck:
             raise RolloutError(f"slot {stuck[0]} did not become ready within {timeout_s:.0f}s (simulated)")
         short = sorted(s for s in self.short_slots if s not in released and state.slots.get(s) is not None)
+        stopping = sorted(s for s in self.stopping_slots if s not in released and state.slots.get(s) is None)
+        if stopping:
+            raise RolloutError(f"slot {stopping[0]} did not stop within {timeout_s:.0f}s (simulated)")
         if whole and short:
             raise RolloutError(f"slot {short[0]} is short of replicas after {timeout_s:.0f}s (simulated)")
 

@@ -75,10 +75,15 @@ def cluster(base_model_dir: Path) -> Iterator[MultiNodeCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def _slot(cluster: MultiNodeCluster, slot: str) -> list[dict[str, Any]]:
+    """A slot's replicas as `rayloop status --json` shows them."""
+    placed = cluster.rayloop_json("status", "demo").get("replicas") or {}
+    return list(placed.get(slot) or [])
+
+
 def _stable(cluster: MultiNodeCluster) -> list[dict[str, Any]]:
     """The stable slot's replicas as `rayloop status --json` shows them."""
-    placed = cluster.rayloop_json("status", "demo").get("replicas") or {}
-    return list(placed.get("stable") or [])
+    return _slot(cluster, "stable")
 
 
 def _running_on(cluster: MultiNodeCluster) -> dict[str, str]:
@@ -241,7 +246,7 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
         while not stop.is_set():
             active = reg.active_rollout("demo")
             if active is not None and active.state.phase == "step":
-                replicas = (cluster.rayloop_json("status", "demo").get("replicas") or {}).get("canary", [])
+                replicas = _slot(cluster, "canary")
                 canary_nodes.update(names.get(r["node_id"], "?") for r in replicas if r["state"] == "RUNNING")
             stop.wait(2)
 
@@ -284,6 +289,9 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     running = [r for r in _stable(cluster) if r["state"] == "RUNNING"]
     assert sorted(names[r["node_id"]] for r in running) == ["w1", "w2"]
     assert {r.get("version") for r in running} == {cand.version}, running
+    # The promotion ended without waiting for the canary's engines; they stop on their own, freeing their room:
+    # the idle slot keeps its one replica with a token CPU share and no engine.
+    wait_for(lambda: [r["state"] for r in _slot(cluster, "canary")] == ["RUNNING"], 120, "the canary's engines gone")
     # The training workers ran on both worker nodes.
     train_nodes = {a["node_id"] for a in cluster.actors() if a["class_name"] == "RayTrainWorker"}
     assert {names.get(n) for n in train_nodes} == {"w1", "w2"}, train_nodes
@@ -355,11 +363,11 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
                     failed.append(repr(e))
 
     deploy: dict[str, Any] = {}
-    # The rollout gives a slot 60 s to become ready (rollout.ready_timeout_s, a setting of the deploying
+    # The rollout gives a slot 50 s to become ready (rollout.ready_timeout_s, a setting of the deploying
     # process, not of the app; the default is 600): past it, the step fails and the rollout rolls back. The
-    # canary's engines start in about 30 s here (no users yet); after the kill, its lost replica has no room on
+    # canary's engines start in about 33 s here (no users yet); after the kill, its lost replica has no room on
     # the node left (two stable replicas, one canary, the idle shadow slot's sliver), so the wait runs out.
-    timeout_env = {"RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "60", "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3"}
+    timeout_env = {"RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "50", "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3"}
 
     def run_deploy() -> None:
         deploy["out"] = cluster.rayloop(
@@ -394,7 +402,7 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
             assert not rollout.done(), deploy["out"].stderr[-3000:]
             futures = [pool.submit(user) for _ in range(users)]
             wait_for(lambda: len(ok) >= 8, 180, "requests answered before the kill")
-            canary = (cluster.rayloop_json("status", "demo").get("replicas") or {}).get("canary", [])
+            canary = _slot(cluster, "canary")
             on = sorted(names.get(r["node_id"], "?") for r in canary if r["state"] == "RUNNING")
             assert on and set(on) <= {"w1", "w2"}, canary
             victim = "w2" if "w2" in on else "w1"
@@ -403,7 +411,9 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
             killed_at = len(ok)
             rollout.result(timeout=900)
             # Users are answered by what is left, then the load stops: the stable slot becomes whole again on
-            # the surviving node (its lost replica starts there once the released canary made room).
+            # the surviving node (its lost replica starts there once the released canary made room; up to 30 s
+            # later when Serve had started a replacement canary replica that never found room: it stops that
+            # one first and waits its graceful_shutdown_timeout_s for it).
             wait_for(lambda: len(ok) >= killed_at + 8, 180, "requests answered after the kill")
             stop.set()
             try:

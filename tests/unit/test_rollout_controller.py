@@ -203,6 +203,34 @@ def test_shadow_reports_and_changes_nothing_served(env: dict[str, Any]) -> None:
     assert env["reg"].resolve("demo@2").annotations["shadow"]["rollout_id"] == rec.id
 
 
+def test_a_promotion_ends_without_waiting_for_the_released_canary_to_stop(env: dict[str, Any]) -> None:
+    """Once every stable replica serves the new version and no request goes to the canary, the rollout is done:
+    the canary's engines stop on their own (as after a rollback), and `rayloop deploy` does not wait for them."""
+    backend = env["backend"]
+
+    def slow_to_stop(event: dict[str, Any]) -> None:
+        if event["event"] == "promote":
+            backend.stopping_slots.add(CANARY)
+
+    rec = deploy(env["settings"], "demo@2", "canary", steps=[50, 100], **FAST, backend=backend, on_event=slow_to_stop)
+    assert rec.status == "succeeded", rec.history[-3:]
+    assert _final_app(backend) == (2, None, None, 0)
+    assert env["reg"].aliases("demo") == {"production": 2, "previous": 1}
+
+
+def test_a_shadow_run_ends_without_waiting_for_its_engines_to_stop(env: dict[str, Any]) -> None:
+    backend = env["backend"]
+
+    def slow_to_stop(event: dict[str, Any]) -> None:
+        if event["event"] == "shadow_report":
+            backend.stopping_slots.add(SHADOW)
+
+    rec = deploy(env["settings"], "demo@2", "shadow", interval_s=0.5, backend=backend, on_event=slow_to_stop)
+    assert rec.status == "succeeded" and rec.state.report["verdict"] == "measured"
+    assert _final_app(backend) == (1, None, None, 0)
+    assert all(a.table.shadow_percent == 0 for a in backend.applied[-1:])  # no stable replica mirrors
+
+
 def test_canary_that_sees_no_traffic_is_inconclusive_and_rolls_back(env: dict[str, Any]) -> None:
     env["backend"].rps = 0  # nobody sends a request (or the stats actor lost every sample)
     rec = deploy(env["settings"], "demo@2", "canary", steps=[50, 100], **FAST, backend=env["backend"])

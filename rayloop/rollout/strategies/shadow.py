@@ -47,7 +47,8 @@ class Shadow:
         report["verdict"] = "measured" if enough else "inconclusive"
         ro.emit("shadow_report", **report)
         ro.save(phase="releasing", report=report)
-        ro.set_app(shadow=None, shadow_percent=0, observe=False)
+        # Done once no stable replica mirrors any more; the shadow's engines stop on their own.
+        ro.set_app(shadow=None, shadow_percent=0, observe=False, released=frozenset({SHADOW}))
         ro.annotate("shadow", {"rollout_id": ro.rid, **report})
         ro.finish_without_promotion()
         if not enough:
