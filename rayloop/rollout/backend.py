@@ -193,6 +193,20 @@ class ServeBackend:
             raise
         except Exception as e:
             raise RolloutError(str(getattr(e, "message", e)), hint=getattr(e, "hint", None)) from e
+        if gone := frozenset(s for s in released if state.slots.get(s) is None):
+            self._cancel_unplaced(gone)
+
+    def _cancel_unplaced(self, released: frozenset[str]) -> None:
+        """Released slots' replicas that never found room are stopped at once (best effort: Serve stops them
+        itself, only later), so that the room their slot's running replicas hold is freed sooner."""
+        from rayloop.serving.control import ServeControl
+
+        if not isinstance(self.control, ServeControl):
+            return
+        try:
+            self.control.cancel_unplaced(self.app_name, released)
+        except Exception:
+            pass  # Serve force-stops them after graceful_shutdown_timeout_s anyway
 
     def _handle(self, deployment: str) -> Any:
         from ray import serve

@@ -196,6 +196,18 @@ def replica_placement(details: dict[str, Any], app_name: str) -> dict[str, list[
     return out
 
 
+def unplaced_replicas(details: dict[str, Any], app_name: str, slots: frozenset[str]) -> dict[str, str]:
+    """Actor name -> state of ``slots``' replicas that never got a node (they wait for room)."""
+    placed = (details.get("applications") or {}).get(app_name) or {}
+    found: dict[str, str] = {}
+    for slot in sorted(slots):
+        dep = (placed.get("deployments") or {}).get(slot_deployment_name(slot)) or {}
+        for r in dep.get("replicas") or []:
+            if not r.get("node_id") and r.get("actor_name"):
+                found[str(r["actor_name"])] = str(r.get("state"))
+    return found
+
+
 def replica_versions(app_name: str, slot: str, replicas: int, *, tries: int = 0) -> dict[str, int | None]:
     """replica id -> the version it serves, for the running replicas of a slot that answer ``info`` within
     ``tries`` calls (default 4 per replica; Serve spreads calls, so a replica may be missed). Needs a Ray driver."""
@@ -281,6 +293,31 @@ class ServeControl:
                 if r["replica"] in versions:
                     r["version"] = versions[r["replica"]]
         return placed
+
+    def cancel_unplaced(self, app_name: str, slots: frozenset[str], settle_s: float = 3.0) -> list[str]:
+        """Stop at once the replicas of released ``slots`` that Serve is stopping but that never got a node;
+        returns their actor names. Serve stops such a replica gracefully: it asks an actor that was never
+        created to shut down and force-kills it only after ``graceful_shutdown_timeout_s`` (30 s), and stops
+        the slot's other old replicas, and frees their room, only after that (ray-project/ray#50426). A replica
+        without a node never ran and holds no request. Waits up to ``settle_s`` for Serve to turn such replicas
+        into stopping ones (never kills one it still wants). Needs a connected Ray driver."""
+        import ray
+        from ray.serve._private.constants import SERVE_NAMESPACE
+
+        cancelled: list[str] = []
+        deadline = time.monotonic() + settle_s
+        while True:
+            unplaced = unplaced_replicas(self._details(), app_name, slots)
+            for name in [n for n, state in unplaced.items() if state == "STOPPING" and n not in cancelled]:
+                try:
+                    ray.kill(ray.get_actor(name, namespace=SERVE_NAMESPACE), no_restart=True)
+                except ValueError:
+                    pass  # gone already
+                cancelled.append(name)
+            # Serve may not have turned an old replica that waits for room into a stopping one yet.
+            if all(state == "STOPPING" for state in unplaced.values()) or time.monotonic() > deadline:
+                return cancelled
+            time.sleep(0.25)
 
     def apply(self, apps: list[dict[str, Any]], *, check: Callable[[], None] | None = None) -> None:
         """Replace Serve's whole config with ``apps``.

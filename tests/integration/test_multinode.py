@@ -367,7 +367,15 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
     # process, not of the app; the default is 600): past it, the step fails and the rollout rolls back. The
     # canary's engines start in about 33 s here (no users yet); after the kill, its lost replica has no room on
     # the node left (two stable replicas, one canary, the idle shadow slot's sliver), so the wait runs out.
-    timeout_env = {"RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "50", "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3"}
+    # Errors and latency are not judged here: requests in flight on the dead node fail and the canary's latency
+    # jumps, and either verdict would end the rollout at once (test_rollout.py covers verdicts). The node's loss
+    # must end it the way it does when nothing else notices: the ready timeout.
+    timeout_env = {
+        "RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "50",
+        "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3",
+        "RAYLOOP_ROLLOUT__MAX_ERROR_RATE_DELTA": "1",
+        "RAYLOOP_ROLLOUT__MAX_P95_LATENCY_RATIO": "1000",
+    }
 
     def run_deploy() -> None:
         deploy["out"] = cluster.rayloop(
@@ -411,9 +419,9 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
             killed_at = len(ok)
             rollout.result(timeout=900)
             # Users are answered by what is left, then the load stops: the stable slot becomes whole again on
-            # the surviving node (its lost replica starts there once the released canary made room; up to 30 s
-            # later when Serve had started a replacement canary replica that never found room: it stops that
-            # one first and waits its graceful_shutdown_timeout_s for it).
+            # the surviving node (its lost replica starts there once the released canary made room; the
+            # replacement canary replica Serve started, which never found a node, is stopped at once by the
+            # rollout, not after Serve's 30 s grace period).
             wait_for(lambda: len(ok) >= killed_at + 8, 180, "requests answered after the kill")
             stop.set()
             try:
@@ -432,12 +440,10 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
         for f in futures:
             f.result()
     out = deploy["out"]
-    # Promoted (0), rolled back on a verdict (4), or failed at a step and rolled back (1): an ending either way.
-    assert out.returncode in (0, 1, 4), out.stderr[-3000:]
-    if out.returncode == 1:
-        assert "failed and was rolled back" in out.stderr, out.stderr[-3000:]
+    # The canary could not be whole again: the step failed at the ready timeout and the rollout rolled back.
+    assert out.returncode == 1 and "failed and was rolled back" in out.stderr, out.stderr[-3000:]
     final = reg.resolve("demo@production").version
-    assert final == (candidate if out.returncode == 0 else production), out.stderr[-3000:]
+    assert final == production, out.stderr[-3000:]
     assert reg.active_rollout("demo") is None
     last = reg.rollouts("demo")[0]
     assert not [e for e in last.history if e["event"] == "rollback_failed"], last.history[-5:]

@@ -165,3 +165,62 @@ def test_replica_placement_reads_node_and_state_per_slot_from_serves_details() -
     assert [r["replica"] for r in placed["canary"]] == ["c"] and placed["shadow"] == []
     assert replica_placement(details, "missing") == {"stable": [], "canary": [], "shadow": []}
     assert replica_placement({}, "rayloop") == {"stable": [], "canary": [], "shadow": []}
+
+
+def test_unplaced_replicas_are_those_of_the_given_slots_without_a_node() -> None:
+    from rayloop.serving.control import unplaced_replicas
+
+    def rep(name: str, state: str, node: str | None) -> dict[str, Any]:
+        return {"replica_id": name, "actor_name": f"SERVE_REPLICA::rayloop#{name}", "state": state, "node_id": node}
+
+    details = {
+        "applications": {
+            "rayloop": {
+                "deployments": {
+                    "llm-stable": {"replicas": [rep("s1", "RUNNING", "n1"), rep("s2", "STARTING", None)]},
+                    "llm-canary": {"replicas": [rep("c1", "STOPPING", "n1"), rep("c2", "STOPPING", None)]},
+                    "llm-shadow": {"replicas": [rep("h1", "STARTING", "")]},
+                }
+            },
+            "other": {"deployments": {"llm-canary": {"replicas": [rep("x", "STOPPING", None)]}}},
+        }
+    }
+    assert unplaced_replicas(details, "rayloop", frozenset({"canary"})) == {"SERVE_REPLICA::rayloop#c2": "STOPPING"}
+    assert unplaced_replicas(details, "rayloop", frozenset({"canary", "shadow"})) == {
+        "SERVE_REPLICA::rayloop#c2": "STOPPING",
+        "SERVE_REPLICA::rayloop#h1": "STARTING",
+    }
+    assert unplaced_replicas(details, "missing", frozenset({"canary"})) == {}
+
+
+def test_cancel_unplaced_stops_only_replicas_serve_is_stopping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A released slot's replica that never got a node is killed at once once Serve is stopping it; one that
+    Serve still starts (it may want it) is waited for a moment, never killed."""
+    import ray
+
+    states = [
+        {"c2": "STARTING", "c3": "STARTING"},  # Serve has not applied the release yet
+        {"c2": "STOPPING", "c3": "STARTING"},
+        {"c2": "STOPPING", "c3": "STOPPING"},
+    ]
+
+    class Control(ServeControl):
+        calls = 0
+
+        def _details(self) -> dict[str, Any]:
+            now = states[min(Control.calls, len(states) - 1)]
+            Control.calls += 1
+            reps = [{"actor_name": n, "state": s, "node_id": None} for n, s in now.items()]
+            return {"applications": {"rayloop": {"deployments": {"llm-canary": {"replicas": reps}}}}}
+
+    killed: list[str] = []
+    monkeypatch.setattr(ray, "get_actor", lambda name, namespace=None: name)
+    monkeypatch.setattr(ray, "kill", lambda handle, no_restart=True: killed.append(handle))
+    control = Control(Settings.model_validate({"home": str(tmp_path / "home")}), url=None, lock=nullcontext)
+    assert control.cancel_unplaced("rayloop", frozenset({"canary"}), settle_s=10) == ["c2", "c3"]
+    assert killed == ["c2", "c3"] and Control.calls == 3
+
+    # Nothing waits for room: one look, nothing killed.
+    states[:] = [{}]
+    Control.calls, killed[:] = 0, []
+    assert control.cancel_unplaced("rayloop", frozenset({"canary"})) == [] and Control.calls == 1 and not killed
