@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.integration.registry_servers import free_port as free_port  # one port picker for every test
 
 
 def make_variant(src: Path, dst: Path, *, seed: int, scale: float = 0.5, tie: bool = False) -> Path:

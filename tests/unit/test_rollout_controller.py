@@ -625,6 +625,32 @@ except Exception as e:
 """
 
 
+def _pause_outside_a_write(proc: subprocess.Popen[str], registry_url: str) -> None:
+    """SIGSTOP ``proc`` at a moment it holds no write lock on the SQLite registry. Paused inside a write
+    transaction, it would hold SQLite's one write lock, and nobody could write until it resumed (PostgreSQL
+    locks rows, not the database); this test is about a controller paused between its writes."""
+    import signal
+    import sqlite3
+
+    path = registry_url.removeprefix("sqlite:///")
+    for _ in range(20):
+        proc.send_signal(signal.SIGSTOP)
+        probe = sqlite3.connect(path, timeout=0.2, isolation_level=None)
+        try:
+            probe.execute("BEGIN IMMEDIATE")
+            probe.execute("ROLLBACK")
+            return
+        except sqlite3.OperationalError:  # paused mid-write: let it finish, then pause it again
+            proc.send_signal(signal.SIGCONT)
+            free = sqlite3.connect(path, timeout=30, isolation_level=None)
+            free.execute("BEGIN IMMEDIATE")
+            free.execute("ROLLBACK")
+            free.close()
+        finally:
+            probe.close()
+    raise AssertionError("the controller was inside a write transaction every time it was paused")
+
+
 def test_a_controller_paused_past_its_lease_stops_instead_of_writing(env: dict[str, Any]) -> None:
     import signal
 
@@ -637,7 +663,7 @@ def test_a_controller_paused_past_its_lease_stops_instead_of_writing(env: dict[s
             assert time.monotonic() < deadline and a.poll() is None, "controller A never reached its first step"
             time.sleep(0.05)
         rid = reg.active_rollout("demo").id
-        a.send_signal(signal.SIGSTOP)  # A is paused (a long GC, a stopped VM): its lease runs out
+        _pause_outside_a_write(a, env["settings"].registry_url)  # A is paused (a long GC, a stopped VM)
         while reg.lease(rid).expires_at > time.time():
             time.sleep(0.05)
         # B takes over (a new fencing token) and rolls the orphaned canary back.
