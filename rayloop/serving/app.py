@@ -37,6 +37,7 @@ from rayloop.serving.routing import CANARY, SHADOW, SLOTS, STABLE, RouteTable
 
 IMPORT_PATH = "serve_apps.llm:build_app"
 IDLE_NUM_CPUS = 0.01
+SLOT_ROLLING_UPDATE = 1.0  # canary and shadow slots: every replica changes at once (see build_app)
 ROUTES_KEY = "routes"
 
 
@@ -280,7 +281,11 @@ def build_app(args: ServeArgs | dict[str, Any]) -> Any:
     }
     handles: dict[str, Any] = {}
     for slot in (CANARY, SHADOW):
-        dep = serve.deployment(LLMServer).options(  # type: ignore[attr-defined]
+        # A canary or shadow slot serves nobody while its replicas change (traffic moves to it only once it is
+        # ready, and off it before it is released): all of them start, or stop, at once. Serve's default
+        # rolling update takes 20% of them at a time, so a 2-replica canary started one engine after the other.
+        slot_deployment = serve.deployment(LLMServer, rolling_update_percentage=SLOT_ROLLING_UPDATE)
+        dep = slot_deployment.options(  # type: ignore[attr-defined]
             name=slot_deployment_name(slot),
             num_replicas=1,
             ray_actor_options={"num_cpus": IDLE_NUM_CPUS},

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -86,10 +87,16 @@ def _stable(cluster: MultiNodeCluster) -> list[dict[str, Any]]:
     return _slot(cluster, "stable")
 
 
-def _running_on(cluster: MultiNodeCluster) -> dict[str, str]:
-    """replica id -> node name (w1, w2, head) of the stable slot's RUNNING replicas."""
-    names = {v: k for k, v in cluster.node_ids().items()}
-    return {r["replica"]: names.get(r["node_id"], r["node_id"]) for r in _stable(cluster) if r["state"] == "RUNNING"}
+def _running_on(cluster: MultiNodeCluster, names: dict[str, str] | None = None) -> dict[str, str]:
+    """replica id -> node name (w1, w2, head) of the stable slot's RUNNING replicas, from Serve's details (for
+    polling; ``rayloop status`` shows the same, see the first test). ``names``: node id -> name, if known."""
+    if names is None:
+        names = {v: k for k, v in cluster.node_ids().items()}
+    return {
+        r["replica_id"]: names.get(r["node_id"], r["node_id"])
+        for r in cluster.replicas("llm-stable")
+        if r["state"] == "RUNNING"
+    }
 
 
 def test_replicas_spread_over_nodes_that_share_nothing(cluster: MultiNodeCluster) -> None:
@@ -242,13 +249,17 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
             except openai.APIError as e:
                 failed.append(repr(e))
 
+    started: dict[str, float] = {}  # canary replica id -> when Serve started it
+
     def watch_canary() -> None:
         while not stop.is_set():
             active = reg.active_rollout("demo")
-            if active is not None and active.state.phase == "step":
-                replicas = _slot(cluster, "canary")
-                canary_nodes.update(names.get(r["node_id"], "?") for r in replicas if r["state"] == "RUNNING")
-            stop.wait(2)
+            if active is not None and active.state.phase in ("starting", "step"):
+                for r in cluster.replicas("llm-canary"):
+                    if active.state.phase == "step" and r["state"] == "RUNNING":
+                        canary_nodes.add(names.get(r["node_id"], "?"))
+                        started[r["replica_id"]] = r["start_time_s"]
+            stop.wait(1)
 
     with ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(user), pool.submit(user), pool.submit(watch_canary)]
@@ -284,6 +295,9 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     assert [e["percent"] for e in passed] == [50, 100], passed
     assert all(e["decision"] == "pass" and e["canary"]["requests"] >= 5 for e in passed), passed
     assert canary_nodes == {"w1", "w2"}, canary_nodes
+    # Its two replicas started together (a canary serves nobody until it is ready); one after the other, the
+    # second would have started once the first was ready, an engine's start later (about 15 s here).
+    assert len(started) == 2 and max(started.values()) - min(started.values()) < 5, started
     assert f"demo@v{cand.version}" in answered and not failed, failed[:5]
     # The replicas on both worker nodes serve it now.
     running = [r for r in _stable(cluster) if r["state"] == "RUNNING"]
@@ -291,7 +305,9 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     assert {r.get("version") for r in running} == {cand.version}, running
     # The promotion ended without waiting for the canary's engines; they stop on their own, freeing their room:
     # the idle slot keeps its one replica with a token CPU share and no engine.
-    wait_for(lambda: [r["state"] for r in _slot(cluster, "canary")] == ["RUNNING"], 120, "the canary's engines gone")
+    wait_for(
+        lambda: [r["state"] for r in cluster.replicas("llm-canary")] == ["RUNNING"], 120, "the canary's engines gone"
+    )
     # The training workers ran on both worker nodes.
     train_nodes = {a["node_id"] for a in cluster.actors() if a["class_name"] == "RayTrainWorker"}
     assert {names.get(n) for n in train_nodes} == {"w1", "w2"}, train_nodes
@@ -363,15 +379,15 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
                     failed.append(repr(e))
 
     deploy: dict[str, Any] = {}
-    # The rollout gives a slot 50 s to become ready (rollout.ready_timeout_s, a setting of the deploying
+    # The rollout gives a slot 40 s to become ready (rollout.ready_timeout_s, a setting of the deploying
     # process, not of the app; the default is 600): past it, the step fails and the rollout rolls back. The
-    # canary's engines start in about 33 s here (no users yet); after the kill, its lost replica has no room on
+    # canary's engines start together in about 23 s here (no users yet); after the kill, its lost replica has no room on
     # the node left (two stable replicas, one canary, the idle shadow slot's sliver), so the wait runs out.
     # Errors and latency are not judged here: requests in flight on the dead node fail and the canary's latency
     # jumps, and either verdict would end the rollout at once (test_rollout.py covers verdicts). The node's loss
     # must end it the way it does when nothing else notices: the ready timeout.
     timeout_env = {
-        "RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "50",
+        "RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "40",
         "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3",
         "RAYLOOP_ROLLOUT__MAX_ERROR_RATE_DELTA": "1",
         "RAYLOOP_ROLLOUT__MAX_P95_LATENCY_RATIO": "1000",
@@ -410,7 +426,7 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
             assert not rollout.done(), deploy["out"].stderr[-3000:]
             futures = [pool.submit(user) for _ in range(users)]
             wait_for(lambda: len(ok) >= 8, 180, "requests answered before the kill")
-            canary = _slot(cluster, "canary")
+            canary = cluster.replicas("llm-canary")
             on = sorted(names.get(r["node_id"], "?") for r in canary if r["state"] == "RUNNING")
             assert on and set(on) <= {"w1", "w2"}, canary
             victim = "w2" if "w2" in on else "w1"
@@ -426,7 +442,7 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
             stop.set()
             try:
                 wait_for(
-                    lambda: sorted(_running_on(cluster).values()) == [survivor, survivor],
+                    lambda: sorted(_running_on(cluster, names).values()) == [survivor, survivor],
                     300,
                     f"two running stable replicas on {survivor}",
                 )
@@ -529,7 +545,10 @@ def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_s
         }
         assert train_nodes <= {"w1", "w2"} and train_nodes, train_nodes
         killed_after = registered_steps()[-1]
-        victim = "w2" if "w2" in train_nodes else "w1"
+        # Of the nodes with a training worker, the one that serves fewer stable replicas (the serving side of a
+        # node's loss is the mid-canary test's; here replicas starting again would only compete for the cores).
+        serving = Counter(_running_on(cluster, names).values())
+        victim = min(sorted(n for n in train_nodes if n), key=lambda n: serving[n])
         cluster.workers[victim].kill()
         cluster.add_worker(victim, num_cpus=3)  # the replacement node
         job.wait(timeout=1200)

@@ -695,3 +695,29 @@ def test_rayloop_serve_names_the_settings_that_differ_from_the_running_apps(sett
     assert control.deployed == [running] and control.applied == 0
     # The same settings upgrade in place (nothing to name).
     assert deploy_mod.args_changed({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 4}) == ["a.c", "d"]
+
+
+def test_canary_and_shadow_slots_start_and_stop_all_their_replicas_at_once(tmp_path: Path) -> None:
+    """A canary or shadow slot serves nobody while it changes, so Serve replaces all its replicas in one wave;
+    the stable slot keeps Serve's rolling update (a fifth of its replicas at a time: in-place swaps keep the
+    rest serving)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayloop.config import settings_from_dict
+    from rayloop.serving.app import AppState, app_config, build_app, slot_deployment_name
+    from rayloop.serving.routing import CANARY, SHADOW, STABLE
+
+    s = settings_from_dict({"home": str(tmp_path), "serving": {"replicas": 2}})
+    stable = build_app(ServeArgs(model="demo", settings=s))._bound_deployment
+    slots = {k: h._bound_deployment for k, h in stable.init_args[-1].items()}
+    assert sorted(slots) == [CANARY, SHADOW]
+    for slot, dep in slots.items():
+        assert dep.name == slot_deployment_name(slot)
+        assert dep._deployment_config.rolling_update_percentage == 1.0
+    assert stable._deployment_config.rolling_update_percentage == 0.2  # Serve's default
+    # The configs rayloop applies leave it to the app's code (Serve keeps what a config does not set).
+    v1 = ModelConfig(model="demo", version=1, fingerprint="a" * 64)
+    v2 = ModelConfig(model="demo", version=2, fingerprint="b" * 64)
+    app = app_config(s, ServeArgs(model="demo", settings=s), AppState(model="demo", slots={STABLE: v1, CANARY: v2}))
+    assert all("rolling_update_percentage" not in d for d in app["deployments"])
+    ServeDeploySchema.model_validate({"applications": [app]})
