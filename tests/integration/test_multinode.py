@@ -381,8 +381,9 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
     deploy: dict[str, Any] = {}
     # The rollout gives a slot 40 s to become ready (rollout.ready_timeout_s, a setting of the deploying
     # process, not of the app; the default is 600): past it, the step fails and the rollout rolls back. The
-    # canary's engines start together in about 23 s here (no users yet); after the kill, its lost replica has no room on
-    # the node left (two stable replicas, one canary, the idle shadow slot's sliver), so the wait runs out.
+    # canary's engines start together in about 23 s here (no users yet); after the kill, its lost replica has
+    # no room on the node left (two stable replicas, one canary, the idle shadow slot's sliver), so the wait
+    # runs out.
     # Errors and latency are not judged here: requests in flight on the dead node fail and the canary's latency
     # jumps, and either verdict would end the rollout at once (test_rollout.py covers verdicts). The node's loss
     # must end it the way it does when nothing else notices: the ready timeout.
