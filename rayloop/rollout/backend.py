@@ -194,19 +194,26 @@ class ServeBackend:
         except Exception as e:
             raise RolloutError(str(getattr(e, "message", e)), hint=getattr(e, "hint", None)) from e
         if gone := frozenset(s for s in released if state.slots.get(s) is None):
-            self._cancel_unplaced(gone)
+            self._cancel_unplaced(gone, progress)
 
-    def _cancel_unplaced(self, released: frozenset[str]) -> None:
+    def _cancel_unplaced(self, released: frozenset[str], progress: Callable[[str], None] | None) -> None:
         """Released slots' replicas that never found room are stopped at once (best effort: Serve stops them
-        itself, only later), so that the room their slot's running replicas hold is freed sooner."""
+        itself, only later), so that the room their slot's running replicas hold is freed sooner. What it
+        stopped, or why it could not, goes to ``progress``."""
         from rayloop.serving.control import ServeControl
 
         if not isinstance(self.control, ServeControl):
             return
+        say = progress or (lambda line: None)
         try:
-            self.control.cancel_unplaced(self.app_name, released)
-        except Exception:
-            pass  # Serve force-stops them after graceful_shutdown_timeout_s anyway
+            cancelled = self.control.cancel_unplaced(self.app_name, released)
+        except Exception as e:  # Serve force-stops them after graceful_shutdown_timeout_s anyway
+            say(f"could not stop the released slots' replicas that never found a node ({e}); Serve stops them later")
+            return
+        if cancelled:
+            say(
+                f"stopped {len(cancelled)} replica(s) of released slots that never found a node: {', '.join(cancelled)}"
+            )
 
     def _handle(self, deployment: str) -> Any:
         from ray import serve

@@ -178,6 +178,13 @@ def stable_from_replicas(app_name: str, asks: int = 6) -> ModelConfig | None:
     return next(iter(seen), None)
 
 
+def _replica_state(replica: dict[str, Any]) -> str | None:
+    """A replica's state as Serve's REST API spells it ("RUNNING"): the controller's own details (read without a
+    dashboard) hold ``ReplicaState`` members, whose ``str()`` is "ReplicaState.RUNNING"."""
+    state = replica.get("state")
+    return None if state is None else str(getattr(state, "value", state))
+
+
 def replica_placement(details: dict[str, Any], app_name: str) -> dict[str, list[dict[str, Any]]]:
     """slot -> its replicas as Serve's details report them: replica id, state, node id and IP."""
     app = (details.get("applications") or {}).get(app_name) or {}
@@ -187,7 +194,7 @@ def replica_placement(details: dict[str, Any], app_name: str) -> dict[str, list[
         out[slot] = [
             {
                 "replica": r.get("replica_id"),
-                "state": r.get("state"),
+                "state": _replica_state(r),
                 "node_id": r.get("node_id"),
                 "node_ip": r.get("node_ip"),
             }
@@ -204,7 +211,7 @@ def unplaced_replicas(details: dict[str, Any], app_name: str, slots: frozenset[s
         dep = (placed.get("deployments") or {}).get(slot_deployment_name(slot)) or {}
         for r in dep.get("replicas") or []:
             if not r.get("node_id") and r.get("actor_name"):
-                found[str(r["actor_name"])] = str(r.get("state"))
+                found[str(r["actor_name"])] = str(_replica_state(r))
     return found
 
 

@@ -459,6 +459,8 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
     out = deploy["out"]
     # The canary could not be whole again: the step failed at the ready timeout and the rollout rolled back.
     assert out.returncode == 1 and "failed and was rolled back" in out.stderr, out.stderr[-3000:]
+    # The canary's replacement replica, which never found a node, was stopped by the rollback, not left to Serve.
+    assert "never found a node: SERVE_REPLICA::rayloop#llm-canary#" in out.stdout, out.stdout[-3000:]
     final = reg.resolve("demo@production").version
     assert final == production, out.stderr[-3000:]
     assert reg.active_rollout("demo") is None

@@ -195,13 +195,15 @@ def test_unplaced_replicas_are_those_of_the_given_slots_without_a_node() -> None
 
 def test_cancel_unplaced_stops_only_replicas_serve_is_stopping(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A released slot's replica that never got a node is killed at once once Serve is stopping it; one that
-    Serve still starts (it may want it) is waited for a moment, never killed."""
+    Serve still starts (it may want it) is waited for a moment, never killed. Serve's controller gives states as
+    ``ReplicaState`` members (without a dashboard URL the details come from it), its REST API as strings."""
     import ray
+    from ray.serve._private.common import ReplicaState
 
-    states = [
-        {"c2": "STARTING", "c3": "STARTING"},  # Serve has not applied the release yet
-        {"c2": "STOPPING", "c3": "STARTING"},
-        {"c2": "STOPPING", "c3": "STOPPING"},
+    states: list[dict[str, Any]] = [
+        {"c2": ReplicaState.STARTING, "c3": "STARTING"},  # Serve has not applied the release yet
+        {"c2": ReplicaState.STOPPING, "c3": "STARTING"},
+        {"c2": ReplicaState.STOPPING, "c3": "STOPPING"},
     ]
 
     class Control(ServeControl):
