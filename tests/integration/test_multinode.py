@@ -177,7 +177,7 @@ def test_a_tensor_parallel_engine_is_packed_on_one_node(cluster: MultiNodeCluste
         )
         assert reply.choices[0].message.content
     finally:
-        cluster.probe("from ray import serve; serve.delete('tp2'); print('{}')")
+        cluster.probe("from ray import serve; serve.delete('tp2', _blocking=False); print('{}')")
 
 
 # What one test leaves for a later one (the snapshot the whole loop's job built).
@@ -206,9 +206,10 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     from rayloop.evaluation.evalset import save_eval_set
     from rayloop.storage import Storage
 
-    if not _running_on(cluster):
+    names = {v: k for k, v in cluster.node_ids().items()}
+    if not _running_on(cluster, names):
         cluster.rayloop("serve", "--model", "demo@production", timeout=600)
-    assert sorted(_running_on(cluster).values()) == ["w1", "w2"]
+    assert sorted(_running_on(cluster, names).values()) == ["w1", "w2"]
     reg = _registry(cluster)
     production = reg.resolve("demo@production").version
     # The demo's fixed evaluation sets, as `rayloop init` stores them.
@@ -229,7 +230,6 @@ def test_the_whole_loop_as_a_ray_job_across_nodes(cluster: MultiNodeCluster, bas
     answered: list[str] = []
     failed: list[str] = []
     canary_nodes: set[str] = set()
-    names = {v: k for k, v in cluster.node_ids().items()}
     stepping = threading.Event()  # set once the first step began
 
     def user() -> None:
@@ -353,9 +353,10 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
 
     if len(cluster.workers["w2"].pids()) == 0:
         cluster.add_worker("w2", num_cpus=3)
-    if sorted(_running_on(cluster).values()) != ["w1", "w2"]:
+    names = {v: k for k, v in cluster.node_ids().items()}
+    if sorted(_running_on(cluster, names).values()) != ["w1", "w2"]:
         cluster.rayloop("serve", "--model", "demo@production", timeout=600)
-    assert sorted(_running_on(cluster).values()) == ["w1", "w2"], _stable(cluster)
+    assert sorted(_running_on(cluster, names).values()) == ["w1", "w2"], _stable(cluster)
     reg = _registry(cluster)
     production = reg.resolve("demo@production").version
     candidate = cluster.rayloop_json("models", "register", "demo", str(base_model_dir))["version"]
@@ -411,7 +412,6 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
         )
 
     users = 3
-    names = {v: k for k, v in cluster.node_ids().items()}
     with ThreadPoolExecutor(users + 1) as pool:
         rollout = pool.submit(run_deploy)
         victim = "w2"
