@@ -147,21 +147,6 @@ class WorkerNode:
         if self.proc is not None:
             self.proc.wait(30)
 
-    def terminate(self) -> None:
-        """Ask the node to stop (SIGTERM to its `ray start --block`, which stops the node's processes)."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-
-    def stop(self) -> None:
-        """`ray stop` as the node's user would: SIGTERM its `ray start --block`, then sweep what is left."""
-        self.terminate()
-        if self.proc is not None:
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill()
-
 
 class MultiNodeCluster:
     """Head + worker nodes; CLI commands run as the head's user, in the head's working directory."""

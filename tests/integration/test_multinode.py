@@ -76,15 +76,10 @@ def cluster(base_model_dir: Path) -> Iterator[MultiNodeCluster]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _slot(cluster: MultiNodeCluster, slot: str) -> list[dict[str, Any]]:
-    """A slot's replicas as `rayloop status --json` shows them."""
-    placed = cluster.rayloop_json("status", "demo").get("replicas") or {}
-    return list(placed.get(slot) or [])
-
-
 def _stable(cluster: MultiNodeCluster) -> list[dict[str, Any]]:
     """The stable slot's replicas as `rayloop status --json` shows them."""
-    return _slot(cluster, "stable")
+    placed = cluster.rayloop_json("status", "demo").get("replicas") or {}
+    return list(placed.get("stable") or [])
 
 
 def _running_on(cluster: MultiNodeCluster, names: dict[str, str] | None = None) -> dict[str, str]:
