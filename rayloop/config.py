@@ -637,6 +637,15 @@ class RolloutSettings(_Model):
     ready_timeout_s: float = Field(
         default=600.0, gt=0, description="How long a slot may take to load a version before the rollout fails."
     )
+    placement_timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="How long a replica of a slot the rollout waits for may go without starting on a node "
+        "(Serve has not placed it: no node has room, an autoscaled node is still coming, its runtime env is "
+        "still being set up) before the step fails and the rollout rolls back. Unset: only ready_timeout_s "
+        "bounds the wait. Set it well below ready_timeout_s on a cluster without an autoscaler, where a "
+        "replica that found no room after a node was lost will not find it later.",
+    )
     keep_warm_slots: bool = Field(
         default=False,
         description="Keep the engine of a canary/green/shadow slot loaded after its rollout (serving nothing): "

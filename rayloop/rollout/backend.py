@@ -70,6 +70,9 @@ class Backend(Protocol):
     def stats_since(self) -> float:
         """When the stats store began holding observations; a store that was lost starts again, empty."""
 
+    def unplaced(self, slots: frozenset[str]) -> dict[str, str]:
+        """Actor name -> state of ``slots``' replicas that have no node yet (none where that cannot be told)."""
+
 
 class ServeBackend:
     """:class:`Backend` on a live Ray Serve (needs a connected Ray driver).
@@ -272,6 +275,13 @@ class ServeBackend:
         from rayloop.serving.stats import get_stats_actor
 
         return get_stats_actor(self.app_name, self.app_settings(), create=False)
+
+    def unplaced(self, slots: frozenset[str]) -> dict[str, str]:
+        from rayloop.serving.control import ServeControl
+
+        if not isinstance(self.control, ServeControl):
+            return {}
+        return self.control.unplaced(self.app_name, slots)
 
     def stats_since(self) -> float:
         from rayloop.serving.stats import get_stats_actor

@@ -66,6 +66,29 @@ EventSink = Callable[[dict[str, Any]], None]
 _KEEP: Any = object()
 
 
+class PlacementWatch:
+    """Since when each replica has been without a node; fails once one has been for ``limit_s``."""
+
+    def __init__(self, limit_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit_s = limit_s
+        self.clock = clock
+        self.since: dict[str, float] = {}
+
+    def check(self, app_name: str, unplaced: dict[str, str]) -> None:
+        """``unplaced``: actor name -> state of the replicas without a node now. Raises :class:`RolloutError`."""
+        now = self.clock()
+        # A replica that got its node, or that Serve is stopping, no longer counts (from zero if it is back).
+        self.since = {name: self.since.get(name, now) for name, state in unplaced.items() if state != "STOPPING"}
+        late = sorted(name for name, t in self.since.items() if now - t >= self.limit_s)
+        if late:
+            raise RolloutError(
+                f"Serve app {app_name!r}: {len(late)} replica(s) found no node within {self.limit_s:g}s "
+                f"({', '.join(late)}); the cluster has no room for them",
+                hint="Add a node or free CPUs/GPUs (`ray status` shows what is left), or raise "
+                "rollout.placement_timeout_s where an autoscaler adds nodes or a runtime env takes long to set up.",
+            )
+
+
 class Command(enum.StrEnum):
     PROMOTE = "promote"
     ABORT = "abort"
@@ -250,6 +273,8 @@ class Rollout:
         self.state = state or RolloutState()
         self.on_event = on_event
         self.now = clock
+        limit = settings.rollout.placement_timeout_s
+        self.placement = PlacementWatch(limit, clock=clock) if limit is not None else None
         self._sleep = sleeper
         self.started = self.state.started if self.state.started is not None else clock()
         # Commands already in the history (e.g. the one a reconcile acts on) are not new.
@@ -279,11 +304,20 @@ class Rollout:
 
     def wait_serve(self, state: AppState, released: frozenset[str] = frozenset(), *, whole: bool = True) -> None:
         """Wait until Serve runs ``state`` (``released`` slots aside), telling ``on_event`` each change of the
-        app's status (``serve`` events: which deployments, which replica states) while replicas start."""
+        app's status (``serve`` events: which deployments, which replica states) while replicas start. Waiting
+        for the kept slots whole, a replica of theirs that finds no node ends it (``rollout.placement_timeout_s``);
+        a rollback's way back (``whole=False``) waits for what runs, not for what cannot be placed."""
+        kept = frozenset(SLOTS) - released
+
+        def check() -> None:
+            self.still_owned()
+            if whole:
+                self.check_placement(kept)
+
         self.backend.wait(
             state,
             self.settings.rollout.ready_timeout_s,
-            check=self.still_owned,
+            check=check,
             progress=lambda line: self.tell("serve", status=line),
             released=released,
             whole=whole,
@@ -437,6 +471,7 @@ class Rollout:
         failures = errors = 0
         while True:
             self.sleep(min(0.5, max(0.05, seconds / 4)))
+            self.check_placement()
             final = self.now() >= end
             try:
                 verdict = self._judge(since, slot, baseline_since, baseline, latency=final)
@@ -464,6 +499,18 @@ class Rollout:
                 elif verdict.decision == INCONCLUSIVE and require_samples:
                     self._inconclusive(slot, verdict, now - t0)
                 return verdict
+
+    def check_placement(self, slots: frozenset[str] = frozenset(SLOTS)) -> None:
+        """Fail the step (RolloutError: rolled back) once a replica of ``slots`` has gone
+        ``rollout.placement_timeout_s`` without a node: a node was lost and there is no room for what it ran.
+        How long each has waited carries over from one look to the next, across holds and waits for Serve."""
+        if self.placement is None:
+            return
+        try:
+            without_node = self.backend.unplaced(slots)
+        except Exception:  # Serve's details unreadable this once: the next look tells
+            return
+        self.placement.check(self.backend.app_name, without_node)
 
     def _act(self, event: str, slot: str, verdict: Verdict) -> None:
         """Record ``verdict`` under ``event`` and roll back (:class:`Breach`); under dry_run only record it."""

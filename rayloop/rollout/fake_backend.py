@@ -60,6 +60,8 @@ class FakeBackend:
         self.short_slots: dict[str, str] = {}
         # Slots whose engines are slow to stop once released: a wait for them idle fails, unless it lets them go.
         self.stopping_slots: set[str] = set()
+        # Actor name -> state of replicas that have no node (a lost node's, with no room for them elsewhere).
+        self.unplaced_replicas: dict[str, str] = {}
         self._timeline: list[tuple[float, AppState]] = []
         self._lock = threading.Lock()
 
@@ -129,6 +131,10 @@ class FakeBackend:
 
     def stats_since(self) -> float:
         return self.stats_started
+
+    def unplaced(self, slots: frozenset[str]) -> dict[str, str]:
+        # (names as Serve's: SERVE_REPLICA::<app>#llm-<slot>#<id>)
+        return {n: s for n, s in self.unplaced_replicas.items() if any(f"#llm-{slot}#" in n for slot in slots)}
 
     def window(self, since: float, until: float | None = None) -> dict[str, SlotWindow]:
         if self.window_errors > 0:

@@ -301,6 +301,10 @@ class ServeControl:
                     r["version"] = versions[r["replica"]]
         return placed
 
+    def unplaced(self, app_name: str, slots: frozenset[str]) -> dict[str, str]:
+        """Actor name -> state of ``slots``' replicas that have no node yet."""
+        return unplaced_replicas(self._details(), app_name, slots)
+
     def cancel_unplaced(self, app_name: str, slots: frozenset[str], settle_s: float = 3.0) -> list[str]:
         """Stop at once the replicas of released ``slots`` that Serve is stopping but that never got a node;
         returns their actor names. Serve stops such a replica gracefully: it asks an actor that was never
@@ -314,7 +318,7 @@ class ServeControl:
         cancelled: list[str] = []
         deadline = time.monotonic() + settle_s
         while True:
-            unplaced = unplaced_replicas(self._details(), app_name, slots)
+            unplaced = self.unplaced(app_name, slots)
             for name in [n for n, state in unplaced.items() if state == "STOPPING" and n not in cancelled]:
                 try:
                     ray.kill(ray.get_actor(name, namespace=SERVE_NAMESPACE), no_restart=True)

@@ -341,9 +341,10 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
     Serving: Serve starts the dead node's stable replica again on the surviving node, at the version the
     stable slot serves; only requests in flight on the dead node may fail (at most one per user), and every
     answered request's interaction is captured. Rollout: the canary cannot be whole again (the surviving node
-    has no room for its second replica), so the step fails within the rollout's ready timeout and the rollout
-    rolls back without waiting for the canary's lost replica (had the canary been whole, it would promote):
-    it ends with one production version, which every stable replica serves."""
+    has no room for its second replica), so the step fails once that replica has waited the rollout's
+    placement timeout for a node, and the rollout rolls back without waiting for the canary's lost replica (had
+    the canary been whole, it would promote): it ends with one production version, which every stable replica
+    serves."""
     import openai
 
     if len(cluster.workers["w2"].pids()) == 0:
@@ -375,16 +376,17 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
                     failed.append(repr(e))
 
     deploy: dict[str, Any] = {}
-    # The rollout gives a slot 40 s to become ready (rollout.ready_timeout_s, a setting of the deploying
-    # process, not of the app; the default is 600): past it, the step fails and the rollout rolls back. The
-    # canary's engines start together in about 23 s here (no users yet); after the kill, its lost replica has
-    # no room on the node left (two stable replicas, one canary, the idle shadow slot's sliver), so the wait
-    # runs out.
+    # A replica the rollout waits for may go 20 s without a node (rollout.placement_timeout_s, a setting of the
+    # deploying process, not of the app; unset by default): past it, the step fails and the rollout rolls back.
+    # The canary's replicas find their nodes at once (their engines then start in about 25 s, bounded only by
+    # the ready timeout); after the kill, the canary's lost replica has no room on the node left (two stable
+    # replicas, one canary, the idle shadow slot's sliver), so it never finds one.
     # Errors and latency are not judged here: requests in flight on the dead node fail and the canary's latency
     # jumps, and either verdict would end the rollout at once (test_rollout.py covers verdicts). The node's loss
-    # must end it the way it does when nothing else notices: the ready timeout.
+    # must end it the way it does when nothing else notices: a replica that finds no node.
     timeout_env = {
-        "RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "40",
+        "RAYLOOP_ROLLOUT__READY_TIMEOUT_S": "240",
+        "RAYLOOP_ROLLOUT__PLACEMENT_TIMEOUT_S": "20",
         "RAYLOOP_ROLLOUT__MIN_SAMPLES": "3",
         "RAYLOOP_ROLLOUT__MAX_ERROR_RATE_DELTA": "1",
         "RAYLOOP_ROLLOUT__MAX_P95_LATENCY_RATIO": "1000",
@@ -452,8 +454,9 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
         for f in futures:
             f.result()
     out = deploy["out"]
-    # The canary could not be whole again: the step failed at the ready timeout and the rollout rolled back.
+    # The canary could not be whole again: a replica found no node, the step failed and the rollout rolled back.
     assert out.returncode == 1 and "failed and was rolled back" in out.stderr, out.stderr[-3000:]
+    assert "found no node within 20s" in out.stderr, out.stderr[-3000:]
     # The canary's replacement replica, which never found a node, was stopped by the rollback, not left to Serve.
     assert "never found a node: SERVE_REPLICA::rayloop#llm-canary#" in out.stdout, out.stdout[-3000:]
     final = reg.resolve("demo@production").version

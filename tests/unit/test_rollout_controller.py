@@ -19,6 +19,7 @@ from rayloop.errors import ConfigError, NotFoundError, RolloutError, RolloutInPr
 from rayloop.registry import Registry, RolloutState
 from rayloop.rollout.backend import idle_state
 from rayloop.rollout.controller import (
+    PlacementWatch,
     deploy,
     owner_alive,
     parse_duration,
@@ -429,6 +430,58 @@ def test_a_canary_that_lost_its_node_mid_step_is_rolled_back_without_waiting_for
     assert _final_app(backend) == (1, None, None, 0)
     assert env["reg"].aliases("demo") == {"production": 1}
     assert env["reg"].active_rollout("demo") is None
+
+
+def test_a_replica_is_late_once_it_has_gone_the_placement_timeout_without_a_node() -> None:
+    """Each replica's time without a node counts from when it was first seen without one; a replica that got
+    its node, or that Serve is stopping, no longer counts."""
+    now = [0.0]
+    watch = PlacementWatch(20, clock=lambda: now[0])
+    watch.check("rayloop", {"c1": "STARTING"})
+    now[0] = 15.0
+    watch.check("rayloop", {"c1": "STARTING", "c2": "STARTING"})
+    now[0] = 19.9
+    watch.check("rayloop", {"c2": "STARTING"})  # c1 got its node
+    now[0] = 25.0
+    watch.check("rayloop", {"c1": "STARTING", "c2": "STOPPING"})  # c1 is back: from zero
+    now[0] = 44.9
+    watch.check("rayloop", {"c1": "STARTING", "c3": "STARTING"})
+    now[0] = 45.0
+    with pytest.raises(RolloutError) as e:
+        watch.check("rayloop", {"c1": "STARTING", "c3": "STARTING"})
+    assert "1 replica(s) found no node within 20s (c1)" in e.value.message
+    assert "rollout.placement_timeout_s" in (e.value.hint or "")
+
+
+def test_a_replica_that_finds_no_node_mid_step_ends_the_step_at_the_placement_timeout(env: dict[str, Any]) -> None:
+    """A node dies during a step's hold and Serve cannot place its replicas again: with
+    ``rollout.placement_timeout_s`` the step fails once a replica has gone that long without a node (it is not
+    judged passed on the traffic the rest answered), and the rollout rolls back; without it, only the next
+    wait for Serve would notice."""
+    backend = env["backend"]
+    settings = env["settings"]
+    # The node ran a canary and a stable replica; neither finds room elsewhere (the way back must not wait for
+    # the stable one: its room is the canary's, free once the rollback has released it).
+    lost = {"SERVE_REPLICA::rayloop#llm-canary#c2": "STARTING", "SERVE_REPLICA::rayloop#llm-stable#s2": "STARTING"}
+
+    def lose_a_node(event: dict[str, Any]) -> None:
+        if event["event"] == "step" and event["percent"] == 10:
+            backend.unplaced_replicas = dict(lost)
+
+    timed = settings.model_copy(update={"rollout": settings.rollout.model_copy(update={"placement_timeout_s": 0.5})})
+    started = time.monotonic()
+    with pytest.raises(RolloutError, match=r"2 replica\(s\) found no node within 0.5s \(SERVE_REPLICA::rayloop#llm-"):
+        deploy(timed, "demo@2", "canary", steps=[10, 100], interval_s=60, backend=backend, on_event=lose_a_node)
+    assert time.monotonic() - started < 30  # not the step's 60 s hold
+    rec = env["reg"].rollouts("demo")[0]
+    assert rec.status == "failed" and not _events(rec, "step_passed") and _events(rec, "rollback"), rec.history
+    assert not _events(rec, "rollback_failed"), rec.history
+    assert _final_app(backend) == (1, None, None, 0) and env["reg"].aliases("demo") == {"production": 1}
+
+    # Unset, a replica without a node does not end the step (the rest of the canary answers, and passes).
+    backend.unplaced_replicas = {}
+    rec = deploy(settings, "demo@2", "canary", steps=[10, 100], **FAST, backend=backend, on_event=lose_a_node)
+    assert rec.status == "succeeded" and backend.unplaced_replicas == lost
 
 
 def test_a_rollback_does_not_wait_for_stable_replicas_that_need_the_released_canarys_room(
