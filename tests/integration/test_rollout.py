@@ -154,27 +154,46 @@ def console(env: dict[str, Any]) -> str:
     return url
 
 
-def _dashboard_and_alerts_see_stable_and_canary(prom: Prometheus, start: float) -> None:
-    """Every query of the Grafana dashboard, and each alert rule's query without its threshold, returns series
-    with the labels the panel shows; the per-version panels show stable v1 and canary v2 apart."""
+def _dashboard_gaps(prom: Prometheus, start: float) -> dict[str, list[Any]]:
+    """What the dashboard's queries lack over ``[start, now]``: panels with no data, series without the labels
+    their panel shows, and per-version panels that do not show stable v1 and canary v2 apart."""
     end = time.time()
-    empty, unlabelled, merged = [], [], []
+    gaps: dict[str, list[Any]] = {"empty": [], "unlabelled": [], "merged": []}
     for title, q in queries():
         expr = q.expr.replace("$model", "demo").replace("$__rate_interval", "1m")
         series = prom.query_range(expr, start, end)
         if q.needs is not None:
             continue  # (valid PromQL, the call above says; no data without that event: unit-tested instead)
         if not series:
-            empty.append((title, expr))
+            gaps["empty"].append((title, expr))
             continue
-        unlabelled += [(title, s["metric"]) for s in series if not set(q.labels) <= set(s["metric"])]
+        gaps["unlabelled"] += [(title, s["metric"]) for s in series if not set(q.labels) <= set(s["metric"])]
         if {"version", "slot"} <= set(q.labels) and "finished_reason" not in q.labels:
             seen = {(s["metric"]["version"], s["metric"]["slot"]) for s in series}
             if not {("1", "stable"), ("2", "canary")} <= seen:
-                merged.append((title, expr, seen))
-    assert not empty, f"dashboard queries with no data: {empty}"
-    assert not unlabelled, unlabelled[:5]
-    assert not merged, merged
+                gaps["merged"].append((title, expr, seen))
+    return gaps
+
+
+def _dashboard_and_alerts_see_stable_and_canary(prom: Prometheus, start: float) -> None:
+    """Every query of the Grafana dashboard, and each alert rule's query without its threshold, returns series
+    with the labels the panel shows; the per-version panels show stable v1 and canary v2 apart.
+
+    A replica's metrics reach Prometheus an export interval and a scrape after they were recorded: a canary
+    judged within seconds of its first request may not be there yet when the rollout ends, so the panels are
+    waited for (a panel that never gets its series still fails)."""
+    gaps: dict[str, list[Any]] = {}
+
+    def complete() -> bool:
+        gaps.update(_dashboard_gaps(prom, start))
+        return not any(gaps.values())
+
+    try:
+        wait_for(complete, timeout=60, what="every dashboard panel's series", every=2.0)
+    except AssertionError:
+        assert not gaps["empty"], f"dashboard queries with no data: {gaps['empty']}"
+        assert not gaps["unlabelled"], gaps["unlabelled"][:5]
+        assert not gaps["merged"], gaps["merged"]
     for alert in ALERTS:
         result = prom.query(alert.query)
         assert result, f"{alert.name}: {alert.query} returned nothing"
