@@ -16,6 +16,7 @@ from typing import Any
 
 from rayloop.rollout.analysis import SlotWindow
 from rayloop.rollout.backend import AppState
+from rayloop.serving.app import slot_deployment_name
 from rayloop.serving.protocol import ModelConfig
 from rayloop.serving.routing import CANARY, SHADOW, STABLE
 
@@ -133,8 +134,9 @@ class FakeBackend:
         return self.stats_started
 
     def unplaced(self, slots: frozenset[str]) -> dict[str, str]:
-        # (names as Serve's: SERVE_REPLICA::<app>#llm-<slot>#<id>)
-        return {n: s for n, s in self.unplaced_replicas.items() if any(f"#llm-{slot}#" in n for slot in slots)}
+        # (names as Serve's: SERVE_REPLICA::<app>#<deployment>#<id>)
+        wanted = {f"#{slot_deployment_name(slot)}#" for slot in slots}
+        return {n: s for n, s in self.unplaced_replicas.items() if any(w in n for w in wanted)}
 
     def window(self, since: float, until: float | None = None) -> dict[str, SlotWindow]:
         if self.window_errors > 0:
