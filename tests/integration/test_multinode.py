@@ -25,6 +25,7 @@ against the head's HTTP proxy.
 
 from __future__ import annotations
 
+import re
 import tempfile
 import threading
 from collections import Counter
@@ -340,11 +341,11 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
 
     Serving: Serve starts the dead node's stable replica again on the surviving node, at the version the
     stable slot serves; only requests in flight on the dead node may fail (at most one per user), and every
-    answered request's interaction is captured. Rollout: the canary cannot be whole again (the surviving node
-    has no room for its second replica), so the step fails once that replica has waited the rollout's
-    placement timeout for a node, and the rollout rolls back without waiting for the canary's lost replica (had
-    the canary been whole, it would promote): it ends with one production version, which every stable replica
-    serves."""
+    answered request's interaction is captured. Rollout: the surviving node has room for at most one of the two
+    lost replicas (the stable's or the canary's, whichever Ray places first), so the step fails once the other
+    has waited the rollout's placement timeout for a node, and the rollout rolls back without waiting for a
+    lost canary replica (had both slots been whole, it would promote): it ends with one production version,
+    which every stable replica serves."""
     import openai
 
     if len(cluster.workers["w2"].pids()) == 0:
@@ -379,8 +380,8 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
     # A replica the rollout waits for may go 20 s without a node (rollout.placement_timeout_s, a setting of the
     # deploying process, not of the app; unset by default): past it, the step fails and the rollout rolls back.
     # The canary's replicas find their nodes at once (their engines then start in about 25 s, bounded only by
-    # the ready timeout); after the kill, the canary's lost replica has no room on the node left (two stable
-    # replicas, one canary, the idle shadow slot's sliver), so it never finds one.
+    # the ready timeout); after the kill, the node left has room for at most one more replica beside its stable one,
+    # its canary one and the idle shadow slot's sliver, so one of the two lost replicas never finds a node.
     # Errors and latency are not judged here: requests in flight on the dead node fail and the canary's latency
     # jumps, and either verdict would end the rollout at once (test_rollout.py covers verdicts). The node's loss
     # must end it the way it does when nothing else notices: a replica that finds no node.
@@ -433,9 +434,9 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
             killed_at = len(ok)
             rollout.result(timeout=900)
             # Users are answered by what is left, then the load stops: the stable slot becomes whole again on
-            # the surviving node (its lost replica starts there once the released canary made room; the
-            # replacement canary replica Serve started, which never found a node, is stopped at once by the
-            # rollout, not after Serve's 30 s grace period).
+            # the surviving node (its lost replica starts there at once or once the released canary made room;
+            # a replacement canary replica that never found a node is stopped at once by the rollout, not after
+            # Serve's 30 s grace period).
             wait_for(lambda: len(ok) >= killed_at + 8, 180, "requests answered after the kill")
             stop.set()
             try:
@@ -456,9 +457,13 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
     out = deploy["out"]
     # The canary could not be whole again: a replica found no node, the step failed and the rollout rolled back.
     assert out.returncode == 1 and "failed and was rolled back" in out.stderr, out.stderr[-3000:]
-    assert "found no node within 20s" in out.stderr, out.stderr[-3000:]
-    # The canary's replacement replica, which never found a node, was stopped by the rollback, not left to Serve.
-    assert "never found a node: SERVE_REPLICA::rayloop#llm-canary#" in out.stdout, out.stdout[-3000:]
+    late = re.search(r"found no node within 20s \(([^)]*)\)", out.stderr)
+    assert late, out.stderr[-3000:]
+    # Which lost replica gets the one free slot on the node left is Ray's choice: the canary's or the stable's.
+    # A canary replica still without a node when the step failed was stopped by the rollback, not left to Serve.
+    for replica in late.group(1).split(", "):
+        if "#llm-canary#" in replica:
+            assert re.search(rf"never found a node: .*{re.escape(replica)}", out.stdout), out.stdout[-3000:]
     final = reg.resolve("demo@production").version
     assert final == production, out.stderr[-3000:]
     assert reg.active_rollout("demo") is None
