@@ -17,7 +17,7 @@ fi
 # Prometheus (the dashboard's queries and alert rules) and Chromium (the web console) for the tests.
 bash scripts/ci_system_packages.sh
 
-echo "== ruff"; .venv/bin/ruff check .
+echo "== ruff"; .venv/bin/ruff check . && .venv/bin/ruff format --check .
 echo "== mypy"; .venv/bin/mypy
 # The control plane is held to the whole of `mypy --strict` (pyproject's overrides approximate it for the
 # daily run; this is the real flag set).

@@ -47,7 +47,9 @@ def main() -> None:
             for _ in range(args.rounds):  # interleaved: a busy moment slows both sides
                 prose = min(prose, seconds(prose_text))
                 adversarial = min(adversarial, seconds(text))
-            print(f"  {name:24s} {adversarial * 1000:9.2f} ms  prose {prose * 1000:7.2f} ms  {adversarial / prose:6.1f}x")
+            print(
+                f"  {name:24s} {adversarial * 1000:9.2f} ms  prose {prose * 1000:7.2f} ms  {adversarial / prose:6.1f}x"
+            )
 
 
 if __name__ == "__main__":
