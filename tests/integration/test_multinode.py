@@ -457,7 +457,7 @@ def test_a_worker_node_killed_under_load_mid_canary(cluster: MultiNodeCluster, b
         for f in futures:
             f.result()
     out = deploy["out"]
-    # The canary could not be whole again: a replica found no node, the step failed and the rollout rolled back.
+    # A slot could not be whole again: a replica found no node, the step failed and the rollout rolled back.
     assert out.returncode == 1 and "failed and was rolled back" in out.stderr, out.stderr[-3000:]
     late = re.search(r"found no node within 12s \(([^)]*)\)", out.stderr)
     assert late, out.stderr[-3000:]
@@ -493,7 +493,6 @@ def test_a_worker_node_killed_during_retraining_resumes_from_the_checkpoint_in_s
     what is left, the run fails after training.max_start_failures timed-out starts: see test_retrain.py.)"""
     import json
     import os
-    import re
     import subprocess
     import sys
 
